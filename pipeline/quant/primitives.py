@@ -42,8 +42,9 @@ def compute_qparams(
     qmax = 2**bits - 1
     if sym:
         absmax = torch.maximum(w_min.abs(), w_max.abs()).clamp(min=1e-8)
-        # Zero fixed at the middle code; the positive side gets one code fewer (as in GPTQ).
-        scales = absmax / ((qmax + 1) / 2)
+        # GPTQ's symmetric grid (gptq/quant.py, Quantizer.find_params): range [-absmax, absmax] over qmax
+        # steps with the zero fixed at the middle code (qmax + 1) / 2.
+        scales = 2 * absmax / qmax
         zeros = torch.full_like(scales, (qmax + 1) // 2, dtype=torch.int32)
         return scales, zeros
     w_min = w_min.clamp(max=0)  # keep 0 exactly representable, as AWQ and GPTQ do
