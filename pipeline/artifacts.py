@@ -109,3 +109,16 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def model_path(artifact: Path) -> Path:
+    """The Hugging Face model folder an artifact holds: its ``model/`` folder, or where ``model.json`` points."""
+    link = artifact / MODEL_LINK
+    if link.is_file():
+        return Path(json.loads(link.read_text())["path"])
+    return artifact / MODEL_DIR
+
+
+def folder_bytes(folder: Path) -> int:
+    """Total size of the files under ``folder``."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

@@ -1,0 +1,207 @@
+"""The ``pipeline`` command. The only place where errors become messages and exit codes.
+
+Exit codes: 0 success; 1 a stage failed; 2 the recipe or the command line is invalid (nothing ran);
+3 a quality gate failed (artifacts kept).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline import __version__
+from pipeline.errors import QuantshipError, RecipeError
+
+OUTPUT_DIR = click.option(
+    "--output-dir", "-o", default="outputs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+    help="Root of the artifact folders (outputs/<recipe>/<stage>-<key>/).",
+)
+
+
+def _fail(error: QuantshipError) -> None:
+    click.echo(f"error: {error}", err=True)
+    sys.exit(error.exit_code)
+
+
+def _load(recipe: str):
+    from pipeline.recipe import check_model_widths, load_recipe
+
+    loaded = load_recipe(recipe)
+    # Rules that need the model's config: checked now when the model is a local folder.
+    src = loaded.resolve(loaded.base.model.source)
+    if (src / "config.json").is_file():
+        try:
+            config = json.loads((src / "config.json").read_text())
+        except ValueError:
+            config = {}
+        check_model_widths(loaded, config)
+    return loaded
+
+
+def _setup_logging(verbose: int, log_file: Path | None = None) -> None:
+    from rich.logging import RichHandler
+
+    root = logging.getLogger("pipeline")
+    root.setLevel(logging.DEBUG)
+    root.handlers.clear()
+    console = RichHandler(show_path=False, show_time=False, markup=False)
+    console.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    root.addHandler(console)
+    if log_file:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file, encoding="utf-8")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fh.setLevel(logging.DEBUG)
+        root.addHandler(fh)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="quantship")
+def main() -> None:
+    """quantship: quantize, compile, evaluate and serve an LLM from one recipe."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=str))
+def validate(recipe: str) -> None:
+    """Check a recipe (schema and cross-stage rules) without doing any work."""
+    try:
+        loaded = _load(recipe)
+    except QuantshipError as e:
+        _fail(e)
+    click.echo(f"{recipe}: valid; {len(loaded.variants)} variant(s): {', '.join(loaded.variants)}")
+
+
+@main.command()
+def schema() -> None:
+    """Print the recipe's JSON Schema (for editors)."""
+    from pipeline.recipe import schema as recipe_schema
+
+    click.echo(json.dumps(recipe_schema(), indent=2))
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=str))
+@OUTPUT_DIR
+def plan(recipe: str, output_dir: Path) -> None:
+    """Print the stage runs, their cache keys and which are already done. Does nothing else."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.plan import make_plan
+
+    try:
+        p = make_plan(_load(recipe), output_dir)
+    except QuantshipError as e:
+        _fail(e)
+    table = Table(title=f"plan: {p.recipe.name} -> {p.root}")
+    for col in ("stage run", "variants", "key", "status", "inputs"):
+        table.add_column(col)
+    for r in p.runs:
+        status = "[green]cached" if r.done() else "[yellow]will run"
+        table.add_row(r.id, ",".join(r.variants), r.key12, status, ", ".join(r.deps.values()))
+    Console(width=140).print(table)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=str))
+@OUTPUT_DIR
+@click.option("--force", multiple=True, metavar="STAGE", help="Rerun a stage (kind or run id) and what follows it.")
+@click.option("-v", "--verbose", count=True, help="-v: stage log lines; -vv: debug.")
+def run(recipe: str, output_dir: Path, force: tuple[str, ...], verbose: int) -> None:
+    """Run a recipe: every stage that is not already done."""
+    from rich.console import Console
+
+    from pipeline.plan import make_plan
+    from pipeline.progress import RunProgress
+    from pipeline.runner import execute
+
+    try:
+        p = make_plan(_load(recipe), output_dir)
+        known = {r.id for r in p.runs} | {r.kind for r in p.runs}
+        unknown = [f for f in force if f not in known]
+        if unknown:
+            raise RecipeError(f"--force {unknown[0]}: no such stage in this plan; stages: {', '.join(sorted(known))}.")
+    except QuantshipError as e:
+        _fail(e)
+    _setup_logging(verbose, p.root / "run.log")
+    console = Console(stderr=True)
+    with RunProgress(console) as progress:
+        outcome = execute(p, set(force), progress)
+    for run_id, error in outcome.errors.items():
+        click.echo(f"error: {error}", err=True)
+    for variant, failures in outcome.gate_failures.items():
+        for f in failures:
+            click.echo(f"quality gate failed for variant '{variant}': {f}", err=True)
+    worked = outcome.worked()
+    click.echo(
+        f"{p.recipe.name}: {len(worked)} stage run(s) executed, "
+        f"{sum(1 for s in outcome.statuses.values() if s == 'cached')} cached; outputs in {p.root}"
+    )
+    if outcome.report:
+        click.echo(f"report: {outcome.report}")
+    if outcome.exit_code:
+        sys.exit(outcome.exit_code)
+    keep = [v for v, r in p.recipe.variants.items() if r.serve and r.serve.keep_running]
+    if keep:
+        from pipeline.stages.serve import serve_artifact
+
+        compile_dir = p.run(p.variant_runs[keep[-1]]["compile"]).dir
+        cfg = p.recipe.variants[keep[-1]].serve
+        serve_artifact(compile_dir, cfg.host, cfg.port or 8000, cfg.api_key.get_secret_value() if cfg.api_key else None)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--api-key", envvar="QUANTSHIP_API_KEY", default=None, help="Require this bearer key (or set QUANTSHIP_API_KEY).")
+def serve(artifact: Path, host: str, port: int, api_key: str | None) -> None:
+    """Serve a compiled artifact (outputs/<recipe>/compile-<key>/) or a model folder until interrupted."""
+    from pipeline.stages.serve import serve_artifact
+
+    _setup_logging(1)
+    try:
+        serve_artifact(artifact, host, port, api_key)
+    except QuantshipError as e:
+        _fail(e)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
+def doctor(as_json: bool) -> None:
+    """What this machine has, and which targets it can build and run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.doctor import probe
+
+    facts = probe()
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    console = Console(width=140)
+    console.print(f"python {facts['python']} on {facts['platform']}")
+    device = f"CUDA {facts['cuda_version']}: {', '.join(facts['gpus'])}" if facts["cuda"] else "no CUDA device"
+    console.print(f"torch {facts['packages']['torch']}, {device}; Ascend NPU: {'yes' if facts['ascend'] else 'no'}; "
+                  f"CPU int4 kernel: {'yes' if facts['cpu_int4_kernel'] else 'no'}")
+    pk = Table(title="packages")
+    pk.add_column("package")
+    pk.add_column("version")
+    for name, version in facts["packages"].items():
+        pk.add_row(name, version or "[dim]not installed")
+    console.print(pk)
+    tg = Table(title="targets")
+    for col in ("target", "build", "run here", "why"):
+        tg.add_column(col)
+    for name, st in facts["targets"].items():
+        tg.add_row(name, "yes" if st["build"] else "no", "yes" if st["run"] else "no", st["why"])
+    console.print(tg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,414 @@
+"""The recipe: a typed schema whose YAML keys are field names, its loader, and the cross-stage rules.
+
+Loading reads YAML with line numbers, interpolates ``${ENV_VAR}`` (``${VAR:-default}`` too), validates
+with pydantic (unknown keys are errors), expands ``matrix:`` into variants, and checks the rules that span
+stages (see ``check_rules``) before any heavy work. Every failure is one ``RecipeError`` naming the file, the
+line, the field and what would be valid.
+
+A recipe, in short::
+
+    name: quickstart
+    model: {source: ../models/tiny-llama-pydocs}
+    calibration: {source: ../calibration/pydocs-calib.txt, samples: 16, seq_len: 256}
+    quantize: {method: rtn, w_bits: 4, w_group_size: 128}
+    compile: {target: transformers}
+    eval: {text: ../data/eval/pydocs-heldout.txt, gates: {max_kl: 0.5}}
+    serve: {smoke_prompt: "What is a list?"}
+    matrix: {quantize.method: [none, rtn]}
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from pipeline.errors import RecipeError
+from pipeline.targets import FORMAT_OF_METHOD, METHODS_NEEDING_CALIBRATION, check_target_loads
+
+RECIPE_VERSION = 1
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    """Where the model comes from: a hub id with a pinned revision, or a local folder."""
+
+    source: str = Field(description="A Hugging Face hub id (org/name) or a local folder (relative to the recipe).")
+    revision: str | None = Field(
+        None, description="Hub revision to pin (commit sha, tag or branch). Required for hub ids, unused locally."
+    )
+    allow_pickle: bool = Field(False, description="Allow *.bin/*.pt pickle weights. Off: safetensors only.")
+    trust_remote_code: bool = Field(False, description="Run the model repo's own Python code. Off unless asked.")
+    allow_patterns: list[str] | None = Field(
+        None, description="Files to fetch from the hub (glob patterns); default: weights, config and tokenizer."
+    )
+
+
+class CalibrationSection(_Section):
+    """Calibration samples: token windows drawn deterministically from a text source."""
+
+    source: str = Field(description="A local .txt/.jsonl/.parquet file (relative to the recipe) or a datasets id.")
+    text_field: str = Field("text", description="Field holding the text in .jsonl/.parquet/datasets sources.")
+    split: str = Field("train", description="Split of a datasets id.")
+    subset: str | None = Field(None, description="Configuration name of a datasets id (e.g. wikitext-2-raw-v1).")
+    samples: int = Field(128, ge=1, le=100_000, description="Number of calibration windows.")
+    seq_len: int = Field(512, ge=8, le=131_072, description="Tokens per calibration window.")
+    seed: int = Field(0, description="Seed of the window sampling; same seed, same samples.")
+
+
+Method = Literal["none", "rtn"]
+
+
+class QuantizeSection(_Section):
+    """How to quantize. ``none`` keeps the reference; ``rtn`` is round-to-nearest INT4 weight-only (AWQ layout)."""
+
+    method: Method = Field(description="Quantization method: none (the unquantized reference) or rtn.")
+    w_bits: int = Field(4, description="Weight bits. rtn writes the AWQ GEMM layout, which is 4-bit only.")
+    w_group_size: int = Field(128, description="Input columns sharing one scale and zero point (32, 64 or 128).")
+    w_sym: bool = Field(False, description="Symmetric weights (zero point fixed). rtn/AWQ use asymmetric.")
+
+    @field_validator("w_group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v not in (32, 64, 128):
+            raise ValueError("must be 32, 64 or 128")
+        return v
+
+
+Target = Literal["transformers", "onnxruntime", "gguf", "lmdeploy-pytorch", "turbomind", "tensorrt-llm", "vllm", "sglang"]
+
+
+class CompileSection(_Section):
+    """Which engine the quantized model is prepared for."""
+
+    target: Target = Field("transformers", description="Engine target; 'transformers' is the embedded CPU/GPU one.")
+    device: Literal["cpu", "cuda", "ascend", "auto"] = Field("auto", description="Device the engine runs on.")
+
+
+class GatesSection(_Section):
+    """Quality gates: a failed gate fails the run (exit code 3) and names the gate and the figure."""
+
+    max_ppl_increase_pct: float | None = Field(None, ge=0, description="Max perplexity increase over the reference, %.")
+    max_kl: float | None = Field(None, ge=0, description="Max mean KL divergence to the reference (nats/token).")
+    min_top1_agreement: float | None = Field(None, ge=0, le=1, description="Min top-1 agreement with the reference.")
+
+
+class EvalSection(_Section):
+    """Accuracy evaluation against the reference model on a held-out text."""
+
+    text: str = Field(description="Held-out text file (relative to the recipe); documents separated by blank lines.")
+    seq_len: int = Field(256, ge=8, le=131_072, description="Window length of the perplexity protocol.")
+    max_tokens: int | None = Field(None, ge=16, description="Evaluate only the first N tokens of the text.")
+    batch_size: int = Field(4, ge=1, le=1024, description="Windows per forward pass.")
+    gates: GatesSection = Field(default_factory=GatesSection, description="Quality gates.")
+
+
+class ServeSection(_Section):
+    """The embedded OpenAI-compatible server: started, health-checked, smoke-tested."""
+
+    enabled: bool = Field(True, description="Run the serve stage (smoke test) for each variant.")
+    host: str = Field("127.0.0.1", description="Bind address. Loopback unless told otherwise.")
+    port: int = Field(0, ge=0, le=65535, description="Port; 0 picks a free one for the smoke test.")
+    api_key: SecretStr | None = Field(None, description="Bearer key clients must send; use ${ENV_VAR}, never a literal.")
+    smoke_prompt: str = Field("Hello! What is Python?", description="The chat message of the smoke test.")
+    max_tokens: int = Field(16, ge=1, le=4096, description="Tokens generated in the smoke test.")
+    keep_running: bool = Field(False, description="After the run, keep serving (one variant) until interrupted.")
+
+
+class Recipe(_Section):
+    """A quantship recipe: one model through download, calibrate, quantize, compile, evaluate and serve."""
+
+    version: int = Field(RECIPE_VERSION, description="Recipe format version.")
+    name: str | None = Field(None, description="Name of the outputs folder; default: the recipe file's stem.")
+    model: ModelSection
+    calibration: CalibrationSection | None = Field(None, description="Needed by methods that calibrate.")
+    quantize: QuantizeSection
+    compile: CompileSection = Field(default_factory=CompileSection)
+    eval: EvalSection | None = Field(None, description="Accuracy evaluation and quality gates.")
+    serve: ServeSection | None = Field(None, description="Serve and smoke-test each variant.")
+    matrix: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="Dotted field -> values; each combination is a variant (e.g. {quantize.method: [none, rtn]}).",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v):
+            raise ValueError("must be letters, digits, '.', '_' or '-' (a folder name)")
+        return v
+
+    @model_validator(mode="after")
+    def _version(self) -> Recipe:
+        if self.version != RECIPE_VERSION:
+            raise ValueError(f"recipe version {self.version} is not supported; this quantship reads {RECIPE_VERSION}")
+        return self
+
+
+class LoadedRecipe(BaseModel):
+    """A validated recipe with where it came from and its expanded variants."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    path: Path
+    name: str
+    base: Recipe
+    variants: dict[str, Recipe]  # label -> fully resolved recipe (matrix values applied)
+
+    def resolve(self, relative: str) -> Path:
+        """A path from the recipe, relative to the recipe file's folder."""
+        p = Path(os.path.expanduser(relative))
+        return p if p.is_absolute() else (self.path.parent / p).resolve()
+
+
+# ---------------------------------------------------------------- YAML with line numbers and ${ENV}
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that remembers the line of every mapping key (for error messages)."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict:
+    mapping = {}
+    lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in mapping:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        mapping[key] = loader.construct_object(value_node, deep=True)
+        lines[key] = key_node.start_mark.line + 1
+    mapping["__lines__"] = lines
+    return mapping
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _strip_lines(data: Any, lines: dict[tuple, int], path: tuple = ()) -> Any:
+    """Remove the ``__lines__`` bookkeeping, recording each field path's line in ``lines``."""
+    if isinstance(data, dict):
+        own = data.pop("__lines__", {})
+        for k, line in own.items():
+            lines[path + (k,)] = line
+        return {k: _strip_lines(v, lines, path + (k,)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_strip_lines(v, lines, path + (i,)) for i, v in enumerate(data)]
+    return data
+
+
+def _interpolate(data: Any, where: str, lines: dict[tuple, int], path: tuple = ()) -> Any:
+    if isinstance(data, dict):
+        return {k: _interpolate(v, where, lines, path + (k,)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_interpolate(v, where, lines, path + (i,)) for i, v in enumerate(data)]
+    if isinstance(data, str):
+
+        def sub(m: re.Match) -> str:
+            value = os.environ.get(m.group(1), m.group(2))
+            if value is None:
+                raise RecipeError(
+                    f"{where}:{_line(lines, path)}: field '{_dotted(path)}' uses ${{{m.group(1)}}}, which is not set "
+                    f"in the environment. Set it, or give a default as ${{{m.group(1)}:-value}}."
+                )
+            return value
+
+        return _ENV.sub(sub, data)
+    return data
+
+
+def _line(lines: dict[tuple, int], path: tuple) -> int | str:
+    for n in range(len(path), 0, -1):
+        if path[:n] in lines:
+            return lines[path[:n]]
+    return "?"
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(p) for p in path) or "(top level)"
+
+
+def _pydantic_message(err: ValidationError, where: str, lines: dict[tuple, int], prefix: tuple = ()) -> str:
+    parts = []
+    for e in err.errors(include_url=False):
+        loc = prefix + tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; " + _valid_keys_hint(loc)
+        elif e["type"] == "literal_error":
+            msg = f"{e['msg'].lower()} (got {e.get('input')!r})"
+        elif e["type"] == "missing":
+            msg = "is required but missing"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}:{_line(lines, loc)}: field '{_dotted(loc)}': {msg}")
+    return "; ".join(parts) + "."
+
+
+def _valid_keys_hint(loc: tuple) -> str:
+    model: type[BaseModel] | None = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if model else None
+        ann = field.annotation if field else None
+        model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    keys = sorted(model.model_fields) if model else []
+    return f"valid keys here: {', '.join(keys)}" if keys else "not a recipe field"
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path) -> LoadedRecipe:
+    """Read, interpolate, validate and expand a recipe file. Raises RecipeError with file:line: field: why."""
+    path = Path(path)
+    where = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{where}: no such recipe file. Check the path (see recipes/ for examples).") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{where}: cannot read the recipe: {e}.") from None
+    try:
+        raw = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - _LineLoader is a SafeLoader
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        line = mark.line + 1 if mark else "?"
+        problem = getattr(e, "problem", None) or str(e)
+        raise RecipeError(f"{where}:{line}: not valid YAML: {problem}. Fix the syntax at that line.") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}:1: a recipe is a YAML mapping with keys model, quantize, ...; got {type(raw).__name__}.")
+    lines: dict[tuple, int] = {}
+    data = _interpolate(_strip_lines(raw, lines), where, lines)
+    return build_recipe(data, path.resolve(), lines)
+
+
+def build_recipe(data: dict, path: Path, lines: dict[tuple, int] | None = None) -> LoadedRecipe:
+    """Validate a recipe given as a dict (already interpolated) and expand its matrix."""
+    lines = lines or {}
+    where = str(path)
+    try:
+        base = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_pydantic_message(e, where, lines)) from None
+    variants = _expand(base, data, where, lines)
+    name = base.name or re.sub(r"[^A-Za-z0-9._-]", "-", path.stem)
+    loaded = LoadedRecipe(path=path, name=name, base=base, variants=variants)
+    check_rules(loaded, lines)
+    return loaded
+
+
+def _expand(base: Recipe, data: dict, where: str, lines: dict[tuple, int]) -> dict[str, Recipe]:
+    if not base.matrix:
+        return {base.quantize.method: base}
+    keys = list(base.matrix)
+    for k in keys:
+        section, _, field = k.partition(".")
+        sect_model = Recipe.model_fields.get(section)
+        ann = sect_model.annotation if sect_model else None
+        inner = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if inner is None or field not in inner.model_fields or section == "matrix":
+            raise RecipeError(
+                f"{where}:{_line(lines, ('matrix', k))}: field 'matrix.{k}': not a recipe field. Use "
+                f"'section.field', e.g. quantize.method or quantize.w_bits."
+            )
+        if not base.matrix[k]:
+            raise RecipeError(f"{where}:{_line(lines, ('matrix', k))}: field 'matrix.{k}': needs at least one value.")
+    variants: dict[str, Recipe] = {}
+    for combo in itertools.product(*(base.matrix[k] for k in keys)):
+        variant = {k: v for k, v in data.items() if k != "matrix"}
+        for k, v in zip(keys, combo):
+            section, _, field = k.partition(".")
+            variant[section] = {**(variant.get(section) or {}), field: v}
+        label = "-".join(_label(k, v) for k, v in zip(keys, combo))
+        try:
+            variants[label] = Recipe.model_validate(variant)
+        except ValidationError as e:
+            raise RecipeError(
+                f"variant '{label}' of the matrix: " + _pydantic_message(e, where, lines)
+            ) from None
+    if len(variants) != len(list(itertools.product(*base.matrix.values()))):
+        raise RecipeError(f"{where}:{_line(lines, ('matrix',))}: field 'matrix': values repeat; each variant must differ.")
+    return variants
+
+
+def _label(key: str, value: Any) -> str:
+    field = key.partition(".")[2]
+    text = str(value).lower()
+    return text if field == "method" else f"{field.removeprefix('w_').replace('_', '')}{text}"
+
+
+# ---------------------------------------------------------------- rules that span stages
+
+
+def check_rules(loaded: LoadedRecipe, lines: dict[tuple, int]) -> None:
+    """Cross-stage rules, checked before any work. One RecipeError listing every violation."""
+    where = str(loaded.path)
+    problems: list[str] = []
+    for label, r in loaded.variants.items():
+        tag = f" (variant '{label}')" if len(loaded.variants) > 1 else ""
+        q = r.quantize
+        src = r.model.source
+        if _looks_like_hub_id(src) and not loaded.resolve(src).exists() and not r.model.revision:
+            problems.append(
+                f"{where}:{_line(lines, ('model', 'source'))}: field 'model.source'{tag}: hub id {src!r} needs a pinned "
+                f"'model.revision' (a commit sha or tag) so runs are reproducible"
+            )
+        if q.method in METHODS_NEEDING_CALIBRATION and r.calibration is None:
+            problems.append(
+                f"{where}:{_line(lines, ('quantize', 'method'))}: field 'quantize.method'{tag}: {q.method} needs "
+                f"calibration data; add a 'calibration:' section with a source"
+            )
+        if q.method == "rtn" and q.w_bits != 4:
+            problems.append(
+                f"{where}:{_line(lines, ('quantize', 'w_bits'))}: field 'quantize.w_bits'{tag}: rtn writes the AWQ GEMM "
+                f"layout, which holds 4-bit weights only; got {q.w_bits}"
+            )
+        if q.method == "rtn" and q.w_sym:
+            problems.append(
+                f"{where}:{_line(lines, ('quantize', 'w_sym'))}: field 'quantize.w_sym'{tag}: the AWQ GEMM layout "
+                f"stores zero points (asymmetric); set w_sym: false"
+            )
+        fmt = FORMAT_OF_METHOD[q.method]
+        why = check_target_loads(r.compile.target, fmt, q.w_bits, q.w_group_size)
+        if why:
+            problems.append(f"{where}:{_line(lines, ('compile', 'target'))}: field 'compile.target'{tag}: {why}")
+    if problems:
+        raise RecipeError("; ".join(dict.fromkeys(problems)) + ".")
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source)) and not source.startswith((".", "/", "~"))
+
+
+def check_model_widths(loaded: LoadedRecipe, config: dict) -> None:
+    """Rules that need the model's config.json: the group size divides every linear's input width."""
+    widths = {
+        "hidden_size": config.get("hidden_size"),
+        "intermediate_size": config.get("intermediate_size"),
+    }
+    for label, r in loaded.variants.items():
+        q = r.quantize
+        if q.method == "none":
+            continue
+        for name, width in widths.items():
+            if isinstance(width, int) and width % q.w_group_size:
+                raise RecipeError(
+                    f"{loaded.path}: field 'quantize.w_group_size' (variant '{label}'): {q.w_group_size} does not divide "
+                    f"the model's {name} {width}; valid group sizes for this model: "
+                    f"{', '.join(str(g) for g in (32, 64, 128) if all(isinstance(w, int) and w % g == 0 for w in widths.values())) or 'none of 32/64/128'}."
+                )
+
+
+def schema() -> dict:
+    """The JSON Schema of a recipe (for editors)."""
+    return Recipe.model_json_schema()

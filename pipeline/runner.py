@@ -1,0 +1,194 @@
+"""Execute a plan: a loop over stage runs that reuses complete artifacts and writes new ones atomically.
+
+Each run writes into a temporary sibling folder; the manifest is written last and the folder renamed into
+place, so a run killed at any point leaves nothing that is ever read (stale temp folders are removed at the
+next start). A failed run marks its downstream runs skipped; other variants go on. Quality gates are checked
+from the evaluate manifests on every run, cached or not, so a cached failing variant still fails.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__
+from pipeline.artifacts import REPORT_MD, clean_stale, commit_dir, new_tmp_dir, read_manifest
+from pipeline.errors import GateFailed, QuantshipError, StageError
+from pipeline.plan import Plan, StageRun, downstream, tool_versions, variant_recipe
+from pipeline.stages import StageContext
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class RunOutcome:
+    statuses: dict[str, str] = field(default_factory=dict)  # run id -> done|cached|failed|skipped
+    errors: dict[str, QuantshipError] = field(default_factory=dict)  # run id -> error
+    gate_failures: dict[str, list[str]] = field(default_factory=dict)  # variant -> messages
+    report: Path | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """1 (or the error's own code) when a stage failed, else 3 when a quality gate failed, else 0."""
+        if self.errors:
+            return max(e.exit_code for e in self.errors.values())
+        return GateFailed.exit_code if self.gate_failures else 0
+
+    def worked(self) -> list[str]:
+        return [k for k, v in self.statuses.items() if v == "done"]
+
+
+def stage_function(kind: str):
+    return importlib.import_module(f"pipeline.stages.{kind}").run
+
+
+def execute(plan: Plan, force: set[str] | None = None, progress: Any = None) -> RunOutcome:
+    """Run every stage of ``plan`` that is not already complete (or that ``force`` names, with its downstream)."""
+    plan.root.mkdir(parents=True, exist_ok=True)
+    for stale in clean_stale(plan.root):
+        log.info("removed the incomplete output of an interrupted run: %s", stale.name)
+    plan.save()
+    forced = downstream(plan, force or set())
+    outcome = RunOutcome()
+    for run in plan.runs:
+        bad_deps = [d for d in run.deps.values() if outcome.statuses.get(d) in ("failed", "skipped")]
+        gated = [v for v in run.variants if v in outcome.gate_failures]
+        if bad_deps or (run.kind == "serve" and len(gated) == len(run.variants)):
+            outcome.statuses[run.id] = "skipped"
+            log.warning("%s skipped: %s", run.id, f"{bad_deps[0]} did not finish" if bad_deps else "a quality gate failed")
+            continue
+        if run.done() and run.id not in forced:
+            outcome.statuses[run.id] = "cached"
+            log.info("%s cached (%s)", run.id, run.dir.name)
+            if progress:
+                progress.cached(run)
+        else:
+            _run_one(plan, run, outcome, progress)
+        if run.kind == "evaluate" and outcome.statuses[run.id] in ("done", "cached"):
+            _check_gates(plan, run, outcome)
+    outcome.report = write_report(plan)
+    return outcome
+
+
+def _run_one(plan: Plan, run: StageRun, outcome: RunOutcome, progress: Any) -> None:
+    recipe = variant_recipe(plan, run)
+    section = {"download": recipe.model, "calibrate": recipe.calibration, "quantize": recipe.quantize,
+               "compile": recipe.compile, "evaluate": recipe.eval, "serve": recipe.serve}[run.kind]
+    tmp = new_tmp_dir(run.dir)
+    ctx = StageContext(
+        run_id=run.id,
+        config=section,
+        recipe=_RecipeView(plan, recipe),
+        inputs={kind: plan.run(dep).dir for kind, dep in run.deps.items()},
+        out=tmp,
+        log=log.getChild(run.kind),
+        progress=progress.callback(run) if progress else StageContext.__dataclass_fields__["progress"].default,
+    )
+    log.info("%s running -> %s", run.id, run.dir.name)
+    if progress:
+        progress.start(run)
+    started = time.time()
+    t0 = time.perf_counter()
+    try:
+        metrics = stage_function(run.kind)(ctx) or {}
+    except QuantshipError as e:
+        _fail(run, outcome, e, tmp, progress)
+        return
+    except Exception as e:  # a bug or an unexpected library failure: keep the traceback in the log
+        log.debug("%s crashed:\n%s", run.id, traceback.format_exc())
+        _fail(run, outcome, StageError(f"{run.id} failed unexpectedly: {type(e).__name__}: {e}. The traceback is in "
+                                       f"{plan.root / 'run.log'}."), tmp, progress)
+        return
+    seconds = time.perf_counter() - t0
+    manifest = {
+        "quantship": __version__,
+        "stage": run.kind,
+        "run_id": run.id,
+        "key": run.key,
+        "variants": run.variants,
+        "config": run.config,
+        "inputs": {kind: {"run": dep, "key": plan.run(dep).key, "dir": plan.run(dep).dir.name}
+                   for kind, dep in run.deps.items()},
+        "input_files": run.inputs,
+        "versions": tool_versions(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "seconds": round(seconds, 3),
+        "metrics": metrics,
+    }
+    commit_dir(tmp, run.dir, manifest)
+    outcome.statuses[run.id] = "done"
+    log.info("%s done in %.1fs", run.id, seconds)
+    if progress:
+        progress.finish(run, seconds)
+
+
+def _fail(run: StageRun, outcome: RunOutcome, error: QuantshipError, tmp: Path, progress: Any) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    outcome.statuses[run.id] = "failed"
+    outcome.errors[run.id] = error
+    log.error("%s failed: %s", run.id, error)
+    if progress:
+        progress.fail(run)
+
+
+def _check_gates(plan: Plan, run: StageRun, outcome: RunOutcome) -> None:
+    from pipeline.eval.gates import check_gates
+
+    metrics = (read_manifest(run.dir) or {}).get("metrics", {})
+    for variant in run.variants:
+        gates = plan.recipe.variants[variant].eval.gates.model_dump()
+        failures = check_gates(metrics, gates)
+        if failures:
+            outcome.gate_failures[variant] = failures
+            for f in failures:
+                log.error("variant %s: %s", variant, f)
+
+
+def write_report(plan: Plan) -> Path | None:
+    """``<root>/report.md`` from every complete evaluate artifact of the plan (rewritten on every run)."""
+    from pipeline.eval.report import render_report
+
+    rows = []
+    for variant, ids in plan.variant_runs.items():
+        if "evaluate" not in ids:
+            continue
+        ev = read_manifest(plan.run(ids["evaluate"]).dir)
+        qm = read_manifest(plan.run(ids["quantize"]).dir)
+        if not ev or not qm:
+            continue
+        recipe = plan.recipe.variants[variant]
+        from pipeline.eval.gates import check_gates
+
+        failures = check_gates(ev["metrics"], recipe.eval.gates.model_dump())
+        rows.append({
+            "variant": variant,
+            "method": recipe.quantize.method,
+            "w_bits": None if recipe.quantize.method == "none" else recipe.quantize.w_bits,
+            "w_group_size": None if recipe.quantize.method == "none" else recipe.quantize.w_group_size,
+            "checkpoint_bytes": qm["metrics"].get("bytes"),
+            **ev["metrics"],
+            "gates": "fail: " + "; ".join(failures) if failures else "pass",
+        })
+    if not rows:
+        return None
+    path = plan.root / REPORT_MD
+    path.write_text(render_report(rows, title=f"quantship report: {plan.recipe.name}"), encoding="utf-8")
+    return path
+
+
+class _RecipeView:
+    """What a stage may read of the recipe: the variant's sections and path resolution."""
+
+    def __init__(self, plan: Plan, recipe: Any) -> None:
+        self.base = recipe
+        self.path = plan.recipe.path
+        self._loaded = plan.recipe
+
+    def resolve(self, relative: str) -> Path:
+        return self._loaded.resolve(relative)

@@ -1,0 +1,37 @@
+"""evaluate: perplexity of the deployable model, and KL divergence / top-1 agreement against the reference,
+on the same tokens of a held-out text (DESIGN.md §6). Gates are judged by the runner from these metrics."""
+
+from __future__ import annotations
+
+from pipeline.artifacts import METRICS, model_path, write_json
+from pipeline.stages import StageContext
+from pipeline.textdata import join_documents, read_documents
+
+
+def run(ctx: StageContext) -> dict:
+    import torch
+
+    from pipeline.engines.transformers_engine import load_model
+    from pipeline.eval.divergence import compare_to_reference
+    from pipeline.eval.perplexity import tokenize_documents
+    from pipeline.stages.compile import load_engine
+
+    cfg = ctx.config
+    model, tokenizer = load_engine(ctx.inputs["compile"])
+    device = next(model.parameters()).device
+    ref_model, _ = load_model(
+        model_path(ctx.inputs["download"]), device=str(device), dtype=next(model.parameters()).dtype if device.type != "cpu" else torch.float32,
+        allow_pickle=ctx.recipe.base.model.allow_pickle, trust_remote_code=ctx.recipe.base.model.trust_remote_code,
+    )
+    text_path = ctx.recipe.resolve(cfg.text)
+    ids = tokenize_documents(tokenizer, join_documents(read_documents(cfg.text, text_path)))
+    if cfg.max_tokens:
+        ids = ids[: cfg.max_tokens]
+    ctx.progress(0, 1, f"{ids.numel()} tokens")
+    metrics = compare_to_reference(ref_model, model, ids, cfg.seq_len, batch_size=cfg.batch_size)
+    metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+    metrics["text"] = str(text_path.name)
+    metrics["seq_len"] = cfg.seq_len
+    write_json(ctx.out / METRICS, metrics)
+    ctx.progress(1, 1, f"ppl {metrics.get('ppl', float('nan')):.2f}")
+    return metrics
