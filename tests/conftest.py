@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny models made from a config, the shipped trained model, recipes in tmp folders,
+and a guard that fails any test writing into the repository."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_MODEL = ROOT / "models" / "tiny-llama-pydocs"
+CALIB_TEXT = ROOT / "calibration" / "pydocs-calib.txt"
+EVAL_TEXT = ROOT / "data" / "eval" / "pydocs-heldout.txt"
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip)
+
+
+# Where a stray write would land: the default outputs folder, the shipped fixtures, the repository root.
+_GUARDED = ("outputs", "models", "data", "calibration", "recipes", ":(glob)*")
+
+
+def _repo_status() -> str:
+    return subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all", "--", *_GUARDED],
+        cwd=ROOT, capture_output=True, text=True,
+    ).stdout
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_writes_into_the_repo():
+    """Tests write only into their tmp folders: the repository's status must not change during the session."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    before = _repo_status()
+    yield
+    after = _repo_status()
+    assert after == before, f"tests wrote into the repository:\n{after}"
+
+
+def write_recipe(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
+    """A recipe file in ``tmp_path``; ``{model}``, ``{calib}``, ``{eval}`` expand to the shipped fixtures."""
+    path = tmp_path / name
+    path.write_text(text.format(model=TINY_MODEL, calib=CALIB_TEXT, eval=EVAL_TEXT))
+    return path
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A random 2-layer Llama folder (safetensors + the shipped tokenizer) whose widths suit group size 128."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def make_tiny_llama(out: Path, layers: int = 2, hidden: int = 256, intermediate: int = 768, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    model = LlamaForCausalLM(config).to(torch.float16)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
