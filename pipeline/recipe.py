@@ -64,16 +64,77 @@ class CalibrationSection(_Section):
     seed: int = Field(0, description="Seed of the window sampling; same seed, same samples.")
 
 
-Method = Literal["none", "rtn"]
+Method = Literal["none", "rtn", "awq", "gptq", "smoothquant", "bnb-nf4", "bnb-int8"]
+
+# Weight bits each method writes unless the recipe says otherwise, and the bits each method can write.
+METHOD_BITS: dict[str, tuple[int, tuple[int, ...]]] = {
+    "none": (16, (16,)),
+    "rtn": (4, (4,)),  # AWQ GEMM layout: 4-bit only
+    "awq": (4, (4,)),
+    "gptq": (4, (4, 8)),
+    "smoothquant": (8, (8,)),
+    "bnb-nf4": (4, (4,)),
+    "bnb-int8": (8, (8,)),
+}
+
+
+class GPTQOptions(_Section):
+    """GPTQ settings (Frantar et al., 2022)."""
+
+    damp: float = Field(0.01, gt=0, lt=1, description="Dampening, as a fraction of the Hessian's mean diagonal.")
+    desc_act: bool = Field(False, description="Act-order: quantize columns by decreasing Hessian diagonal (writes g_idx).")
+    block_size: int = Field(128, ge=1, le=4096, description="Columns per lazy-update block.")
+    static_groups: bool = Field(False, description="Fix group grids before the updates (keeps g_idx in order with desc_act).")
+
+
+class AWQOptions(_Section):
+    """AWQ settings (Lin et al., 2023)."""
+
+    n_grid: int = Field(20, ge=1, le=100, description="Grid points of the scale exponent search in [0, 1).")
+    clip: bool = Field(True, description="Search per-group weight clipping after scaling.")
+    max_shrink: float = Field(0.5, gt=0, lt=1, description="Largest fraction a group's range may be clipped by.")
+    duo_scaling: bool = Field(False, description="AutoAWQ's scales from activation and weight magnitudes.")
+
+
+class SmoothQuantOptions(_Section):
+    """SmoothQuant W8A8 settings (Xiao et al., 2022)."""
+
+    alpha: float = Field(0.5, gt=0, lt=1, description="Migration strength: 0 keeps outliers in activations, 1 moves all.")
+    layout: Literal["lmdeploy", "compressed-tensors"] = Field(
+        "lmdeploy", description="lmdeploy's smooth_quant layout (its PyTorch engine) or compressed-tensors (vLLM)."
+    )
 
 
 class QuantizeSection(_Section):
-    """How to quantize. ``none`` keeps the reference; ``rtn`` is round-to-nearest INT4 weight-only (AWQ layout)."""
+    """How to quantize. ``none`` keeps the reference; the others write an engine-loadable checkpoint.
 
-    method: Method = Field(description="Quantization method: none (the unquantized reference) or rtn.")
-    w_bits: int = Field(4, description="Weight bits. rtn writes the AWQ GEMM layout, which is 4-bit only.")
+    Example::
+
+        quantize: {method: gptq, w_bits: 4, w_group_size: 128, gptq: {desc_act: false}}
+    """
+
+    method: Method = Field(description="none (reference), rtn, awq, gptq, smoothquant (W8A8), bnb-nf4 or bnb-int8.")
+    w_bits: int = Field(
+        None, validate_default=False,
+        description="Weight bits; default by method: 4 for rtn/awq/gptq/bnb-nf4, 8 for smoothquant/bnb-int8.",
+    )
     w_group_size: int = Field(128, description="Input columns sharing one scale and zero point (32, 64 or 128).")
-    w_sym: bool = Field(False, description="Symmetric weights (zero point fixed). rtn/AWQ use asymmetric.")
+    w_sym: bool = Field(None, validate_default=False, description="Symmetric weights; default: true for gptq, else false.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where calibrated methods run: auto = GPU if any.")
+    gptq: GPTQOptions = Field(default_factory=GPTQOptions, description="Used by method gptq.")
+    awq: AWQOptions = Field(default_factory=AWQOptions, description="Used by method awq.")
+    smoothquant: SmoothQuantOptions = Field(default_factory=SmoothQuantOptions, description="Used by method smoothquant.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("method") in METHOD_BITS:
+            data = dict(data)
+            if data.get("w_bits") is None:
+                data["w_bits"] = METHOD_BITS[data["method"]][0]
+            if data.get("w_sym") is None:
+                data["w_sym"] = data["method"] == "gptq"
+        return data
 
     @field_validator("w_group_size")
     @classmethod
@@ -368,15 +429,30 @@ def check_rules(loaded: LoadedRecipe, lines: dict[tuple, int]) -> None:
                 f"{where}:{_line(lines, ('quantize', 'method'))}: field 'quantize.method'{tag}: {q.method} needs "
                 f"calibration data; add a 'calibration:' section with a source"
             )
-        if q.method == "rtn" and q.w_bits != 4:
+        allowed = METHOD_BITS[q.method][1]
+        if q.method != "none" and q.w_bits not in allowed:
+            why = {"rtn": "rtn writes the AWQ GEMM layout, which holds 4-bit weights only",
+                   "awq": "awq writes the AWQ GEMM layout, which holds 4-bit weights only",
+                   "smoothquant": "smoothquant is W8A8: 8-bit weights"}.get(q.method, f"{q.method} writes")
             problems.append(
-                f"{where}:{_line(lines, ('quantize', 'w_bits'))}: field 'quantize.w_bits'{tag}: rtn writes the AWQ GEMM "
-                f"layout, which holds 4-bit weights only; got {q.w_bits}"
+                f"{where}:{_line(lines, ('quantize', 'w_bits'))}: field 'quantize.w_bits'{tag}: {why}; valid: "
+                f"{' or '.join(map(str, allowed))}; got {q.w_bits}"
             )
-        if q.method == "rtn" and q.w_sym:
+        if q.method in ("rtn", "awq") and q.w_sym:
             problems.append(
                 f"{where}:{_line(lines, ('quantize', 'w_sym'))}: field 'quantize.w_sym'{tag}: the AWQ GEMM layout "
                 f"stores zero points (asymmetric); set w_sym: false"
+            )
+        if q.method == "gptq" and r.compile.target == "turbomind" and (q.gptq.desc_act or not q.w_sym):
+            problems.append(
+                f"{where}:{_line(lines, ('compile', 'target'))}: field 'compile.target'{tag}: TurboMind loads GPTQ only "
+                f"with desc_act: false and w_sym: true (lmdeploy 0.18 turbomind/deploy/converter.py)"
+            )
+        if q.method == "smoothquant" and q.smoothquant.layout == "compressed-tensors" and r.compile.target.startswith(
+                ("lmdeploy", "turbomind")):
+            problems.append(
+                f"{where}:{_line(lines, ('quantize', 'smoothquant'))}: field 'quantize.smoothquant.layout'{tag}: lmdeploy "
+                f"reads its own smooth_quant layout; set layout: lmdeploy"
             )
         fmt = FORMAT_OF_METHOD[q.method]
         why = check_target_loads(r.compile.target, fmt, q.w_bits, q.w_group_size)

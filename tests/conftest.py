@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+# Tests never reach a hub: set before huggingface_hub / datasets read them at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ROOT / "models" / "tiny-llama-pydocs"
 CALIB_TEXT = ROOT / "calibration" / "pydocs-calib.txt"
@@ -42,8 +46,6 @@ def _repo_status() -> str:
 @pytest.fixture(scope="session", autouse=True)
 def _no_writes_into_the_repo():
     """Tests write only into their tmp folders: the repository's status must not change during the session."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     before = _repo_status()
     yield
     after = _repo_status()

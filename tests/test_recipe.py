@@ -34,7 +34,7 @@ def test_unknown_key_names_file_line_field_and_valid_keys(tmp_path):
     with pytest.raises(RecipeError) as e:
         load_recipe(path)
     assert str(e.value) == (
-        f"{path.resolve()}:5: field 'quantize.w_bitz': unknown key; valid keys here: method, w_bits, w_group_size, w_sym."
+        f"{path.resolve()}:5: field 'quantize.w_bitz': unknown key; valid keys here: awq, device, gptq, method, smoothquant, w_bits, w_group_size, w_sym."
     )
 
 
@@ -43,7 +43,7 @@ def test_wrong_type_and_bad_choice(tmp_path):
     with pytest.raises(RecipeError) as e:
         load_recipe(path)
     msg = str(e.value)
-    assert f"{path.resolve()}:4: field 'quantize.method': input should be 'none' or 'rtn' (got 'magic')" in msg
+    assert f"{path.resolve()}:4: field 'quantize.method': input should be 'none', 'rtn', 'awq', 'gptq', 'smoothquant', 'bnb-nf4' or 'bnb-int8' (got 'magic')" in msg
     assert f"{path.resolve()}:5: field 'quantize.w_group_size': Input should be a valid integer" in msg
 
 
@@ -94,7 +94,39 @@ def test_target_that_cannot_load_the_format(tmp_path):
 
 def test_rtn_is_four_bit_only(tmp_path):
     path = write_recipe(tmp_path, BASE + "  w_bits: 3\n")
-    with pytest.raises(RecipeError, match="rtn writes the AWQ GEMM layout, which holds 4-bit weights only; got 3"):
+    with pytest.raises(RecipeError, match="rtn writes the AWQ GEMM layout, which holds 4-bit weights only; valid: 4; got 3"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("quantize, message", [
+    ("{method: smoothquant, w_bits: 4}", "field 'quantize.w_bits': smoothquant is W8A8: 8-bit weights; valid: 8; got 4"),
+    ("{method: gptq, w_bits: 3}", "field 'quantize.w_bits': gptq writes; valid: 4 or 8; got 3"),
+    ("{method: awq, w_sym: true}", "field 'quantize.w_sym': the AWQ GEMM layout stores zero points"),
+    ("{method: smoothquant, smoothquant: {alpha: 1.5}}", "field 'quantize.smoothquant.alpha': Input should be less than 1"),
+    ("{method: gptq, gptq: {damp: 0}}", "field 'quantize.gptq.damp': Input should be greater than 0"),
+    ("{method: awq}", "field 'quantize.method': awq needs calibration data; add a 'calibration:' section"),
+])
+def test_bad_method_settings_fail_validation(tmp_path, quantize, message):
+    path = write_recipe(tmp_path, "model: {{source: {model}}}\nquantize: " + quantize.replace("{", "{{").replace("}", "}}") + "\n"
+                        "calibration: {{source: {calib}}}\n" * ("awq" not in quantize or "sym" in quantize))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert message in str(e.value)
+
+
+def test_method_defaults_are_filled(tmp_path):
+    text = "model: {{source: {model}}}\ncalibration: {{source: {calib}}}\nquantize: {{method: gptq}}\n" \
+           "matrix: {{quantize.method: [gptq, smoothquant, awq]}}\n"
+    r = load_recipe(write_recipe(tmp_path, text))
+    assert (r.variants["gptq"].quantize.w_bits, r.variants["gptq"].quantize.w_sym) == (4, True)
+    assert (r.variants["smoothquant"].quantize.w_bits, r.variants["smoothquant"].quantize.w_sym) == (8, False)
+    assert r.variants["awq"].quantize.awq.n_grid == 20
+
+
+def test_turbomind_rejects_act_order_gptq(tmp_path):
+    path = write_recipe(tmp_path, "model: {{source: {model}}}\ncalibration: {{source: {calib}}}\n"
+                        "quantize: {{method: gptq, gptq: {{desc_act: true}}}}\ncompile: {{target: turbomind}}\n")
+    with pytest.raises(RecipeError, match="TurboMind loads GPTQ only with desc_act: false and w_sym: true"):
         load_recipe(path)
 
 

@@ -1,0 +1,350 @@
+"""AWQ, activation-aware weight quantization (Lin et al., 2023, arXiv:2306.00978), as plain tensor functions.
+
+AWQ protects the weight columns that meet large activations: it scales input channel ``j`` of the weights up by
+``s_j`` and the activations down by the same factor, which leaves the float function unchanged
+(``(X diag(s)^-1)(W diag(s))^T = X W^T``) but shrinks the relative rounding error of the salient columns.
+``s = mean|X|^alpha`` (paper eq. 5) with ``alpha`` found by a grid search on the block output error
+(eq. 4), then a per-group clipping search of the weight range (paper §3.3, "clipping").
+
+Checked against AutoAWQ ``awq/quantize/quantizer.py`` (``_search_best_scale``, ``_compute_best_scale``,
+``_compute_best_clip``; commit 93d7e8e of casper-hansen/AutoAWQ) and lmdeploy ``lite/quantization/awq.py``
+(``smooth_ln_fcs``/``smooth_fc_fcs``, which fold the scales as :func:`fold_scales` does).
+
+The walk over a model (which module feeds which linears, the calibration activations of each decoder layer)
+lives in the quantize stage; here everything takes and returns tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+
+from pipeline.errors import QuantizationError
+from pipeline.quant.primitives import fake_quantize
+
+log = logging.getLogger(__name__)
+
+# Tokens per chunk when reducing over a large activation tensor: bounds the fp32 temporary to ~chunk × width.
+_CHUNK_TOKENS = 16384
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Activation statistics
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _flatten_tokens(x: torch.Tensor) -> torch.Tensor:
+    """[..., in] -> [tokens, in] (a view when possible)."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def _abs_sum(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel sum of |x| over tokens in fp32, chunked so a half-precision input is never copied whole."""
+    x = _flatten_tokens(x)
+    total = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[0], _CHUNK_TOKENS):
+        total += x[start : start + _CHUNK_TOKENS].float().abs().sum(dim=0)
+    return total
+
+
+def input_channel_magnitude(x: torch.Tensor) -> torch.Tensor:
+    """Mean |x| per input channel, fp32 [in]: AWQ's activation salience (AutoAWQ ``x_mean``)."""
+    n_tokens = _flatten_tokens(x).shape[0]
+    if n_tokens == 0:
+        raise QuantizationError(
+            "AWQ got an empty activation tensor: no calibration tokens reached this layer. "
+            "Check that the calibration set is not empty and that its samples are at least one token long."
+        )
+    return _abs_sum(x) / n_tokens
+
+
+def update_magnitude(acc: torch.Tensor | None, count: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Fold one batch ``x`` [..., in] into a running mean |x| per channel.
+
+    ``acc`` is the mean over the ``count`` tokens seen so far (None before the first batch). Returns the new
+    mean and token count; after the last batch ``acc`` is :func:`input_channel_magnitude` of all batches.
+    """
+    n_new = _flatten_tokens(x).shape[0]
+    batch_sum = _abs_sum(x)
+    if acc is None or count == 0:
+        if n_new == 0:
+            return torch.zeros_like(batch_sum), 0
+        return batch_sum / n_new, n_new
+    total = count + n_new
+    # Merge through the sums (mean * count), not an incremental difference: one rounding per batch.
+    return (acc.float() * count + batch_sum) / total, total
+
+
+def _subsample_tokens(x: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    """At most ``max_tokens`` rows of ``x`` [tokens, in], evenly strided (deterministic, like AutoAWQ's clip)."""
+    n = x.shape[0]
+    if max_tokens <= 0 or n <= max_tokens:
+        return x
+    step = -(-n // max_tokens)  # ceil: the strided view has at most max_tokens rows
+    return x[::step]
+
+
+def weight_magnitude(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Mean over output rows of |W| normalised by its group's max |W|, fp32 [in] (AutoAWQ ``w_mean``)."""
+    w = torch.cat([wi.float() for wi in weights], dim=0)
+    out_features, in_features = w.shape
+    g = group_size if group_size > 0 else in_features
+    grouped = w.abs().reshape(out_features, in_features // g, g)
+    normalised = grouped / (grouped.amax(dim=-1, keepdim=True) + 1e-6)
+    return normalised.reshape(out_features, in_features).mean(dim=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scale search (paper eq. 4-5)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ScaleSearch(NamedTuple):
+    """Result of :func:`search_scales`: unpacks as ``scales, best_ratio, losses``."""
+
+    scales: torch.Tensor  # [in] float32, multiply weight columns, divide activations (fold_scales does both)
+    best_ratio: float  # the alpha that won; 0.0 means scaling did not beat plain round-to-nearest
+    losses: list[float]  # output MSE for each grid point alpha = i / n_grid
+
+
+def _check_widths(weights: Sequence[torch.Tensor], in_features: int, group_size: int) -> None:
+    if not weights:
+        raise QuantizationError("AWQ scale search got no linear weights: a LinearGroup must list at least one.")
+    for w in weights:
+        if w.dim() != 2 or w.shape[1] != in_features:
+            raise QuantizationError(
+                f"AWQ scale search: a weight of shape {tuple(w.shape)} does not read the {in_features} input "
+                "channels of its group. Every linear of a LinearGroup must take the same input; check the layer "
+                "map in pipeline/quant/arch.py."
+            )
+    if group_size > 0 and in_features % group_size:
+        raise QuantizationError(
+            f"AWQ group size {group_size} does not divide the input width {in_features}. Pick a group size "
+            "that divides every linear's input width (128 and 64 divide the usual hidden sizes)."
+        )
+
+
+def _candidate_scales(
+    x_mag: torch.Tensor, w_mag: torch.Tensor | None, ratio: float
+) -> torch.Tensor:
+    """s = mag^alpha (or AutoAWQ's duo scaling mag^alpha / w_mag^(1-alpha)), normalised by sqrt(max·min)."""
+    if w_mag is None:
+        s = x_mag.pow(ratio).clamp(min=1e-4)
+    else:
+        s = (x_mag.pow(ratio) / (w_mag.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+    # Centre the scales geometrically (AutoAWQ _compute_best_scale): only their ratios matter to the function,
+    # and centring keeps the folded norm weights and scaled columns in a representable range.
+    s = s / (s.max() * s.min()).sqrt()
+    s[~torch.isfinite(s)] = 1.0
+    return s
+
+
+@torch.no_grad()
+def search_scales(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    forward: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
+    bits: int = 4,
+    group_size: int = 128,
+    n_grid: int = 20,
+    *,
+    magnitude: torch.Tensor | None = None,
+    max_tokens: int = 4096,
+    duo_scaling: bool = False,
+    sym: bool = False,
+) -> ScaleSearch:
+    """Grid-search AWQ's per-input-channel scales for the linears that share the input ``x``.
+
+    For alpha in ``{0, 1/n_grid, ..., (n_grid-1)/n_grid}``: ``s = mag^alpha / sqrt(max·min)``, fake-quantize
+    ``W diag(s)`` group-wise, and measure the MSE between the float output and ``(X/s) Q(W s)^T`` (paper eq. 4).
+    alpha = 0 is plain round-to-nearest, so the winner is never worse than RTN on the search data.
+
+    Args:
+        x: the linears' input activations [..., in] (the calibration tokens of this layer).
+        weights: the weights [out_i, in] of the linears that read ``x`` (q/k/v, or gate/up, or one linear).
+        forward: optional block forward. It receives the *effective* weights ``Q(W_i s) / s`` (in the original
+            input basis, one per entry of ``weights``) and returns the block output, so the caller can run the
+            unchanged module (attention, MLP) on its own inputs — AutoAWQ's ``module2inspect``. It is also called
+            once with the original weights for the reference. Without it the loss is over the concatenated
+            linear outputs ``x W_i^T``.
+        bits, group_size, sym: the weight quantization the scales are searched for.
+        n_grid: number of alpha grid points in [0, 1).
+        magnitude: precomputed mean |x| per channel [in] (from :func:`update_magnitude` over all calibration
+            batches); computed from ``x`` when None.
+        max_tokens: subsample ``x`` (evenly strided) to this many tokens for the built-in loss, bounding memory.
+        duo_scaling: use AutoAWQ's ``mag^alpha / w_mag^(1-alpha)`` instead of the paper's ``mag^alpha``.
+
+    Returns:
+        ``ScaleSearch(scales [in] fp32, best_ratio, losses)``.
+    """
+    x2 = _flatten_tokens(x)
+    in_features = x2.shape[1]
+    _check_widths(weights, in_features, group_size)
+    group_size = group_size if group_size > 0 else in_features  # -1: one group per row (per-channel)
+    device = weights[0].device
+    x_mag = (magnitude if magnitude is not None else input_channel_magnitude(x2)).float().to(device)
+    w_mag = weight_magnitude(weights, group_size).to(device) if duo_scaling else None
+    w_fp32 = [w.float() for w in weights]
+
+    if forward is None:
+        x_s = _subsample_tokens(x2, max_tokens).to(device=device, dtype=torch.float32)
+
+        def run(ws: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [x_s @ w.t() for w in ws]
+
+    else:
+
+        def run(ws: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [forward([w.to(weights[i].dtype) for i, w in enumerate(ws)]).float()]
+
+    reference = run(w_fp32)
+    numel = sum(r.numel() for r in reference)
+
+    losses: list[float] = []
+    best = (float("inf"), 0.0, torch.ones(in_features, device=device))
+    for i in range(n_grid):
+        ratio = i / n_grid
+        s = _candidate_scales(x_mag, w_mag, ratio)
+        # Q(W diag(s)) diag(s)^-1: the quantized weight seen from the unscaled input, so (X/s) Q(Ws)^T == X (.)^T.
+        effective = [fake_quantize(w * s, bits, group_size, sym) / s for w in w_fp32]
+        out = run(effective)
+        loss = sum(float((o - r).pow(2).sum()) for o, r in zip(out, reference)) / numel
+        losses.append(loss)
+        if loss < best[0]:  # strict: ties keep the smaller alpha (RTN at alpha = 0)
+            best = (loss, ratio, s.clone())
+    log.debug("AWQ scale search: best alpha %.2f, loss %.4g (RTN %.4g)", best[1], best[0], losses[0])
+    return ScaleSearch(scales=best[2], best_ratio=best[1], losses=losses)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Clipping search (paper §3.3; AutoAWQ _compute_best_clip)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def search_clip(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bits: int = 4,
+    group_size: int = 128,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    n_sample_tokens: int = 512,
+    *,
+    sym: bool = False,
+    out_batch: int = 64,
+) -> torch.Tensor:
+    """Per-(row, group) clip ratio of ``w`` [out, in] minimising each group's partial output error.
+
+    For ratio r in ``{1, 1 - 1/n_grid, ..., > 1 - max_shrink}`` each group's range is shrunk to ``r·[min, max]``
+    (the convention of ``primitives.quantize_groupwise(clip_ratio=...)``, so the result feeds it directly),
+    and the ratio with the lowest ``mean_t (x_tg · (Q(w_g) - w_g))^2`` is kept per group. Call it on the
+    AWQ-scaled weight ``W diag(s)`` with the scaled input ``x / s``. Rows are processed ``out_batch`` at a time
+    and the group products go through einsum, so memory is ``out_batch × tokens × groups``.
+
+    Returns: clip ratios [out, in // group_size], float32 (1.0 = no clipping).
+    """
+    out_features, in_features = w.shape
+    g = group_size if group_size > 0 else in_features
+    _check_widths([w], in_features, g)
+    x2 = _flatten_tokens(x)
+    if x2.shape[1] != in_features:
+        raise QuantizationError(
+            f"AWQ clip search: activations have {x2.shape[1]} channels but the weight reads {in_features}."
+        )
+    n_groups = in_features // g
+    # AutoAWQ samples every (n_tokens // n_sample_token)-th token; same idea, capped at n_sample_tokens.
+    xg = _subsample_tokens(x2, n_sample_tokens).to(device=w.device, dtype=torch.float32)
+    xg = xg.reshape(-1, n_groups, g)  # [tokens, groups, group_size]
+    ratios = [1.0 - i / n_grid for i in range(max(1, int(max_shrink * n_grid)))]
+
+    best_ratio = torch.ones(out_features, n_groups, dtype=torch.float32, device=w.device)
+    for start in range(0, out_features, out_batch):
+        wb = w[start : start + out_batch].float()
+        wg = wb.reshape(-1, n_groups, g)
+        reference = torch.einsum("tgk,ogk->otg", xg, wg)  # per-group partial outputs [rows, tokens, groups]
+        min_err = torch.full((wb.shape[0], n_groups), float("inf"), device=w.device)
+        for r in ratios:
+            q = fake_quantize(wb, bits, g, sym, clip_ratio=r).reshape(-1, n_groups, g)
+            err = (torch.einsum("tgk,ogk->otg", xg, q) - reference).pow(2).mean(dim=1)  # [rows, groups]
+            better = err < min_err
+            min_err = torch.where(better, err, min_err)
+            best_ratio[start : start + out_batch][better] = r
+    return best_ratio
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Folding the scales into the model (function-preserving)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class FoldedScales(NamedTuple):
+    """New tensors after :func:`fold_scales`, in the dtypes of the inputs."""
+
+    prev_weight: torch.Tensor
+    prev_bias: torch.Tensor | None
+    linears: list[torch.Tensor]
+
+
+@torch.no_grad()
+def fold_scales(
+    prev_weight: torch.Tensor,
+    prev_bias: torch.Tensor | None,
+    linears: Sequence[torch.Tensor],
+    scales: torch.Tensor,
+    prev_is_norm: bool,
+) -> FoldedScales:
+    """Move per-input-channel ``scales`` into the model without changing its function.
+
+    The linears' input columns are multiplied by ``s`` and the module producing their input is divided by
+    ``s``: a norm's weight (and bias) when ``prev_is_norm``, else the previous linear's OUTPUT rows (and bias).
+    ``(y / s) (W diag(s))^T = y W^T``. This is the fold of both AWQ and SmoothQuant (SmoothQuant eq. 3,
+    lmdeploy ``smooth_ln_fcs`` / ``smooth_fc_fcs``). It holds for RMSNorm/LayerNorm (``y = w ⊙ norm(x) + b``),
+    for v_proj -> o_proj (attention mixes tokens, not channels) and for up_proj -> down_proj (the gate
+    multiplies element-wise). It does not hold for norms of the form ``(1 + w) ⊙ x`` (Gemma): such a layer map
+    must not name the norm as ``prev``.
+
+    The arithmetic is done in at least fp32 and cast back, so a half-precision model rounds once per tensor.
+    """
+    s = scales.reshape(-1)
+    width = s.numel()
+    if prev_is_norm:
+        if prev_weight.dim() != 1 or prev_weight.numel() != width:
+            raise QuantizationError(
+                f"cannot fold {width} scales into a norm weight of shape {tuple(prev_weight.shape)}: a norm "
+                "feeding the linears must have one weight per input channel. Check the layer map's `prev`."
+            )
+    elif prev_weight.dim() != 2 or prev_weight.shape[0] != width:
+        raise QuantizationError(
+            f"cannot fold {width} scales into the output rows of a linear of shape {tuple(prev_weight.shape)}: "
+            "its output width differs from the next linears' input width (grouped-query v_proj -> o_proj is "
+            "the usual case). Such a group is skipped by setting needs_equal_width=True in pipeline/quant/arch.py."
+        )
+    if prev_bias is not None and prev_bias.numel() != width:
+        raise QuantizationError(
+            f"cannot fold {width} scales into a bias of {prev_bias.numel()} elements: the bias must match the "
+            "output width of the module feeding the linears."
+        )
+    for w in linears:
+        if w.dim() != 2 or w.shape[1] != width:
+            raise QuantizationError(
+                f"cannot fold {width} scales into the input columns of a linear of shape {tuple(w.shape)}."
+            )
+
+    def compute_dtype(t: torch.Tensor) -> torch.dtype:
+        return torch.promote_types(t.dtype, torch.float32)
+
+    def divide(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        sd = s.to(device=t.device, dtype=compute_dtype(t)).reshape(shape)
+        return (t.to(compute_dtype(t)) / sd).to(t.dtype)
+
+    new_prev = divide(prev_weight, (-1,) if prev_is_norm else (-1, 1))
+    new_bias = divide(prev_bias, (-1,)) if prev_bias is not None else None
+    new_linears = [
+        (w.to(compute_dtype(w)) * s.to(device=w.device, dtype=compute_dtype(w)).reshape(1, -1)).to(w.dtype)
+        for w in linears
+    ]
+    return FoldedScales(prev_weight=new_prev, prev_bias=new_bias, linears=new_linears)

@@ -1,0 +1,178 @@
+"""The calibrated methods as the layer walker sees them: statistics in, a quantized layer and its packed tensors out.
+
+Each class is thin glue: the math is in ``gptq.py``, ``awq.py`` and ``smoothquant.py``; the layouts are in
+``pipeline/formats``. Per method, ``observe`` keeps only what the method needs (GPTQ a Hessian per shared input,
+AWQ the inputs themselves, SmoothQuant a per-channel max), keyed by the module that produces the input.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.quant.arch import ArchSpec, LinearGroup
+from pipeline.quant.layerwise import get_module
+from pipeline.quant.primitives import QuantizedWeight, quantize_groupwise, quantize_with_qparams
+
+
+def quantize_fp16_scales(w: torch.Tensor, bits: int, group_size: int, sym: bool, clip_ratio=1.0) -> QuantizedWeight:
+    """Group-wise RTN whose integer codes are chosen for the fp16-rounded scales the checkpoint stores
+    (AutoAWQ ``gemm.py`` ``from_linear`` rounds scales to half before ``round(w / s)`` too)."""
+    qw = quantize_groupwise(w, bits, group_size, sym, clip_ratio)
+    scales = qw.scales.to(torch.float16).float().clamp(min=2.0**-24)
+    out_f, in_f = w.shape
+    g = w.float().reshape(out_f, in_f // group_size, group_size)
+    w_int = quantize_with_qparams(g, scales.unsqueeze(-1), qw.zeros.unsqueeze(-1), bits).reshape(w.shape)
+    return QuantizedWeight(w_int=w_int, scales=scales, zeros=qw.zeros, bits=bits, group_size=group_size)
+
+
+def _set_weight(linear: nn.Linear, w: torch.Tensor) -> None:
+    linear.weight.data = w.to(device=linear.weight.device, dtype=linear.weight.dtype)
+
+
+def _pack_into(out: dict, name: str, linear: nn.Linear, tensors: dict[str, torch.Tensor]) -> None:
+    out.update({f"{name}.{k}": v for k, v in tensors.items()})
+    if linear.bias is not None:
+        out[f"{name}.bias"] = linear.bias.detach().to(torch.float16)
+
+
+def _can_fold(layer: nn.Module, group: LinearGroup) -> bool:
+    prev = get_module(layer, group.prev)
+    first = get_module(layer, group.linears[0])
+    width = prev.weight.shape[0]
+    return width == first.weight.shape[1]
+
+
+class GPTQMethod:
+    """GPTQ (Frantar et al., 2022) with one Hessian per shared input (q/k/v share one, gate/up another)."""
+
+    def __init__(self, bits: int, group_size: int, sym: bool, desc_act: bool, damp: float, block_size: int,
+                 static_groups: bool = False, hessian_dtype: torch.dtype = torch.float32):
+        self.args = dict(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, damp=damp,
+                         block_size=block_size, static_groups=static_groups)
+        self.hessian_dtype = hessian_dtype
+        self.H: dict[str, torch.Tensor] = {}
+        self.n: dict[str, int] = {}
+
+    def begin_layer(self, index: int) -> None:
+        self.H, self.n = {}, {}
+
+    def observe(self, group: LinearGroup, x: torch.Tensor) -> None:
+        from pipeline.quant.gptq import accumulate_hessian
+
+        self.H[group.prev], self.n[group.prev] = accumulate_hessian(self.H.get(group.prev), x, self.n.get(group.prev, 0))
+
+    def quantize(self, layer: nn.Module, spec: ArchSpec) -> dict[str, torch.Tensor]:
+        from pipeline.formats import gptq as fmt
+        from pipeline.quant.gptq import gptq_quantize
+
+        out: dict[str, torch.Tensor] = {}
+        for group in spec.groups:
+            H = self.H.pop(group.prev)
+            for name in group.linears:
+                linear = get_module(layer, name)
+                qw = gptq_quantize(linear.weight, H, **self.args)
+                _set_weight(linear, qw.dequantize())
+                _pack_into(out, name, linear, fmt.pack(qw))
+            del H
+        return out
+
+
+class AWQMethod:
+    """AWQ (Lin et al., 2023): per-group scale search and fold, then clipping search, then INT4 (GEMM layout)."""
+
+    def __init__(self, bits: int, group_size: int, n_grid: int = 20, clip: bool = True, max_shrink: float = 0.5,
+                 duo_scaling: bool = False, max_tokens: int = 4096):
+        self.bits, self.group_size, self.n_grid = bits, group_size, n_grid
+        self.clip, self.max_shrink, self.duo_scaling, self.max_tokens = clip, max_shrink, duo_scaling, max_tokens
+        self.x: dict[str, list[torch.Tensor]] = {}
+
+    def begin_layer(self, index: int) -> None:
+        self.x = {}
+
+    def observe(self, group: LinearGroup, x: torch.Tensor) -> None:
+        self.x.setdefault(group.prev, []).append(x)
+
+    def quantize(self, layer: nn.Module, spec: ArchSpec) -> dict[str, torch.Tensor]:
+        from pipeline.formats import awq_gemm
+        from pipeline.quant.awq import fold_scales, input_channel_magnitude, search_clip, search_scales
+
+        scaled_inputs: dict[str, torch.Tensor] = {}
+        for group in spec.groups:  # phase 1: scales, searched and folded on the float layer
+            x = torch.cat(self.x.pop(group.prev))
+            linears = [get_module(layer, n) for n in group.linears]
+            if group.needs_equal_width and not _can_fold(layer, group):
+                scaled_inputs[group.prev] = x  # GQA v_proj -> o_proj: widths differ, nothing to fold into
+                continue
+            found = search_scales(x, [lin.weight for lin in linears], None, self.bits, self.group_size, self.n_grid,
+                                  magnitude=input_channel_magnitude(x), max_tokens=self.max_tokens,
+                                  duo_scaling=self.duo_scaling)
+            prev = get_module(layer, group.prev)
+            folded = fold_scales(prev.weight, getattr(prev, "bias", None), [lin.weight for lin in linears],
+                                 found.scales, prev_is_norm=not isinstance(prev, nn.Linear))
+            prev.weight.data = folded.prev_weight
+            if folded.prev_bias is not None:
+                prev.bias.data = folded.prev_bias
+            for lin, w in zip(linears, folded.linears):
+                lin.weight.data = w
+            # The fold divides this group's input by s: the clip search must see what the linears will see.
+            scaled_inputs[group.prev] = x / found.scales.to(device=x.device, dtype=x.dtype)
+        out: dict[str, torch.Tensor] = {}
+        for group in spec.groups:  # phase 2: clip and quantize
+            x = scaled_inputs.pop(group.prev)
+            for name in group.linears:
+                linear = get_module(layer, name)
+                ratio = (search_clip(x, linear.weight, self.bits, self.group_size, self.n_grid, self.max_shrink)
+                         if self.clip else 1.0)
+                qw = quantize_fp16_scales(linear.weight, self.bits, self.group_size, False, ratio)
+                _set_weight(linear, qw.dequantize())
+                _pack_into(out, name, linear, awq_gemm.pack(qw))
+        return out
+
+
+class SmoothQuantMethod:
+    """SmoothQuant W8A8 (Xiao et al., 2022): migrate activation outliers into the weights, int8 per channel."""
+
+    def __init__(self, alpha: float, layout: str = "lmdeploy"):
+        self.alpha, self.layout = alpha, layout
+        self.absmax: dict[str, torch.Tensor] = {}
+
+    def begin_layer(self, index: int) -> None:
+        self.absmax = {}
+
+    def observe(self, group: LinearGroup, x: torch.Tensor) -> None:
+        from pipeline.quant.smoothquant import update_act_absmax
+
+        self.absmax[group.prev] = update_act_absmax(self.absmax.get(group.prev), x)
+
+    def quantize(self, layer: nn.Module, spec: ArchSpec) -> dict[str, torch.Tensor]:
+        from pipeline.formats import w8a8
+        from pipeline.quant.awq import fold_scales
+        from pipeline.quant.primitives import quantize_per_channel_int8
+        from pipeline.quant.smoothquant import smooth_scales
+
+        # Phase 1: every fold on the float layer (a later fold may rescale an earlier group's linear rows,
+        # e.g. up_proj -> down_proj rescales up_proj), then phase 2: int8 per channel.
+        for group in spec.groups:
+            absmax = self.absmax.pop(group.prev)
+            if group.needs_equal_width and not _can_fold(layer, group):
+                continue
+            linears = [get_module(layer, n) for n in group.linears]
+            prev = get_module(layer, group.prev)
+            s = smooth_scales(absmax, [lin.weight for lin in linears], self.alpha)
+            folded = fold_scales(prev.weight, getattr(prev, "bias", None), [lin.weight for lin in linears], s,
+                                 prev_is_norm=not isinstance(prev, nn.Linear))
+            prev.weight.data = folded.prev_weight
+            if folded.prev_bias is not None:
+                prev.bias.data = folded.prev_bias
+            for lin, w in zip(linears, folded.linears):
+                lin.weight.data = w
+        pack = w8a8.pack_lmdeploy if self.layout == "lmdeploy" else w8a8.pack_compressed_tensors
+        out: dict[str, torch.Tensor] = {}
+        for name in spec.linears:
+            lin = get_module(layer, name)
+            w_int8, scale = quantize_per_channel_int8(lin.weight)
+            _set_weight(lin, w_int8.float() * scale)
+            bias = lin.bias.detach() if lin.bias is not None else None
+            out.update({f"{name}.{k}": v for k, v in pack(w_int8, scale, bias).items()})
+        return out

@@ -1,0 +1,171 @@
+"""The runtime: Int4Linear on PyTorch's int4 kernels (and its fallback), and load_model on quantized folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_rtn import tiny_llama_folder
+
+from pipeline.engines import qlinear
+from pipeline.engines.qlinear import KERNEL_CPU, KERNEL_CUDA, KERNEL_DEQUANT, RUNTIME_FORMATS, Int4Linear, build_linear
+from pipeline.engines.transformers_engine import load_model
+from pipeline.errors import ModelFolderError, QuantizationError
+from pipeline.formats import awq_gemm
+from pipeline.formats.checkpoint import open_checkpoint
+from pipeline.quant.arch import arch_spec
+from pipeline.quant.primitives import quantize_groupwise
+from pipeline.quant.rtn import quantize_checkpoint_rtn
+
+
+def _qweight(out_features, in_features, group_size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qw = quantize_groupwise(torch.randn(out_features, in_features, generator=g), 4, group_size)
+    qw.scales = qw.scales.half().float()  # what an AWQ folder holds
+    return qw
+
+
+@pytest.mark.parametrize("shape", [(64, 256, 128), (32, 96, 32), (768, 256, 64), (48, 512, 256)])
+def test_int4_linear_cpu_kernel_matches_dequantized_matmul(shape):
+    out_features, in_features, group_size = shape
+    qw = _qweight(out_features, in_features, group_size)
+    bias = torch.randn(out_features)
+    lin = Int4Linear(qw, bias=bias)
+    assert lin.kernel == KERNEL_CPU
+    x = torch.randn(3, 5, in_features)
+    expected = x @ qw.dequantize().T + bias
+    y = lin(x)
+    assert y.shape == (3, 5, out_features) and y.dtype == torch.float32
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+    assert lin(torch.zeros(0, in_features)).shape == (0, out_features)
+
+
+def test_int4_linear_cpu_kernel_in_bfloat16():
+    qw = _qweight(64, 256, 128, seed=1)
+    lin = Int4Linear(qw, dtype=torch.bfloat16)
+    assert lin.kernel == KERNEL_CPU and lin.scales_and_zeros.dtype == torch.bfloat16
+    x = torch.randn(4, 256)
+    y = lin(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    expected = x @ qw.dequantize().T
+    # bf16 has 8 mantissa bits: compare relative to the output scale.
+    assert (y.float() - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+@pytest.mark.parametrize(
+    "shape, reason",
+    [((8, 256, 128), "out features 8 not a multiple of 16"), ((32, 64, 16), "group size 16 not in")],
+)
+def test_int4_linear_falls_back_to_dequantize_for_unsupported_shapes(shape, reason, caplog):
+    out_features, in_features, group_size = shape
+    qw = _qweight(out_features, in_features, group_size, seed=2)
+    with caplog.at_level("DEBUG", logger="pipeline.engines.qlinear"):
+        lin = Int4Linear(qw)
+    assert lin.kernel == KERNEL_DEQUANT and reason in lin.fallback_reason
+    assert "dequantize on the fly" in caplog.text
+    x = torch.randn(7, in_features)
+    torch.testing.assert_close(lin(x), x @ qw.dequantize().T, rtol=1e-5, atol=1e-5)
+
+
+def test_int4_linear_with_permuted_groups_uses_g_idx():
+    qw = _qweight(32, 128, 32, seed=4)
+    qw.g_idx = (torch.randperm(128) // 32).to(torch.int32)
+    lin = Int4Linear(qw)
+    assert lin.kernel == KERNEL_DEQUANT
+    x = torch.randn(2, 128)
+    torch.testing.assert_close(lin(x), x @ qw.dequantize().T, rtol=1e-5, atol=1e-5)
+
+
+def test_registry_builds_awq_linears_and_names_supported_methods():
+    qw = _qweight(64, 256, 128, seed=5)
+    tensors = awq_gemm.pack(qw)
+    lin = build_linear("awq", tensors, awq_gemm.quantization_config(4, 128), "cpu", torch.float32)
+    assert isinstance(lin, Int4Linear) and "awq" in RUNTIME_FORMATS
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(lin(x), x @ qw.dequantize().T, rtol=1e-5, atol=1e-4)
+    with pytest.raises(QuantizationError, match="lacks tensor"):
+        build_linear("awq", {"qweight": tensors["qweight"]}, awq_gemm.quantization_config(), "cpu", torch.float32)
+    with pytest.raises(QuantizationError, match="Supported: awq"):
+        build_linear("nf5", tensors, {}, "cpu", torch.float32)
+
+
+def _dequantized_reference(src, out):
+    """The source model with every decoder linear's weight replaced by its dequantized AWQ value (fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    spec = arch_spec("LlamaForCausalLM")
+    group_size = json.loads((out / "config.json").read_text())["quantization_config"]["group_size"]
+    with open_checkpoint(out) as ck, torch.no_grad():
+        for i in range(ref.config.num_hidden_layers):
+            for linear in spec.linears:
+                t = ck.get_prefix(f"model.layers.{i}.{linear}")
+                qw = awq_gemm.unpack(t["qweight"], t["qzeros"], t["scales"], group_size)
+                ref.get_submodule(f"model.layers.{i}.{linear}").weight.copy_(qw.dequantize())
+    return ref
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_load_model_runs_rtn_folder_like_the_dequantized_model(tmp_path, tie):
+    src = tiny_llama_folder(tmp_path / "src", seed=7, tie_word_embeddings=tie)
+    out = tmp_path / "out"
+    quantize_checkpoint_rtn(src, out, group_size=64)
+    model, tok = load_model(out)
+    assert not model.training and tok is not None and tok("w1 w2")["input_ids"] == [1, 2]
+    assert model.quantization_info["kernels"] == {KERNEL_CPU: 14}
+    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 14
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    if tie:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+
+    ref = _dequantized_reference(src, out)
+    # Rotary inv_freq is a non-persistent buffer: it must be computed, not left empty.
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, ref.model.rotary_emb.inv_freq, rtol=0, atol=0)
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(ids).logits
+        expected = ref(ids).logits
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    # ...and quantization did change the model (the comparison above is not trivially between identical weights).
+    src_model = type(ref).from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (src_model(ids).logits - logits).abs().max() > 1e-3
+
+
+def test_load_model_plain_folder_and_pickle_refusal(tmp_path):
+    src = tiny_llama_folder(tmp_path / "src", tokenizer=False)
+    model, tok = load_model(src)
+    assert tok is None and not any(isinstance(m, Int4Linear) for m in model.modules())
+    pickled = tiny_llama_folder(tmp_path / "pickled", safetensors=False, tokenizer=False)
+    with pytest.raises(ModelFolderError, match="allow_pickle: true"):
+        load_model(pickled)
+
+
+def test_load_model_names_supported_methods_for_an_unknown_quant_method(tmp_path):
+    src = tiny_llama_folder(tmp_path / "src", tokenizer=False)
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "exl9", "bits": 4}
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QuantizationError, match=r"quant_method 'exl9'.*Supported: awq"):
+        load_model(src)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_int4_linear_cuda_kernel_matches_dequantized_matmul():
+    for out_features, in_features, group_size in [(256, 512, 128), (64, 96, 32), (768, 256, 64)]:
+        qw = _qweight(out_features, in_features, group_size, seed=out_features)
+        lin = Int4Linear(qw, bias=torch.randn(out_features), device="cuda", dtype=torch.float16)
+        assert lin.kernel == KERNEL_CUDA, lin.fallback_reason
+        x = torch.randn(5, in_features, device="cuda")
+        expected = x @ qw.dequantize().cuda().T + lin.bias.float()
+        y = lin(x.half()).float()
+        assert (y - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+def test_kernel_summary_counts_paths():
+    a = Int4Linear(_qweight(64, 256, 128))
+    b = Int4Linear(_qweight(8, 256, 128))
+    assert qlinear.kernel_summary(torch.nn.Sequential(a, b)) == {KERNEL_CPU: 1, KERNEL_DEQUANT: 1}
