@@ -17,6 +17,7 @@ import sys
 import textwrap
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -77,7 +78,7 @@ def make_chat_tokenizer():
     )
 
 
-def make_tiny_llama(tokenizer, seed: int = 0, max_position_embeddings: int = 128):
+def make_random_chat_llama(tokenizer, seed: int = 0, max_position_embeddings: int = 128):
     """A random 2-layer Llama over ``tokenizer``'s vocabulary whose EOS logit is 0, so greedy never ends early.
 
     (Random logits are spread around 0 with hundreds of them positive, so a zero EOS row is never the argmax;
@@ -125,7 +126,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def engine(tokenizer):
-    return GenerationEngine(make_tiny_llama(tokenizer), tokenizer)
+    return GenerationEngine(make_random_chat_llama(tokenizer), tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +193,24 @@ def test_engine_refuses_a_tokenizer_without_chat_template(tokenizer):
 
     bare = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|im_end|>")
     with pytest.raises(ModelFolderError, match="has no chat template"):
-        GenerationEngine(make_tiny_llama(tokenizer), bare)
+        GenerationEngine(make_random_chat_llama(tokenizer), bare)
+
+
+def test_engine_turns_a_template_refusal_into_a_400(tokenizer):
+    from transformers import PreTrainedTokenizerFast
+
+    picky = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.backend_tokenizer,
+        eos_token="<|im_end|>",
+        chat_template="{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    )
+    eng = GenerationEngine(make_random_chat_llama(tokenizer), picky)
+    with pytest.raises(RequestError) as e:
+        eng.chat(HELLO, max_tokens=1)
+    assert (e.value.status_code, e.value.param) == (400, "messages")
+    assert e.value.message == "The model's chat template rejected the messages: System role not supported"
+    assert eng.chat(HELLO[1:], max_tokens=1).completion_tokens == 1
 
 
 def test_engine_greedy_equals_plain_generate(engine, tokenizer):
@@ -205,12 +223,12 @@ def test_engine_greedy_equals_plain_generate(engine, tokenizer):
 
 
 def test_engine_stops_at_eos_and_excludes_it(tokenizer):
-    ref = GenerationEngine(make_tiny_llama(tokenizer), tokenizer)
+    ref = GenerationEngine(make_random_chat_llama(tokenizer), tokenizer)
     prompt_len = len(ref.encode_chat(HELLO))
     ids = ref.model.generate(torch.tensor([ref.encode_chat(HELLO)]), max_new_tokens=12, do_sample=False)[0, prompt_len:]
     ids = ids.tolist()
     k = next(i for i in range(1, len(ids)) if ids[i] not in ids[:i])  # first token not seen before: call it EOS
-    model = make_tiny_llama(tokenizer)
+    model = make_random_chat_llama(tokenizer)
     model.generation_config.eos_token_id = ids[k]
     result = GenerationEngine(model, tokenizer).chat(HELLO, max_tokens=12, temperature=0.0)
     assert result.finish_reason == "stop"
@@ -221,11 +239,11 @@ def test_engine_stops_at_eos_and_excludes_it(tokenizer):
 def test_engine_context_limits(tokenizer):
     n = len(prompt_ids_by_hand(tokenizer, HELLO))
     ctx = n + 6
-    eng = GenerationEngine(make_tiny_llama(tokenizer), tokenizer, max_context=ctx)
+    eng = GenerationEngine(make_random_chat_llama(tokenizer), tokenizer, max_context=ctx)
     with pytest.raises(RequestError) as e:
         eng.chat(HELLO, max_tokens=7, temperature=0.0)
     assert (e.value.status_code, e.value.param, e.value.code) == (400, "max_tokens", "context_length_exceeded")
-    assert f"Lower max_tokens to at most 6 " in e.value.message
+    assert "Lower max_tokens to at most 6 " in e.value.message
     long = HELLO + [{"role": "user", "content": "list"}]
     with pytest.raises(RequestError) as e:
         eng.chat(long, max_tokens=1, temperature=0.0)
@@ -257,12 +275,23 @@ def test_chat_completion_through_openai_client(client, engine, tokenizer):
 
 
 def test_greedy_is_deterministic_and_seeded_sampling_repeats(client):
-    ask = lambda **kw: client.chat.completions.create(model=MODEL_NAME, messages=HELLO, max_tokens=12, **kw)  # noqa: E731
+    def ask(**kw):
+        return client.chat.completions.create(model=MODEL_NAME, messages=HELLO, max_tokens=12, **kw)
+
     assert ask(temperature=0).choices[0].message.content == ask(temperature=0).choices[0].message.content
     a, b = ask(temperature=1.0, seed=5), ask(temperature=1.0, seed=5)
     assert a.choices[0].message.content == b.choices[0].message.content
     others = {ask(temperature=1.0, seed=s).choices[0].message.content for s in (6, 7, 8)}
     assert len(others | {a.choices[0].message.content}) > 1
+
+
+def test_concurrent_requests_are_served_one_by_one_and_agree(server):
+    body = {"model": MODEL_NAME, "messages": HELLO, "max_tokens": 4, "temperature": 0}
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda _: post_chat(server.url, body), range(4)))
+    assert [r.status_code for r in replies] == [200] * 4
+    assert len({r.json()["choices"][0]["message"]["content"] for r in replies}) == 1
+    assert len({r.json()["id"] for r in replies}) == 4
 
 
 def test_stop_string_ends_the_reply_before_it(client):
@@ -375,9 +404,9 @@ def test_api_key_is_required_and_accepted(keyed_server, caplog):
         assert r.status_code == 401
         assert r.json()["error"]["code"] == "invalid_api_key" and r.json()["error"]["type"] == "invalid_request_error"
     assert httpx.get(f"{keyed_server.url}/v1/models", timeout=10).status_code == 401
-    with openai.OpenAI(base_url=f"{keyed_server.url}/v1", api_key="sk-wrong", max_retries=0) as bad:
-        with pytest.raises(openai.AuthenticationError):
-            bad.models.list()
+    bad = openai.OpenAI(base_url=f"{keyed_server.url}/v1", api_key="sk-wrong", max_retries=0)
+    with bad, pytest.raises(openai.AuthenticationError):
+        bad.models.list()
     with openai.OpenAI(base_url=f"{keyed_server.url}/v1", api_key=API_KEY, max_retries=0) as good:
         assert good.chat.completions.create(**body).usage.completion_tokens == 2
     assert API_KEY not in caplog.text and "sk-wrong" not in caplog.text

@@ -104,7 +104,8 @@ def _hooks() -> tuple[type, type]:
             self.decode, self.prompt_len, self.stops = decode, prompt_len, stops
 
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-            done = [first_stop(self.decode(row[self.prompt_len :].tolist()), self.stops) is not None for row in input_ids]
+            texts = [self.decode(row[self.prompt_len :].tolist()) for row in input_ids]
+            done = [first_stop(text, self.stops) is not None for text in texts]
             return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
     return SeededSampler, StopOnStrings
@@ -154,14 +155,17 @@ class GenerationEngine:
         self.max_context = int(max_context)
         self.eos_token_ids = _eos_ids(model, tokenizer)
         if not self.eos_token_ids:
-            log.warning("neither the model nor the tokenizer names an EOS token: replies end only at max_tokens or stop")
+            log.warning("neither the model nor the tokenizer names an EOS token: replies end at max_tokens or stop")
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
         # Encode control tokens typed by a user as text when this transformers can (5.x), so a message cannot
         # close its own turn with "<|im_end|>"; older versions encode the rendered prompt as-is.
         params = inspect.signature(tokenizer.apply_chat_template).parameters
         self._template_kwargs = {"sanitize_control_tokens": True} if "sanitize_control_tokens" in params else {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one generation at a time (the batching seam, module docstring)
+        # A fast tokenizer's Rust object is mutably borrowed while it encodes, so two request threads encoding at
+        # once can fail with "Already borrowed"; each tokenizer call takes this lock (never a whole generation).
+        self._tokenizer_lock = threading.Lock()
 
     # -- prompt
 
@@ -170,9 +174,10 @@ class GenerationEngine:
         import jinja2
 
         try:
-            ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False, **self._template_kwargs
-            )
+            with self._tokenizer_lock:
+                ids = self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=False, **self._template_kwargs
+                )
         except jinja2.TemplateError as e:  # e.g. a template that raises "System role not supported"
             raise RequestError(f"The model's chat template rejected the messages: {e}", param="messages") from e
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
@@ -180,7 +185,8 @@ class GenerationEngine:
         return [int(i) for i in ids]
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # -- generation
 
@@ -224,7 +230,13 @@ class GenerationEngine:
         return self._result(prompt, new_ids, max_tokens, stops)
 
     def _generate(
-        self, prompt: list[int], max_new_tokens: int, temperature: float, top_p: float, stops: list[str], seed: int | None
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        stops: list[str],
+        seed: int | None,
     ) -> list[int]:
         """The new token ids for one prompt (the batching seam: one prompt in, its continuation out)."""
         from transformers import LogitsProcessorList, StoppingCriteriaList

@@ -67,7 +67,10 @@ class ErrorResponse(BaseModel):
 
 
 def param_from_loc(loc: tuple[Any, ...] | list[Any]) -> str | None:
-    """A pydantic error location as OpenAI names a parameter: ``("body", "messages", 0, "role")`` -> ``messages[0].role``."""
+    """A pydantic error location as OpenAI names a parameter (OpenAI's errors say e.g. ``messages[0].role``).
+
+    ``("body", "messages", 0, "role")`` -> ``"messages[0].role"``; the body itself -> None.
+    """
     out = ""
     for part in loc:
         if part == "body" and not out:
@@ -129,7 +132,9 @@ class ChatMessage(BaseModel):
             texts = []
             for part in v:
                 if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                    raise ValueError("only text content is supported: a string or a list of {'type': 'text', 'text': ...}")
+                    raise ValueError(
+                        "only text content is supported: a string or a list of {'type': 'text', 'text': ...}"
+                    )
                 texts.append(part["text"])
             return "".join(texts)
         if not isinstance(v, str):

@@ -80,6 +80,14 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _warn_if_exposed(host: str) -> None:
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "listening on %s: other machines can reach this server; start it with an API key unless that is meant",
+            host,
+        )
+
+
 def _uvicorn_config(app: Any, **kwargs: Any) -> Any:
     import uvicorn
 
@@ -93,6 +101,7 @@ def start_server(app: Any, host: str = "127.0.0.1", port: int = 0, startup_timeo
     import uvicorn
 
     sock = _bind(host, port)
+    _warn_if_exposed(host)
     bound_port = sock.getsockname()[1]
     server = uvicorn.Server(_uvicorn_config(app))
     thread = threading.Thread(
@@ -120,6 +129,7 @@ def serve_forever(app: Any, host: str = "127.0.0.1", port: int = 8000) -> None:
     import uvicorn
 
     sock = _bind(host, port)
+    _warn_if_exposed(host)
     server = uvicorn.Server(_uvicorn_config(app))
     shown = f"[{host}]" if ":" in host else host
     log.info("serving on http://%s:%d (Ctrl-C to stop)", shown, sock.getsockname()[1])
@@ -166,7 +176,9 @@ def smoke_test(
     """Send one chat request through the official ``openai`` client; return the request, reply, usage and latency."""
     import openai
 
-    client = openai.OpenAI(base_url=f"{base_url.rstrip('/')}/v1", api_key=api_key or "none", max_retries=0, timeout=timeout_s)
+    client = openai.OpenAI(
+        base_url=f"{base_url.rstrip('/')}/v1", api_key=api_key or "none", max_retries=0, timeout=timeout_s
+    )
     request = {
         "model": model_name,
         "messages": [{"role": "user", "content": prompt}],
