@@ -231,7 +231,8 @@ def test_fold_into_norm_preserves_qkv_outputs_exactly():
 def test_fold_into_layernorm_with_bias():
     g = torch.Generator().manual_seed(32)
     h = torch.randn(16, WIDTH, generator=g, dtype=torch.float64)
-    ln_w, ln_b = torch.randn(WIDTH, generator=g, dtype=torch.float64), torch.randn(WIDTH, generator=g, dtype=torch.float64)
+    ln_w = torch.randn(WIDTH, generator=g, dtype=torch.float64)
+    ln_b = torch.randn(WIDTH, generator=g, dtype=torch.float64)
     fc = torch.randn(96, WIDTH, generator=g, dtype=torch.float64)
     s = positive_scales(WIDTH, 33)
     folded = fold_scales(ln_w, ln_b, [fc], s, prev_is_norm=True)

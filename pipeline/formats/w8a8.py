@@ -161,32 +161,17 @@ def quantization_config_compressed_tensors(
     One config group: int8 symmetric per-channel weights, int8 symmetric dynamic per-token input activations
     (the ``W8A8`` preset), targeting ``Linear`` modules except ``ignore`` (default ``["lm_head"]``).
     """
+    # Only the fields that define the scheme: observer/actorder/block_structure are left to the reader's defaults,
+    # which differ across compressed-tensors releases (the Oct-2025 source fills observer "minmax" for static
+    # weights, 0.20.0 leaves None).
+    weights = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "channel",
+               "dynamic": False}
+    input_activations = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "token",
+                         "dynamic": True}
     scheme = {
         "targets": list(targets) if targets else ["Linear"],
-        "weights": {
-            "num_bits": 8,
-            "type": "int",
-            "symmetric": True,
-            "group_size": None,
-            "strategy": "channel",
-            "dynamic": False,
-            "actorder": None,
-            "block_structure": None,
-            "observer": "minmax",
-            "observer_kwargs": {},
-        },
-        "input_activations": {
-            "num_bits": 8,
-            "type": "int",
-            "symmetric": True,
-            "group_size": None,
-            "strategy": "token",
-            "dynamic": True,
-            "actorder": None,
-            "block_structure": None,
-            "observer": None,
-            "observer_kwargs": {},
-        },
+        "weights": weights,
+        "input_activations": input_activations,
         "output_activations": None,
         "format": "int-quantized",
     }
