@@ -198,6 +198,12 @@ def gptq_quantize(
     Hinv = _inverse_hessian_cholesky(H, damp)
     del H
 
+    from pipeline.quant import gptq_cuda
+
+    if static_scales is None and not per_channel and gptq_cuda.eligible(W, gs, block_size, static_groups):
+        q_int, scales, zeros = gptq_cuda.gptq_blocks_graphed(W, Hinv, bits, sym, gs, _group_qparams)
+        return _finish(q_int, scales, zeros, perm, desc_act, bits, gs)
+
     q_int = torch.empty(n_out, n_in, dtype=torch.int32, device=device)
     if static_scales is not None:
         scales, zeros = static_scales, static_zeros
@@ -241,6 +247,11 @@ def gptq_quantize(
         # Lazy batch update (paper §3.2): the block's errors reach the remaining columns in one GEMM.
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
+    return _finish(q_int, scales, zeros, perm, desc_act, bits, gs, static=static_scales is not None)
+
+
+def _finish(q_int, scales, zeros, perm, desc_act: bool, bits: int, gs: int, static: bool = False) -> QuantizedWeight:
+    """Check the scales, undo act-order's permutation, and build g_idx."""
     if not bool(torch.isfinite(scales).all()):
         raise QuantizationError(
             "A GPTQ group scale overflows float16 (the weights exceed ~1e6 in magnitude), so the layer cannot be "
@@ -250,7 +261,7 @@ def gptq_quantize(
     if desc_act:
         invperm = torch.argsort(perm)
         q_int = q_int[:, invperm]
-        if static_scales is None:
+        if not static:
             # Groups are runs of gs consecutive positions in act-order: g_idx[perm[i]] = i // group_size.
             g_idx = (invperm // gs).to(torch.int32)
     return QuantizedWeight(w_int=q_int, scales=scales, zeros=zeros, bits=bits, group_size=gs, g_idx=g_idx)

@@ -60,7 +60,15 @@ class GPTQMethod:
     def observe(self, group: LinearGroup, x: torch.Tensor) -> None:
         from pipeline.quant.gptq import accumulate_hessian
 
-        self.H[group.prev], self.n[group.prev] = accumulate_hessian(self.H.get(group.prev), x, self.n.get(group.prev, 0))
+        # On CUDA, TF32 for XᵀX is exact for bf16/fp16 activations (their mantissas fit TF32's 10 bits; the sums
+        # still accumulate in fp32) and several times faster than plain fp32 GEMM.
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+        try:
+            self.H[group.prev], self.n[group.prev] = accumulate_hessian(
+                self.H.get(group.prev), x, self.n.get(group.prev, 0))
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
 
     def quantize(self, layer: nn.Module, spec: ArchSpec) -> dict[str, torch.Tensor]:
         from pipeline.formats import gptq as fmt
@@ -69,11 +77,18 @@ class GPTQMethod:
         out: dict[str, torch.Tensor] = {}
         for group in spec.groups:
             H = self.H.pop(group.prev)
-            for name in group.linears:
-                linear = get_module(layer, name)
-                qw = gptq_quantize(linear.weight, H, **self.args)
-                _set_weight(linear, qw.dequantize())
-                _pack_into(out, name, linear, fmt.pack(qw))
+            linears = [get_module(layer, name) for name in group.linears]
+            # GPTQ treats rows independently given H, so the linears sharing this input are solved as one
+            # stacked weight (one pass over the columns instead of one per linear): same result, fewer launches.
+            stacked = torch.cat([lin.weight for lin in linears]) if len(linears) > 1 else linears[0].weight
+            qw = gptq_quantize(stacked, H, **self.args)
+            start = 0
+            for name, linear in zip(group.linears, linears):
+                rows = slice(start, start + linear.weight.shape[0])
+                start = rows.stop
+                part = QuantizedWeight(qw.w_int[rows], qw.scales[rows], qw.zeros[rows], qw.bits, qw.group_size, qw.g_idx)
+                _set_weight(linear, part.dequantize())
+                _pack_into(out, name, linear, fmt.pack(part))
             del H
         return out
 
@@ -95,14 +110,14 @@ class AWQMethod:
 
     def quantize(self, layer: nn.Module, spec: ArchSpec) -> dict[str, torch.Tensor]:
         from pipeline.formats import awq_gemm
-        from pipeline.quant.awq import fold_scales, input_channel_magnitude, search_clip, search_scales
+        from pipeline.quant.awq import _subsample_tokens, fold_scales, input_channel_magnitude, search_clip, search_scales
 
         scaled_inputs: dict[str, torch.Tensor] = {}
         for group in spec.groups:  # phase 1: scales, searched and folded on the float layer
             x = torch.cat(self.x.pop(group.prev))
             linears = [get_module(layer, n) for n in group.linears]
             if group.needs_equal_width and not _can_fold(layer, group):
-                scaled_inputs[group.prev] = x  # GQA v_proj -> o_proj: widths differ, nothing to fold into
+                scaled_inputs[group.prev] = _subsample_tokens(x, self.max_tokens)  # GQA v->o: nothing to fold into
                 continue
             found = search_scales(x, [lin.weight for lin in linears], None, self.bits, self.group_size, self.n_grid,
                                   magnitude=input_channel_magnitude(x), max_tokens=self.max_tokens,
@@ -116,14 +131,18 @@ class AWQMethod:
             for lin, w in zip(linears, folded.linears):
                 lin.weight.data = w
             # The fold divides this group's input by s: the clip search must see what the linears will see.
+            # It samples at most a few thousand tokens, so only those are kept (bounds memory on big layers).
+            x = _subsample_tokens(x, self.max_tokens)
             scaled_inputs[group.prev] = x / found.scales.to(device=x.device, dtype=x.dtype)
         out: dict[str, torch.Tensor] = {}
         for group in spec.groups:  # phase 2: clip and quantize
             x = scaled_inputs.pop(group.prev)
             for name in group.linears:
                 linear = get_module(layer, name)
+                # AutoAWQ skips clipping q/k: their errors multiply in the attention scores (quantizer.py).
+                clip = self.clip and not name.endswith(("q_proj", "k_proj"))
                 ratio = (search_clip(x, linear.weight, self.bits, self.group_size, self.n_grid, self.max_shrink)
-                         if self.clip else 1.0)
+                         if clip else 1.0)
                 qw = quantize_fp16_scales(linear.weight, self.bits, self.group_size, False, ratio)
                 _set_weight(linear, qw.dequantize())
                 _pack_into(out, name, linear, awq_gemm.pack(qw))
