@@ -56,18 +56,21 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
     return root
 
 
-def _decoder_layer(config, index: int, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
-    """A real (not meta) decoder layer and the model's rotary embedding, built from the config alone."""
+def _layer_classes(config) -> tuple[type, type]:
+    """The decoder-layer and rotary-embedding classes of the config's architecture (from a meta skeleton)."""
     from transformers import AutoModelForCausalLM
 
-    cfg = _sdpa(config)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
-    layer_cls = type(skeleton.model.layers[0])
-    rotary_cls = type(skeleton.model.rotary_emb)
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return type(skeleton.model.layers[0]), type(skeleton.model.rotary_emb)
+
+
+def _decoder_layer(config, classes, index: int, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
+    """A real (not meta) decoder layer and the model's rotary embedding, built from the config alone."""
+    layer_cls, rotary_cls = classes
     with torch.device(device):
-        layer = layer_cls(cfg, index).to(dtype)
-        rotary = rotary_cls(config=cfg)
+        layer = layer_cls(config, index).to(dtype)
+        rotary = rotary_cls(config=config)
     return layer, rotary
 
 
@@ -128,10 +131,12 @@ def quantize_layerwise(
         if not name.startswith(layer_prefix):
             write(name, source.get(name))
 
+    config = _sdpa(config)
+    classes = _layer_classes(config)
     timings: list[float] = []
     for index in range(n_layers):
         t0 = time.perf_counter()
-        layer, rotary = _decoder_layer(config, index, device, dtype)
+        layer, rotary = _decoder_layer(config, classes, index, device, dtype)
         prefix = f"{spec.layers}.{index}."
         _load_layer(layer, source, prefix, dtype)
         method.begin_layer(index)

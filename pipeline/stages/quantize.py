@@ -34,4 +34,59 @@ def _rtn(ctx: StageContext, src: Path) -> dict:
     )
 
 
-METHODS = {"none": _reference, "rtn": _rtn}
+def _calibrated(ctx: StageContext, src: Path) -> dict:
+    """awq, gptq, smoothquant: layer by layer over the calibration tokens (pipeline/quant/layerwise.py)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from pipeline.artifacts import CALIB_TOKENS
+    from pipeline.formats.checkpoint import CheckpointWriter, copy_side_files, open_checkpoint, write_config
+    from pipeline.quant.arch import arch_spec
+    from pipeline.quant.layerwise import quantize_layerwise
+
+    cfg = ctx.config
+    model = ctx.recipe.base.model
+    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
+    config = AutoConfig.from_pretrained(src, trust_remote_code=model.trust_remote_code)
+    spec = arch_spec((config.architectures or [None])[0])
+    # On a GPU the layer runs in the model's half dtype (as the engines run it); on the CPU in fp32.
+    dtype = torch.float32 if device == "cpu" else (getattr(config, "torch_dtype", None) or torch.bfloat16)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    method, qconfig = make_method(cfg)
+    calib = load_file(ctx.inputs["calibrate"] / CALIB_TOKENS)["input_ids"]
+    out = ctx.out / MODEL_DIR
+    writer = CheckpointWriter(out)
+    with open_checkpoint(src, allow_pickle=model.allow_pickle) as ck:
+        stats = quantize_layerwise(ck, config, spec, calib, method, writer.add, device=device, dtype=dtype,
+                                   progress=ctx.progress)
+    writer.close()
+    write_config(src, out, qconfig)
+    copy_side_files(src, out)
+    return {"device": device, **stats}
+
+
+def make_method(cfg):
+    """The layer method and the checkpoint's quantization_config for a quantize section."""
+    from pipeline.formats import awq_gemm, gptq, w8a8
+    from pipeline.quant.methods import AWQMethod, GPTQMethod, SmoothQuantMethod
+
+    if cfg.method == "gptq":
+        o = cfg.gptq
+        method = GPTQMethod(cfg.w_bits, cfg.w_group_size, cfg.w_sym, o.desc_act, o.damp, o.block_size, o.static_groups)
+        return method, gptq.quantization_config(cfg.w_bits, cfg.w_group_size, o.desc_act, cfg.w_sym,
+                                                damp_percent=o.damp, static_groups=o.static_groups)
+    if cfg.method == "awq":
+        o = cfg.awq
+        method = AWQMethod(cfg.w_bits, cfg.w_group_size, o.n_grid, o.clip, o.max_shrink, o.duo_scaling)
+        return method, awq_gemm.quantization_config(cfg.w_bits, cfg.w_group_size)
+    if cfg.method == "smoothquant":
+        layout = cfg.smoothquant.layout
+        qconfig = (w8a8.quantization_config_lmdeploy() if layout == "lmdeploy"
+                   else w8a8.quantization_config_compressed_tensors())
+        return SmoothQuantMethod(cfg.smoothquant.alpha, layout), qconfig
+    raise ValueError(f"{cfg.method} is not a calibrated method")  # the recipe's Literal makes this unreachable
+
+
+METHODS = {"none": _reference, "rtn": _rtn, "awq": _calibrated, "gptq": _calibrated, "smoothquant": _calibrated}
