@@ -76,7 +76,7 @@ def run_ours(method_name: str, config, ids: torch.Tensor) -> dict:
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     stats = quantize_layerwise(source, config, arch_spec("LlamaForCausalLM"), ids, method, write,
-                               device="cuda", dtype=torch.bfloat16, batch_size=8)
+                               device="cuda", dtype=torch.bfloat16, batch_size=4)
     torch.cuda.synchronize()
     return {"seconds": time.perf_counter() - t0, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
             "seconds_per_layer": stats["seconds_per_layer"], "written_gib": written[0] / 2**30}

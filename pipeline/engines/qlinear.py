@@ -13,8 +13,13 @@ int4 kernels (the "tinygemm" ops gpt-fast and torchao use):
 
 Both kernels dequantize as ``(q - 8) * scale + zero`` with a *float* zero (gpt-fast ``quantize.py``,
 ``group_quantize_tensor_from_qparams``). Our convention is ``(q - z) * s``, so ``zero = (8 - z) * s``, which is
-exact in float32 for fp16 scales and integer ``z``. Where an op is missing or a shape is unsupported, the module
-keeps the codes as uint8 and dequantizes on the fly; the chosen path is in ``Int4Linear.kernel`` and logged.
+exact in float32 for fp16 scales and integer ``z``.
+
+The other path, "dequantize", keeps the codes two per byte and computes ``x @ ((q - z) * s).T`` per call: exact
+float32 math, and 4 bits per weight in memory too. "auto" picks it where an op is missing or a shape unsupported,
+and on CPU for float32/float16, where the int4 kernel has only a scalar path (measured on 2 AVX2 cores,
+2048x2048: float32 kernel 17 ms at 1 token, 268 ms at 16, 1.7 s at 128; bfloat16 kernel 1 / 16 / 67 ms;
+dequantize + float32 matmul 30 / 77 / 88 ms). The chosen path is ``Int4Linear.kernel``, logged per module.
 """
 
 from __future__ import annotations
@@ -28,13 +33,14 @@ from torch import nn
 
 from pipeline.errors import QuantizationError
 from pipeline.formats import awq_gemm
-from pipeline.quant.primitives import QuantizedWeight, dequantize_groupwise
+from pipeline.quant.primitives import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
 KERNEL_CPU = "cpu-int4pack"
 KERNEL_CUDA = "cuda-int4pack"
 KERNEL_DEQUANT = "dequantize"
+KERNELS = ("auto", KERNEL_CPU, KERNEL_CUDA, KERNEL_DEQUANT)
 _KERNEL_GROUPS = (32, 64, 128, 256)
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -57,34 +63,6 @@ def _scales_and_zeros(qw: QuantizedWeight, dtype: torch.dtype, device) -> torch.
     return torch.stack([s, zero], dim=-1).transpose(0, 1).contiguous().to(device=device, dtype=dtype)
 
 
-def _choose_kernel(qw: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
-    """(kernel, reason) for this weight on this device."""
-    out_features, in_features = qw.w_int.shape
-    if qw.bits != 4:
-        return KERNEL_DEQUANT, f"{qw.bits}-bit weights"
-    if not _in_order(qw):
-        return KERNEL_DEQUANT, "permuted groups (g_idx)"
-    if qw.group_size not in _KERNEL_GROUPS:
-        return KERNEL_DEQUANT, f"group size {qw.group_size} not in {_KERNEL_GROUPS}"
-    if device.type == "cpu":
-        if _aten_op("_convert_weight_to_int4pack_for_cpu") is None or _aten_op("_weight_int4pack_mm_for_cpu") is None:
-            return KERNEL_DEQUANT, "this torch has no CPU int4pack ops"
-        if out_features % 16:
-            return KERNEL_DEQUANT, f"out features {out_features} not a multiple of 16"
-        if dtype not in _CPU_DTYPES:
-            return KERNEL_DEQUANT, f"dtype {dtype}"
-        return KERNEL_CPU, ""
-    if device.type == "cuda":
-        if _aten_op("_convert_weight_to_int4pack") is None or _aten_op("_weight_int4pack_mm") is None:
-            return KERNEL_DEQUANT, "this torch has no CUDA int4pack ops"
-        if torch.cuda.get_device_capability(device) < (8, 0):
-            return KERNEL_DEQUANT, "the CUDA int4 kernel needs sm80+"
-        if out_features % 8 or _inner_k_tiles(in_features) is None:
-            return KERNEL_DEQUANT, f"shape [{out_features}, {in_features}] (needs N % 8 == 0, K % 32 == 0)"
-        return KERNEL_CUDA, ""
-    return KERNEL_DEQUANT, f"no int4 kernel for device {device.type}"
-
-
 def _inner_k_tiles(in_features: int) -> int | None:
     """The largest innerKTiles (8, 4, 2) with K % (innerKTiles * 16) == 0, as gpt-fast's ``_check_linear_int4_k``."""
     for tiles in (8, 4, 2):
@@ -93,8 +71,62 @@ def _inner_k_tiles(in_features: int) -> int | None:
     return None
 
 
+def _packed_kernel_problem(qw: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """(the packed kernel for this device, why it cannot run this weight or "" when it can)."""
+    out_features, in_features = qw.w_int.shape
+    if device.type == "cpu":
+        kernel, ops = KERNEL_CPU, ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu")
+    elif device.type == "cuda":
+        kernel, ops = KERNEL_CUDA, ("_convert_weight_to_int4pack", "_weight_int4pack_mm")
+    else:
+        return KERNEL_DEQUANT, f"no int4 kernel for device {device.type}"
+    if any(_aten_op(op) is None for op in ops):
+        return kernel, f"this torch has no aten.{ops[1]}"
+    if qw.bits != 4:
+        return kernel, f"{qw.bits}-bit weights"
+    if not _in_order(qw):
+        return kernel, "permuted groups (g_idx)"
+    if qw.group_size not in _KERNEL_GROUPS:
+        return kernel, f"group size {qw.group_size} not in {_KERNEL_GROUPS}"
+    if kernel == KERNEL_CPU:
+        if out_features % 16:
+            return kernel, f"out features {out_features} not a multiple of 16"
+        if dtype not in _CPU_DTYPES:
+            return kernel, f"dtype {dtype}"
+    else:
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            return kernel, "the CUDA int4 kernel needs sm80+"
+        if out_features % 8 or _inner_k_tiles(in_features) is None:
+            return kernel, f"shape [{out_features}, {in_features}] (needs N % 8 == 0, K % 32 == 0)"
+    return kernel, ""
+
+
+def _choose_kernel(qw: QuantizedWeight, device: torch.device, dtype: torch.dtype, kernel: str) -> tuple[str, str]:
+    """(kernel, why not the packed one) for ``kernel`` = "auto" or an explicit choice."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == KERNEL_DEQUANT:
+        return KERNEL_DEQUANT, "asked for"
+    packed, problem = _packed_kernel_problem(qw, device, dtype)
+    if problem:
+        return KERNEL_DEQUANT, problem
+    if kernel == "auto" and packed == KERNEL_CPU and dtype != torch.bfloat16:
+        # The CPU tinygemm kernel is vectorized for bfloat16 only (aten/src/ATen/native/cpu/int4mm_kernel.cpp);
+        # float32/float16 take a scalar path, measured 17x (16 tokens) to 25x (128 tokens) slower than bfloat16
+        # on 2048x2048 and slower than dequantize + matmul from 4 tokens on. So: exact float math, dequantized.
+        return KERNEL_DEQUANT, f"the CPU int4 kernel is slow in {dtype} (bfloat16 only is vectorized)"
+    if kernel not in ("auto", packed):
+        raise ValueError(f"kernel {kernel!r} cannot run on {device.type}")
+    return packed, ""
+
+
 class Int4Linear(nn.Module):
-    """A linear layer with group-wise 4-bit weights, built from a ``QuantizedWeight`` on its target device."""
+    """A linear layer with group-wise 4-bit weights, built from a ``QuantizedWeight`` on its target device
+    (other widths up to 8 bits, e.g. GPTQ 2/8-bit, run on the dequantize path).
+
+    ``kernel``: "auto" (the packed int4 kernel where it is fast: CPU in bfloat16, CUDA; else dequantize on the
+    fly), or force "cpu-int4pack" / "cuda-int4pack" / "dequantize". Both paths keep 4 bits per weight in memory.
+    """
 
     def __init__(
         self,
@@ -102,13 +134,14 @@ class Int4Linear(nn.Module):
         bias: torch.Tensor | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        kernel: str = "auto",
     ):
         super().__init__()
         device = torch.device(device)
         self.out_features, self.in_features = qw.w_int.shape
         self.group_size = qw.group_size
         self.bits = qw.bits
-        self.kernel, reason = _choose_kernel(qw, device, dtype)
+        self.kernel, reason = _choose_kernel(qw, device, dtype, kernel)
         self.register_buffer("bias", None if bias is None else bias.to(device=device, dtype=dtype))
         if self.kernel != KERNEL_DEQUANT:
             try:
@@ -119,11 +152,7 @@ class Int4Linear(nn.Module):
                 for name in ("weight_int4pack", "scales_and_zeros"):
                     self._buffers.pop(name, None)
         if self.kernel == KERNEL_DEQUANT:
-            self.compute_dtype = dtype
-            self.register_buffer("w_uint8", qw.w_int.to(device=device, dtype=torch.uint8))
-            self.register_buffer("scales", qw.scales.to(device=device, dtype=dtype))
-            self.register_buffer("zeros", qw.zeros.to(device=device, dtype=torch.uint8))
-            self.register_buffer("g_idx", None if qw.g_idx is None else qw.g_idx.to(device=device, dtype=torch.int32))
+            self._build_dequant(qw, device, dtype)
             log.debug("Int4Linear [%d, %d]: dequantize on the fly (%s)", self.out_features, self.in_features, reason)
         else:
             log.debug("Int4Linear [%d, %d]: %s", self.out_features, self.in_features, self.kernel)
@@ -142,15 +171,35 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight_int4pack", packed.to(device))
         self.register_buffer("scales_and_zeros", _scales_and_zeros(qw, self.compute_dtype, device))
 
+    def _build_dequant(self, qw: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> None:
+        """Codes two per byte (column 2j in the low nibble; one per byte above 4 bits), scales float32, zeros uint8,
+        g_idx when the groups are permuted."""
+        if qw.bits > 8:
+            raise QuantizationError(f"{qw.bits}-bit weights cannot be stored as uint8 codes; at most 8 bits.")
+        self.compute_dtype = dtype
+        w = qw.w_int.to(device=device, dtype=torch.uint8)
+        self.nibbles = qw.bits <= 4 and self.in_features % 2 == 0
+        self.register_buffer("w_packed", (w[:, 0::2] | (w[:, 1::2] << 4)).contiguous() if self.nibbles else w)
+        self.register_buffer("scales", qw.scales.to(device=device, dtype=torch.float32))
+        self.register_buffer("zeros", qw.zeros.to(device=device, dtype=torch.uint8))
+        g_idx = None if _in_order(qw) else qw.g_idx.to(device=device, dtype=torch.int64)
+        self.register_buffer("g_idx", g_idx)
+
     def _run_packed(self, x2: torch.Tensor) -> torch.Tensor:
-        op = torch.ops.aten._weight_int4pack_mm_for_cpu if self.kernel == KERNEL_CPU else torch.ops.aten._weight_int4pack_mm
+        aten = torch.ops.aten
+        op = aten._weight_int4pack_mm_for_cpu if self.kernel == KERNEL_CPU else aten._weight_int4pack_mm
         return op(x2, self.weight_int4pack, self.group_size, self.scales_and_zeros)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The float32 weight [out, in] this module multiplies by (only for the dequantize path and tests)."""
+        """The float32 weight [out, in] = (q - z) * s (the dequantize path; also what tests compare against)."""
         if self.kernel != KERNEL_DEQUANT:
-            raise RuntimeError("the packed kernels do not keep plain codes; dequantize the QuantizedWeight instead")
-        return dequantize_groupwise(self.w_uint8, self.scales, self.zeros, self.group_size, self.g_idx)
+            raise RuntimeError("the packed kernels keep no plain codes; dequantize the QuantizedWeight instead")
+        p = self.w_packed
+        codes = torch.stack((p & 15, p >> 4), dim=-1).reshape(self.out_features, -1) if self.nibbles else p
+        if self.g_idx is not None:
+            return (codes.float() - self.zeros[:, self.g_idx].float()) * self.scales[:, self.g_idx]
+        g = codes.reshape(self.out_features, -1, self.group_size).float()
+        return ((g - self.zeros.unsqueeze(-1).float()) * self.scales.unsqueeze(-1)).reshape(self.out_features, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -172,10 +221,11 @@ class Int4Linear(nn.Module):
         )
 
 
-# -- registry: quant_method -> builder of one runtime linear from that linear's tensors ---------------------------------
+# -- registry: quant_method -> builder of one runtime linear from that linear's tensors --------------------------
 # A builder gets the tensors stored under one linear's prefix (keys without the prefix, e.g. {"qweight", "qzeros",
-# "scales", "bias"}), the folder's quantization_config, the device and the compute dtype, and returns a module.
-LinearBuilder = Callable[[dict[str, torch.Tensor], dict, torch.device, torch.dtype], nn.Module]
+# "scales", "bias"}), the folder's quantization_config, the device, the compute dtype and keyword options (today
+# ``int4_kernel``: "auto" or a kernel name; a builder ignores options it has no use for), and returns a module.
+LinearBuilder = Callable[..., nn.Module]  # (tensors, quant_config, device, dtype, **options) -> nn.Module
 
 
 def _require(tensors: dict[str, torch.Tensor], names: tuple[str, ...], method: str) -> None:
@@ -187,22 +237,57 @@ def _require(tensors: dict[str, torch.Tensor], names: tuple[str, ...], method: s
         )
 
 
-def awq_linear(tensors: dict[str, torch.Tensor], quant_config: dict, device, dtype) -> nn.Module:
+def awq_linear(tensors: dict[str, torch.Tensor], quant_config: dict, device, dtype, int4_kernel="auto", **_):
     """AWQ GEMM ``qweight``/``qzeros``/``scales`` (+ ``bias``) -> ``Int4Linear``."""
     _require(tensors, awq_gemm.TENSOR_SUFFIXES, "awq")
     _, group_size = awq_gemm.read_quantization_config(quant_config)
     qw = awq_gemm.unpack(tensors["qweight"], tensors["qzeros"], tensors["scales"], group_size)
-    return Int4Linear(qw, tensors.get("bias"), device=device, dtype=dtype)
+    return Int4Linear(qw, tensors.get("bias"), device=device, dtype=dtype, kernel=int4_kernel)
+
+
+def gptq_linear(tensors: dict[str, torch.Tensor], quant_config: dict, device, dtype, int4_kernel="auto", **_):
+    """GPTQ ``qweight``/``qzeros``/``scales``/``g_idx`` (+ ``bias``) -> ``Int4Linear`` (any GPTQ bit width; act-order
+    ``g_idx`` runs on the dequantize path)."""
+    from pipeline.formats import gptq
+
+    _require(tensors, ("qweight", "qzeros", "scales"), "gptq")
+    checkpoint_format = quant_config.get("checkpoint_format") or quant_config.get("format") or "gptq"
+    qw = gptq.unpack(tensors, int(quant_config.get("bits", 4)), checkpoint_format)
+    return Int4Linear(qw, tensors.get("bias"), device=device, dtype=dtype, kernel=int4_kernel)
+
+
+def smooth_quant_linear(tensors: dict[str, torch.Tensor], quant_config: dict, device, dtype, **_) -> nn.Module:
+    """lmdeploy smooth_quant W8A8 ``weight`` int8 / ``scale`` (+ ``bias``) -> ``Int8Linear``."""
+    from pipeline.engines.int8_linear import Int8Linear
+    from pipeline.formats import w8a8
+
+    return Int8Linear(*w8a8.unpack_lmdeploy(tensors), tensors.get("bias")).to(device)
+
+
+def compressed_tensors_linear(tensors: dict[str, torch.Tensor], quant_config: dict, device, dtype, **_):
+    """compressed-tensors ``int-quantized`` W8A8 ``weight`` int8 / ``weight_scale`` -> ``Int8Linear``."""
+    from pipeline.engines.int8_linear import Int8Linear
+    from pipeline.formats import w8a8
+
+    fmt = quant_config.get("format")
+    if fmt != "int-quantized":
+        raise QuantizationError(
+            f"compressed-tensors format {fmt!r} has no runtime in the transformers engine; only int-quantized "
+            "(W8A8) does. Compile for vLLM, which reads every compressed-tensors format."
+        )
+    return Int8Linear(*w8a8.unpack_compressed_tensors(tensors), tensors.get("bias")).to(device)
 
 
 RUNTIME_FORMATS: dict[str, LinearBuilder] = {
     "awq": awq_linear,
-    # "gptq": lambda t, cfg, device, dtype: Int4Linear(gptq.unpack(...), t.get("bias"), device, dtype),
+    "gptq": gptq_linear,
+    "smooth_quant": smooth_quant_linear,
+    "compressed-tensors": compressed_tensors_linear,
 }
 
 
 def build_linear(
-    quant_method: str, tensors: dict[str, torch.Tensor], quant_config: dict, device, dtype: torch.dtype
+    quant_method: str, tensors: dict[str, torch.Tensor], quant_config: dict, device, dtype: torch.dtype, **options
 ) -> nn.Module:
     """The runtime module for one quantized linear, or a QuantizationError naming the supported methods."""
     try:
@@ -213,9 +298,15 @@ def build_linear(
             f"{', '.join(sorted(RUNTIME_FORMATS))}. Quantize with a method that writes one of these, or compile for "
             "an engine that reads this format."
         ) from None
-    return builder(tensors, quant_config, torch.device(device), dtype)
+    return builder(tensors, quant_config, torch.device(device), dtype, **options)
 
 
 def kernel_summary(model: nn.Module) -> dict[str, int]:
-    """How many ``Int4Linear`` modules of ``model`` run on each kernel path."""
-    return dict(Counter(m.kernel for m in model.modules() if isinstance(m, Int4Linear)))
+    """How many ``Int4Linear`` modules of ``model`` run on each kernel path (``Int8Linear``s count as "w8a8")."""
+    counts = Counter()
+    for m in model.modules():
+        if isinstance(m, Int4Linear):
+            counts[m.kernel] += 1
+        elif type(m).__name__ == "Int8Linear":
+            counts["w8a8"] += 1
+    return dict(counts)

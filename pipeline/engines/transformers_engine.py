@@ -31,14 +31,21 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    int4_kernel: str = "auto",
 ):
     """``(model, tokenizer)`` for a model folder, in eval mode on ``device``. ``tokenizer`` is None (with a warning)
-    when the folder has no tokenizer files. Non-quantized tensors are cast to ``dtype``."""
+    when the folder has no tokenizer files. Non-quantized tensors are cast to ``dtype``.
+
+    ``int4_kernel`` ("auto", "cpu-int4pack", "cuda-int4pack", "dequantize") picks how 4-bit linears run; "auto"
+    uses PyTorch's packed int4 kernel on CUDA and on CPU in bfloat16, and exact dequantize-on-the-fly for CPU
+    float32 (where that kernel is scalar and slow): see ``pipeline.engines.qlinear``."""
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     quant_config = config.get("quantization_config")
     if quant_config:
-        model = _load_quantized(model_dir, quant_config, torch.device(device), dtype, allow_pickle, trust_remote_code)
+        model = _load_quantized(
+            model_dir, quant_config, torch.device(device), dtype, allow_pickle, trust_remote_code, int4_kernel
+        )
     else:
         model = _load_plain(model_dir, torch.device(device), dtype, allow_pickle, trust_remote_code)
     return model.eval(), load_tokenizer(model_dir, trust_remote_code)
@@ -108,7 +115,9 @@ def _is_plain_linear(tensors: dict[str, torch.Tensor]) -> bool:
     return set(tensors) <= {"weight", "bias"} and "weight" in tensors and tensors["weight"].is_floating_point()
 
 
-def _load_quantized(model_dir: Path, quant_config: dict, device: torch.device, dtype, allow_pickle, trust_remote_code):
+def _load_quantized(
+    model_dir: Path, quant_config: dict, device: torch.device, dtype, allow_pickle, trust_remote_code, int4_kernel
+):
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     from pipeline.engines.qlinear import RUNTIME_FORMATS, build_linear, kernel_summary
@@ -140,13 +149,15 @@ def _load_quantized(model_dir: Path, quant_config: dict, device: torch.device, d
             tensors = {n.rpartition(".")[2]: ck.get(n) for n in names}
             if isinstance(module, nn.Linear) and not _is_plain_linear(tensors):
                 parent, _, child = module_name.rpartition(".")
-                setattr(model.get_submodule(parent), child, build_linear(method, tensors, quant_config, device, dtype))
+                runtime = build_linear(method, tensors, quant_config, device, dtype, int4_kernel=int4_kernel)
+                setattr(model.get_submodule(parent), child, runtime)
                 continue
             for leaf, t in tensors.items():
                 if leaf not in module._parameters and leaf not in module._buffers:
                     unexpected.append(f"{module_name}.{leaf}")
                     continue
-                _set_tensor(model, f"{module_name}.{leaf}", t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
+                value = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                _set_tensor(model, f"{module_name}.{leaf}", value)
     if unexpected:
         log.warning("%d checkpoint tensor(s) have no place in the model and were not loaded: %s",
                     len(unexpected), ", ".join(unexpected[:5]))
@@ -170,6 +181,7 @@ def _load_quantized(model_dir: Path, quant_config: dict, device: torch.device, d
 def _tie_output_embeddings(model: nn.Module, config) -> None:
     """Share the input embedding with ``lm_head`` when the config ties them and the checkpoint omits ``lm_head``."""
     out = model.get_output_embeddings()
-    tied = getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    tied = getattr(config, "tie_word_embeddings", False) or getattr(text_config, "tie_word_embeddings", False)
     if out is not None and out.weight.is_meta and tied:
         out.weight = model.get_input_embeddings().weight

@@ -58,7 +58,9 @@ def read_config(model_dir: Path) -> dict[str, Any]:
             "folder that holds config.json and the weights (or at a hub id)."
         ) from None
     except ValueError as e:
-        raise ModelFolderError(f"{path} is not valid JSON ({e}); the download may be incomplete: fetch it again.") from e
+        raise ModelFolderError(
+            f"{path} is not valid JSON ({e}); the download may be incomplete: fetch it again."
+        ) from e
 
 
 class CheckpointReader:

@@ -88,7 +88,7 @@ def quantize_checkpoint_bnb(
     would write (``save_pretrained``) to ``out_dir``, with the source's tokenizer and generation files.
 
     ``device``: ``auto`` (CUDA if present, else CPU), ``cpu`` or ``cuda``: where transformers materializes and
-    quantizes the weights; the whole quantized model is held there at once. Returns ``{"format", "mode",
+    quantizes the weights; the whole quantized model is held there at once. Returns ``{"quant_method", "mode",
     "quantized_linears", "bytes" (weight files written), "source_bytes", "seconds", "device", "compute_dtype",
     "double_quant", "bitsandbytes"}``. ``progress(done, total, what)`` is called before and after each step.
     """
@@ -141,7 +141,7 @@ def quantize_checkpoint_bnb(
     seconds = time.perf_counter() - started
     progress(2, 2, f"bitsandbytes {mode}: done")
     stats = {
-        "format": QUANT_METHOD,
+        "quant_method": QUANT_METHOD,
         "mode": mode,
         "quantized_linears": n_quantized,
         "bytes": _weight_bytes(out_dir),

@@ -141,8 +141,10 @@ class AWQMethod:
                 linear = get_module(layer, name)
                 # AutoAWQ skips clipping q/k: their errors multiply in the attention scores (quantizer.py).
                 clip = self.clip and not name.endswith(("q_proj", "k_proj"))
-                ratio = (search_clip(x, linear.weight, self.bits, self.group_size, self.n_grid, self.max_shrink)
-                         if clip else 1.0)
+                # Rows per einsum: 64 bounds CPU memory; a GPU has room for far more (1024: ~0.25 GB).
+                rows = 1024 if linear.weight.is_cuda else 64
+                ratio = (search_clip(x, linear.weight, self.bits, self.group_size, self.n_grid, self.max_shrink,
+                                     out_batch=rows) if clip else 1.0)
                 qw = quantize_fp16_scales(linear.weight, self.bits, self.group_size, False, ratio)
                 _set_weight(linear, qw.dequantize())
                 _pack_into(out, name, linear, awq_gemm.pack(qw))

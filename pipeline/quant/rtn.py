@@ -92,8 +92,9 @@ def quantize_checkpoint_rtn(
 ) -> dict:
     """Quantize every decoder linear of ``src_dir`` with RTN and write an AWQ GEMM model folder to ``out_dir``.
 
-    Returns ``{"quantized_linears", "layers", "bytes" (weights written), "source_bytes", "seconds", "format",
-    "bits", "group_size", "sym"}``. ``progress(done, total, what)`` is called after each decoder layer.
+    Returns ``{"bits", "group_size", "sym", "quantized_linears", "layers", "bytes" (every file written),
+    "weight_bytes" (the safetensors files), "source_bytes" (tensor bytes read), "seconds"}``.
+    ``progress(done, total, what)`` is called after each decoder layer.
     """
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     awq_gemm.check_bits(bits)
@@ -160,21 +161,22 @@ def quantize_checkpoint_rtn(
 
     write_config(src_dir, out_dir, awq_gemm.quantization_config(bits, group_size))
     side = copy_side_files(src_dir, out_dir)
-    written = sum((out_dir / f).stat().st_size for f in files)
+    weight_bytes = sum((out_dir / f).stat().st_size for f in files)
+    written = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
     seconds = time.perf_counter() - started
     log.info(
         "RTN w%d g%d%s: %d linears in %d layers, %.1f MB -> %.1f MB in %.1fs (copied %s)",
-        bits, group_size, " sym" if sym else "", quantized, n_layers, source_bytes / 1e6, written / 1e6, seconds,
+        bits, group_size, " sym" if sym else "", quantized, n_layers, source_bytes / 1e6, weight_bytes / 1e6, seconds,
         ", ".join(side) or "no side files",
     )
     return {
-        "format": "awq-gemm",
         "bits": bits,
         "group_size": group_size,
         "sym": sym,
         "quantized_linears": quantized,
         "layers": n_layers,
         "bytes": written,
+        "weight_bytes": weight_bytes,
         "source_bytes": source_bytes,
         "seconds": round(seconds, 3),
     }
