@@ -101,7 +101,7 @@ def test_stats_and_config(src, quantized):
     for mode, flag in (("nf4", "_load_in_4bit"), ("int8", "_load_in_8bit")):
         out, stats = quantized[mode]
         assert stats["quantized_linears"] == len(LINEARS) * LAYERS
-        assert stats["mode"] == mode and stats["format"] == "bitsandbytes" and stats["device"] == "cpu"
+        assert stats["mode"] == mode and stats["quant_method"] == "bitsandbytes" and stats["device"] == "cpu"
         assert stats["bytes"] == (out / "model.safetensors").stat().st_size
         assert stats["source_bytes"] == (src / "model.safetensors").stat().st_size
         assert [c[0] for c in stats["progress_calls"]] == [0, 1, 2]
