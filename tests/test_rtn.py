@@ -56,7 +56,8 @@ def test_rtn_writes_an_awq_gemm_folder(tmp_path):
 
     assert calls == [(1, 2, "layer 1/2"), (2, 2, "layer 2/2")]
     assert stats["quantized_linears"] == 2 * 7 and stats["layers"] == 2
-    assert stats["bytes"] == (out / "model.safetensors").stat().st_size
+    assert stats["weight_bytes"] == (out / "model.safetensors").stat().st_size
+    assert stats["bytes"] == sum(p.stat().st_size for p in out.iterdir())
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"] == awq_gemm.quantization_config(4, 128)
     assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in out.iterdir()}
