@@ -152,6 +152,7 @@ def _check_gates(plan: Plan, run: StageRun, outcome: RunOutcome) -> None:
 
 def write_report(plan: Plan) -> Path | None:
     """``<root>/report.md`` from every complete evaluate artifact of the plan (rewritten on every run)."""
+    from pipeline.eval.gates import check_gates
     from pipeline.eval.report import render_report
 
     rows = []
@@ -163,17 +164,15 @@ def write_report(plan: Plan) -> Path | None:
         if not ev or not qm:
             continue
         recipe = plan.recipe.variants[variant]
-        from pipeline.eval.gates import check_gates
-
-        failures = check_gates(ev["metrics"], recipe.eval.gates.model_dump())
+        quant = recipe.quantize
         rows.append({
-            "variant": variant,
-            "method": recipe.quantize.method,
-            "w_bits": None if recipe.quantize.method == "none" else recipe.quantize.w_bits,
-            "w_group_size": None if recipe.quantize.method == "none" else recipe.quantize.w_group_size,
-            "checkpoint_bytes": qm["metrics"].get("bytes"),
             **ev["metrics"],
-            "gates": "fail: " + "; ".join(failures) if failures else "pass",
+            "variant": variant,
+            "method": quant.method,
+            "bits": None if quant.method == "none" else quant.w_bits,
+            "group_size": None if quant.method in ("none", "smoothquant", "bnb-nf4", "bnb-int8") else quant.w_group_size,
+            "size_bytes": qm["metrics"].get("bytes"),
+            "gate_failures": check_gates(ev["metrics"], recipe.eval.gates.model_dump()),
         })
     if not rows:
         return None

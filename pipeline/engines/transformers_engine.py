@@ -42,6 +42,10 @@ def load_model(
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     quant_config = config.get("quantization_config")
+    if quant_config and quant_config.get("quant_method") == "bitsandbytes":
+        from pipeline.quant.bnb import load_bnb_model  # bitsandbytes' own modules, as transformers loads them
+
+        return load_bnb_model(model_dir, device, dtype, trust_remote_code)
     if quant_config:
         model = _load_quantized(
             model_dir, quant_config, torch.device(device), dtype, allow_pickle, trust_remote_code, int4_kernel

@@ -89,4 +89,14 @@ def make_method(cfg):
     raise ValueError(f"{cfg.method} is not a calibrated method")  # the recipe's Literal makes this unreachable
 
 
-METHODS = {"none": _reference, "rtn": _rtn, "awq": _calibrated, "gptq": _calibrated, "smoothquant": _calibrated}
+def _bnb(ctx: StageContext, src: Path) -> dict:
+    from pipeline.quant.bnb import quantize_checkpoint_bnb
+
+    cfg, model = ctx.config, ctx.recipe.base.model
+    return quantize_checkpoint_bnb(src, ctx.out / MODEL_DIR, "nf4" if cfg.method == "bnb-nf4" else "int8",
+                                   device=cfg.device, progress=ctx.progress,
+                                   trust_remote_code=model.trust_remote_code, allow_pickle=model.allow_pickle)
+
+
+METHODS = {"none": _reference, "rtn": _rtn, "awq": _calibrated, "gptq": _calibrated, "smoothquant": _calibrated,
+           "bnb-nf4": _bnb, "bnb-int8": _bnb}
