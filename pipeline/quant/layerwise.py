@@ -112,9 +112,13 @@ def quantize_layerwise(
     dtype: torch.dtype = torch.float32,
     batch_size: int = 8,
     progress: Callable[..., None] | None = None,
+    emit_dequantized: bool = False,
 ) -> dict[str, Any]:
     """Quantize every decoder layer of ``source`` with ``method``; ``write(name, tensor)`` receives the
-    checkpoint's tensors (quantized linears packed by the method, everything else as read)."""
+    checkpoint's tensors (quantized linears packed by the method, everything else as read).
+
+    ``emit_dequantized`` writes the quantized layer's float weights instead of packed tensors: a fake-quant
+    checkpoint any transformers loader reads, for measuring settings no packed format holds (3-bit AWQ)."""
     device = torch.device(device)
     progress = progress or (lambda *a, **k: None)
     n_layers = config.num_hidden_layers
@@ -153,11 +157,11 @@ def quantize_layerwise(
         packed = method.quantize(layer, spec)
         for i in range(0, len(hidden), batch_size):  # in place: the next layer's input, through the quantized layer
             hidden[i : i + batch_size] = _layer_forward(layer, hidden[i : i + batch_size], rotary)
-        linear_params = {f"{name}.{p}" for name in spec.linears for p in ("weight", "bias")}
+        linear_params = set() if emit_dequantized else {f"{n}.{p}" for n in spec.linears for p in ("weight", "bias")}
         for name, tensor in layer.state_dict().items():
             if name not in linear_params:
                 write(prefix + name, tensor)
-        for name, tensor in packed.items():
+        for name, tensor in ({} if emit_dequantized else packed).items():
             write(prefix + name, tensor)
         del layer, packed
         if device.type == "cuda":

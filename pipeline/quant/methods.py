@@ -30,7 +30,9 @@ def _set_weight(linear: nn.Linear, w: torch.Tensor) -> None:
     linear.weight.data = w.to(device=linear.weight.device, dtype=linear.weight.dtype)
 
 
-def _pack_into(out: dict, name: str, linear: nn.Linear, tensors: dict[str, torch.Tensor]) -> None:
+def _pack_into(out: dict, name: str, linear: nn.Linear, tensors: dict[str, torch.Tensor] | None) -> None:
+    if tensors is None:  # fake-quant mode (pack=False): the layer's dequantized weights are the output
+        return
     out.update({f"{name}.{k}": v for k, v in tensors.items()})
     if linear.bias is not None:
         out[f"{name}.bias"] = linear.bias.detach().to(torch.float16)
@@ -47,7 +49,8 @@ class GPTQMethod:
     """GPTQ (Frantar et al., 2022) with one Hessian per shared input (q/k/v share one, gate/up another)."""
 
     def __init__(self, bits: int, group_size: int, sym: bool, desc_act: bool, damp: float, block_size: int,
-                 static_groups: bool = False, hessian_dtype: torch.dtype = torch.float32):
+                 static_groups: bool = False, hessian_dtype: torch.dtype = torch.float32, pack: bool = True):
+        self.pack = pack
         self.args = dict(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, damp=damp,
                          block_size=block_size, static_groups=static_groups)
         self.hessian_dtype = hessian_dtype
@@ -88,7 +91,7 @@ class GPTQMethod:
                 start = rows.stop
                 part = QuantizedWeight(qw.w_int[rows], qw.scales[rows], qw.zeros[rows], qw.bits, qw.group_size, qw.g_idx)
                 _set_weight(linear, part.dequantize())
-                _pack_into(out, name, linear, fmt.pack(part))
+                _pack_into(out, name, linear, fmt.pack(part) if self.pack else None)
             del H
         return out
 
@@ -97,7 +100,8 @@ class AWQMethod:
     """AWQ (Lin et al., 2023): per-group scale search and fold, then clipping search, then INT4 (GEMM layout)."""
 
     def __init__(self, bits: int, group_size: int, n_grid: int = 20, clip: bool = True, max_shrink: float = 0.5,
-                 duo_scaling: bool = False, max_tokens: int = 4096):
+                 duo_scaling: bool = False, max_tokens: int = 4096, pack: bool = True):
+        self.pack = pack
         self.bits, self.group_size, self.n_grid = bits, group_size, n_grid
         self.clip, self.max_shrink, self.duo_scaling, self.max_tokens = clip, max_shrink, duo_scaling, max_tokens
         self.x: dict[str, list[torch.Tensor]] = {}
@@ -147,15 +151,15 @@ class AWQMethod:
                                      out_batch=rows) if clip else 1.0)
                 qw = quantize_fp16_scales(linear.weight, self.bits, self.group_size, False, ratio)
                 _set_weight(linear, qw.dequantize())
-                _pack_into(out, name, linear, awq_gemm.pack(qw))
+                _pack_into(out, name, linear, awq_gemm.pack(qw) if self.pack else None)
         return out
 
 
 class SmoothQuantMethod:
     """SmoothQuant W8A8 (Xiao et al., 2022): migrate activation outliers into the weights, int8 per channel."""
 
-    def __init__(self, alpha: float, layout: str = "lmdeploy"):
-        self.alpha, self.layout = alpha, layout
+    def __init__(self, alpha: float, layout: str = "lmdeploy", pack: bool = True):
+        self.alpha, self.layout, self.pack = alpha, layout, pack
         self.absmax: dict[str, torch.Tensor] = {}
 
     def begin_layer(self, index: int) -> None:
@@ -194,6 +198,29 @@ class SmoothQuantMethod:
             lin = get_module(layer, name)
             w_int8, scale = quantize_per_channel_int8(lin.weight)
             _set_weight(lin, w_int8.float() * scale)
-            bias = lin.bias.detach() if lin.bias is not None else None
-            out.update({f"{name}.{k}": v for k, v in pack(w_int8, scale, bias).items()})
+            _pack_into(out, name, lin, pack(w_int8, scale) if self.pack else None)
+        return out
+
+
+class RTNMethod:
+    """Round-to-nearest as a layer method (no statistics): the baseline for the quality bench at any bit width."""
+
+    def __init__(self, bits: int, group_size: int, sym: bool = False, pack: bool = True):
+        self.bits, self.group_size, self.sym, self.pack = bits, group_size, sym, pack
+
+    def begin_layer(self, index: int) -> None:
+        return None
+
+    def observe(self, group: LinearGroup, x: torch.Tensor) -> None:
+        return None
+
+    def quantize(self, layer: nn.Module, spec: ArchSpec) -> dict[str, torch.Tensor]:
+        from pipeline.formats import awq_gemm
+
+        out: dict[str, torch.Tensor] = {}
+        for name in spec.linears:
+            linear = get_module(layer, name)
+            qw = quantize_fp16_scales(linear.weight, self.bits, self.group_size, self.sym)
+            _set_weight(linear, qw.dequantize())
+            _pack_into(out, name, linear, awq_gemm.pack(qw) if self.pack else None)
         return out
