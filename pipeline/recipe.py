@@ -19,6 +19,7 @@ A recipe, in short::
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import re
@@ -373,23 +374,23 @@ def _expand(base: Recipe, data: dict, where: str, lines: dict[tuple, int]) -> di
         return {base.quantize.method: base}
     keys = list(base.matrix)
     for k in keys:
-        section, _, field = k.partition(".")
-        sect_model = Recipe.model_fields.get(section)
-        ann = sect_model.annotation if sect_model else None
-        inner = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if inner is None or field not in inner.model_fields or section == "matrix":
+        if _field_at(k) is None:
             raise RecipeError(
-                f"{where}:{_line(lines, ('matrix', k))}: field 'matrix.{k}': not a recipe field. Use "
-                f"'section.field', e.g. quantize.method or quantize.w_bits."
+                f"{where}:{_line(lines, ('matrix', k))}: field 'matrix.{k}': not a recipe field. Use a dotted path "
+                f"to a field, e.g. quantize.method, quantize.w_bits or quantize.smoothquant.alpha."
             )
         if not base.matrix[k]:
             raise RecipeError(f"{where}:{_line(lines, ('matrix', k))}: field 'matrix.{k}': needs at least one value.")
     variants: dict[str, Recipe] = {}
     for combo in itertools.product(*(base.matrix[k] for k in keys)):
-        variant = {k: v for k, v in data.items() if k != "matrix"}
+        variant = copy.deepcopy({k: v for k, v in data.items() if k != "matrix"})
         for k, v in zip(keys, combo):
-            section, _, field = k.partition(".")
-            variant[section] = {**(variant.get(section) or {}), field: v}
+            *parents, leaf = k.split(".")
+            node = variant
+            for part in parents:
+                node[part] = dict(node.get(part) or {})
+                node = node[part]
+            node[leaf] = v
         label = "-".join(_label(k, v) for k, v in zip(keys, combo))
         try:
             variants[label] = Recipe.model_validate(variant)
@@ -403,9 +404,24 @@ def _expand(base: Recipe, data: dict, where: str, lines: dict[tuple, int]) -> di
 
 
 def _label(key: str, value: Any) -> str:
-    field = key.partition(".")[2]
-    text = str(value).lower()
-    return text if field == "method" else f"{field.removeprefix('w_').replace('_', '')}{text}"
+    """A variant's name part: a string value itself (rtn, lmdeploy), else the field and value (groupsize64)."""
+    if isinstance(value, str):
+        return value.lower()
+    field = key.rsplit(".", 1)[-1]
+    return f"{field.removeprefix('w_').replace('_', '')}{str(value).lower()}"
+
+
+def _field_at(dotted: str) -> Any:
+    """The pydantic field a dotted matrix key names, or None."""
+    model: type[BaseModel] | None = Recipe
+    field = None
+    for part in dotted.split("."):
+        if model is None or part not in model.model_fields or part == "matrix":
+            return None
+        field = model.model_fields[part]
+        ann = field.annotation
+        model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return field if "." in dotted else None
 
 
 # ---------------------------------------------------------------- rules that span stages
