@@ -103,8 +103,8 @@ def run_llmc(method_name: str, config, ids: torch.Tensor) -> dict:
         from llmcompressor.modifiers.quantization import QuantizationModifier
         from llmcompressor.modifiers.transform.awq import AWQModifier
 
-        recipe = [AWQModifier(ignore=["lm_head"], scheme="W4A16_ASYM", targets=["Linear"]),
-                  QuantizationModifier(targets="Linear", scheme="W4A16_ASYM", ignore=["lm_head"])]
+        # llm-compressor 0.14: AWQModifier takes no scheme/targets/ignore (they belong to the quantization step).
+        recipe = [AWQModifier(), QuantizationModifier(targets="Linear", scheme="W4A16_ASYM", ignore=["lm_head"])]
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
