@@ -1,0 +1,419 @@
+"""Quality on the CPU: ours vs the reference implementations, on the same calibration tokens, ranked by KL.
+
+For each fixture (the shipped tiny model; its outlier-injected copy, ``bench/fixtures.py``; with ``--larger`` a
+larger model trained by the same script), each bit width and each method, one quantization run per row, each
+in its own subprocess so that its peak memory (``ru_maxrss``, the RSS high-water mark) and wall time are its
+own. Every row is then scored against its fixture's fp16 reference on the same held-out tokens
+(``pipeline/eval/divergence.py``: KL first, top-1 agreement, perplexity).
+
+Implementations and how each row is produced and evaluated:
+
+- **quantship** ("ours"): ``fake-quant`` rows run the layer walker with ``pack=False`` + ``emit_dequantized``
+  and write a float checkpoint of the dequantized weights (any bit width); ``packed`` rows (4-bit, W8A8, NF4)
+  write the real checkpoint the quantize stage writes and load it through our runtime
+  (``pipeline.engines.transformers_engine.load_model``: int4 / int8 kernels, bitsandbytes for NF4).
+- **llm-compressor 0.14** (``oneshot``): GPTQModifier; AWQModifier + QuantizationModifier; SmoothQuantModifier +
+  QuantizationModifier(W8A8). Evaluated in memory right after ``oneshot``: its modules are compressed-tensors'
+  quantized forwards (weights fake-quantized with the scales/zero points it found, W8A8 activations quantized
+  per token), i.e. exactly what it computed. The compressed checkpoint is saved afterwards only to report its
+  size (not timed).
+- **lmdeploy 0.18 lite** (``auto_awq``, ``smooth_quant``): run on the CPU (its fp16 dtype) with our calibration
+  tokens in place of its hub datasets, written to a folder and loaded through our runtime. One shim: its
+  CUDA-memory log line calls ``torch.cuda.max_memory_allocated``, replaced by 0 on a CPU-only torch.
+
+Quantization time is the wall time from the float folder on disk to the quantized model (in memory for
+llm-compressor, written for the others), after each library's imports. Peak RSS includes the interpreter,
+torch and the library (the baseline after imports is in the JSON as ``rss_after_import_mib``).
+
+    python bench/quality.py --json outputs/bench/quality/quality.json            # default: ~15 min on 2 cores
+    python bench/quality.py --larger --group 64 --impls ours,llm-compressor
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("bench.quality")
+
+TINY = ROOT / "models" / "tiny-llama-pydocs"
+CALIB_TEXT = ROOT / "calibration" / "pydocs-calib.txt"
+EVAL_TEXT = ROOT / "data" / "eval" / "pydocs-heldout.txt"
+IMPLS = ("quantship", "llm-compressor", "lmdeploy")
+
+
+# -- the plan: one spec per row ------------------------------------------------------------------------------------
+def plan_rows(fixtures: list[str], bits: list[int], impls: list[str]) -> list[dict]:
+    rows = []
+    for fx in fixtures:
+        for b in bits:
+            if "quantship" in impls:
+                for m in ("rtn", "awq", "gptq"):
+                    rows.append(dict(fixture=fx, impl="quantship", method=m, bits=b, path="fake-quant"))
+                    if b == 4:
+                        rows.append(dict(fixture=fx, impl="quantship", method=m, bits=b, path="packed"))
+                if b == 4:
+                    rows.append(dict(fixture=fx, impl="quantship", method="bnb-nf4", bits=4, path="packed"))
+            if "llm-compressor" in impls:
+                for m in ("gptq", "awq"):
+                    rows.append(dict(fixture=fx, impl="llm-compressor", method=m, bits=b, path="in-memory"))
+            if "lmdeploy" in impls:
+                rows.append(dict(fixture=fx, impl="lmdeploy", method="awq", bits=b, path="packed"))
+        for impl in impls:  # W8A8 does not depend on --bits
+            path = {"quantship": "packed", "llm-compressor": "in-memory", "lmdeploy": "packed"}[impl]
+            rows.append(dict(fixture=fx, impl=impl, method="smoothquant", bits="8/8", path=path))
+    return rows
+
+
+# -- quantizers (run in the worker) ---------------------------------------------------------------------------------
+def _section(method: str, bits: int, group: int, n_grid: int):
+    """The quantize stage's own typed section (its defaults: GPTQ sym, damp 0.01; AWQ clip, no duo scaling)."""
+    from pipeline.recipe import QuantizeSection
+
+    return QuantizeSection(method=method, w_bits=bits, w_group_size=group, device="cpu", awq={"n_grid": n_grid})
+
+
+def _walk(spec: dict, method, qconfig, emit_dequantized: bool) -> Path:
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from pipeline.formats.checkpoint import CheckpointWriter, copy_side_files, open_checkpoint, write_config
+    from pipeline.quant.arch import arch_spec
+    from pipeline.quant.layerwise import quantize_layerwise
+
+    src, out = Path(spec["fixture_dir"]), Path(spec["out_dir"])
+    config = AutoConfig.from_pretrained(src)
+    calib = load_file(spec["calib_path"])["input_ids"]
+    writer = CheckpointWriter(out)
+    with open_checkpoint(src) as ck:
+        quantize_layerwise(ck, config, arch_spec(config.architectures[0]), calib, method, writer.add, device="cpu",
+                           dtype=torch.float32, batch_size=8, emit_dequantized=emit_dequantized)
+    writer.close()
+    write_config(src, out, qconfig)
+    copy_side_files(src, out)
+    return out
+
+
+def ours(spec: dict):
+    from pipeline.quant.methods import AWQMethod, GPTQMethod, RTNMethod
+    from pipeline.stages.quantize import make_method
+
+    def run():
+        m, b, g = spec["method"], spec["bits"], spec["group_size"]
+        src, out = Path(spec["fixture_dir"]), Path(spec["out_dir"])
+        if m == "bnb-nf4":
+            from pipeline.quant.bnb import quantize_checkpoint_bnb
+
+            quantize_checkpoint_bnb(src, out, "nf4", device="cpu")
+            return out
+        if m == "rtn" and spec["path"] == "packed":
+            from pipeline.quant.rtn import quantize_checkpoint_rtn
+
+            quantize_checkpoint_rtn(src, out, bits=b, group_size=g, sym=False)
+            return out
+        cfg = _section(m, 8 if m == "smoothquant" else b, g, spec["n_grid"])
+        if spec["path"] == "packed":  # what the quantize stage writes
+            method, qconfig = make_method(cfg)
+            return _walk(spec, method, qconfig, emit_dequantized=False)
+        if m == "rtn":
+            method = RTNMethod(b, g, cfg.w_sym, pack=False)
+        elif m == "awq":
+            o = cfg.awq
+            method = AWQMethod(b, g, o.n_grid, o.clip, o.max_shrink, o.duo_scaling, pack=False)
+        else:
+            o = cfg.gptq
+            method = GPTQMethod(b, g, cfg.w_sym, o.desc_act, o.damp, o.block_size, o.static_groups, pack=False)
+        return _walk(spec, method, None, emit_dequantized=True)
+
+    return run
+
+
+def llm_compressor(spec: dict):
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+    from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def weight_scheme(sym: bool) -> dict:
+        # At 4 bits these equal its W4A16 (sym, GPTQ) and W4A16_ASYM (AWQ) presets; spelled out for 3 bits.
+        args = QuantizationArgs(num_bits=spec["bits"], type="int", symmetric=sym, strategy="group",
+                                group_size=spec["group_size"])
+        return {"group_0": QuantizationScheme(targets=["Linear"], weights=args)}
+
+    def run():
+        src = spec["fixture_dir"]
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(src)  # oneshot wants one even for pre-tokenized data
+        ids = load_file(spec["calib_path"])["input_ids"]
+        ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+        m = spec["method"]
+        if m == "gptq":  # its defaults otherwise (actorder static, dampening 0.01, block 128)
+            recipe = [GPTQModifier(config_groups=weight_scheme(True), ignore=["lm_head"])]
+        elif m == "awq":  # 0.14's AWQModifier takes no scheme: the quantization step carries it
+            recipe = [AWQModifier(n_grid=spec["n_grid"]),
+                      QuantizationModifier(config_groups=weight_scheme(False), ignore=["lm_head"])]
+        else:
+            recipe = [SmoothQuantModifier(smoothing_strength=spec["alpha"]),
+                      QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
+        oneshot(model=model, dataset=ds, recipe=recipe, tokenizer=tokenizer, num_calibration_samples=ids.shape[0],
+                max_seq_length=ids.shape[1])
+        return model
+
+    return run
+
+
+def lmdeploy(spec: dict):
+    import torch
+    from safetensors.torch import load_file
+
+    import lmdeploy.lite.apis.calibrate as lmd_calibrate
+    from lmdeploy.lite.apis.auto_awq import auto_awq
+    from lmdeploy.lite.apis.smooth_quant import smooth_quant
+
+    calib = load_file(spec["calib_path"])["input_ids"]
+    # Our tokens instead of its hub datasets: calibrate() reads get_calib_loaders from its own namespace
+    # (lmdeploy/lite/apis/calibrate.py) and concatenates the [1, seq_len] batches it returns.
+    lmd_calibrate.get_calib_loaders = lambda *a, **k: [calib[i : i + 1] for i in range(len(calib))]
+    if not torch.cuda.is_available():  # its log line "max gpu memory" only; no effect on the math
+        torch.cuda.max_memory_allocated = lambda *a, **k: 0
+
+    def run():
+        common = dict(work_dir=spec["out_dir"], calib_samples=calib.shape[0], calib_seqlen=calib.shape[1],
+                      device="cpu", batch_size=1)
+        if spec["method"] == "awq":  # its CLI default: search_scale False (smoothing with ratio 0.5, no search)
+            auto_awq(spec["fixture_dir"], w_bits=spec["bits"], w_group_size=spec["group_size"],
+                     search_scale=spec["lmdeploy_search_scale"], **common)
+        else:
+            smooth_quant(spec["fixture_dir"], w_bits=8, **common)
+        return Path(spec["out_dir"])
+
+    return run
+
+
+QUANTIZERS = {"quantship": ours, "llm-compressor": llm_compressor, "lmdeploy": lmdeploy}
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def weight_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def _where(e: BaseException) -> str:
+    tb = traceback.extract_tb(e.__traceback__)
+    frame = tb[-1] if tb else None
+    at = f" at {Path(frame.filename).name}:{frame.lineno}" if frame else ""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}{at}"
+
+
+def worker(spec: dict) -> dict:
+    """Quantize one row, measure it, score it against the reference log-probs."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from pipeline.engines.transformers_engine import load_model
+    from pipeline.eval.divergence import ReferenceLogprobs, compare_to_reference_logprobs
+
+    result: dict = {}
+    try:
+        run = QUANTIZERS[spec["impl"]](spec)  # imports happen here, before the clock
+        result["rss_after_import_mib"] = round(_rss_mib(), 1)
+        t0 = time.perf_counter()
+        made = run()
+        result["quantize_s"] = round(time.perf_counter() - t0, 2)
+        result["peak_rss_mib"] = round(_rss_mib(), 1)
+    except Exception as e:  # a failing implementation is a row that says why, never a number
+        traceback.print_exc()
+        return {"error": f"not run: {_where(e)}"}
+    if isinstance(made, Path):
+        model, _ = load_model(made, device="cpu", dtype=torch.float32)
+        if spec["path"] != "fake-quant":
+            result["size_bytes"] = weight_bytes(made)
+    else:
+        model = made
+    reference = ReferenceLogprobs.load(spec["ref_dir"])
+    result.update(compare_to_reference_logprobs(reference, model, batch_size=4))
+    if spec["impl"] == "llm-compressor":  # size of its compressed checkpoint, after the clock
+        try:
+            model.save_pretrained(spec["out_dir"], save_compressed=True)
+            result["size_bytes"] = weight_bytes(Path(spec["out_dir"]))
+        except Exception as e:
+            result["size_note"] = f"save failed: {_where(e)}"
+    return result
+
+
+# -- the driver -----------------------------------------------------------------------------------------------------
+def prepare_fixture(name: str, src: Path, work: Path, args) -> dict:
+    """Calibration windows, evaluation tokens and the reference's log-probs of one fixture (cached in ``work``)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from pipeline.engines.transformers_engine import load_model
+    from pipeline.eval.divergence import ReferenceLogprobs
+    from pipeline.eval.perplexity import tokenize_documents
+    from pipeline.stages.calibrate import sample_windows
+
+    d = work / name
+    d.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(src)
+    calib_path = d / f"calib-{args.calib_samples}x{args.calib_seq_len}.safetensors"
+    if not calib_path.is_file():  # as the calibrate stage samples them
+        ids = torch.tensor(tok(CALIB_TEXT.read_text(), add_special_tokens=False)["input_ids"], dtype=torch.long)
+        save_file({"input_ids": sample_windows(ids, args.calib_samples, args.calib_seq_len, 0).contiguous()},
+                  str(calib_path))
+    ref_dir = d / f"reference-{args.eval_tokens}x{args.eval_seq_len}"
+    if not (ref_dir / "reference.json").is_file():
+        ids = tokenize_documents(tok, EVAL_TEXT.read_text())[: args.eval_tokens]
+        model, _ = load_model(src, device="cpu", dtype=torch.float32)
+        ReferenceLogprobs.compute(model, ids, args.eval_seq_len, batch_size=4, folder=ref_dir)
+    ref = ReferenceLogprobs.load(ref_dir)
+    return {"calib_path": str(calib_path), "ref_dir": str(ref_dir), "ref_ppl": ref.ppl, "tokens": ref.tokens,
+            "size_bytes": weight_bytes(src)}
+
+
+def run_row(spec: dict, args) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+    if spec["impl"] == "lmdeploy" and args.lmdeploy_path:
+        env["PYTHONPATH"] = os.pathsep.join([args.lmdeploy_path, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        spec = dict(spec, out_dir=str(Path(tmp) / "model"))
+        spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps(spec))
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path), str(result_path)]
+        logf = Path(args.workdir) / "logs" / f"{spec['fixture']}-{spec['impl']}-{spec['method']}-{spec['bits']}-{spec['path']}.log".replace("/", "")
+        logf.parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        try:
+            with open(logf, "w") as f:
+                subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=args.timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return {"error": f"not run: timed out after {args.timeout} s"}
+        if not result_path.is_file():
+            tail = logf.read_text().strip().splitlines()[-1:] or ["no output"]
+            return {"error": f"not run: worker died ({tail[0][:200]})"}
+        out = json.loads(result_path.read_text())
+        out["process_s"] = round(time.perf_counter() - started, 1)
+        return out
+
+
+BITS_ORDER = {4: 0, 3: 1, "8/8": 2, "16": -1}
+
+
+def sort_key(fixture_order: list[str], r: dict):
+    kl = r.get("kl_mean")
+    return (fixture_order.index(r["fixture"]), BITS_ORDER.get(r["bits"], 9), kl if kl is not None else float("inf"))
+
+
+def table(rows: list[dict], fixture_order: list[str]) -> str:
+    head = ("| fixture | bits | implementation | method | path | KL (nats/tok) | top-1 | ppl (Δ%) | size MB "
+            "| quantize s | peak RSS MiB |")
+    lines = [head, "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: sort_key(fixture_order, r)):
+        size = f"{r['size_bytes'] / 1e6:.2f}" if r.get("size_bytes") else "—"
+        if "error" in r:
+            metrics = f"{r['error']} | | | {size} | | "
+        else:
+            ppl = f"{r['ppl']:.2f} ({r['ppl_increase_pct']:+.2f})"
+            q = f"{r['quantize_s']:.1f}" if "quantize_s" in r else "—"
+            rss = f"{r['peak_rss_mib']:.0f}" if "peak_rss_mib" in r else "—"
+            metrics = f"{r['kl_mean']:.5f} | {r['top1_agreement']:.4f} | {ppl} | {size} | {q} | {rss}"
+        lines.append(f"| {r['fixture']} | {r['bits']} | {r['impl']} | {r['method']} | {r['path']} | {metrics} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--worker", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
+    p.add_argument("--larger", action="store_true", help="also the larger model (trained once by scripts/train_tiny.py)")
+    p.add_argument("--bits", default="4,3", help="weight bit widths of the weight-only rows")
+    p.add_argument("--group", type=int, default=128, choices=(32, 64, 128), help="group size")
+    p.add_argument("--impls", default=",".join(IMPLS), help="subset of " + ",".join(IMPLS))
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument("--eval-tokens", type=int, default=8192, help="first N tokens of data/eval/pydocs-heldout.txt")
+    p.add_argument("--eval-seq-len", type=int, default=256)
+    p.add_argument("--n-grid", type=int, default=20, help="AWQ scale-search grid (ours and llm-compressor)")
+    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength (ours and llm-compressor)")
+    p.add_argument("--lmdeploy-search-scale", action="store_true", help="lmdeploy auto_awq --search-scale (slow)")
+    p.add_argument("--lmdeploy-path", default=os.environ.get("LMDEPLOY_PATH"),
+                   help="a --target folder holding lmdeploy 0.18 and its pure-python deps, if not in the venv")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (same for every implementation)")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per quantization run")
+    p.add_argument("--workdir", default=str(ROOT / "outputs" / "bench" / "quality"))
+    p.add_argument("--fixtures", default="tiny,tiny+outliers", help="of tiny, tiny+outliers (larger: --larger)")
+    p.add_argument("--methods", default="rtn,awq,gptq,smoothquant,bnb-nf4", help="run only these methods")
+    p.add_argument("--json", help="write the rows and the setup here")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.worker:
+        spec = json.loads(Path(args.worker[0]).read_text())
+        Path(args.worker[1]).write_text(json.dumps(worker(spec)))
+        return
+
+    import torch
+
+    from bench.fixtures import inject_outliers, larger_fixture
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    wanted = args.fixtures.split(",")
+    fixtures = {"tiny": TINY} if "tiny" in wanted else {}
+    if "tiny+outliers" in wanted:
+        outliers = work / "fixtures" / "tiny-llama-pydocs-outliers"
+        if not (outliers / "outliers.json").is_file():
+            inject_outliers(TINY, outliers)
+        fixtures["tiny+outliers"] = outliers
+    if args.larger:
+        fixtures["larger"] = larger_fixture(work / "fixtures" / "tiny-llama-pydocs-large")
+    prepared = {name: prepare_fixture(name, src, work, args) for name, src in fixtures.items()}
+    impls = [i for i in args.impls.split(",") if i]
+    bits = [int(b) for b in args.bits.split(",")]
+    common = dict(group_size=args.group, n_grid=args.n_grid, alpha=args.alpha, threads=args.threads,
+                  lmdeploy_search_scale=args.lmdeploy_search_scale)
+    rows = []
+    for name, fx in prepared.items():
+        rows.append(dict(fixture=name, impl="reference (fp16)", method="—", bits="16", path="folder", kl_mean=0.0,
+                         top1_agreement=1.0, ppl=fx["ref_ppl"], ppl_increase_pct=0.0, size_bytes=fx["size_bytes"]))
+    methods = args.methods.split(",")
+    specs = [s for s in plan_rows(list(fixtures), bits, impls) if s["method"] in methods]
+    t_all = time.perf_counter()
+    for i, spec in enumerate(specs, 1):
+        spec.update(common, fixture_dir=str(fixtures[spec["fixture"]]), calib_path=prepared[spec["fixture"]]["calib_path"],
+                    ref_dir=prepared[spec["fixture"]]["ref_dir"])
+        res = run_row(spec, args)
+        rows.append({k: spec[k] for k in ("fixture", "impl", "method", "bits", "path")} | res)
+        log.info("[%d/%d] %s %s %s %s %s: %s", i, len(specs), spec["fixture"], spec["impl"], spec["method"],
+                 spec["bits"], spec["path"], res.get("error") or f"KL {res['kl_mean']:.5f} top-1 {res['top1_agreement']:.4f}")
+    print(table(rows, list(fixtures)))
+    if args.json:
+        setup = {k: v for k, v in vars(args).items() if k not in ("worker", "json")}
+        setup.update(torch=torch.__version__, python=sys.version.split()[0], cpu_count=os.cpu_count(),
+                     fixtures={k: str(v) for k, v in fixtures.items()}, total_s=round(time.perf_counter() - t_all, 1),
+                     eval_tokens_scored={k: v["tokens"] for k, v in prepared.items()})
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"setup": setup, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
