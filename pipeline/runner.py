@@ -185,7 +185,7 @@ class _RecipeView:
     """What a stage may read of the recipe: the variant's sections and path resolution."""
 
     def __init__(self, plan: Plan, recipe: Any) -> None:
-        self.base = recipe
+        self.variant = recipe  # the matrix variant this run belongs to (all its variants agree on what it reads)
         self.path = plan.recipe.path
         self._loaded = plan.recipe
 

@@ -22,7 +22,7 @@ def ctx_for(tmp_path: Path, data: dict, kind: str, section, inputs=None) -> Stag
     out.mkdir()
 
     class View:
-        base = loaded.base
+        variant = loaded.base
         resolve = staticmethod(loaded.resolve)
 
     return StageContext(kind, section(loaded.base), View(), inputs or {}, out)

@@ -20,7 +20,7 @@ def _no_progress(done: int, total: int | None = None, what: str = "") -> None:
 class StageContext:
     run_id: str  # e.g. "quantize@rtn"
     config: Any  # this stage's typed recipe section (after matrix overrides)
-    recipe: Any  # the whole typed Recipe, read-only (for paths relative to the recipe file)
+    recipe: Any  # read-only view: .variant (the typed Recipe of this matrix variant), .resolve(path)
     inputs: dict[str, Path]  # upstream stage kind -> its complete artifact folder
     out: Path  # the temporary folder to write into; renamed into place by the runner
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("pipeline"))

@@ -14,7 +14,7 @@ def run(ctx: StageContext) -> dict:
     from transformers import AutoTokenizer
 
     cfg = ctx.config
-    tokenizer = AutoTokenizer.from_pretrained(model_path(ctx.inputs["download"]), trust_remote_code=ctx.recipe.base.model.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(model_path(ctx.inputs["download"]), trust_remote_code=ctx.recipe.variant.model.trust_remote_code)
     docs = read_documents(cfg.source, ctx.recipe.resolve(cfg.source), cfg.text_field, cfg.split, cfg.subset)
     ids = torch.tensor(tokenizer(join_documents(docs), add_special_tokens=False)["input_ids"], dtype=torch.long)
     tokens = sample_windows(ids, cfg.samples, cfg.seq_len, cfg.seed)

@@ -21,8 +21,8 @@ def run(ctx: StageContext) -> dict:
         "device": cfg.device,
         "format": quant["metrics"]["format"],
         "model_dir": str(model_path(ctx.inputs["quantize"])),
-        "allow_pickle": ctx.recipe.base.model.allow_pickle,
-        "trust_remote_code": ctx.recipe.base.model.trust_remote_code,
+        "allow_pickle": ctx.recipe.variant.model.allow_pickle,
+        "trust_remote_code": ctx.recipe.variant.model.trust_remote_code,
     }
     write_json(ctx.out / ENGINE, engine)
     return {"target": cfg.target, "format": engine["format"]}

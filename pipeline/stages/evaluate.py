@@ -21,7 +21,7 @@ def run(ctx: StageContext) -> dict:
     device = next(model.parameters()).device
     ref_model, _ = load_model(
         model_path(ctx.inputs["download"]), device=str(device), dtype=next(model.parameters()).dtype if device.type != "cpu" else torch.float32,
-        allow_pickle=ctx.recipe.base.model.allow_pickle, trust_remote_code=ctx.recipe.base.model.trust_remote_code,
+        allow_pickle=ctx.recipe.variant.model.allow_pickle, trust_remote_code=ctx.recipe.variant.model.trust_remote_code,
     )
     text_path = ctx.recipe.resolve(cfg.text)
     ids = tokenize_documents(tokenizer, join_documents(read_documents(cfg.text, text_path)))

@@ -46,7 +46,7 @@ def _calibrated(ctx: StageContext, src: Path) -> dict:
     from pipeline.quant.layerwise import quantize_layerwise
 
     cfg = ctx.config
-    model = ctx.recipe.base.model
+    model = ctx.recipe.variant.model
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
     config = AutoConfig.from_pretrained(src, trust_remote_code=model.trust_remote_code)
     spec = arch_spec((config.architectures or [None])[0])
@@ -92,7 +92,7 @@ def make_method(cfg):
 def _bnb(ctx: StageContext, src: Path) -> dict:
     from pipeline.quant.bnb import quantize_checkpoint_bnb
 
-    cfg, model = ctx.config, ctx.recipe.base.model
+    cfg, model = ctx.config, ctx.recipe.variant.model
     return quantize_checkpoint_bnb(src, ctx.out / MODEL_DIR, "nf4" if cfg.method == "bnb-nf4" else "int8",
                                    device=cfg.device, progress=ctx.progress,
                                    trust_remote_code=model.trust_remote_code, allow_pickle=model.allow_pickle)
