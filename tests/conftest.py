@@ -83,3 +83,26 @@ def make_tiny_llama(out: Path, layers: int = 2, hidden: int = 256, intermediate:
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+OUTLIER_WIDTH = 256
+OUTLIERS = (3, 77, 150, 201)  # input channels whose activations are 30x larger (LLM-style outlier channels)
+
+
+def make_outlier_activations(n_tokens: int, width: int = OUTLIER_WIDTH, outliers=OUTLIERS, factor: float = 30.0,
+                             seed: int = 0):
+    """Gaussian activations [n_tokens, width] with a few fixed channels scaled by ``factor`` (the norm outputs
+    AWQ and SmoothQuant target)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_tokens, width, generator=g)
+    x[:, list(outliers)] *= factor
+    return x
+
+
+def make_weight(out_features: int, in_features: int = OUTLIER_WIDTH, seed: int = 1):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out_features, in_features, generator=g) * 0.02

@@ -16,23 +16,8 @@ from pipeline.quant.awq import (
 )
 from pipeline.quant.primitives import fake_quantize
 
-WIDTH = 256
-OUTLIERS = (3, 77, 150, 201)  # input channels whose activations are 30x larger (LLM-style outlier channels)
-
-
-def make_outlier_activations(
-    n_tokens: int, width: int = WIDTH, outliers=OUTLIERS, factor: float = 30.0, seed: int = 0
-) -> torch.Tensor:
-    """Gaussian activations [n_tokens, width] with a few fixed channels scaled by ``factor``."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n_tokens, width, generator=g)
-    x[:, list(outliers)] *= factor
-    return x
-
-
-def make_weight(out_features: int, in_features: int = WIDTH, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(out_features, in_features, generator=g) * 0.02
+from tests.conftest import OUTLIER_WIDTH as WIDTH
+from tests.conftest import OUTLIERS, make_outlier_activations, make_weight
 
 
 def output_mse(x: torch.Tensor, w: torch.Tensor, w_q: torch.Tensor) -> float:

@@ -16,21 +16,8 @@ from pipeline.quant.smoothquant import (
     update_act_absmax,
 )
 
-WIDTH = 256
-OUTLIERS = (3, 77, 150, 201)
-
-
-def make_outlier_activations(n_tokens: int, width: int = WIDTH, factor: float = 30.0, seed: int = 0) -> torch.Tensor:
-    """Gaussian activations with 4 fixed channels scaled by ``factor`` (the norm outputs SmoothQuant targets)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n_tokens, width, generator=g)
-    x[:, list(OUTLIERS)] *= factor
-    return x
-
-
-def make_weight(out_features: int, in_features: int = WIDTH, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(out_features, in_features, generator=g) * 0.02
+from tests.conftest import OUTLIER_WIDTH as WIDTH
+from tests.conftest import OUTLIERS, make_outlier_activations, make_weight
 
 
 def mse(a: torch.Tensor, b: torch.Tensor) -> float:
