@@ -4,29 +4,40 @@ For each fixture (the shipped tiny model; its outlier-injected copy, ``bench/fix
 larger model trained by the same script), each bit width and each method, one quantization run per row, each
 in its own subprocess so that its peak memory (``ru_maxrss``, the RSS high-water mark) and wall time are its
 own. Every row is then scored against its fixture's fp16 reference on the same held-out tokens
-(``pipeline/eval/divergence.py``: KL first, top-1 agreement, perplexity).
+(``pipeline/eval/divergence.py``: KL first, top-1 agreement, perplexity). One Markdown table goes to stdout,
+the rows, setup and goal checks to ``--json``.
 
 Implementations and how each row is produced and evaluated:
 
-- **quantship** ("ours"): ``fake-quant`` rows run the layer walker with ``pack=False`` + ``emit_dequantized``
-  and write a float checkpoint of the dequantized weights (any bit width); ``packed`` rows (4-bit, W8A8, NF4)
-  write the real checkpoint the quantize stage writes and load it through our runtime
-  (``pipeline.engines.transformers_engine.load_model``: int4 / int8 kernels, bitsandbytes for NF4).
-- **llm-compressor 0.14** (``oneshot``): GPTQModifier; AWQModifier + QuantizationModifier; SmoothQuantModifier +
-  QuantizationModifier(W8A8). Evaluated in memory right after ``oneshot``: its modules are compressed-tensors'
-  quantized forwards (weights fake-quantized with the scales/zero points it found, W8A8 activations quantized
-  per token), i.e. exactly what it computed. The compressed checkpoint is saved afterwards only to report its
-  size (not timed).
-- **lmdeploy 0.18 lite** (``auto_awq``, ``smooth_quant``): run on the CPU (its fp16 dtype) with our calibration
-  tokens in place of its hub datasets, written to a folder and loaded through our runtime. One shim: its
-  CUDA-memory log line calls ``torch.cuda.max_memory_allocated``, replaced by 0 on a CPU-only torch.
+- **quantship** ("ours"), with the quantize stage's defaults: ``fake-quant`` rows run the layer walker with
+  ``pack=False`` + ``emit_dequantized`` and write a float checkpoint of the dequantized weights (any bit width);
+  ``packed`` rows (4-bit, W8A8, NF4) write the real checkpoint the quantize stage writes and load it through
+  our runtime (``pipeline.engines.transformers_engine.load_model``: int4 / int8 modules, bitsandbytes for NF4).
+  ``--matched`` adds ours with llm-compressor's default settings (AWQ duo scaling, GPTQ static act-order).
+- **llm-compressor 0.14** (``oneshot``, its defaults otherwise): GPTQModifier; AWQModifier +
+  QuantizationModifier; SmoothQuantModifier + QuantizationModifier(W8A8). Evaluated in memory right after
+  ``oneshot``: its modules run compressed-tensors' quantized forward (weights fake-quantized with the scales and
+  zero points it found, W8A8 activations quantized per token), i.e. exactly what it computed; our runtime loads
+  no W4A16 compressed-tensors checkpoint. The compressed checkpoint is then saved in fp16, only for its size.
+  One shim: its AWQ pins cached activations (``pipelines/cache.py`` ``pin_memory``), which a CPU-only torch
+  refuses; pinning only speeds host-to-GPU copies, so it is a no-op here.
+- **lmdeploy 0.18 lite** (``auto_awq`` with its CLI default ``search_scale=False``, ``smooth_quant``): run on the
+  CPU in its fp16 with our calibration tokens in place of its hub datasets, written to a folder and loaded
+  through our runtime. One shim: its log line calls ``torch.cuda.max_memory_allocated``, 0 on a CPU-only torch.
 
 Quantization time is the wall time from the float folder on disk to the quantized model (in memory for
 llm-compressor, written for the others), after each library's imports. Peak RSS includes the interpreter,
 torch and the library (the baseline after imports is in the JSON as ``rss_after_import_mib``).
 
-    python bench/quality.py --json outputs/bench/quality/quality.json            # default: ~15 min on 2 cores
-    python bench/quality.py --larger --group 64 --impls ours,llm-compressor
+Setup of the reference implementations (never let pip touch torch)::
+
+    pip install --no-deps llmcompressor==0.14.0.1 requests urllib3 charset-normalizer  # + compressed-tensors,
+    #   datasets, loguru, accelerate (in the venv already; it ran with compressed-tensors 0.20, it pins 0.19)
+    pip download --no-deps lmdeploy==0.18.0 -d /tmp/lmd && pip install --no-deps --target /tmp/lmd/site \
+        /tmp/lmd/lmdeploy-0.18.0-*.whl mmengine-lite==0.10.7 addict==2.4.0 termcolor==3.3.0 yapf==0.43.0 \
+        fire==0.7.1 platformdirs==4.14.8 pillow pybase64
+    python bench/quality.py --lmdeploy-path /tmp/lmd/site --json outputs/bench/quality/quality.json  # ~17 min, 2 cores
+    python bench/quality.py --larger --matched --group 64 --impls quantship,llm-compressor
 """
 
 from __future__ import annotations
@@ -55,7 +66,12 @@ IMPLS = ("quantship", "llm-compressor", "lmdeploy")
 
 
 # -- the plan: one spec per row ------------------------------------------------------------------------------------
-def plan_rows(fixtures: list[str], bits: list[int], impls: list[str]) -> list[dict]:
+# Ours with the settings the reference implementations use by default (llm-compressor 0.14: AWQModifier
+# duo_scaling=True, GPTQModifier actorder="static"), to separate a settings difference from an algorithm one.
+MATCHED = {"awq": "duo_scaling", "gptq": "act-order"}
+
+
+def plan_rows(fixtures: list[str], bits: list[int], impls: list[str], matched: bool = False) -> list[dict]:
     rows = []
     for fx in fixtures:
         for b in bits:
@@ -64,6 +80,10 @@ def plan_rows(fixtures: list[str], bits: list[int], impls: list[str]) -> list[di
                     rows.append(dict(fixture=fx, impl="quantship", method=m, bits=b, path="fake-quant"))
                     if b == 4:
                         rows.append(dict(fixture=fx, impl="quantship", method=m, bits=b, path="packed"))
+                if matched:
+                    for m, variant in MATCHED.items():
+                        rows.append(dict(fixture=fx, impl="quantship", method=m, bits=b, path="fake-quant",
+                                         variant=variant))
                 if b == 4:
                     rows.append(dict(fixture=fx, impl="quantship", method="bnb-nf4", bits=4, path="packed"))
             if "llm-compressor" in impls:
@@ -97,6 +117,8 @@ def _walk(spec: dict, method, qconfig, emit_dequantized: bool) -> Path:
     src, out = Path(spec["fixture_dir"]), Path(spec["out_dir"])
     config = AutoConfig.from_pretrained(src)
     calib = load_file(spec["calib_path"])["input_ids"]
+    if spec["method"] == "rtn":  # RTN reads no statistics: one window keeps the walk from running the others
+        calib = calib[:1]
     writer = CheckpointWriter(out)
     with open_checkpoint(src) as ck:
         quantize_layerwise(ck, config, arch_spec(config.architectures[0]), calib, method, writer.add, device="cpu",
@@ -128,14 +150,19 @@ def ours(spec: dict):
         if spec["path"] == "packed":  # what the quantize stage writes
             method, qconfig = make_method(cfg)
             return _walk(spec, method, qconfig, emit_dequantized=False)
+        variant = spec.get("variant")
         if m == "rtn":
             method = RTNMethod(b, g, cfg.w_sym, pack=False)
         elif m == "awq":
             o = cfg.awq
-            method = AWQMethod(b, g, o.n_grid, o.clip, o.max_shrink, o.duo_scaling, pack=False)
+            duo = True if variant == "duo_scaling" else o.duo_scaling
+            method = AWQMethod(b, g, o.n_grid, o.clip, o.max_shrink, duo, pack=False)
         else:
             o = cfg.gptq
-            method = GPTQMethod(b, g, cfg.w_sym, o.desc_act, o.damp, o.block_size, o.static_groups, pack=False)
+            # act-order with static groups: llm-compressor's ActivationOrdering.STATIC (groups fixed up front)
+            act = variant == "act-order"
+            method = GPTQMethod(b, g, cfg.w_sym, act or o.desc_act, o.damp, o.block_size, act or o.static_groups,
+                                pack=False)
         return _walk(spec, method, None, emit_dequantized=True)
 
     return run
@@ -151,6 +178,13 @@ def llm_compressor(spec: dict):
     from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not torch.cuda.is_available():
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        # 0.14's AWQ pins its cached activations (awq/base.py _apply_smoothing -> cache.py pin_memory), which a
+        # CPU-only torch refuses ("Cannot access accelerator device"); pinning only speeds host-to-GPU copies.
+        IntermediatesCache.pin_memory = lambda self, *a, **k: None
 
     def weight_scheme(sym: bool) -> dict:
         # At 4 bits these equal its W4A16 (sym, GPTQ) and W4A16_ASYM (AWQ) presets; spelled out for 3 bits.
@@ -211,6 +245,19 @@ def lmdeploy(spec: dict):
 QUANTIZERS = {"quantship": ours, "llm-compressor": llm_compressor, "lmdeploy": lmdeploy}
 
 
+def _warm_imports(src: str) -> None:
+    """Import what every implementation uses lazily (transformers' model classes), before the clock starts."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    import pipeline.formats.awq_gemm, pipeline.formats.gptq, pipeline.formats.w8a8  # noqa: F401, E401
+    import pipeline.quant.awq, pipeline.quant.gptq, pipeline.quant.smoothquant  # noqa: F401, E401
+
+    config = AutoConfig.from_pretrained(src)
+    with __import__("torch").device("meta"):
+        AutoModelForCausalLM.from_config(config)
+    AutoTokenizer.from_pretrained(src)
+
+
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -236,6 +283,7 @@ def worker(spec: dict) -> dict:
 
     result: dict = {}
     try:
+        _warm_imports(spec["fixture_dir"])
         run = QUANTIZERS[spec["impl"]](spec)  # imports happen here, before the clock
         result["rss_after_import_mib"] = round(_rss_mib(), 1)
         t0 = time.perf_counter()
@@ -255,7 +303,8 @@ def worker(spec: dict) -> dict:
     result.update(compare_to_reference_logprobs(reference, model, batch_size=4))
     if spec["impl"] == "llm-compressor":  # size of its compressed checkpoint, after the clock
         try:
-            model.save_pretrained(spec["out_dir"], save_compressed=True)
+            # In the fixture's fp16 (it ran in fp32), as the other rows' checkpoints store their float tensors.
+            model.to(torch.float16).save_pretrained(spec["out_dir"], save_compressed=True)
             result["size_bytes"] = weight_bytes(Path(spec["out_dir"]))
         except Exception as e:
             result["size_note"] = f"save failed: {_where(e)}"
@@ -301,7 +350,8 @@ def run_row(spec: dict, args) -> dict:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path), str(result_path)]
-        logf = Path(args.workdir) / "logs" / f"{spec['fixture']}-{spec['impl']}-{spec['method']}-{spec['bits']}-{spec['path']}.log".replace("/", "")
+        name = "-".join(str(spec.get(k) or "") for k in ("fixture", "impl", "method", "variant", "bits", "path"))
+        logf = Path(args.workdir) / "logs" / (name.replace("/", "") + ".log")
         logf.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         try:
@@ -337,15 +387,62 @@ def table(rows: list[dict], fixture_order: list[str]) -> str:
             ppl = f"{r['ppl']:.2f} ({r['ppl_increase_pct']:+.2f})"
             q = f"{r['quantize_s']:.1f}" if "quantize_s" in r else "—"
             rss = f"{r['peak_rss_mib']:.0f}" if "peak_rss_mib" in r else "—"
-            metrics = f"{r['kl_mean']:.5f} | {r['top1_agreement']:.4f} | {ppl} | {size} | {q} | {rss}"
-        lines.append(f"| {r['fixture']} | {r['bits']} | {r['impl']} | {r['method']} | {r['path']} | {metrics} |")
+            metrics = f"{r['kl_mean']:.2e} | {r['top1_agreement']:.4f} | {ppl} | {size} | {q} | {rss}"
+        method = _label(r["method"], r.get("variant"))
+        lines.append(f"| {r['fixture']} | {r['bits']} | {r['impl']} | {method} | {r['path']} | {metrics} |")
     return "\n".join(lines)
+
+
+def _label(method: str, variant: str | None) -> str:
+    return method if variant is None else f"{method} ({variant})"
+
+
+def check_goals(rows: list[dict], fixture_order: list[str]) -> list[dict]:
+    """The issue's goals, figure by figure: calibrated beats RTN; ours >= the same method elsewhere; ours faster."""
+    ok = [r for r in rows if "kl_mean" in r and r["impl"] != "reference (fp16)"]
+
+    def find(fx, bits, impl, method, path=None, variant=None):
+        for r in ok:
+            if ((r["fixture"], r["bits"], r["impl"], r["method"], r.get("variant")) == (fx, bits, impl, method, variant)
+                    and path in (None, r["path"])):
+                return r
+        return None
+
+    goals = []
+    for fx in fixture_order:
+        for bits in (4, 3):
+            rtn = find(fx, bits, "quantship", "rtn", "fake-quant")
+            for m, variant in [(m, v) for m in ("awq", "gptq") for v in (None, MATCHED[m])]:
+                r = find(fx, bits, "quantship", m, "fake-quant", variant)
+                if rtn and r:  # "clearly": at least 20% less KL, and more top-1
+                    goals.append(dict(goal="beats RTN", fixture=fx, bits=bits, method=_label(m, variant),
+                                      met=r["kl_mean"] <= 0.8 * rtn["kl_mean"]
+                                      and r["top1_agreement"] > rtn["top1_agreement"],
+                                      kl_ratio=round(r["kl_mean"] / rtn["kl_mean"], 3),
+                                      top1_delta=round(r["top1_agreement"] - rtn["top1_agreement"], 4)))
+        for bits, m in [(b, m) for b in (4, 3) for m in ("awq", "gptq")] + [("8/8", "smoothquant")]:
+            for variant in (None, MATCHED.get(m)) if m in MATCHED else (None,):
+                mine = find(fx, bits, "quantship", m, "packed" if bits == "8/8" else "fake-quant", variant)
+                for impl in ("llm-compressor", "lmdeploy"):
+                    theirs = find(fx, bits, impl, m)
+                    if not (mine and theirs):
+                        continue
+                    where = dict(fixture=fx, bits=bits, method=_label(m, variant), vs=impl)
+                    goals.append(dict(goal="no worse than reference impl", **where,
+                                      met=mine["kl_mean"] <= 1.05 * theirs["kl_mean"],  # 5%: run-to-run noise
+                                      kl_ratio=round(mine["kl_mean"] / theirs["kl_mean"], 3),
+                                      top1_delta=round(mine["top1_agreement"] - theirs["top1_agreement"], 4)))
+                    goals.append(dict(goal="faster than reference impl", **where,
+                                      met=mine["quantize_s"] < theirs["quantize_s"],
+                                      ours_s=mine["quantize_s"], theirs_s=theirs["quantize_s"]))
+    return goals
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
-    p.add_argument("--larger", action="store_true", help="also the larger model (trained once by scripts/train_tiny.py)")
+    p.add_argument("--larger", action="store_true",
+                   help="also the larger model (trained once by scripts/train_tiny.py)")
     p.add_argument("--bits", default="4,3", help="weight bit widths of the weight-only rows")
     p.add_argument("--group", type=int, default=128, choices=(32, 64, 128), help="group size")
     p.add_argument("--impls", default=",".join(IMPLS), help="subset of " + ",".join(IMPLS))
@@ -358,11 +455,13 @@ def main() -> None:
     p.add_argument("--lmdeploy-search-scale", action="store_true", help="lmdeploy auto_awq --search-scale (slow)")
     p.add_argument("--lmdeploy-path", default=os.environ.get("LMDEPLOY_PATH"),
                    help="a --target folder holding lmdeploy 0.18 and its pure-python deps, if not in the venv")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run (same for every implementation)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per run (same for every implementation)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per quantization run")
     p.add_argument("--workdir", default=str(ROOT / "outputs" / "bench" / "quality"))
     p.add_argument("--fixtures", default="tiny,tiny+outliers", help="of tiny, tiny+outliers (larger: --larger)")
     p.add_argument("--methods", default="rtn,awq,gptq,smoothquant,bnb-nf4", help="run only these methods")
+    p.add_argument("--matched", action="store_true",
+                   help="also ours with llm-compressor's default settings (AWQ duo_scaling, GPTQ act-order static)")
     p.add_argument("--json", help="write the rows and the setup here")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -396,23 +495,28 @@ def main() -> None:
         rows.append(dict(fixture=name, impl="reference (fp16)", method="—", bits="16", path="folder", kl_mean=0.0,
                          top1_agreement=1.0, ppl=fx["ref_ppl"], ppl_increase_pct=0.0, size_bytes=fx["size_bytes"]))
     methods = args.methods.split(",")
-    specs = [s for s in plan_rows(list(fixtures), bits, impls) if s["method"] in methods]
+    specs = [s for s in plan_rows(list(fixtures), bits, impls, args.matched) if s["method"] in methods]
     t_all = time.perf_counter()
     for i, spec in enumerate(specs, 1):
-        spec.update(common, fixture_dir=str(fixtures[spec["fixture"]]), calib_path=prepared[spec["fixture"]]["calib_path"],
-                    ref_dir=prepared[spec["fixture"]]["ref_dir"])
+        fx = prepared[spec["fixture"]]
+        spec.update(common, fixture_dir=str(fixtures[spec["fixture"]]), calib_path=fx["calib_path"],
+                    ref_dir=fx["ref_dir"])
         res = run_row(spec, args)
-        rows.append({k: spec[k] for k in ("fixture", "impl", "method", "bits", "path")} | res)
-        log.info("[%d/%d] %s %s %s %s %s: %s", i, len(specs), spec["fixture"], spec["impl"], spec["method"],
-                 spec["bits"], spec["path"], res.get("error") or f"KL {res['kl_mean']:.5f} top-1 {res['top1_agreement']:.4f}")
+        rows.append({k: spec.get(k) for k in ("fixture", "impl", "method", "variant", "bits", "path")} | res)
+        log.info("[%d/%d] %s %s %s %s %s %s: %s", i, len(specs), spec["fixture"], spec["impl"], spec["method"],
+                 spec.get("variant") or "", spec["bits"], spec["path"],
+                 res.get("error") or f"KL {res['kl_mean']:.3e} top-1 {res['top1_agreement']:.4f}")
     print(table(rows, list(fixtures)))
+    goals = check_goals(rows, list(fixtures))
+    for g in goals:
+        log.info("goal %s: %s", "MET" if g["met"] else "NOT MET", {k: v for k, v in g.items() if k != "met"})
     if args.json:
         setup = {k: v for k, v in vars(args).items() if k not in ("worker", "json")}
         setup.update(torch=torch.__version__, python=sys.version.split()[0], cpu_count=os.cpu_count(),
                      fixtures={k: str(v) for k, v in fixtures.items()}, total_s=round(time.perf_counter() - t_all, 1),
                      eval_tokens_scored={k: v["tokens"] for k, v in prepared.items()})
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"setup": setup, "rows": rows}, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"setup": setup, "rows": rows, "goals": goals}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
