@@ -12,18 +12,15 @@ from torch import nn
 
 from pipeline.quant.arch import ArchSpec, LinearGroup
 from pipeline.quant.layerwise import get_module
-from pipeline.quant.primitives import QuantizedWeight, quantize_groupwise, quantize_with_qparams
+from pipeline.quant.primitives import QuantizedWeight
 
 
 def quantize_fp16_scales(w: torch.Tensor, bits: int, group_size: int, sym: bool, clip_ratio=1.0) -> QuantizedWeight:
-    """Group-wise RTN whose integer codes are chosen for the fp16-rounded scales the checkpoint stores
-    (AutoAWQ ``gemm.py`` ``from_linear`` rounds scales to half before ``round(w / s)`` too)."""
-    qw = quantize_groupwise(w, bits, group_size, sym, clip_ratio)
-    scales = qw.scales.to(torch.float16).float().clamp(min=2.0**-24)
-    out_f, in_f = w.shape
-    g = w.float().reshape(out_f, in_f // group_size, group_size)
-    w_int = quantize_with_qparams(g, scales.unsqueeze(-1), qw.zeros.unsqueeze(-1), bits).reshape(w.shape)
-    return QuantizedWeight(w_int=w_int, scales=scales, zeros=qw.zeros, bits=bits, group_size=group_size)
+    """Group-wise RTN (optionally clipped) with codes chosen for the fp16-rounded scales the checkpoint stores;
+    the one implementation is ``rtn.rtn_quantize_weight``."""
+    from pipeline.quant.rtn import rtn_quantize_weight
+
+    return rtn_quantize_weight(w, bits, group_size, sym, clip_ratio)
 
 
 def _set_weight(linear: nn.Linear, w: torch.Tensor) -> None:

@@ -33,13 +33,13 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int, str], None]
 
 
-def rtn_quantize_weight(w: torch.Tensor, bits: int, group_size: int, sym: bool = False) -> QuantizedWeight:
+def rtn_quantize_weight(w: torch.Tensor, bits: int, group_size: int, sym: bool = False, clip_ratio=1.0) -> QuantizedWeight:
     """RTN of one weight [out, in], with the integer codes computed against the fp16-rounded scales.
 
     AWQ stores scales in fp16, so the codes are chosen for the scale the loader will actually multiply by: AutoAWQ
     does the same (``awq/modules/linear/gemm.py``, ``from_linear``: ``scales.half()`` before ``round(w / scales)``).
     """
-    qw = quantize_groupwise(w, bits, group_size, sym)
+    qw = quantize_groupwise(w, bits, group_size, sym, clip_ratio)
     # Smallest positive fp16 (a subnormal): a scale that rounds to 0 would divide by zero below.
     scales = qw.scales.to(torch.float16).float().clamp(min=2.0**-24)
     out_features, in_features = w.shape
