@@ -496,6 +496,9 @@ def main() -> None:
                          top1_agreement=1.0, ppl=fx["ref_ppl"], ppl_increase_pct=0.0, size_bytes=fx["size_bytes"]))
     methods = args.methods.split(",")
     specs = [s for s in plan_rows(list(fixtures), bits, impls, args.matched) if s["method"] in methods]
+    for spec in specs:
+        if args.lmdeploy_search_scale and spec["impl"] == "lmdeploy" and spec["method"] == "awq":
+            spec["variant"] = "search_scale"
     t_all = time.perf_counter()
     for i, spec in enumerate(specs, 1):
         fx = prepared[spec["fixture"]]
