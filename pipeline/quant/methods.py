@@ -35,6 +35,20 @@ def _pack_into(out: dict, name: str, linear: nn.Linear, tensors: dict[str, torch
         out[f"{name}.bias"] = linear.bias.detach().to(torch.float16)
 
 
+def _fold_into(layer: nn.Module, group: LinearGroup, linears: list[nn.Linear], scales: torch.Tensor) -> None:
+    """Fold per-input-channel ``scales`` into ``group``'s producer and linears, in place (AWQ and SmoothQuant)."""
+    from pipeline.quant.awq import fold_scales
+
+    prev = get_module(layer, group.prev)
+    folded = fold_scales(prev.weight, getattr(prev, "bias", None), [lin.weight for lin in linears], scales,
+                         prev_is_norm=not isinstance(prev, nn.Linear))
+    prev.weight.data = folded.prev_weight
+    if folded.prev_bias is not None:
+        prev.bias.data = folded.prev_bias
+    for lin, w in zip(linears, folded.linears):
+        lin.weight.data = w
+
+
 def _can_fold(layer: nn.Module, group: LinearGroup) -> bool:
     prev = get_module(layer, group.prev)
     first = get_module(layer, group.linears[0])
@@ -111,7 +125,7 @@ class AWQMethod:
 
     def quantize(self, layer: nn.Module, spec: ArchSpec) -> dict[str, torch.Tensor]:
         from pipeline.formats import awq_gemm
-        from pipeline.quant.awq import _subsample_tokens, fold_scales, input_channel_magnitude, search_clip, search_scales
+        from pipeline.quant.awq import _subsample_tokens, input_channel_magnitude, search_clip, search_scales
 
         scaled_inputs: dict[str, torch.Tensor] = {}
         for group in spec.groups:  # phase 1: scales, searched and folded on the float layer
@@ -123,14 +137,7 @@ class AWQMethod:
             found = search_scales(x, [lin.weight for lin in linears], None, self.bits, self.group_size, self.n_grid,
                                   magnitude=input_channel_magnitude(x), max_tokens=self.max_tokens,
                                   duo_scaling=self.duo_scaling)
-            prev = get_module(layer, group.prev)
-            folded = fold_scales(prev.weight, getattr(prev, "bias", None), [lin.weight for lin in linears],
-                                 found.scales, prev_is_norm=not isinstance(prev, nn.Linear))
-            prev.weight.data = folded.prev_weight
-            if folded.prev_bias is not None:
-                prev.bias.data = folded.prev_bias
-            for lin, w in zip(linears, folded.linears):
-                lin.weight.data = w
+            _fold_into(layer, group, linears, found.scales)
             # The fold divides this group's input by s: the clip search must see what the linears will see.
             # It samples at most a few thousand tokens, so only those are kept (bounds memory on big layers).
             x = _subsample_tokens(x, self.max_tokens)
@@ -169,7 +176,6 @@ class SmoothQuantMethod:
 
     def quantize(self, layer: nn.Module, spec: ArchSpec) -> dict[str, torch.Tensor]:
         from pipeline.formats import w8a8
-        from pipeline.quant.awq import fold_scales
         from pipeline.quant.primitives import quantize_per_channel_int8
         from pipeline.quant.smoothquant import smooth_scales
 
@@ -180,15 +186,7 @@ class SmoothQuantMethod:
             if group.needs_equal_width and not _can_fold(layer, group):
                 continue
             linears = [get_module(layer, n) for n in group.linears]
-            prev = get_module(layer, group.prev)
-            s = smooth_scales(absmax, [lin.weight for lin in linears], self.alpha)
-            folded = fold_scales(prev.weight, getattr(prev, "bias", None), [lin.weight for lin in linears], s,
-                                 prev_is_norm=not isinstance(prev, nn.Linear))
-            prev.weight.data = folded.prev_weight
-            if folded.prev_bias is not None:
-                prev.bias.data = folded.prev_bias
-            for lin, w in zip(linears, folded.linears):
-                lin.weight.data = w
+            _fold_into(layer, group, linears, smooth_scales(absmax, [lin.weight for lin in linears], self.alpha))
         pack = w8a8.pack_lmdeploy if self.layout == "lmdeploy" else w8a8.pack_compressed_tensors
         out: dict[str, torch.Tensor] = {}
         for name in spec.linears:
