@@ -83,9 +83,15 @@ class GPTQOptions(_Section):
     """GPTQ settings (Frantar et al., 2022)."""
 
     damp: float = Field(0.01, gt=0, lt=1, description="Dampening, as a fraction of the Hessian's mean diagonal.")
-    desc_act: bool = Field(False, description="Act-order: quantize columns by decreasing Hessian diagonal (writes g_idx).")
+    desc_act: bool = Field(
+        True, description="Act-order: quantize columns by decreasing Hessian diagonal. With static_groups (the "
+        "default) g_idx stays in order and every GPTQ loader reads it; without, it writes a permuted g_idx.",
+    )
     block_size: int = Field(128, ge=1, le=4096, description="Columns per lazy-update block.")
-    static_groups: bool = Field(False, description="Fix group grids before the updates (keeps g_idx in order with desc_act).")
+    static_groups: bool = Field(
+        True, description="Fix each group's grid on the original column order before the updates, so g_idx stays "
+        "i // group_size with desc_act (static act-order, llm-compressor's actorder: static).",
+    )
 
 
 class AWQOptions(_Section):
@@ -94,7 +100,10 @@ class AWQOptions(_Section):
     n_grid: int = Field(20, ge=1, le=100, description="Grid points of the scale exponent search in [0, 1).")
     clip: bool = Field(True, description="Search per-group weight clipping after scaling.")
     max_shrink: float = Field(0.5, gt=0, lt=1, description="Largest fraction a group's range may be clipped by.")
-    duo_scaling: bool = Field(False, description="AutoAWQ's scales from activation and weight magnitudes.")
+    duo_scaling: bool = Field(
+        True, description="AutoAWQ/llm-compressor scales mag_x^a / mag_w^(1-a); invariant to per-channel rescaling "
+        "of the input, which the paper's mag_x^a (false) is not.",
+    )
 
 
 class SmoothQuantOptions(_Section):
@@ -111,7 +120,7 @@ class QuantizeSection(_Section):
 
     Example::
 
-        quantize: {method: gptq, w_bits: 4, w_group_size: 128, gptq: {desc_act: false}}
+        quantize: {method: gptq, w_bits: 4, w_group_size: 128, gptq: {desc_act: true, static_groups: true}}
     """
 
     method: Method = Field(description="none (reference), rtn, awq, gptq, smoothquant (W8A8), bnb-nf4 or bnb-int8.")
@@ -459,10 +468,17 @@ def check_rules(loaded: LoadedRecipe, lines: dict[tuple, int]) -> None:
                 f"{where}:{_line(lines, ('quantize', 'w_sym'))}: field 'quantize.w_sym'{tag}: the AWQ GEMM layout "
                 f"stores zero points (asymmetric); set w_sym: false"
             )
-        if q.method == "gptq" and r.compile.target == "turbomind" and (q.gptq.desc_act or not q.w_sym):
+        # Static act-order (desc_act with static_groups) keeps g_idx = i // group_size and the checkpoint declares
+        # desc_act: false (pipeline/formats/gptq.py declared_desc_act), which TurboMind loads; only a permuted
+        # g_idx (desc_act without static_groups) is refused, as is an asymmetric grid.
+        if q.method == "gptq" and r.compile.target == "turbomind" and (
+                (q.gptq.desc_act and not q.gptq.static_groups) or not q.w_sym):
             problems.append(
                 f"{where}:{_line(lines, ('compile', 'target'))}: field 'compile.target'{tag}: TurboMind loads GPTQ only "
-                f"with desc_act: false and w_sym: true (lmdeploy 0.18 turbomind/deploy/converter.py)"
+                f"with w_sym: true and groups in column order (it asserts desc_act false and never reads g_idx, "
+                f"lmdeploy 0.18 turbomind/deploy/converter.py); desc_act: true needs static_groups: true "
+                f"(static act-order, the default); got desc_act: {str(q.gptq.desc_act).lower()}, static_groups: "
+                f"{str(q.gptq.static_groups).lower()}, w_sym: {str(q.w_sym).lower()}"
             )
         if q.method == "smoothquant" and q.smoothquant.layout == "compressed-tensors" and r.compile.target.startswith(
                 ("lmdeploy", "turbomind")):

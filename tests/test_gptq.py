@@ -338,6 +338,30 @@ def test_quantization_config_is_read_by_transformers_and_gptqmodel_fields():
     assert hf.act_group_aware is False
 
 
+@pytest.mark.parametrize("desc_act, static_groups, declared", [
+    (False, False, False), (True, True, False), (False, True, False), (True, False, True)])
+def test_config_declares_desc_act_only_for_a_permuted_g_idx(desc_act, static_groups, declared):
+    cfg = gptq_format.quantization_config(4, 128, desc_act=desc_act, sym=True, static_groups=static_groups)
+    assert cfg["desc_act"] is declared
+    assert (cfg["meta"]["act_order"], cfg["meta"]["static_groups"]) == (desc_act, static_groups)
+    # TurboMind asserts desc_act false: static act-order loads, a permuted g_idx does not.
+    problems = gptq_format.loader_violations("turbomind", cfg["bits"], cfg["group_size"], cfg["desc_act"], cfg["sym"])
+    assert [p.split("=")[0] for p in problems] == (["desc_act"] if declared else [])
+
+
+def test_static_act_order_packs_an_in_order_g_idx():
+    # What the declared desc_act: false promises: g_idx = i // group_size, and the unpacked weight is the same.
+    w, x = correlated_linear(seed=7)
+    H, _ = accumulate_hessian(None, x, 0)
+    q = gptq_quantize(w, H, bits=4, group_size=32, sym=True, desc_act=True, static_groups=True)
+    plain = gptq_quantize(w, H, bits=4, group_size=32, sym=True)
+    assert not torch.equal(q.w_int, plain.w_int)  # act-order did change the codes
+    packed = gptq_format.pack(q)
+    assert torch.equal(packed["g_idx"], torch.arange(w.shape[1], dtype=torch.int32) // 32)
+    back = gptq_format.unpack(packed, 4)
+    assert back.g_idx is None and torch.equal(back.w_int, q.w_int)
+
+
 def test_loader_constraints_as_data():
     assert gptq_format.loader_violations("turbomind", 4, 128, desc_act=False, sym=True) == []
     problems = gptq_format.loader_violations("turbomind", 8, 64, desc_act=True, sym=False, checkpoint_format="gptq_v2")

@@ -59,6 +59,23 @@ def test_checkpoints_declare_their_format(all_methods, variant, expected):
     assert {k: qc.get(k) for k in expected} == expected
 
 
+
+def test_default_gptq_checkpoint_is_static_act_order_with_in_order_g_idx(all_methods):
+    import torch
+    from safetensors import safe_open
+
+    folder = all_methods["gptq"]["quantize_dir"] / "model"
+    config = json.loads((folder / "config.json").read_text())
+    qc = config["quantization_config"]
+    # The recipe sets no gptq options: act-order ran (meta), groups stayed in column order, so loaders read false.
+    assert (qc["desc_act"], qc["meta"]["act_order"], qc["meta"]["static_groups"]) == (False, True, True)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        g_idx = {k: f.get_tensor(k) for k in f.keys() if k.endswith(".g_idx")}
+    assert len(g_idx) == 7 * config["num_hidden_layers"]  # q, k, v, o, gate, up, down in each layer
+    for name, g in g_idx.items():
+        assert torch.equal(g, torch.arange(g.numel(), dtype=torch.int32) // qc["group_size"]), name
+
+
 def test_layer_tensors_have_the_loaders_names(all_methods):
     from safetensors import safe_open
 

@@ -123,11 +123,50 @@ def test_method_defaults_are_filled(tmp_path):
     assert r.variants["awq"].quantize.awq.n_grid == 20
 
 
-def test_turbomind_rejects_act_order_gptq(tmp_path):
-    path = write_recipe(tmp_path, "model: {{source: {model}}}\ncalibration: {{source: {calib}}}\n"
-                        "quantize: {{method: gptq, gptq: {{desc_act: true}}}}\ncompile: {{target: turbomind}}\n")
-    with pytest.raises(RecipeError, match="TurboMind loads GPTQ only with desc_act: false and w_sym: true"):
+GPTQ_TURBOMIND = ("model: {{source: {model}}}\ncalibration: {{source: {calib}}}\n"
+                  "quantize: {{method: gptq{gptq}}}\ncompile: {{target: turbomind}}\n")
+NOT_BUILT = "field 'compile.target': target 'turbomind' (lmdeploy TurboMind) is not built into this quantship version " \
+            "yet; built: transformers"
+
+
+def test_turbomind_rejects_permuted_act_order_gptq(tmp_path):
+    path = write_recipe(tmp_path, GPTQ_TURBOMIND.replace("{gptq}", ", gptq: {{desc_act: true, static_groups: false}}"))
+    with pytest.raises(RecipeError) as e:
         load_recipe(path)
+    assert str(e.value) == (
+        f"{path.resolve()}:4: field 'compile.target': TurboMind loads GPTQ only with w_sym: true and groups in column "
+        "order (it asserts desc_act false and never reads g_idx, lmdeploy 0.18 turbomind/deploy/converter.py); "
+        "desc_act: true needs static_groups: true (static act-order, the default); got desc_act: true, "
+        f"static_groups: false, w_sym: true; {path.resolve()}:4: {NOT_BUILT}."
+    )
+
+
+@pytest.mark.parametrize("gptq", ["", ", gptq: {{desc_act: true, static_groups: true}}", ", gptq: {{desc_act: false}}"])
+def test_turbomind_takes_static_act_order_gptq(tmp_path, gptq):
+    # The default (static act-order) and plain column order meet TurboMind's GPTQ rule; what is left is only that
+    # the target is not built yet.
+    path = write_recipe(tmp_path, GPTQ_TURBOMIND.replace("{gptq}", gptq))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert str(e.value) == f"{path.resolve()}:4: {NOT_BUILT}."
+
+
+def test_default_settings_are_duo_scaling_and_static_act_order(tmp_path):
+    from pipeline.quant.methods import AWQMethod, GPTQMethod
+    from pipeline.stages.quantize import make_method
+
+    text = "model: {{source: {model}}}\ncalibration: {{source: {calib}}}\nquantize: {{method: gptq}}\n" \
+           "matrix: {{quantize.method: [gptq, awq]}}\n"
+    r = load_recipe(write_recipe(tmp_path, text))
+    awq, awq_config = make_method(r.variants["awq"].quantize)
+    assert isinstance(awq, AWQMethod) and awq.duo_scaling is True
+    assert AWQMethod(4, 128).duo_scaling is True  # the constructor agrees with the schema
+    gptq, gptq_config = make_method(r.variants["gptq"].quantize)
+    assert isinstance(gptq, GPTQMethod)
+    assert (gptq.args["desc_act"], gptq.args["static_groups"]) == (True, True)
+    # In-order g_idx, so loaders are told desc_act false; what ran is under meta.
+    assert gptq_config["desc_act"] is False
+    assert (gptq_config["meta"]["act_order"], gptq_config["meta"]["static_groups"]) == (True, True)
 
 
 def test_hub_id_needs_a_pinned_revision(tmp_path):

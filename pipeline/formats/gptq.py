@@ -200,6 +200,21 @@ def unpack(tensors: Mapping[str, torch.Tensor], bits: int, checkpoint_format: st
     )
 
 
+def declared_desc_act(desc_act: bool, static_groups: bool) -> bool:
+    """The ``desc_act`` a checkpoint declares to loaders: true only when its ``g_idx`` is permuted.
+
+    Static act-order (``desc_act`` with ``static_groups``, llm-compressor's ``actorder: static``) quantizes the
+    columns in act-order but fixes every group on the original column order, so ``g_idx`` is ``i // group_size``
+    (``pipeline/quant/gptq.py`` ``_finish`` returns none and :func:`pack` writes the in-order one). For loaders
+    ``desc_act`` only means "the groups are permuted, follow ``g_idx``": TurboMind asserts it is false
+    (``lmdeploy/turbomind/converter.py`` ``get_tm_config``) and never reads ``g_idx``; vLLM's gptq and
+    gptq_marlin (``gptq.py`` / ``gptq_marlin.py``) and GPTQModel / transformers take the act-order path
+    (``argsort(g_idx)``, an extra permutation) only when it is true. With an in-order ``g_idx`` both paths compute
+    the same weights, so declaring false is exact and loads everywhere; the truth goes under ``meta``.
+    """
+    return desc_act and not static_groups
+
+
 def quantization_config(
     bits: int,
     group_size: int,
@@ -214,6 +229,10 @@ def quantization_config(
     quantizer: str = "quantship",
 ) -> dict:
     """``config.json``'s ``quantization_config`` for a GPTQ checkpoint, with the fields GPTQModel writes.
+
+    ``desc_act`` and ``static_groups`` are the quantizer's settings; the top-level ``desc_act`` is
+    :func:`declared_desc_act` (false for static act-order, whose ``g_idx`` is in order), and ``meta`` records
+    both settings as run (``act_order``, ``static_groups``).
 
     GPTQModel (``gptqmodel/quantization/config.py`` ``to_dict`` + ``GPTQConfig._update_output_payload``,
     ``models/writer.py``) writes ``bits, group_size, desc_act, sym, lm_head, method, quant_method, format,
@@ -233,7 +252,8 @@ def quantization_config(
         "method": "gptq",
         "bits": bits,
         "group_size": group_size,
-        "desc_act": desc_act,
+        # What loaders read: true only for a permuted g_idx (see declared_desc_act for the loaders' code).
+        "desc_act": declared_desc_act(desc_act, static_groups),
         "sym": sym,
         "lm_head": lm_head,
         "format": checkpoint_format,
@@ -243,6 +263,7 @@ def quantization_config(
         "meta": {
             "quantizer": [_quantizer_version(quantizer)],
             "damp_percent": damp_percent,
+            "act_order": desc_act,  # the quantizer's column order (the top-level desc_act is what loaders need)
             "static_groups": static_groups,
             "true_sequential": true_sequential,
             "mse": 0.0,

@@ -111,7 +111,7 @@ class AWQMethod:
     """AWQ (Lin et al., 2023): per-group scale search and fold, then clipping search, then INT4 (GEMM layout)."""
 
     def __init__(self, bits: int, group_size: int, n_grid: int = 20, clip: bool = True, max_shrink: float = 0.5,
-                 duo_scaling: bool = False, max_tokens: int = 4096, pack: bool = True):
+                 duo_scaling: bool = True, max_tokens: int = 4096, pack: bool = True):
         self.pack = pack
         self.bits, self.group_size, self.n_grid = bits, group_size, n_grid
         self.clip, self.max_shrink, self.duo_scaling, self.max_tokens = clip, max_shrink, duo_scaling, max_tokens

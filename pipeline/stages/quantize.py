@@ -75,6 +75,8 @@ def make_method(cfg):
     if cfg.method == "gptq":
         o = cfg.gptq
         method = GPTQMethod(cfg.w_bits, cfg.w_group_size, cfg.w_sym, o.desc_act, o.damp, o.block_size, o.static_groups)
+        # The settings as run; the config declares desc_act: false for static act-order (in-order g_idx, which
+        # TurboMind requires) and keeps the truth under meta (formats/gptq.py declared_desc_act).
         return method, gptq.quantization_config(cfg.w_bits, cfg.w_group_size, o.desc_act, cfg.w_sym,
                                                 damp_percent=o.damp, static_groups=o.static_groups)
     if cfg.method == "awq":
