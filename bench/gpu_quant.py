@@ -14,6 +14,7 @@ Prints one table (wall time, peak GPU memory) and writes the rows as JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -57,15 +58,55 @@ class RandomWeights:
         if name.endswith("norm.weight"):
             return torch.ones(shape, device=self.device, dtype=self.dtype)
         g = torch.Generator(device=self.device).manual_seed(self.seed + zlib.crc32(name.encode()))
-        return (torch.randn(shape, generator=g, device=self.device, dtype=torch.float32) * 0.02).to(self.dtype)
+        # Drawn in the model's dtype: a checkpoint reader hands over bf16 tensors, never an fp32 copy (for the
+        # 128256 x 4096 embeddings an fp32 draw alone would add 2 GiB to the peak that no real run has).
+        return torch.randn(shape, generator=g, device=self.device, dtype=self.dtype).mul_(0.02)
 
 
-def run_ours(method_name: str, config, ids: torch.Tensor) -> dict:
+@contextlib.contextmanager
+def _profiler(enabled: bool):
+    if not enabled:
+        yield None
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        yield prof
+
+
+def column_loop_bench() -> list[dict]:
+    """The GPTQ column loop alone (Triton kernel + lazy-update GEMMs) on the 8B shapes, median of 3."""
+    from pipeline.quant import gptq_triton
+    from pipeline.quant.gptq import _group_qparams, _inverse_hessian_cholesky
+
+    rows = []
+    for name, (n_out, n_in) in {"qkv": (6144, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}.items():
+        x = torch.randn(8192, n_in, device="cuda")
+        U = _inverse_hessian_cholesky(x.t() @ x / 8192, 0.01)
+        W0 = torch.randn(n_out, n_in, device="cuda") * 0.02
+        gptq_triton.gptq_columns(W0.clone(), U, 4, True, 128, _group_qparams)  # warm-up: Triton compiles
+        times = []
+        for _ in range(3):
+            W = W0.clone()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            gptq_triton.gptq_columns(W, U, 4, True, 128, _group_qparams)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        rows.append({"linear": name, "shape": [n_out, n_in], "triton_s": sorted(times)[1]})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def run_ours(method_name: str, config, ids: torch.Tensor, profile: bool = False) -> dict:
     from pipeline.quant.arch import arch_spec
     from pipeline.quant.layerwise import quantize_layerwise
     from pipeline.quant.methods import AWQMethod, GPTQMethod
 
-    method = (GPTQMethod(4, 128, True, False, 0.01, 128) if method_name == "gptq" else AWQMethod(4, 128))
+    # The quantize stage's defaults: GPTQ with static act-order (llm-compressor's default too), AWQ with duo scaling
+    # and the clip search.
+    method = (GPTQMethod(4, 128, True, desc_act=True, damp=0.01, block_size=128, static_groups=True)
+              if method_name == "gptq" else AWQMethod(4, 128, duo_scaling=True))
     written = [0]
 
     def write(name: str, t: torch.Tensor) -> None:
@@ -75,9 +116,12 @@ def run_ours(method_name: str, config, ids: torch.Tensor) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    stats = quantize_layerwise(source, config, arch_spec("LlamaForCausalLM"), ids, method, write,
-                               device="cuda", dtype=torch.bfloat16, batch_size=4)
-    torch.cuda.synchronize()
+    with _profiler(profile) as prof:
+        stats = quantize_layerwise(source, config, arch_spec("LlamaForCausalLM"), ids, method, write,
+                                   device="cuda", dtype=torch.bfloat16, batch_size=4)
+        torch.cuda.synchronize()
+    if prof is not None:
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25), flush=True)
     return {"seconds": time.perf_counter() - t0, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
             "seconds_per_layer": stats["seconds_per_layer"], "written_gib": written[0] / 2**30}
 
@@ -119,9 +163,12 @@ def main() -> None:
     p.add_argument("--methods", default="ours-gptq,ours-awq,llmc-gptq,llmc-awq")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--json", default="gpu_quant.json")
+    p.add_argument("--profile", action="store_true", help="torch.profiler table of ours (use with --layers 2)")
+    p.add_argument("--column-loop", action="store_true", help="also time the GPTQ column loop implementations")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/gpu_quant.py needs a CUDA GPU")
+    loop_rows = column_loop_bench() if args.column_loop else []
     config = llama3_8b_config(args.layers)
     calib = {"gptq": (128, 2048), "awq": (128, 512)}
     rows = []
@@ -131,7 +178,7 @@ def main() -> None:
         ids = torch.randint(0, config.vocab_size, (n, L), generator=torch.Generator().manual_seed(0))
         row = {"impl": "quantship" if impl == "ours" else "llm-compressor", "method": method, "calib": f"{n}x{L}"}
         try:
-            row.update((run_ours if impl == "ours" else run_llmc)(method, config, ids))
+            row.update(run_ours(method, config, ids, args.profile) if impl == "ours" else run_llmc(method, config, ids))
         except Exception as e:  # one failing implementation must not hide the others' figures
             traceback.print_exc()
             row["error"] = f"{type(e).__name__}: {e}"[:300]
@@ -140,15 +187,15 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     device = torch.cuda.get_device_name(0)
     print(f"\n{device}, torch {torch.__version__}, Llama-3-8B shape x {args.layers} layers, random bf16 weights")
-    print(f"| implementation | method | calibration | wall s | s/layer | peak GPU GiB |\n|---|---|---|---|---|---|")
+    print(f"| implementation | method | calibration | wall s | s/layer | peak GPU GiB | peak GB |\n|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['impl']} | {r['method']} | {r['calib']} | error: {r['error'][:80]} | | |")
+            print(f"| {r['impl']} | {r['method']} | {r['calib']} | error: {r['error'][:80]} | | | |")
         else:
             print(f"| {r['impl']} | {r['method']} | {r['calib']} | {r['seconds']:.1f} | "
-                  f"{r.get('seconds_per_layer', float('nan')):.2f} | {r['peak_gib']:.1f} |")
+                  f"{r.get('seconds_per_layer', float('nan')):.2f} | {r['peak_gib']:.2f} | {r['peak_gib'] * 2**30 / 1e9:.2f} |")
     Path(args.json).write_text(json.dumps({"device": device, "torch": torch.__version__, "layers": args.layers,
-                                           "rows": rows}, indent=1))
+                                           "rows": rows, "column_loop": loop_rows}, indent=1))
 
 
 if __name__ == "__main__":

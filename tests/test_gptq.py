@@ -241,6 +241,22 @@ def test_gptq_on_cuda_matches_cpu_quality():
     assert output_error(w, q_cpu, x) < 0.85 * output_error(w, quantize_groupwise(w, 4, 32, sym=True), x)
 
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_hessian_from_bf16_inputs_on_cuda_equals_fp32_accumulation():
+    # The CUDA path multiplies bf16 inputs with fp32 output (no fp32 copy of x); bf16 products are exact in fp32,
+    # so it must agree with upcasting first to fp32 rounding of the sums.
+    from pipeline.quant import gptq
+
+    x = (torch.randn(3, 512, 256, device="cuda") * 2).to(torch.bfloat16)
+    H, n = None, 0
+    for batch in x:
+        H, n = accumulate_hessian(H, batch, n)
+    ref = 2 * x.reshape(-1, 256).double().t() @ x.reshape(-1, 256).double() / n
+    assert gptq._HALF_GEMM_OK is not None
+    torch.testing.assert_close(H.double(), ref, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- the checkpoint format
 
 

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from pipeline.errors import QuantizationError
-from pipeline.quant.primitives import fake_quantize
+from pipeline.quant.primitives import fake_quantize, tf32_matmuls
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,11 @@ def search_scales(
         def run(ws: list[torch.Tensor]) -> list[torch.Tensor]:
             return [forward([w.to(weights[i].dtype) for i, w in enumerate(ws)]).float()]
 
+    with tf32_matmuls(device.type == "cuda"):
+        return _grid(run, w_fp32, x_mag, w_mag, bits, group_size, sym, n_grid, in_features, device)
+
+
+def _grid(run, w_fp32, x_mag, w_mag, bits, group_size, sym, n_grid, in_features, device) -> ScaleSearch:
     reference = run(w_fp32)
     numel = sum(r.numel() for r in reference)
 
@@ -262,18 +267,24 @@ def search_clip(
     ratios = [1.0 - i / n_grid for i in range(max(1, int(max_shrink * n_grid)))]
 
     best_ratio = torch.ones(out_features, n_groups, dtype=torch.float32, device=w.device)
-    for start in range(0, out_features, out_batch):
-        wb = w[start : start + out_batch].float()
-        wg = wb.reshape(-1, n_groups, g)
-        reference = torch.einsum("tgk,ogk->otg", xg, wg)  # per-group partial outputs [rows, tokens, groups]
-        min_err = torch.full((wb.shape[0], n_groups), float("inf"), device=w.device)
-        for r in ratios:
-            q = fake_quantize(wb, bits, g, sym, clip_ratio=r).reshape(-1, n_groups, g)
-            err = (torch.einsum("tgk,ogk->otg", xg, q) - reference).pow(2).mean(dim=1)  # [rows, groups]
-            better = err < min_err
-            min_err = torch.where(better, err, min_err)
-            best_ratio[start : start + out_batch][better] = r
+    with tf32_matmuls(w.is_cuda):
+        for start in range(0, out_features, out_batch):
+            _clip_rows(w, xg, start, out_batch, ratios, bits, g, sym, n_groups, best_ratio)
     return best_ratio
+
+
+def _clip_rows(w, xg, start, out_batch, ratios, bits, g, sym, n_groups, best_ratio) -> None:
+    """The clip search for rows ``start : start + out_batch`` of ``w``, written into ``best_ratio``."""
+    wb = w[start : start + out_batch].float()
+    wg = wb.reshape(-1, n_groups, g)
+    reference = torch.einsum("tgk,ogk->otg", xg, wg)  # per-group partial outputs [rows, tokens, groups]
+    min_err = torch.full((wb.shape[0], n_groups), float("inf"), device=w.device)
+    for r in ratios:
+        q = fake_quantize(wb, bits, g, sym, clip_ratio=r).reshape(-1, n_groups, g)
+        err = (torch.einsum("tgk,ogk->otg", xg, q) - reference).pow(2).mean(dim=1)  # [rows, groups]
+        better = err < min_err
+        min_err = torch.where(better, err, min_err)
+        best_ratio[start : start + out_batch][better] = r
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from torch import nn
 
 from pipeline.quant.arch import ArchSpec, LinearGroup
 from pipeline.quant.layerwise import get_module
-from pipeline.quant.primitives import QuantizedWeight
+from pipeline.quant.primitives import QuantizedWeight, tf32_matmuls
 
 
 def quantize_fp16_scales(w: torch.Tensor, bits: int, group_size: int, sym: bool, clip_ratio=1.0) -> QuantizedWeight:
@@ -74,15 +74,11 @@ class GPTQMethod:
     def observe(self, group: LinearGroup, x: torch.Tensor) -> None:
         from pipeline.quant.gptq import accumulate_hessian
 
-        # On CUDA, TF32 for XᵀX is exact for bf16/fp16 activations (their mantissas fit TF32's 10 bits; the sums
-        # still accumulate in fp32) and several times faster than plain fp32 GEMM.
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-        try:
+        # On CUDA the bf16/fp16 inputs go to the GEMM as they are, with fp32 output (accumulate_hessian); where
+        # torch cannot, they are upcast and TF32 is exact for them (their mantissas fit TF32's 10 bits).
+        with tf32_matmuls(x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
             self.H[group.prev], self.n[group.prev] = accumulate_hessian(
                 self.H.get(group.prev), x, self.n.get(group.prev, 0))
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
 
     def quantize(self, layer: nn.Module, spec: ArchSpec) -> dict[str, torch.Tensor]:
         from pipeline.formats import gptq as fmt
@@ -90,12 +86,13 @@ class GPTQMethod:
 
         out: dict[str, torch.Tensor] = {}
         for group in spec.groups:
-            H = self.H.pop(group.prev)
             linears = [get_module(layer, name) for name in group.linears]
             # GPTQ treats rows independently given H, so the linears sharing this input are solved as one
             # stacked weight (one pass over the columns instead of one per linear): same result, fewer launches.
             stacked = torch.cat([lin.weight for lin in linears]) if len(linears) > 1 else linears[0].weight
-            qw = gptq_quantize(stacked, H, **self.args)
+            # The Hessian is handed over (popped, no other reference): GPTQ factorises it in place.
+            qw = gptq_quantize(stacked, self.H.pop(group.prev), overwrite_h=True, **self.args)
+            del stacked
             start = 0
             for name, linear in zip(group.linears, linears):
                 rows = slice(start, start + linear.weight.shape[0])
@@ -103,7 +100,7 @@ class GPTQMethod:
                 part = QuantizedWeight(qw.w_int[rows], qw.scales[rows], qw.zeros[rows], qw.bits, qw.group_size, qw.g_idx)
                 _set_weight(linear, part.dequantize())
                 _pack_into(out, name, linear, fmt.pack(part) if self.pack else None)
-            del H
+            del qw
         return out
 
 

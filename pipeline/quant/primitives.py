@@ -8,6 +8,8 @@ into groups of ``group_size`` columns, each (row, group) has a scale ``s`` and a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -94,8 +96,27 @@ def dequantize_groupwise(
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool = False, clip_ratio=1.0) -> torch.Tensor:
-    """Quantize then dequantize, in ``w``'s dtype: what a search compares against the original."""
-    return quantize_groupwise(w, bits, group_size, sym, clip_ratio).dequantize().to(w.dtype)
+    """Quantize then dequantize, in ``w``'s dtype: what a search compares against the original. The same values as
+    ``quantize_groupwise(...).dequantize()``, computed on the group view (no integer copy, no per-column gather):
+    the AWQ searches call it ~30 times per linear."""
+    g = _group_view(w.float(), group_size)
+    ratio = clip_ratio if isinstance(clip_ratio, float) else clip_ratio.unsqueeze(-1)
+    scales, zeros = compute_qparams(g.amin(dim=-1, keepdim=True) * ratio, g.amax(dim=-1, keepdim=True) * ratio,
+                                    bits, sym)
+    q = torch.clamp(torch.round(g / scales) + zeros, 0, 2**bits - 1)
+    return ((q - zeros) * scales).reshape(w.shape).to(w.dtype)
+
+
+@contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """Let CUDA fp32 matmuls use TF32 inside the block when ``enabled`` (the searches' many candidate products:
+    several times faster, ~1e-3 relative error, far below the 4-bit noise they rank); restored on exit."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = previous or enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def quantize_per_channel_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
