@@ -63,6 +63,9 @@ sys.path.insert(0, str(ROOT))
 log = logging.getLogger("bench.quality")
 
 TINY = ROOT / "models" / "tiny-llama-pydocs"
+# The better-trained fixture: the same config trained on the lent GPU on the extended corpus (models/README.md).
+TINY_GPU = ROOT / "models" / "tiny-llama-pydocs-gpu"
+BASES = {"tiny": TINY, "gpu": TINY_GPU}
 CALIB_TEXT = ROOT / "calibration" / "pydocs-calib.txt"
 EVAL_TEXT = ROOT / "data" / "eval" / "pydocs-heldout.txt"
 IMPLS = ("quantship", "llm-compressor", "lmdeploy")
@@ -449,6 +452,7 @@ def main() -> None:
     p.add_argument("--worker", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
     p.add_argument("--larger", action="store_true",
                    help="also the larger model (trained once by scripts/train_tiny.py)")
+    p.add_argument("--larger-path", help="the larger fixture's folder, if trained already (e.g. on a GPU: RESULTS.md)")
     p.add_argument("--bits", default="4,3", help="weight bit widths of the weight-only rows")
     p.add_argument("--group", type=int, default=128, choices=(32, 64, 128), help="group size")
     p.add_argument("--impls", default=",".join(IMPLS), help="subset of " + ",".join(IMPLS))
@@ -464,7 +468,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads per run (same for every implementation)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per quantization run")
     p.add_argument("--workdir", default=str(ROOT / "outputs" / "bench" / "quality"))
-    p.add_argument("--fixtures", default="tiny,tiny+outliers", help="of tiny, tiny+outliers (larger: --larger)")
+    p.add_argument("--fixtures", default="tiny,tiny+outliers",
+                   help="of tiny, gpu (the better-trained one), each optionally +outliers (larger: --larger)")
     p.add_argument("--methods", default="rtn,awq,gptq,smoothquant,bnb-nf4", help="run only these methods")
     p.add_argument("--old-defaults", "--matched", dest="old_defaults", action="store_true",
                    help="also ours with the stage's previous defaults: 'awq (paper scales)' without duo scaling, "
@@ -483,14 +488,19 @@ def main() -> None:
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    wanted = args.fixtures.split(",")
-    fixtures = {"tiny": TINY} if "tiny" in wanted else {}
-    if "tiny+outliers" in wanted:
-        outliers = work / "fixtures" / "tiny-llama-pydocs-outliers"
-        if not (outliers / "outliers.json").is_file():
-            inject_outliers(TINY, outliers)
-        fixtures["tiny+outliers"] = outliers
-    if args.larger:
+    fixtures = {}
+    for name in args.fixtures.split(","):
+        base, _, variant = name.partition("+")
+        if base not in BASES or variant not in ("", "outliers"):
+            sys.exit(f"--fixtures: unknown fixture {name!r}; valid: {', '.join(f'{b}, {b}+outliers' for b in BASES)}")
+        fixtures[name] = BASES[base]
+        if variant:  # the same function, with outlier channels in its activations (bench/fixtures.py)
+            fixtures[name] = work / "fixtures" / f"{BASES[base].name}-outliers"
+            if not (fixtures[name] / "outliers.json").is_file():
+                inject_outliers(BASES[base], fixtures[name])
+    if args.larger_path:
+        fixtures["larger"] = Path(args.larger_path)
+    elif args.larger:
         fixtures["larger"] = larger_fixture(work / "fixtures" / "tiny-llama-pydocs-large")
     prepared = {name: prepare_fixture(name, src, work, args) for name, src in fixtures.items()}
     impls = [i for i in args.impls.split(",") if i]
