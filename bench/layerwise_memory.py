@@ -33,8 +33,8 @@ ids = torch.randint(0, config.vocab_size, (16, 128), generator=torch.Generator()
 writer = CheckpointWriter(out)
 t0 = time.perf_counter()
 with open_checkpoint(src) as ck:
-    quantize_layerwise(ck, config, arch_spec("LlamaForCausalLM"), ids, GPTQMethod(4, 128, True, False, 0.01, 128),
-                       writer.add)
+    method = GPTQMethod(4, 128, True, desc_act=True, damp=0.01, block_size=128, static_groups=True)  # stage defaults
+    quantize_layerwise(ck, config, arch_spec("LlamaForCausalLM"), ids, method, writer.add)
 writer.close()
 print(json.dumps({{"seconds": time.perf_counter() - t0, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
