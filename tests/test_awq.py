@@ -136,14 +136,18 @@ def test_alpha_zero_is_rtn_so_search_never_loses_on_its_data():
 def test_token_subsampling_bounds_the_search_inputs():
     x = make_outlier_activations(5000, seed=15)
     w = make_weight(64, seed=16)
+    assert WIDTH > 100
     full = search_scales(x, [w], bits=4, group_size=128, n_grid=4, max_tokens=0)
-    sub = search_scales(x, [w], bits=4, group_size=128, n_grid=4, max_tokens=1000)
-    # Both use the magnitude of all tokens; only the loss is on the 1000 strided tokens.
-    assert full.best_ratio == sub.best_ratio
-    x_strided = x[::5]
-    assert x_strided.shape[0] == 1000
-    expected_rtn = output_mse(x_strided, w, fake_quantize(w, 4, 128))
-    assert sub.losses[0] == pytest.approx(expected_rtn, rel=1e-5)
+    # A sample narrower than the input: the output form on the strided tokens (1 in 50).
+    sub = search_scales(x, [w], bits=4, group_size=128, n_grid=4, max_tokens=100)
+    x_strided = x[::50]
+    assert x_strided.shape[0] == 100
+    assert sub.losses[0] == pytest.approx(output_mse(x_strided, w, fake_quantize(w, 4, 128)), rel=1e-5)
+    # A sample wider than the input: the Gram form, over every token, so the same losses as no subsampling.
+    gram = search_scales(x, [w], bits=4, group_size=128, n_grid=4, max_tokens=1000)
+    assert gram.losses[0] == pytest.approx(output_mse(x, w, fake_quantize(w, 4, 128)), rel=1e-4)
+    assert gram.best_ratio == full.best_ratio
+    torch.testing.assert_close(torch.tensor(gram.losses), torch.tensor(full.losses), rtol=1e-4, atol=0)
 
 
 def test_precomputed_magnitude_is_used():
@@ -268,3 +272,17 @@ def test_fold_refuses_a_width_mismatch():
         fold_scales(torch.ones(128), None, [o_proj], torch.ones(WIDTH), prev_is_norm=True)
     with pytest.raises(QuantizationError, match="input columns"):
         fold_scales(torch.ones(WIDTH), None, [make_weight(8, in_features=64)], torch.ones(WIDTH), prev_is_norm=True)
+
+
+def test_gram_form_of_the_search_loss_equals_the_output_form():
+    # tr(ΔW G ΔWᵀ)/outputs with G = XᵀX/n is mean((X ΔWᵀ)²): the two forms must agree on any candidate.
+    from pipeline.quant.awq import _gram_loss, _output_loss
+
+    x = make_outlier_activations(3000, seed=21)
+    ws = [make_weight(96, seed=22), make_weight(32, seed=23)]
+    gram = _gram_loss(x, ws, torch.device("cpu"), chunk=1024)  # several chunks
+    direct = _output_loss(x.float(), ws)
+    for seed in range(3):
+        cand = [w + 0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(seed)) for w in ws]
+        assert gram(cand) == pytest.approx(direct(cand), rel=1e-4)
+    assert gram(ws) == 0.0 and direct(ws) == 0.0

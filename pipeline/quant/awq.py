@@ -174,7 +174,9 @@ def search_scales(
         n_grid: number of alpha grid points in [0, 1).
         magnitude: precomputed mean |x| per channel [in] (from :func:`update_magnitude` over all calibration
             batches); computed from ``x`` when None.
-        max_tokens: subsample ``x`` (evenly strided) to this many tokens for the built-in loss, bounding memory.
+        max_tokens: subsample ``x`` (evenly strided) to this many tokens for the built-in loss, bounding memory;
+            when the input is narrower than that, the loss goes through the Gram matrix of every token instead
+            (:func:`_gram_loss`: the same objective, cheaper per candidate).
         duo_scaling: use AutoAWQ's ``mag^alpha / w_mag^(1-alpha)`` instead of the paper's ``mag^alpha``.
 
     Returns:
@@ -189,25 +191,56 @@ def search_scales(
     w_mag = weight_magnitude(weights, group_size).to(device) if duo_scaling else None
     w_fp32 = [w.float() for w in weights]
 
-    if forward is None:
-        x_s = _subsample_tokens(x2, max_tokens).to(device=device, dtype=torch.float32)
-
-        def run(ws: list[torch.Tensor]) -> list[torch.Tensor]:
-            return [x_s @ w.t() for w in ws]
-
-    else:
-
-        def run(ws: list[torch.Tensor]) -> list[torch.Tensor]:
-            return [forward([w.to(weights[i].dtype) for i, w in enumerate(ws)]).float()]
-
+    n_direct = min(x2.shape[0], max_tokens) if max_tokens > 0 else x2.shape[0]
     with tf32_matmuls(device.type == "cuda"):
-        return _grid(run, w_fp32, x_mag, w_mag, bits, group_size, sym, n_grid, in_features, device)
+        if forward is not None:
+            def loss_of(ws: list[torch.Tensor]) -> float:
+                out = forward([w.to(weights[i].dtype) for i, w in enumerate(ws)]).float()
+                return float((out - reference).pow(2).mean())
+
+            reference = forward(list(weights)).float()
+        elif in_features < n_direct:
+            loss_of = _gram_loss(x2, w_fp32, device)
+        else:
+            loss_of = _output_loss(_subsample_tokens(x2, max_tokens).to(device=device, dtype=torch.float32), w_fp32)
+        return _grid(loss_of, w_fp32, x_mag, w_mag, bits, group_size, sym, n_grid, in_features, device)
 
 
-def _grid(run, w_fp32, x_mag, w_mag, bits, group_size, sym, n_grid, in_features, device) -> ScaleSearch:
-    reference = run(w_fp32)
+def _output_loss(x_s: torch.Tensor, w_ref: list[torch.Tensor]):
+    """Mean squared output error over the tokens ``x_s``: ``mean((x ΔWᵀ)²)`` over tokens and outputs."""
+    reference = [x_s @ w.t() for w in w_ref]
     numel = sum(r.numel() for r in reference)
 
+    def loss_of(ws: list[torch.Tensor]) -> float:
+        return sum(float((x_s @ w.t() - r).pow(2).sum()) for w, r in zip(ws, reference)) / numel
+
+    return loss_of
+
+
+def _gram_loss(x2: torch.Tensor, w_ref: list[torch.Tensor], device: torch.device, chunk: int = 8192):
+    """The same loss through the Gram matrix ``G = XᵀX / n`` of *every* calibration token:
+    ``mean((x ΔWᵀ)²) = tr(ΔW G ΔWᵀ) / outputs``. Each candidate then costs ``outputs × in²`` instead of
+    ``tokens × in × outputs``: cheaper whenever the input is narrower than the token sample, and it sees all
+    tokens rather than a subsample."""
+    n, width = x2.shape
+    G = torch.zeros(width, width, dtype=torch.float32, device=device)
+    for i in range(0, n, chunk):
+        xc = x2[i : i + chunk].to(device=device, dtype=torch.float32)
+        G.addmm_(xc.t(), xc)
+    G /= n
+    outputs = sum(w.shape[0] for w in w_ref)
+
+    def loss_of(ws: list[torch.Tensor]) -> float:
+        total = 0.0
+        for w, r in zip(ws, w_ref):
+            d = w - r
+            total += float(((d @ G) * d).sum())
+        return total / outputs
+
+    return loss_of
+
+
+def _grid(loss_of, w_fp32, x_mag, w_mag, bits, group_size, sym, n_grid, in_features, device) -> ScaleSearch:
     losses: list[float] = []
     best = (float("inf"), 0.0, torch.ones(in_features, device=device))
     for i in range(n_grid):
@@ -215,8 +248,7 @@ def _grid(run, w_fp32, x_mag, w_mag, bits, group_size, sym, n_grid, in_features,
         s = _candidate_scales(x_mag, w_mag, ratio)
         # Q(W diag(s)) diag(s)^-1: the quantized weight seen from the unscaled input, so (X/s) Q(Ws)^T == X (.)^T.
         effective = [fake_quantize(w * s, bits, group_size, sym) / s for w in w_fp32]
-        out = run(effective)
-        loss = sum(float((o - r).pow(2).sum()) for o, r in zip(out, reference)) / numel
+        loss = loss_of(effective)
         losses.append(loss)
         if loss < best[0]:  # strict: ties keep the smaller alpha (RTN at alpha = 0)
             best = (loss, ratio, s.clone())
