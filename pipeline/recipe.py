@@ -113,6 +113,10 @@ class SmoothQuantOptions(_Section):
     layout: Literal["lmdeploy", "compressed-tensors"] = Field(
         "lmdeploy", description="lmdeploy's smooth_quant layout (its PyTorch engine) or compressed-tensors (vLLM)."
     )
+    weight_stat: Literal["mean", "max"] = Field(
+        "mean", description="Weight statistic of the smoothing factors: 'mean' (lmdeploy's row-normalised mean |W|, "
+        "lower KL in the quality bench) or 'max' (the paper's max |W|)."
+    )
 
 
 class QuantizeSection(_Section):

@@ -48,6 +48,18 @@ def test_smooth_scales_follow_equation_4():
     torch.testing.assert_close(smooth_scales(act, [w1, w2], alpha=0.0), 1 / torch.tensor([1.0, 4.0, 2.0, 1.0]))
 
 
+def test_mean_weight_statistic_is_lmdeploys_row_normalised_mean():
+    # lmdeploy get_weight_scale(w, -1): mean over rows of |W| / max_row|W|, over the linears stacked.
+    act = torch.tensor([4.0, 1.0, 0.25, 9.0])
+    w1 = torch.tensor([[1.0, -4.0, 0.5, 0.0], [0.5, 1.0, -2.0, 0.0]])
+    w2 = torch.tensor([[-0.25, 0.0, 0.0, 1.0]])
+    w_stat = torch.tensor([(0.25 + 0.25 + 0.25) / 3, (1.0 + 0.5 + 0.0) / 3, (0.125 + 1.0 + 0.0) / 3, (0 + 0 + 1.0) / 3])
+    s = smooth_scales(act, [w1, w2], alpha=0.5, weight_stat="mean")
+    torch.testing.assert_close(s, act.sqrt() / w_stat.sqrt(), rtol=1e-5, atol=0)
+    with pytest.raises(QuantizationError, match="'median' is not known; choose 'mean'"):
+        smooth_scales(act, [w1, w2], weight_stat="median")
+
+
 def test_silent_channels_and_dead_weight_columns_are_clamped():
     act = torch.tensor([0.0, 2.0, 2.0])
     w = torch.tensor([[1.0, 0.0, 1.0]])

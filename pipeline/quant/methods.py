@@ -159,8 +159,8 @@ class AWQMethod:
 class SmoothQuantMethod:
     """SmoothQuant W8A8 (Xiao et al., 2022): migrate activation outliers into the weights, int8 per channel."""
 
-    def __init__(self, alpha: float, layout: str = "lmdeploy", pack: bool = True):
-        self.alpha, self.layout, self.pack = alpha, layout, pack
+    def __init__(self, alpha: float, layout: str = "lmdeploy", pack: bool = True, weight_stat: str = "mean"):
+        self.alpha, self.layout, self.pack, self.weight_stat = alpha, layout, pack, weight_stat
         self.absmax: dict[str, torch.Tensor] = {}
 
     def begin_layer(self, index: int) -> None:
@@ -183,7 +183,8 @@ class SmoothQuantMethod:
             if group.needs_equal_width and not _can_fold(layer, group):
                 continue
             linears = [get_module(layer, n) for n in group.linears]
-            _fold_into(layer, group, linears, smooth_scales(absmax, [lin.weight for lin in linears], self.alpha))
+            scales = smooth_scales(absmax, [lin.weight for lin in linears], self.alpha, self.weight_stat)
+            _fold_into(layer, group, linears, scales)
         pack = w8a8.pack_lmdeploy if self.layout == "lmdeploy" else w8a8.pack_compressed_tensors
         out: dict[str, torch.Tensor] = {}
         for name in spec.linears:

@@ -37,14 +37,27 @@ def update_act_absmax(acc: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor
     return batch_max if acc is None else torch.maximum(acc.to(batch_max.device), batch_max)
 
 
-def smooth_scales(act_absmax: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float = 0.5) -> torch.Tensor:
-    """Per-input-channel smoothing factors, fp32 [in]: ``s = max|X|^alpha / max|W|^(1-alpha)`` (eq. 4).
+WEIGHT_STATS = ("mean", "max")
 
-    ``max|W_j|`` is over the rows of every linear that reads the input (q/k/v together), as in the official
-    ``smooth_ln_fcs``; both maxima and the result are clamped at 1e-5 as there. A channel whose activation
-    never left zero gets ``s = 1``: there is nothing to smooth, and dividing its norm weight by 1e-5 would
-    overflow half precision (lmdeploy sets such channels to 1 for the same reason).
+
+def smooth_scales(act_absmax: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float = 0.5,
+                  weight_stat: str = "max") -> torch.Tensor:
+    """Per-input-channel smoothing factors, fp32 [in]: ``s = max|X|^alpha / w_j^(1-alpha)`` (eq. 4).
+
+    ``weight_stat="max"`` is the paper's ``w_j = max|W_j|`` over the rows of every linear that reads the input
+    (q/k/v together), as in the official ``smooth_ln_fcs``; both maxima and the result are clamped at 1e-5 as
+    there. ``"mean"`` is lmdeploy's (``lite/quantization/awq.py`` ``get_weight_scale`` with group size -1, used
+    by its ``smooth_ln_fcs``/``smooth_fc_fcs``): the mean over rows of ``|W|`` normalised by each row's max,
+    the AWQ weight magnitude. The quantize stage defaults to ``"mean"``: with the same activations it gave lower
+    KL on all five quality-bench fixtures (bench/RESULTS.md). A channel whose activation never left zero gets
+    ``s = 1``: there is nothing to smooth, and dividing its norm weight by 1e-5 would overflow half precision
+    (lmdeploy sets such channels to 1 for the same reason).
     """
+    if weight_stat not in WEIGHT_STATS:
+        raise QuantizationError(
+            f"SmoothQuant weight statistic {weight_stat!r} is not known; choose 'mean' (lmdeploy's, the default) "
+            "or 'max' (the paper's eq. 4)."
+        )
     if not 0.0 <= alpha <= 1.0:
         raise QuantizationError(
             f"SmoothQuant alpha must be in [0, 1], got {alpha}: it is the share of the quantization difficulty "
@@ -60,7 +73,12 @@ def smooth_scales(act_absmax: torch.Tensor, weights: Sequence[torch.Tensor], alp
                 f"SmoothQuant: a weight of shape {tuple(w.shape)} does not read the {a.numel()} channels whose "
                 "activation maxima were recorded; check the layer map in pipeline/quant/arch.py."
             )
-    w_absmax = torch.stack([w.detach().float().abs().amax(dim=0).to(a.device) for w in weights]).amax(dim=0)
+    if weight_stat == "max":
+        w_absmax = torch.stack([w.detach().float().abs().amax(dim=0).to(a.device) for w in weights]).amax(dim=0)
+    else:
+        from pipeline.quant.awq import weight_magnitude
+
+        w_absmax = weight_magnitude([w.detach() for w in weights], -1).to(a.device)
     w_absmax = w_absmax.clamp(min=1e-5)
     s = (a.clamp(min=0).pow(alpha) / w_absmax.pow(1 - alpha)).clamp(min=1e-5)
     return torch.where(a > 0, s, torch.ones_like(s))

@@ -87,7 +87,7 @@ def make_method(cfg):
         layout = cfg.smoothquant.layout
         qconfig = (w8a8.quantization_config_lmdeploy() if layout == "lmdeploy"
                    else w8a8.quantization_config_compressed_tensors())
-        return SmoothQuantMethod(cfg.smoothquant.alpha, layout), qconfig
+        return SmoothQuantMethod(cfg.smoothquant.alpha, layout, weight_stat=cfg.smoothquant.weight_stat), qconfig
     raise ValueError(f"{cfg.method} is not a calibrated method")  # the recipe's Literal makes this unreachable
 
 
