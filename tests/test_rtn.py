@@ -152,3 +152,13 @@ def test_reader_reports_a_missing_shard(tmp_path):
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(ModelFolderError, match="model-00002-of-00002.safetensors"):
         open_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("sym,clip", [(False, 1.0), (True, 1.0), (False, 0.8), (False, "tensor")])
+def test_fake_quantize_equals_quantize_then_dequantize(sym, clip):
+    # fake_quantize skips the integer copy and the per-column gather; its values must be the same, bit for bit.
+    from pipeline.quant.primitives import fake_quantize, quantize_groupwise
+
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(3))
+    ratio = torch.rand(48, 4, generator=torch.Generator().manual_seed(4)) * 0.5 + 0.5 if clip == "tensor" else clip
+    assert torch.equal(fake_quantize(w, 4, 64, sym, ratio), quantize_groupwise(w, 4, 64, sym, ratio).dequantize())

@@ -194,11 +194,12 @@ def search_scales(
     n_direct = min(x2.shape[0], max_tokens) if max_tokens > 0 else x2.shape[0]
     with tf32_matmuls(device.type == "cuda"):
         if forward is not None:
+            reference = forward(list(weights)).float()
+
             def loss_of(ws: list[torch.Tensor]) -> float:
                 out = forward([w.to(weights[i].dtype) for i, w in enumerate(ws)]).float()
                 return float((out - reference).pow(2).mean())
 
-            reference = forward(list(weights)).float()
         elif in_features < n_direct:
             loss_of = _gram_loss(x2, w_fp32, device)
         else:

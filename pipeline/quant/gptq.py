@@ -181,7 +181,8 @@ def gptq_quantize(
     overwrite_h: bool = False,
 ) -> QuantizedWeight:
     """Quantize ``w`` [out, in] with GPTQ given the layer's input Hessian ``H`` [in, in] (from
-    :func:`accumulate_hessian`). Runs on ``w``'s device; ``w`` and ``H`` are not modified.
+    :func:`accumulate_hessian`). Runs on ``w``'s device; ``w`` is not modified, nor ``H`` unless
+    ``overwrite_h``.
 
     - ``group_size``: columns per (scale, zero) group; ``-1`` = one group per output channel (the returned
       ``QuantizedWeight.group_size`` is then the input width).
@@ -237,13 +238,12 @@ def gptq_quantize(
 
     # On a GPU the column loop runs as one Triton kernel per block (gptq_triton.py); the loop below is the
     # reference it is tested against, and the CPU path.
-    if static_scales is not None and gptq_triton.eligible(W, block_size):
-        q_int, scales, zeros = gptq_triton.gptq_columns(W, Hinv, bits, sym, block_size, _group_qparams,
-                                                        static=(static_scales, static_zeros, perm // gs))
-        return _finish(q_int, scales, zeros, perm, desc_act, bits, gs, static=True)
-    if static_scales is None and gptq_triton.eligible(W, gs):
-        q_int, scales, zeros = gptq_triton.gptq_columns(W, Hinv, bits, sym, gs, _group_qparams)
-        return _finish(q_int, scales, zeros, perm, desc_act, bits, gs)
+    # Fixed grids work with any block; grids fitted at each group start need block == group.
+    static = None if static_scales is None else (static_scales, static_zeros, perm // gs)
+    block = gs if static is None else block_size
+    if gptq_triton.eligible(W, block):
+        q_int, scales, zeros = gptq_triton.gptq_columns(W, Hinv, bits, sym, block, _group_qparams, static=static)
+        return _finish(q_int, scales, zeros, perm, desc_act, bits, gs, static=static is not None)
 
     q_int = torch.empty(n_out, n_in, dtype=torch.int32, device=device)
     if static_scales is not None:

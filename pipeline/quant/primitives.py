@@ -61,16 +61,21 @@ def quantize_with_qparams(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     return torch.clamp(torch.round(w / scales) + zeros, 0, 2**bits - 1).to(torch.int32)
 
 
+def _fit_groups(w: torch.Tensor, bits: int, group_size: int, sym: bool, clip_ratio) -> tuple[torch.Tensor, ...]:
+    """The fp32 group view [out, groups, group_size] of ``w`` and each group's (optionally clipped) grid."""
+    g = _group_view(w.float(), group_size)
+    ratio = clip_ratio if isinstance(clip_ratio, float) else clip_ratio.unsqueeze(-1)
+    scales, zeros = compute_qparams(g.amin(dim=-1, keepdim=True) * ratio, g.amax(dim=-1, keepdim=True) * ratio,
+                                    bits, sym)
+    return g, scales, zeros
+
+
 def quantize_groupwise(
     w: torch.Tensor, bits: int, group_size: int, sym: bool = False, clip_ratio: torch.Tensor | float = 1.0
 ) -> QuantizedWeight:
     """Round-to-nearest group-wise quantization of ``w`` [out, in]. ``clip_ratio`` shrinks each group's range
     (a float, or a [out, in // group_size] tensor from a clipping search)."""
-    g = _group_view(w.float(), group_size)
-    ratio = clip_ratio if isinstance(clip_ratio, float) else clip_ratio.unsqueeze(-1)
-    w_min = g.amin(dim=-1, keepdim=True) * ratio
-    w_max = g.amax(dim=-1, keepdim=True) * ratio
-    scales, zeros = compute_qparams(w_min, w_max, bits, sym)
+    g, scales, zeros = _fit_groups(w, bits, group_size, sym, clip_ratio)
     q = quantize_with_qparams(g, scales, zeros, bits)
     return QuantizedWeight(
         w_int=q.reshape(w.shape),
@@ -99,10 +104,7 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool = False
     """Quantize then dequantize, in ``w``'s dtype: what a search compares against the original. The same values as
     ``quantize_groupwise(...).dequantize()``, computed on the group view (no integer copy, no per-column gather):
     the AWQ searches call it ~30 times per linear."""
-    g = _group_view(w.float(), group_size)
-    ratio = clip_ratio if isinstance(clip_ratio, float) else clip_ratio.unsqueeze(-1)
-    scales, zeros = compute_qparams(g.amin(dim=-1, keepdim=True) * ratio, g.amax(dim=-1, keepdim=True) * ratio,
-                                    bits, sym)
+    g, scales, zeros = _fit_groups(w, bits, group_size, sym, clip_ratio)
     q = torch.clamp(torch.round(g / scales) + zeros, 0, 2**bits - 1)
     return ((q - zeros) * scales).reshape(w.shape).to(w.dtype)
 

@@ -74,13 +74,13 @@ def smooth_scales(act_absmax: torch.Tensor, weights: Sequence[torch.Tensor], alp
                 "activation maxima were recorded; check the layer map in pipeline/quant/arch.py."
             )
     if weight_stat == "max":
-        w_absmax = torch.stack([w.detach().float().abs().amax(dim=0).to(a.device) for w in weights]).amax(dim=0)
+        w_stat = torch.stack([w.detach().float().abs().amax(dim=0).to(a.device) for w in weights]).amax(dim=0)
     else:
         from pipeline.quant.awq import weight_magnitude
 
-        w_absmax = weight_magnitude([w.detach() for w in weights], -1).to(a.device)
-    w_absmax = w_absmax.clamp(min=1e-5)
-    s = (a.clamp(min=0).pow(alpha) / w_absmax.pow(1 - alpha)).clamp(min=1e-5)
+        w_stat = weight_magnitude([w.detach() for w in weights], -1).to(a.device)
+    w_stat = w_stat.clamp(min=1e-5)
+    s = (a.clamp(min=0).pow(alpha) / w_stat.pow(1 - alpha)).clamp(min=1e-5)
     return torch.where(a > 0, s, torch.ones_like(s))
 
 
