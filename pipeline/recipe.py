@@ -30,7 +30,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from pipeline.errors import RecipeError
-from pipeline.targets import FORMAT_OF_METHOD, METHODS_NEEDING_CALIBRATION, check_target_loads
+from pipeline.targets import (
+    METHODS_NEEDING_CALIBRATION, FormatSettings, check_target_loads, check_target_option, format_of_quantize,
+)
 
 RECIPE_VERSION = 1
 
@@ -65,7 +67,7 @@ class CalibrationSection(_Section):
     seed: int = Field(0, description="Seed of the window sampling; same seed, same samples.")
 
 
-Method = Literal["none", "rtn", "awq", "gptq", "smoothquant", "bnb-nf4", "bnb-int8"]
+Method = Literal["none", "rtn", "awq", "gptq", "smoothquant", "fp8", "bnb-nf4", "bnb-int8"]
 
 # Weight bits each method writes unless the recipe says otherwise, and the bits each method can write.
 METHOD_BITS: dict[str, tuple[int, tuple[int, ...]]] = {
@@ -74,6 +76,7 @@ METHOD_BITS: dict[str, tuple[int, tuple[int, ...]]] = {
     "awq": (4, (4,)),
     "gptq": (4, (4, 8)),
     "smoothquant": (8, (8,)),
+    "fp8": (8, (8,)),  # e4m3 weights
     "bnb-nf4": (4, (4,)),
     "bnb-int8": (8, (8,)),
 }
@@ -119,6 +122,22 @@ class SmoothQuantOptions(_Section):
     )
 
 
+class FP8Options(_Section):
+    """FP8 settings: e4m3 weights, activations scaled per token at run time (dynamic)."""
+
+    block: bool = Field(
+        False, description="128x128 weight blocks (DeepSeek-V3 style; what TurboMind reads) instead of one scale "
+        "per output channel.",
+    )
+    layout: Literal["fp8", "compressed-tensors"] = Field(
+        "fp8", description="quant_method fp8 (lmdeploy, TurboMind, vLLM, TensorRT-LLM) or compressed-tensors "
+        "float-quantized (vLLM, SGLang, TensorRT-LLM).",
+    )
+    ignore: list[str] = Field(
+        default_factory=lambda: ["lm_head"], description="Module names (or suffixes) kept in the model's dtype.",
+    )
+
+
 class QuantizeSection(_Section):
     """How to quantize. ``none`` keeps the reference; the others write an engine-loadable checkpoint.
 
@@ -138,6 +157,18 @@ class QuantizeSection(_Section):
     gptq: GPTQOptions = Field(default_factory=GPTQOptions, description="Used by method gptq.")
     awq: AWQOptions = Field(default_factory=AWQOptions, description="Used by method awq.")
     smoothquant: SmoothQuantOptions = Field(default_factory=SmoothQuantOptions, description="Used by method smoothquant.")
+    fp8: FP8Options = Field(default_factory=FP8Options, description="Used by method fp8.")
+
+    def format_settings(self) -> FormatSettings:
+        """The format this section writes, with the settings the targets' rules check."""
+        fmt = format_of_quantize(self.method, self.smoothquant.layout, self.fp8.layout)
+        int_grid = self.method in ("rtn", "awq", "gptq")
+        return FormatSettings(
+            fmt, None if self.method == "none" else self.w_bits, self.w_group_size if int_grid else None,
+            sym=self.w_sym if int_grid else None,
+            permuted_g_idx=self.method == "gptq" and self.gptq.desc_act and not self.gptq.static_groups,
+            fp8_block=self.fp8.block if self.method == "fp8" else None,
+        )
 
     @model_validator(mode="before")
     @classmethod
@@ -165,7 +196,29 @@ class CompileSection(_Section):
     """Which engine the quantized model is prepared for."""
 
     target: Target = Field("transformers", description="Engine target; 'transformers' is the embedded CPU/GPU one.")
-    device: Literal["cpu", "cuda", "ascend", "auto"] = Field("auto", description="Device the engine runs on.")
+    device: Literal["cpu", "cuda", "ascend", "auto"] = Field(
+        "auto", description="Device the engine runs on; auto: CUDA when present, else the target's first device.",
+    )
+    tp: int = Field(1, ge=1, le=64, description="Tensor-parallel GPUs (passed to lmdeploy, TensorRT-LLM, vLLM, SGLang).")
+    session_len: int | None = Field(
+        None, ge=16, description="Max tokens per session (prompt + reply); default: the model's max_position_embeddings.",
+    )
+    kv_cache_fraction: float = Field(
+        0.8, gt=0, le=1, description="Share of free GPU memory the KV cache may take (lmdeploy cache_max_entry_count, "
+        "TensorRT-LLM free_gpu_memory_fraction, vLLM gpu_memory_utilization).",
+    )
+    kv_cache: Literal["auto", "int8", "int4", "fp8"] = Field(
+        "auto", description="KV-cache precision: auto (the model's dtype), int8, int4 or fp8, where the target offers it.",
+    )
+    max_batch_size: int = Field(128, ge=1, le=4096, description="Max concurrent sequences in the engine.")
+    eager: bool | None = Field(
+        None, description="Eager mode instead of CUDA/NPU graphs; default: the engine's choice for the format "
+        "(Ascend: graph mode for W8A8, eager for W4A16, as lmdeploy documents).",
+    )
+    require_run: bool = Field(
+        False, description="Fail the stage when this machine cannot run the engine (otherwise the artifact is built "
+        "and the manifest says 'not run here' and why).",
+    )
 
 
 class GatesSection(_Section):
@@ -472,30 +525,39 @@ def check_rules(loaded: LoadedRecipe, lines: dict[tuple, int]) -> None:
                 f"{where}:{_line(lines, ('quantize', 'w_sym'))}: field 'quantize.w_sym'{tag}: the AWQ GEMM layout "
                 f"stores zero points (asymmetric); set w_sym: false"
             )
-        # Static act-order (desc_act with static_groups) keeps g_idx = i // group_size and the checkpoint declares
-        # desc_act: false (pipeline/formats/gptq.py declared_desc_act), which TurboMind loads; only a permuted
-        # g_idx (desc_act without static_groups) is refused, as is an asymmetric grid.
-        if q.method == "gptq" and r.compile.target == "turbomind" and (
-                (q.gptq.desc_act and not q.gptq.static_groups) or not q.w_sym):
-            problems.append(
-                f"{where}:{_line(lines, ('compile', 'target'))}: field 'compile.target'{tag}: TurboMind loads GPTQ only "
-                f"with w_sym: true and groups in column order (it asserts desc_act false and never reads g_idx, "
-                f"lmdeploy 0.18 turbomind/deploy/converter.py); desc_act: true needs static_groups: true "
-                f"(static act-order, the default); got desc_act: {str(q.gptq.desc_act).lower()}, static_groups: "
-                f"{str(q.gptq.static_groups).lower()}, w_sym: {str(q.w_sym).lower()}"
-            )
         if q.method == "smoothquant" and q.smoothquant.layout == "compressed-tensors" and r.compile.target.startswith(
                 ("lmdeploy", "turbomind")):
             problems.append(
                 f"{where}:{_line(lines, ('quantize', 'smoothquant'))}: field 'quantize.smoothquant.layout'{tag}: lmdeploy "
                 f"reads its own smooth_quant layout; set layout: lmdeploy"
             )
-        fmt = FORMAT_OF_METHOD[q.method]
-        why = check_target_loads(r.compile.target, fmt, q.w_bits, q.w_group_size)
+        # Static act-order (desc_act with static_groups) keeps g_idx = i // group_size and the checkpoint declares
+        # desc_act: false (pipeline/formats/gptq.py declared_desc_act), which TurboMind loads; the targets' rows
+        # refuse only a permuted g_idx and what else their loaders refuse.
+        settings = _source_format(loaded, r) if q.method == "none" else q.format_settings()
+        why = check_target_loads(r.compile.target, settings)
         if why:
             problems.append(f"{where}:{_line(lines, ('compile', 'target'))}: field 'compile.target'{tag}: {why}")
+        why = check_target_option(r.compile.target, r.compile.device, r.compile.kv_cache)
+        if why:
+            field = "device" if why.startswith("compile.device") else "kv_cache"
+            problems.append(f"{where}:{_line(lines, ('compile', field))}: field 'compile.{field}'{tag}: {why}")
     if problems:
         raise RecipeError("; ".join(dict.fromkeys(problems)) + ".")
+
+
+def _source_format(loaded: LoadedRecipe, r: Recipe) -> FormatSettings:
+    """What a local source folder declares (a checkpoint quantized elsewhere, passed through with method none)."""
+    from pipeline.errors import QuantizationError
+    from pipeline.formats.detect import detect_format
+
+    src = loaded.resolve(r.model.source)
+    if not (src / "config.json").is_file():
+        return FormatSettings("hf")
+    try:
+        return detect_format(src)
+    except (QuantizationError, ValueError):
+        return FormatSettings("hf")
 
 
 def _looks_like_hub_id(source: str) -> bool:

@@ -187,6 +187,7 @@ class _RecipeView:
     def __init__(self, plan: Plan, recipe: Any) -> None:
         self.variant = recipe  # the matrix variant this run belongs to (all its variants agree on what it reads)
         self.path = plan.recipe.path
+        self.name = plan.recipe.name
         self._loaded = plan.recipe
 
     def resolve(self, relative: str) -> Path:

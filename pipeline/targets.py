@@ -1,24 +1,36 @@
 """What each method writes and what each engine target loads, as data, checked before any work.
 
-Facts about engines we cannot run here are read from their loaders' source and cited:
-- TurboMind, lmdeploy 0.18.0 ``lmdeploy/turbomind/deploy/converter.py`` (``get_tm_config``) and
-  ``lmdeploy/turbomind/deploy/source_model/..``: AWQ (``version: gemm``) and GPTQ (``desc_act: false``,
-  ``sym: true``) at 4 bits, group size 128 only; no W8A8.
-- lmdeploy's PyTorch engine (``lmdeploy/pytorch/...``): bf16/fp16, AWQ W4A16, SmoothQuant W8A8.
-- TensorRT-LLM: AWQ/GPTQ W4A16 (group 64/128) and W8A8 SmoothQuant through its checkpoint converter.
+One row per target: the module under ``pipeline/engines/`` that builds and serves it (the contract is in
+``pipeline/engines/base.py``), the formats it loads with their constraints, the devices it runs on and the
+KV-cache precisions it offers. The recipe validator reads these rows; so do ``pipeline doctor`` and
+``pipeline plan``. Facts about engines that cannot run here are read from their loaders' source and cited in
+the engine's module (versions named there).
+
+Format names (what a quantized folder's ``config.json`` ``quantization_config`` declares, see
+``pipeline.formats.detect_format``):
+
+- ``hf``: no quantization_config (bf16/fp16/fp32 reference);
+- ``awq``: AutoAWQ GEMM W4A16; ``gptq``: GPTQ v1 (zeros stored - 1);
+- ``w8a8``: lmdeploy's ``smooth_quant`` int8 layout; ``ct-w8a8``: compressed-tensors ``int-quantized`` W8A8;
+- ``ct-int4``: compressed-tensors ``pack-quantized`` 4-bit int; ``ct-fp8``: compressed-tensors ``float-quantized``;
+- ``fp8``: ``quant_method: fp8`` (e4m3 weights, dynamic activations, per-channel or 128x128 blocks);
+- ``bnb``: bitsandbytes NF4 / LLM.int8 as transformers serializes them.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from typing import Any
 
-# quantize.method -> the checkpoint format it writes (DESIGN.md §4).
+# quantize.method -> the checkpoint format it writes by default (DESIGN.md §4); see format_of_quantize.
 FORMAT_OF_METHOD: dict[str, str] = {
-    "none": "hf",  # the unquantized reference in its original dtype
+    "none": "hf",  # the unquantized reference in its original dtype (or whatever the source folder declares)
     "rtn": "awq",  # round-to-nearest INT4, written in the AWQ GEMM layout
     "awq": "awq",
     "gptq": "gptq",
     "smoothquant": "w8a8",
+    "fp8": "fp8",
     "bnb-nf4": "bnb",
     "bnb-int8": "bnb",
 }
@@ -26,74 +38,160 @@ FORMAT_OF_METHOD: dict[str, str] = {
 METHODS_NEEDING_CALIBRATION = frozenset({"awq", "gptq", "smoothquant"})
 
 
+def format_of_quantize(method: str, smoothquant_layout: str = "lmdeploy", fp8_layout: str = "fp8") -> str:
+    """The format a quantize section writes (layout options included)."""
+    if method == "smoothquant" and smoothquant_layout == "compressed-tensors":
+        return "ct-w8a8"
+    if method == "fp8" and fp8_layout == "compressed-tensors":
+        return "ct-fp8"
+    return FORMAT_OF_METHOD[method]
+
+
 @dataclass(frozen=True)
 class FormatRule:
-    bits: tuple[int, ...] | None = None  # None: any
-    group_sizes: tuple[int, ...] | None = None
+    """Settings of one format that a target loads. ``None``: any."""
+
+    bits: tuple[int, ...] | None = None
+    group_sizes: tuple[int, ...] | None = None  # -1 stands for per-channel
+    sym: bool | None = None  # True: symmetric only
+    in_order_g_idx: bool = False  # True: a permuted g_idx (GPTQ act-order without static groups) is refused
+    fp8_block: bool | None = None  # True: 128x128 weight blocks only; False: per-channel only
+    why: str = ""  # the loader that says so
 
 
 @dataclass(frozen=True)
 class TargetSpec:
-    engine: str
+    engine: str  # human name
+    module: str  # pipeline.engines.<module>: build / available / serve_command / load (see engines/base.py)
     loads: dict[str, FormatRule]  # format -> constraints
-    built: bool  # whether this quantship builds the target yet
+    devices: tuple[str, ...]  # compile.device values it runs on; the first is what 'auto' means without CUDA
     needs: str  # what must be present on the machine to run it
+    kv_cache: tuple[str, ...] = ()  # compile.kv_cache values besides 'auto'
+    built: bool = True  # False while the target's module is not written yet
 
 
 _ANY = FormatRule()
+_TM_INT4 = FormatRule((4,), (128,), why="lmdeploy 0.18 turbomind/deploy/converter.py get_tm_config: group size 128")
 
 TARGETS: dict[str, TargetSpec] = {
     "transformers": TargetSpec(
-        "PyTorch through transformers (embedded)",
-        {"hf": _ANY, "awq": _ANY, "gptq": _ANY, "w8a8": _ANY, "bnb": _ANY},
-        built=True,
-        needs="torch and transformers (always installed)",
+        "PyTorch through transformers (embedded)", "transformers_engine",
+        {"hf": _ANY, "awq": _ANY, "gptq": _ANY, "w8a8": _ANY, "ct-w8a8": _ANY, "bnb": _ANY},
+        ("cpu", "cuda"), "torch and transformers (always installed)",
     ),
     "onnxruntime": TargetSpec(
-        "ONNX Runtime", {"hf": _ANY, "awq": FormatRule((4,)), "gptq": FormatRule((4,))}, False, "onnx, onnxruntime"
+        "ONNX Runtime", "onnxruntime_engine",
+        {"hf": _ANY, "awq": FormatRule((4,)), "gptq": FormatRule((4,), in_order_g_idx=True)},
+        ("cpu", "cuda"), "onnx and onnxruntime", built=False,
     ),
-    "gguf": TargetSpec("llama.cpp / Ollama", {"hf": _ANY, "awq": FormatRule((4,)), "gptq": FormatRule((4,))}, False, "gguf"),
+    "gguf": TargetSpec(
+        "llama.cpp / Ollama", "gguf_engine",
+        {"hf": _ANY, "awq": FormatRule((4,)), "gptq": FormatRule((4, 8), in_order_g_idx=True), "w8a8": _ANY},
+        ("cpu", "cuda"), "gguf (to write) and llama-cpp-python or llama-server (to run)", built=False,
+    ),
     "lmdeploy-pytorch": TargetSpec(
-        "lmdeploy PyTorch engine", {"hf": _ANY, "awq": FormatRule((4,), (128,)), "w8a8": _ANY}, False,
-        "lmdeploy and a CUDA GPU (or an Ascend NPU with device: ascend)",
+        "lmdeploy PyTorch engine", "lmdeploy_engine",
+        {"hf": _ANY, "awq": FormatRule((4,), (128,)), "w8a8": _ANY, "fp8": _ANY},
+        ("cuda", "ascend"), "lmdeploy and a CUDA GPU (or torch_npu and an Ascend NPU with device: ascend)",
+        kv_cache=("int8", "int4"), built=False,
     ),
     "turbomind": TargetSpec(
-        "lmdeploy TurboMind",
-        {"hf": _ANY, "awq": FormatRule((4,), (128,)), "gptq": FormatRule((4,), (128,))},
-        False,
-        "lmdeploy with its CUDA-12 TurboMind libraries and an NVIDIA GPU",
+        "lmdeploy TurboMind", "turbomind_engine",
+        {"hf": _ANY, "awq": _TM_INT4,
+         "gptq": FormatRule((4,), (128,), sym=True, in_order_g_idx=True,
+                            why="lmdeploy 0.18 turbomind/deploy/converter.py: desc_act false, sym, group size 128"),
+         "ct-int4": FormatRule((4,), (32, 128), why="lmdeploy 0.18 turbomind: compressed-tensors pack-quantized"),
+         "fp8": FormatRule(fp8_block=True, why="lmdeploy 0.18 turbomind: fp8 with 128x128 weight blocks")},
+        ("cuda",), "lmdeploy with its CUDA-12 TurboMind libraries and an NVIDIA GPU",
+        kv_cache=("int8", "int4", "fp8"), built=False,
     ),
     "tensorrt-llm": TargetSpec(
-        "TensorRT-LLM",
-        {"hf": _ANY, "awq": FormatRule((4,), (64, 128)), "gptq": FormatRule((4,), (64, 128)), "w8a8": _ANY},
-        False,
-        "tensorrt_llm (NVIDIA's package index, not PyPI) and an NVIDIA GPU",
+        "TensorRT-LLM (PyTorch backend)", "tensorrt_llm_engine",
+        {"hf": _ANY, "awq": FormatRule((4,), (64, 128)), "w8a8": _ANY, "fp8": _ANY, "ct-fp8": _ANY},
+        ("cuda",), "tensorrt_llm (NVIDIA's package index, not PyPI) and an NVIDIA GPU",
+        kv_cache=("int8", "fp8"), built=False,
     ),
     "vllm": TargetSpec(
-        "vLLM", {"hf": _ANY, "awq": FormatRule((4,)), "gptq": FormatRule((4, 8)), "w8a8": _ANY, "bnb": _ANY}, False,
-        "vllm and a GPU",
+        "vLLM", "vllm_engine",
+        {"hf": _ANY, "awq": FormatRule((4,)), "gptq": FormatRule((4, 8)), "ct-w8a8": _ANY, "ct-int4": _ANY,
+         "ct-fp8": _ANY, "fp8": _ANY, "bnb": _ANY},
+        ("cuda",), "vllm and a GPU", kv_cache=("fp8",), built=False,
     ),
     "sglang": TargetSpec(
-        "SGLang", {"hf": _ANY, "awq": FormatRule((4,)), "gptq": FormatRule((4, 8)), "w8a8": _ANY}, False, "sglang and a GPU"
+        "SGLang", "sglang_engine",
+        {"hf": _ANY, "awq": FormatRule((4,)), "gptq": FormatRule((4, 8)), "ct-w8a8": _ANY, "ct-int4": _ANY,
+         "ct-fp8": _ANY, "fp8": _ANY},
+        ("cuda",), "sglang and a GPU", kv_cache=("fp8",), built=False,
     ),
 }
 
 
-def check_target_loads(target: str, fmt: str, bits: int, group_size: int) -> str | None:
-    """Why ``target`` cannot load ``fmt`` at these settings, or None when it can (and is built)."""
+@dataclass(frozen=True)
+class FormatSettings:
+    """What a quantized checkpoint is, as far as the targets' rules care."""
+
+    fmt: str
+    bits: int | None = None
+    group_size: int | None = None
+    sym: bool | None = None
+    permuted_g_idx: bool = False
+    fp8_block: bool | None = None
+
+
+def check_target_loads(target: str, s: FormatSettings) -> str | None:
+    """Why ``target`` cannot load a checkpoint with settings ``s``, or None when it can (and is built)."""
     spec = TARGETS[target]
-    rule = spec.loads.get(fmt)
+    rule = spec.loads.get(s.fmt)
     if rule is None:
-        able = sorted(t for t, s in TARGETS.items() if fmt in s.loads)
-        return f"{spec.engine} does not load the {fmt} format; targets that do: {', '.join(able)}"
-    if fmt != "hf" and rule.bits and bits not in rule.bits:
-        return f"{spec.engine} loads {fmt} only at {'/'.join(map(str, rule.bits))} bits, not {bits}"
-    if fmt != "hf" and rule.group_sizes and group_size not in rule.group_sizes:
-        return (
-            f"{spec.engine} loads {fmt} only with group size {'/'.join(map(str, rule.group_sizes))}, "
-            f"not {group_size}"
-        )
+        able = sorted(t for t, sp in TARGETS.items() if s.fmt in sp.loads)
+        return f"{spec.engine} does not load the {s.fmt} format; targets that do: {', '.join(able)}"
+    able = _targets_loading(s)
+    alt = f"; targets that load it: {', '.join(able)}" if able else ""
+    cite = f" ({rule.why})" if rule.why else ""
+    if rule.bits and s.bits is not None and s.bits not in rule.bits:
+        return f"{spec.engine} loads {s.fmt} only at {'/'.join(map(str, rule.bits))} bits, not {s.bits}{cite}{alt}"
+    if rule.group_sizes and s.group_size is not None and s.group_size not in rule.group_sizes:
+        return (f"{spec.engine} loads {s.fmt} only with group size {'/'.join(map(str, rule.group_sizes))}, "
+                f"not {s.group_size}{cite}{alt}")
+    if rule.sym and s.sym is False:
+        return f"{spec.engine} loads {s.fmt} only with symmetric weights (w_sym: true){cite}{alt}"
+    if rule.in_order_g_idx and s.permuted_g_idx:
+        return (f"{spec.engine} does not read g_idx, so it cannot load act-order with a permuted g_idx "
+                f"(desc_act: true needs static_groups: true){cite}{alt}")
+    if rule.fp8_block is True and s.fp8_block is False:
+        return f"{spec.engine} loads fp8 only with 128x128 weight blocks (fp8.block: true){cite}{alt}"
     if not spec.built:
-        built = sorted(t for t, s in TARGETS.items() if s.built)
+        built = sorted(t for t, sp in TARGETS.items() if sp.built)
         return f"target {target!r} ({spec.engine}) is not built into this quantship version yet; built: {', '.join(built)}"
     return None
+
+
+def _targets_loading(s: FormatSettings) -> list[str]:
+    out = []
+    for name, spec in TARGETS.items():
+        rule = spec.loads.get(s.fmt)
+        if rule is None:
+            continue
+        if ((rule.bits and s.bits is not None and s.bits not in rule.bits)
+                or (rule.group_sizes and s.group_size is not None and s.group_size not in rule.group_sizes)
+                or (rule.sym and s.sym is False) or (rule.in_order_g_idx and s.permuted_g_idx)
+                or (rule.fp8_block is True and s.fp8_block is False)):
+            continue
+        out.append(name)
+    return out
+
+
+def check_target_option(target: str, device: str, kv_cache: str) -> str | None:
+    """Why ``target`` cannot take ``compile.device`` / ``compile.kv_cache``, or None."""
+    spec = TARGETS[target]
+    if device != "auto" and device not in spec.devices:
+        return f"compile.device {device!r}: {spec.engine} runs on {' or '.join(spec.devices)}"
+    if kv_cache != "auto" and kv_cache not in spec.kv_cache:
+        offers = f"offers {', '.join(spec.kv_cache)}" if spec.kv_cache else "offers no KV-cache quantization"
+        return f"compile.kv_cache {kv_cache!r}: {spec.engine} {offers} (or 'auto')"
+    return None
+
+
+def engine_module(target: str) -> Any:
+    """The module that implements ``target`` (imported on use: vendor imports stay inside its functions)."""
+    return importlib.import_module(f"pipeline.engines.{TARGETS[target].module}")

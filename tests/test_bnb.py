@@ -17,7 +17,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 from conftest import EVAL_TEXT, TINY_MODEL  # noqa: E402
 from pipeline.errors import ModelFolderError, QuantizationError, TargetUnavailable  # noqa: E402
-from pipeline.quant.bnb import load_bnb_model, quantize_checkpoint_bnb, read_nf4_quant_state  # noqa: E402
+from pipeline.engines.bnb_engine import load_bnb_model, quantize_checkpoint_bnb  # noqa: E402
+from pipeline.formats.bnb import read_nf4_quant_state  # noqa: E402
 
 # The 16 NF4 levels as printed in QLoRA (Dettmers et al. 2023), appendix E.
 NF4_LEVELS = [

@@ -34,7 +34,7 @@ def test_unknown_key_names_file_line_field_and_valid_keys(tmp_path):
     with pytest.raises(RecipeError) as e:
         load_recipe(path)
     assert str(e.value) == (
-        f"{path.resolve()}:5: field 'quantize.w_bitz': unknown key; valid keys here: awq, device, gptq, method, smoothquant, w_bits, w_group_size, w_sym."
+        f"{path.resolve()}:5: field 'quantize.w_bitz': unknown key; valid keys here: awq, device, fp8, gptq, method, smoothquant, w_bits, w_group_size, w_sym."
     )
 
 
@@ -43,7 +43,7 @@ def test_wrong_type_and_bad_choice(tmp_path):
     with pytest.raises(RecipeError) as e:
         load_recipe(path)
     msg = str(e.value)
-    assert f"{path.resolve()}:4: field 'quantize.method': input should be 'none', 'rtn', 'awq', 'gptq', 'smoothquant', 'bnb-nf4' or 'bnb-int8' (got 'magic')" in msg
+    assert f"{path.resolve()}:4: field 'quantize.method': input should be 'none', 'rtn', 'awq', 'gptq', 'smoothquant', 'fp8', 'bnb-nf4' or 'bnb-int8' (got 'magic')" in msg
     assert f"{path.resolve()}:5: field 'quantize.w_group_size': Input should be a valid integer" in msg
 
 
@@ -88,7 +88,9 @@ def test_target_that_cannot_load_the_format(tmp_path):
     with pytest.raises(RecipeError) as e:
         load_recipe(path)
     assert str(e.value) == (
-        f"{path.resolve()}:7: field 'compile.target': lmdeploy TurboMind loads awq only with group size 128, not 64."
+        f"{path.resolve()}:7: field 'compile.target': lmdeploy TurboMind loads awq only with group size 128, not 64 "
+        "(lmdeploy 0.18 turbomind/deploy/converter.py get_tm_config: group size 128); targets that load it: "
+        "transformers, onnxruntime, gguf, tensorrt-llm, vllm, sglang."
     )
 
 
@@ -134,10 +136,10 @@ def test_turbomind_rejects_permuted_act_order_gptq(tmp_path):
     with pytest.raises(RecipeError) as e:
         load_recipe(path)
     assert str(e.value) == (
-        f"{path.resolve()}:4: field 'compile.target': TurboMind loads GPTQ only with w_sym: true and groups in column "
-        "order (it asserts desc_act false and never reads g_idx, lmdeploy 0.18 turbomind/deploy/converter.py); "
-        "desc_act: true needs static_groups: true (static act-order, the default); got desc_act: true, "
-        f"static_groups: false, w_sym: true; {path.resolve()}:4: {NOT_BUILT}."
+        f"{path.resolve()}:4: field 'compile.target': lmdeploy TurboMind does not read g_idx, so it cannot load "
+        "act-order with a permuted g_idx (desc_act: true needs static_groups: true) (lmdeploy 0.18 "
+        "turbomind/deploy/converter.py: desc_act false, sym, group size 128); targets that load it: transformers, "
+        "vllm, sglang."
     )
 
 

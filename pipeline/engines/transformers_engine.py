@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ModelFolderError, QuantizationError
+from pipeline.formats.bnb import is_bnb_checkpoint
 from pipeline.formats.checkpoint import open_checkpoint, read_config
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,8 @@ def load_model(
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     quant_config = config.get("quantization_config")
-    if quant_config and quant_config.get("quant_method") == "bitsandbytes":
-        from pipeline.quant.bnb import load_bnb_model  # bitsandbytes' own modules, as transformers loads them
+    if is_bnb_checkpoint(quant_config):
+        from pipeline.engines.bnb_engine import load_bnb_model  # bitsandbytes' own modules, as transformers loads them
 
         return load_bnb_model(model_dir, device, dtype, trust_remote_code)
     if quant_config:
@@ -189,3 +190,31 @@ def _tie_output_embeddings(model: nn.Module, config) -> None:
     tied = getattr(config, "tie_word_embeddings", False) or getattr(text_config, "tie_word_embeddings", False)
     if out is not None and out.weight.is_meta and tied:
         out.weight = model.get_input_embeddings().weight
+
+
+# ------------------------------------------------------------------ the compile-target contract (engines/base.py)
+
+
+def available(device: str):
+    """The embedded engine runs wherever torch does; CUDA only where torch sees a GPU."""
+    from pipeline.engines.base import Availability, cuda_devices
+
+    if device == "cuda":
+        gpus = cuda_devices()
+        return Availability(bool(gpus), f"CUDA {', '.join(gpus)}" if gpus else "torch sees no CUDA device")
+    return Availability(True, "CPU")
+
+
+def build(ctx) -> dict:
+    """The embedded target reads the quantized folder in place: no copy, the artifact points at it."""
+    return {"model_dir": str(ctx.src)}
+
+
+def load(artifact: Path, device: str):
+    """``(model, tokenizer)`` for a compile artifact of this target."""
+    from pipeline.stages.compile import engine_model_dir, read_engine
+
+    engine = read_engine(artifact)
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    return load_model(engine_model_dir(artifact), device=device, dtype=dtype,
+                      allow_pickle=engine["allow_pickle"], trust_remote_code=engine["trust_remote_code"])

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from pipeline.artifacts import MODEL_DIR, MODEL_LINK, folder_bytes, model_path, write_json
 from pipeline.stages import StageContext
-from pipeline.targets import FORMAT_OF_METHOD
 
 
 def run(ctx: StageContext) -> dict:
@@ -17,7 +16,7 @@ def run(ctx: StageContext) -> dict:
     src = model_path(ctx.inputs["download"])
     metrics = METHODS[cfg.method](ctx, src)
     out_model = model_path(ctx.out)
-    return {"method": cfg.method, "format": FORMAT_OF_METHOD[cfg.method], "bytes": folder_bytes(out_model), **metrics}
+    return {"method": cfg.method, "format": cfg.format_settings().fmt, "bytes": folder_bytes(out_model), **metrics}
 
 
 def _reference(ctx: StageContext, src: Path) -> dict:
@@ -92,7 +91,7 @@ def make_method(cfg):
 
 
 def _bnb(ctx: StageContext, src: Path) -> dict:
-    from pipeline.quant.bnb import quantize_checkpoint_bnb
+    from pipeline.engines.bnb_engine import quantize_checkpoint_bnb
 
     cfg, model = ctx.config, ctx.recipe.variant.model
     return quantize_checkpoint_bnb(src, ctx.out / MODEL_DIR, "nf4" if cfg.method == "bnb-nf4" else "int8",

@@ -1,38 +1,29 @@
-"""bitsandbytes NF4 and LLM.int8 checkpoints, quantized and serialized by transformers itself.
+"""The bitsandbytes engine: NF4 and LLM.int8 checkpoints quantized, serialized and loaded by transformers itself.
 
-Both formats are defined by what ``transformers`` + ``bitsandbytes`` write and read, so the honest way to produce
-one is their own path: load the source with a ``BitsAndBytesConfig`` (every ``nn.Linear`` but the output head
-becomes ``bnb.nn.Linear4bit`` / ``Linear8bitLt``, quantized as its weight is materialized) and ``save_pretrained``.
-What lands on disk, per quantized linear (checked against the files written by transformers 5.24 +
-bitsandbytes 0.50.2, and against ``Bnb4BitHfQuantizer.serialized_names`` / ``Bnb8BitHfQuantizer.serialized_names``
-in transformers/quantizers/quantizer_bnb_{4,8}bit.py, which the loader matches; vLLM's pre-quantized path in
-vllm/model_executor/model_loader/bitsandbytes_loader.py reads the same names and ``load_in_8bit``):
+bitsandbytes is its own quantizer: the honest way to produce one of its checkpoints is its own path, so the
+quantize step runs the runtime. ``quantize_checkpoint_bnb`` loads the source with a ``BitsAndBytesConfig`` (every
+``nn.Linear`` but the output head becomes ``bnb.nn.Linear4bit`` / ``Linear8bitLt``, quantized as its weight is
+materialized) and calls ``save_pretrained``; ``load_bnb_model`` reads such a folder back through transformers. What
+the files hold is in ``pipeline.formats.bnb``. This lives with the runtimes, not in ``pipeline/quant/`` (torch-only
+math, no vendor imports: tests/test_layout.py), because every step here is a call into bitsandbytes.
 
-- ``nf4``: ``weight`` uint8 [out*in/2, 1] (two 4-bit codes per byte, the first element in the high nibble),
-  ``weight.absmax`` fp32 [out*in/64] (one scale per block of 64 consecutive elements), ``weight.quant_map`` fp32 [16]
-  (the NF4 levels, QLoRA appendix E), ``weight.quant_state.bitsandbytes__nf4`` uint8 (a JSON blob: shape, dtype,
-  blocksize, quant_type); with double quantization also ``weight.nested_absmax`` / ``weight.nested_quant_map``.
-  ``config.json`` gets ``quantization_config = {quant_method: bitsandbytes, _load_in_4bit: true,
-  bnb_4bit_quant_type: nf4, bnb_4bit_compute_dtype, ...}``.
-- ``int8``: ``weight`` int8 [out, in] (row-wise absmax, ``round(w * 127 / SCB)``), ``SCB`` fp32 [out] (each row's
-  absmax), ``weight_format`` uint8 scalar (0 = row-major); ``quantization_config`` has ``_load_in_8bit: true`` and
-  ``llm_int8_threshold`` (activations above it take the fp16 outlier path of LLM.int8, Dettmers et al. 2022 §3.2).
-
-The output head stays unquantized (transformers' ``get_modules_to_not_convert`` keeps the output embeddings), and
-so do embeddings and norms, in the source's dtype. bitsandbytes >= 0.46 runs all of this on the CPU: NF4
-quantize/dequantize/matmul and the int8 matmul through its PyTorch "default" backend (plus native CPU kernels where
-the wheel has them), so the checkpoint written here is the same one a GPU would write.
+bitsandbytes >= 0.46 runs all of this on the CPU: NF4 quantize/dequantize/matmul and the int8 matmul through its
+PyTorch "default" backend (plus native CPU kernels where the wheel has them), so the checkpoint written here is the
+same one a GPU would write. The CPU matmul kernel it picks depends on the CPU: with AVX512-BF16, bitsandbytes 0.50
+repacks each ``Linear4bit`` at its first eval forward and multiplies in bfloat16 whatever ``bnb_4bit_compute_dtype``
+says (bitsandbytes/backends/cpu/ops.py, ``gemv_4bit``); tests/test_bnb.py says what that costs.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Callable, Literal
 
+from pipeline.engines.transformers_engine import load_tokenizer
 from pipeline.errors import ModelFolderError, QuantizationError, TargetUnavailable
+from pipeline.formats.bnb import QUANT_METHOD, is_bnb_checkpoint
 from pipeline.formats.checkpoint import copy_side_files, open_checkpoint, read_config
 
 log = logging.getLogger(__name__)
@@ -41,14 +32,8 @@ Mode = Literal["nf4", "int8"]
 ComputeDtype = Literal["float32", "bfloat16", "float16"]
 Progress = Callable[..., None]
 
-QUANT_METHOD = "bitsandbytes"
 INSTALL_HINT = "pip install 'quantship[bnb]'  (bitsandbytes and accelerate; pip install --no-deps them to keep your torch)"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-
-
-def is_bnb_checkpoint(quantization_config: dict[str, Any] | None) -> bool:
-    """Whether a folder's ``quantization_config`` says it is a bitsandbytes checkpoint."""
-    return bool(quantization_config) and quantization_config.get("quant_method") == QUANT_METHOD
 
 
 def bnb_config(mode: Mode, compute_dtype: ComputeDtype = "float32", double_quant: bool = False):
@@ -166,8 +151,6 @@ def load_bnb_model(model_dir: Path, device: str = "cpu", dtype=None, trust_remot
     """
     import torch
 
-    from pipeline.engines.transformers_engine import load_tokenizer
-
     model_dir = Path(model_dir)
     dtype = torch.float32 if dtype is None else dtype
     qconfig = read_config(model_dir).get("quantization_config")
@@ -274,9 +257,4 @@ def _once_per_message(logger: logging.Logger) -> None:
         logger.addFilter(_OncePerMessage())
 
 
-def read_nf4_quant_state(blob) -> dict[str, Any]:
-    """The JSON dict stored in a ``weight.quant_state.bitsandbytes__nf4`` tensor (uint8 bytes of UTF-8 JSON)."""
-    return json.loads(bytes(blob.tolist()).decode("utf-8"))
-
-
-__all__ = ["bnb_config", "is_bnb_checkpoint", "load_bnb_model", "quantize_checkpoint_bnb", "read_nf4_quant_state"]
+__all__ = ["bnb_config", "load_bnb_model", "quantize_checkpoint_bnb"]
