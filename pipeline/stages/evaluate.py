@@ -16,11 +16,17 @@ def run(ctx: StageContext) -> dict:
     from pipeline.eval.perplexity import tokenize_documents
     from pipeline.stages.compile import load_engine
 
+    from pipeline.eval.perplexity import model_device
+
     cfg = ctx.config
+    # The deployable model through its target's in-process runtime (transformers, ONNX Runtime, llama.cpp, ...):
+    # anything ``model(input_ids) -> logits`` (pipeline.eval.perplexity.model_logits).
     model, tokenizer = load_engine(ctx.inputs["compile"])
-    device = next(model.parameters()).device
+    device = model_device(model)
+    params = getattr(model, "parameters", None)
+    half = next(params()).dtype if params is not None and device.type != "cpu" else torch.float32
     ref_model, _ = load_model(
-        model_path(ctx.inputs["download"]), device=str(device), dtype=next(model.parameters()).dtype if device.type != "cpu" else torch.float32,
+        model_path(ctx.inputs["download"]), device=str(device), dtype=half,
         allow_pickle=ctx.recipe.variant.model.allow_pickle, trust_remote_code=ctx.recipe.variant.model.trust_remote_code,
     )
     text_path = ctx.recipe.resolve(cfg.text)
