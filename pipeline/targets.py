@@ -71,12 +71,18 @@ class TargetSpec:
 
 
 _ANY = FormatRule()
-_TM_INT4 = FormatRule((4,), (128,), why="lmdeploy 0.18 turbomind/deploy/converter.py get_tm_config: group size 128")
+_TM_INT4 = FormatRule((4,), (128,), why="lmdeploy 0.18 turbomind/converter.py get_tm_config: group size 128")
+# GGUF blocks hold 32 input columns with one fp16 scale (ggml-common.h QK4_0/QK4_1/QK8_0 = 32): a group must be a
+# multiple of 32 (these are the usual ones; -1 is one group per row, whose width is a multiple of 32 in practice).
+_GGUF_GROUPS = (32, 64, 128, 256, -1)
+_GGUF_WHY = "llama.cpp Q4_0/Q4_1/Q8_0 blocks of 32 columns (pipeline/formats/gguf_blocks.py)"
+_GGUF_INT4 = FormatRule((4,), _GGUF_GROUPS, why=_GGUF_WHY)
 
 TARGETS: dict[str, TargetSpec] = {
     "transformers": TargetSpec(
         "PyTorch through transformers (embedded)", "transformers_engine",
-        {"hf": _ANY, "awq": _ANY, "gptq": _ANY, "w8a8": _ANY, "ct-w8a8": _ANY, "bnb": _ANY},
+        {"hf": _ANY, "awq": _ANY, "gptq": _ANY, "w8a8": _ANY, "ct-w8a8": _ANY, "bnb": _ANY,
+         "fp8": _ANY, "ct-fp8": _ANY, "ct-int4": FormatRule((4,))},  # pipeline/engines/qlinear.py RUNTIME_FORMATS
         ("cpu", "cuda"), "torch and transformers (always installed)",
     ),
     "onnxruntime": TargetSpec(
@@ -86,42 +92,63 @@ TARGETS: dict[str, TargetSpec] = {
     ),
     "gguf": TargetSpec(
         "llama.cpp / Ollama", "gguf_engine",
-        {"hf": _ANY, "awq": FormatRule((4,)), "gptq": FormatRule((4, 8), in_order_g_idx=True), "w8a8": _ANY},
-        ("cpu", "cuda"), "gguf (to write) and llama-cpp-python or llama-server (to run)", built=False,
+        {"hf": _ANY, "awq": _GGUF_INT4, "gptq": FormatRule((4, 8), _GGUF_GROUPS, in_order_g_idx=True, why=_GGUF_WHY),
+         "w8a8": _ANY, "ct-w8a8": _ANY},  # pipeline/formats/gguf_blocks.py: Q4_0 / Q4_1 / Q8_0, our integers
+        ("cpu", "cuda"), "gguf (to write) and llama-cpp-python or llama-server (to run)",
     ),
     "lmdeploy-pytorch": TargetSpec(
         "lmdeploy PyTorch engine", "lmdeploy_engine",
-        {"hf": _ANY, "awq": FormatRule((4,), (128,)), "w8a8": _ANY, "fp8": _ANY},
+        {"hf": _ANY, "awq": FormatRule((4,), why="lmdeploy 0.18 pytorch/backends/cuda/awq_modules.py: 4-bit"),
+         "w8a8": _ANY,
+         "ct-int4": FormatRule((4,), (32,), sym=True,
+                               why="lmdeploy 0.18 pytorch/config.py _parse_compressed_tensors_config: symmetric, group 32"),
+         "fp8": FormatRule(fp8_block=True, why="lmdeploy 0.18 pytorch/nn/linear/__init__.py: dynamic fp8 is BlockedF8Linear, "
+                           "128x128 blocks")},
         ("cuda", "ascend"), "lmdeploy and a CUDA GPU (or torch_npu and an Ascend NPU with device: ascend)",
-        kv_cache=("int8", "int4"), built=False,
+        kv_cache=("int8", "int4", "fp8"),
     ),
     "turbomind": TargetSpec(
         "lmdeploy TurboMind", "turbomind_engine",
         {"hf": _ANY, "awq": _TM_INT4,
          "gptq": FormatRule((4,), (128,), sym=True, in_order_g_idx=True,
-                            why="lmdeploy 0.18 turbomind/deploy/converter.py: desc_act false, sym, group size 128"),
-         "ct-int4": FormatRule((4,), (32, 128), why="lmdeploy 0.18 turbomind: compressed-tensors pack-quantized"),
-         "fp8": FormatRule(fp8_block=True, why="lmdeploy 0.18 turbomind: fp8 with 128x128 weight blocks")},
+                            why="lmdeploy 0.18 turbomind/converter.py: desc_act false, sym, group size 128"),
+         "ct-int4": FormatRule((4,), (32, 128), why="lmdeploy 0.18 turbomind/converter.py: pack-quantized 4-bit int, "
+                               "group size 32 or 128"),
+         "fp8": FormatRule(fp8_block=True, why="lmdeploy 0.18 turbomind/weight_format.py FP8Format: 128x128 blocks")},
         ("cuda",), "lmdeploy with its CUDA-12 TurboMind libraries and an NVIDIA GPU",
-        kv_cache=("int8", "int4", "fp8"), built=False,
+        kv_cache=("int8", "int4"),
     ),
     "tensorrt-llm": TargetSpec(
         "TensorRT-LLM (PyTorch backend)", "tensorrt_llm_engine",
-        {"hf": _ANY, "awq": FormatRule((4,), (64, 128)), "w8a8": _ANY, "fp8": _ANY, "ct-fp8": _ANY},
+        {"hf": _ANY,
+         "awq": FormatRule((4,), (64, 128), sym=True,
+                           why="TensorRT-LLM _torch/modules/linear.py W4A16_AWQ_LinearMethod passes no zero points "
+                           "(ModelOpt int4_awq is symmetric); AWQ with zero_point: true cannot be converted exactly, "
+                           "use method gptq with w_sym: true"),
+         "gptq": FormatRule((4,), (64, 128), sym=True, in_order_g_idx=True,
+                            why="TensorRT-LLM's PyTorch backend reads no gptq config; symmetric in-order 4-bit GPTQ is "
+                            "converted exactly to ModelOpt W4A16_AWQ (pipeline/formats/modelopt.py)"),
+         "fp8": FormatRule(why="128x128 blocks read as FP8_BLOCK_SCALES; per-channel converted to "
+                           "FP8_PER_CHANNEL_PER_TOKEN (pipeline/formats/modelopt.py)"),
+         "ct-fp8": _ANY},
         ("cuda",), "tensorrt_llm (NVIDIA's package index, not PyPI) and an NVIDIA GPU",
-        kv_cache=("int8", "fp8"), built=False,
+        kv_cache=("fp8",),
     ),
     "vllm": TargetSpec(
         "vLLM", "vllm_engine",
         {"hf": _ANY, "awq": FormatRule((4,)), "gptq": FormatRule((4, 8)), "ct-w8a8": _ANY, "ct-int4": _ANY,
-         "ct-fp8": _ANY, "fp8": _ANY, "bnb": _ANY},
-        ("cuda",), "vllm and a GPU", kv_cache=("fp8",), built=False,
+         "ct-fp8": _ANY, "bnb": _ANY,
+         "fp8": FormatRule(fp8_block=True, why="vLLM quantization/fp8.py Fp8LinearMethod: weight_block_size blocks or a "
+                           "per-tensor weight_scale; per-channel FP8 goes through compressed-tensors")},
+        ("cuda",), "vllm and a GPU", kv_cache=("fp8",),
     ),
     "sglang": TargetSpec(
         "SGLang", "sglang_engine",
         {"hf": _ANY, "awq": FormatRule((4,)), "gptq": FormatRule((4, 8)), "ct-w8a8": _ANY, "ct-int4": _ANY,
-         "ct-fp8": _ANY, "fp8": _ANY},
-        ("cuda",), "sglang and a GPU", kv_cache=("fp8",), built=False,
+         "ct-fp8": _ANY,
+         "fp8": FormatRule(fp8_block=True, why="SGLang's fp8.py follows vLLM's (blocks or per-tensor; not re-read "
+                           "here); per-channel FP8 goes through compressed-tensors")},
+        ("cuda",), "sglang and a GPU", kv_cache=("fp8",),
     ),
 }
 

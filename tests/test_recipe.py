@@ -89,8 +89,8 @@ def test_target_that_cannot_load_the_format(tmp_path):
         load_recipe(path)
     assert str(e.value) == (
         f"{path.resolve()}:7: field 'compile.target': lmdeploy TurboMind loads awq only with group size 128, not 64 "
-        "(lmdeploy 0.18 turbomind/deploy/converter.py get_tm_config: group size 128); targets that load it: "
-        "transformers, onnxruntime, gguf, tensorrt-llm, vllm, sglang."
+        "(lmdeploy 0.18 turbomind/converter.py get_tm_config: group size 128); targets that load it: "
+        "transformers, onnxruntime, gguf, lmdeploy-pytorch, tensorrt-llm, vllm, sglang."
     )
 
 
@@ -127,8 +127,6 @@ def test_method_defaults_are_filled(tmp_path):
 
 GPTQ_TURBOMIND = ("model: {{source: {model}}}\ncalibration: {{source: {calib}}}\n"
                   "quantize: {{method: gptq{gptq}}}\ncompile: {{target: turbomind}}\n")
-NOT_BUILT = "field 'compile.target': target 'turbomind' (lmdeploy TurboMind) is not built into this quantship version " \
-            "yet; built: transformers"
 
 
 def test_turbomind_rejects_permuted_act_order_gptq(tmp_path):
@@ -138,19 +136,19 @@ def test_turbomind_rejects_permuted_act_order_gptq(tmp_path):
     assert str(e.value) == (
         f"{path.resolve()}:4: field 'compile.target': lmdeploy TurboMind does not read g_idx, so it cannot load "
         "act-order with a permuted g_idx (desc_act: true needs static_groups: true) (lmdeploy 0.18 "
-        "turbomind/deploy/converter.py: desc_act false, sym, group size 128); targets that load it: transformers, "
+        "turbomind/converter.py: desc_act false, sym, group size 128); targets that load it: transformers, "
         "vllm, sglang."
     )
 
 
 @pytest.mark.parametrize("gptq", ["", ", gptq: {{desc_act: true, static_groups: true}}", ", gptq: {{desc_act: false}}"])
 def test_turbomind_takes_static_act_order_gptq(tmp_path, gptq):
-    # The default (static act-order) and plain column order meet TurboMind's GPTQ rule; what is left is only that
-    # the target is not built yet.
-    path = write_recipe(tmp_path, GPTQ_TURBOMIND.replace("{gptq}", gptq))
-    with pytest.raises(RecipeError) as e:
-        load_recipe(path)
-    assert str(e.value) == f"{path.resolve()}:4: {NOT_BUILT}."
+    # The default (static act-order) and plain column order meet TurboMind's GPTQ rule: the recipe validates.
+    r = load_recipe(write_recipe(tmp_path, GPTQ_TURBOMIND.replace("{gptq}", gptq)))
+    variant = r.variants["gptq"]
+    assert variant.compile.target == "turbomind"
+    s = variant.quantize.format_settings()
+    assert (s.fmt, s.bits, s.group_size, s.sym, s.permuted_g_idx) == ("gptq", 4, 128, True, False)
 
 
 def test_default_settings_are_duo_scaling_and_static_act_order(tmp_path):
