@@ -98,13 +98,25 @@ def plan(recipe: str, output_dir: Path) -> None:
         p = make_plan(_load(recipe), output_dir)
     except QuantshipError as e:
         _fail(e)
+    from pipeline.doctor import target_status
+
     table = Table(title=f"plan: {p.recipe.name} -> {p.root}")
-    for col in ("stage run", "variants", "key", "status", "inputs"):
+    for col in ("stage run", "variants", "key", "status", "inputs", "engine here"):
         table.add_column(col)
+    statuses: dict[str, dict] = {}
     for r in p.runs:
         status = "[green]cached" if r.done() else "[yellow]will run"
-        table.add_row(r.id, ",".join(r.variants), r.key12, status, ", ".join(r.deps.values()))
-    Console(width=140).print(table)
+        here = ""
+        if r.kind in ("compile", "serve"):
+            compile_cfg = p.recipe.variants[r.variants[0]].compile
+            target = compile_cfg.target
+            st = statuses.setdefault(target, target_status(target))
+            device = compile_cfg.device
+            dev = st["devices"].get(device) if device != "auto" else None
+            runs, why = (dev["runs"], dev["why"]) if dev else (st["run"], st["why"])
+            here = f"{target}: runs here" if runs else f"{target}: inputs only here ({why})"
+        table.add_row(r.id, ",".join(r.variants), r.key12, status, ", ".join(r.deps.values()), here)
+    Console(width=160).print(table)
 
 
 @main.command()
@@ -196,10 +208,10 @@ def doctor(as_json: bool) -> None:
         pk.add_row(name, version or "[dim]not installed")
     console.print(pk)
     tg = Table(title="targets")
-    for col in ("target", "build", "run here", "why"):
+    for col in ("target", "build", "here", "why"):
         tg.add_column(col)
     for name, st in facts["targets"].items():
-        tg.add_row(name, "yes" if st["build"] else "no", "yes" if st["run"] else "no", st["why"])
+        tg.add_row(name, "yes" if st["build"] else "no", st["status"], st["why"])
     console.print(tg)
 
 

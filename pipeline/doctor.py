@@ -3,57 +3,44 @@ where a package's metadata is enough (importing lmdeploy or tensorrt_llm can tak
 
 from __future__ import annotations
 
-import importlib.util
 import platform
-from importlib import metadata
 from typing import Any
 
-from pipeline.targets import TARGETS
+from pipeline.engines.base import package_present
+from pipeline.targets import TARGETS, engine_module
 
-_PACKAGES = ("torch", "transformers", "lmdeploy", "tensorrt_llm", "bitsandbytes", "onnxruntime", "gguf", "vllm",
-             "torch_npu", "fastapi", "openai", "ray")
-
-
-def package_version(name: str) -> str | None:
-    if importlib.util.find_spec(name) is None:
-        return None
-    for dist in (name, name.replace("_", "-")):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return "present"
+_PACKAGES = ("torch", "transformers", "lmdeploy", "tensorrt_llm", "vllm", "sglang", "bitsandbytes", "onnxruntime",
+             "onnxruntime_genai", "gguf", "llama_cpp", "torch_npu", "fastapi", "openai", "ray")
 
 
 def probe() -> dict[str, Any]:
     import torch
 
     facts: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
-    facts["packages"] = {name: package_version(name) for name in _PACKAGES}
+    facts["packages"] = {name: package_present(name) for name in _PACKAGES}
     facts["cuda"] = torch.cuda.is_available()
     facts["cuda_version"] = torch.version.cuda
     facts["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if facts["cuda"] else []
     facts["ascend"] = facts["packages"]["torch_npu"] is not None
     facts["cpu_int4_kernel"] = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
-    facts["targets"] = {name: target_status(name, facts) for name in TARGETS}
+    facts["targets"] = {name: target_status(name) for name in TARGETS}
     return facts
 
 
-def target_status(name: str, facts: dict[str, Any]) -> dict[str, Any]:
-    """Can this quantship build the target's artifact, and can this machine run it? With the reason."""
+def target_status(name: str) -> dict[str, Any]:
+    """Can this quantship build the target's artifact, and can this machine run it, per device? With the reason."""
     spec = TARGETS[name]
-    pk = facts["packages"]
     if not spec.built:
-        return {"build": False, "run": False, "why": f"not built into this version yet (needs {spec.needs})"}
-    if name == "transformers":
-        device = "CUDA " + ", ".join(facts["gpus"]) if facts["cuda"] else "CPU"
-        return {"build": True, "run": True, "why": f"runs on {device}"}
-    runnable = {
-        "lmdeploy-pytorch": pk["lmdeploy"] is not None and (facts["cuda"] or facts["ascend"]),
-        "turbomind": pk["lmdeploy"] is not None and facts["cuda"],
-        "tensorrt-llm": pk["tensorrt_llm"] is not None and facts["cuda"],
-        "onnxruntime": pk["onnxruntime"] is not None,
-        "gguf": pk["gguf"] is not None,
-        "vllm": pk["vllm"] is not None and facts["cuda"],
-    }.get(name, False)
-    return {"build": True, "run": runnable, "why": spec.needs}
+        return {"build": False, "run": False, "status": "not built", "why": f"not built into this version yet "
+                f"(needs {spec.needs})", "devices": {}}
+    module = engine_module(name)
+    devices = {d: module.available(d) for d in spec.devices}
+    runs = [d for d, a in devices.items() if a.runs]
+    why = "; ".join(f"{d}: {a.why}" for d, a in devices.items())
+    return {
+        "build": True,
+        "run": bool(runs),
+        "status": f"runs here ({', '.join(runs)})" if runs else "inputs only here",
+        "why": why,
+        "devices": {d: {"runs": a.runs, "why": a.why} for d, a in devices.items()},
+    }

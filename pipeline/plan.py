@@ -25,7 +25,7 @@ from pipeline.targets import METHODS_NEEDING_CALIBRATION
 
 STAGE_ORDER = ("download", "calibrate", "quantize", "compile", "evaluate", "serve")
 # Fields that change how a stage is run or judged but not what it produces.
-_NOT_IN_KEY = {"evaluate": {"gates"}, "serve": {"keep_running", "host", "port", "api_key"}}
+_NOT_IN_KEY = {"evaluate": {"gates"}, "serve": {"keep_running", "host", "port", "api_key", "health_timeout_s"}}
 _TOOLS = ("torch", "transformers", "safetensors", "tokenizers")
 
 

@@ -240,7 +240,8 @@ class EvalSection(_Section):
 
 
 class ServeSection(_Section):
-    """The embedded OpenAI-compatible server: started, health-checked, smoke-tested."""
+    """The compiled target's OpenAI-compatible server (the engine's own where it runs here, else the embedded one
+    for the transformers target): started, health-checked, smoke-tested with the official openai client."""
 
     enabled: bool = Field(True, description="Run the serve stage (smoke test) for each variant.")
     host: str = Field("127.0.0.1", description="Bind address. Loopback unless told otherwise.")
@@ -249,6 +250,10 @@ class ServeSection(_Section):
     smoke_prompt: str = Field("Hello! What is Python?", description="The chat message of the smoke test.")
     max_tokens: int = Field(16, ge=1, le=4096, description="Tokens generated in the smoke test.")
     keep_running: bool = Field(False, description="After the run, keep serving (one variant) until interrupted.")
+    health_timeout_s: float = Field(
+        600, gt=0, le=7200, description="How long an engine's own server may take to become healthy (it loads the "
+        "model first).",
+    )
 
 
 class Recipe(_Section):

@@ -65,7 +65,8 @@ def test_doctor_reports_packages_and_targets():
     facts = json.loads(res.output)
     assert facts["packages"]["torch"] and "lmdeploy" in facts["packages"] and "tensorrt_llm" in facts["packages"]
     assert facts["targets"]["transformers"]["run"] is True
+    assert facts["targets"]["transformers"]["devices"]["cpu"] == {"runs": True, "why": "CPU"}
     tm = facts["targets"]["turbomind"]
-    assert tm["build"] is False and tm["run"] is False and "CUDA-12" in tm["why"]
+    assert tm["run"] is False and tm["status"] in ("inputs only here", "not built") and tm["why"]
     table = CliRunner().invoke(main, ["doctor"])
     assert table.exit_code == 0 and "targets" in table.output and "Ascend NPU" in table.output

@@ -1,20 +1,35 @@
-"""serve: start the embedded OpenAI-compatible server for a compiled model, wait for health, send one chat
-request through the official ``openai`` client, record the reply (smoke.json), stop it.
+"""serve: start the compiled target's OpenAI-compatible server, wait for health, send one chat request through
+the official ``openai`` client, record the reply (smoke.json), stop it.
+
+Which server: the engine's own (``serve_command`` of the target's module: lmdeploy api_server, trtllm-serve,
+vllm, llama-server) when this machine runs that engine; the embedded FastAPI server for the ``transformers``
+target (and for a plain model folder). A target this machine cannot run is not served: smoke.json and the
+manifest say 'not run here' and why, and the run goes on (``compile.require_run`` already failed it if asked).
 
 ``serve_artifact`` is what ``pipeline serve`` (and ``serve.keep_running``) use to keep one running.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from pipeline.artifacts import ENGINE, SMOKE, write_json
-from pipeline.errors import ModelFolderError
+from pipeline.errors import ModelFolderError, TargetUnavailable
 from pipeline.stages import StageContext
+
+SERVER_LOG = "server.log"
 
 
 def _model_name(engine_dir: Path) -> str:
-    return engine_dir.parent.name + "/" + engine_dir.name if (engine_dir / ENGINE).is_file() else engine_dir.name
+    if (engine_dir / ENGINE).is_file():
+        from pipeline.stages.compile import read_engine
+
+        name = read_engine(engine_dir).get("model_name")
+        if name:
+            return name
+        return engine_dir.parent.name + "/" + engine_dir.name
+    return engine_dir.name
 
 
 def build_app(artifact: Path, api_key: str | None):
@@ -38,23 +53,64 @@ def build_app(artifact: Path, api_key: str | None):
     return create_app(GenerationEngine(model, tokenizer), model_name=_model_name(artifact), api_key=api_key)
 
 
+def engine_server(artifact: Path, host: str, port: int, api_key: str | None):
+    """``(ServeCommand, None)`` for a target whose own server runs here; ``(None, None)`` for the embedded
+    server; ``(None, why)`` when the target cannot be served on this machine."""
+    from pipeline.serve.external import free_port
+    from pipeline.stages.compile import read_engine
+    from pipeline.targets import engine_module
+
+    if not (artifact / ENGINE).is_file():
+        return None, None
+    engine = read_engine(artifact)
+    module = engine_module(engine["target"])
+    if not hasattr(module, "serve_command"):
+        return None, None  # served in process by the embedded server
+    availability = module.available(engine["device"])
+    if not availability.runs:
+        return None, f"not run here: {availability.why}"
+    command = module.serve_command(artifact, host, port or free_port(host), api_key, _model_name(artifact))
+    if command is None:
+        return None, f"not served: {engine['engine']} has no OpenAI-compatible server"
+    return command, None
+
+
 def run(ctx: StageContext) -> dict:
+    from pipeline.serve.external import ExternalServer
     from pipeline.serve.server import smoke_test, start_server, wait_healthy
 
     cfg = ctx.config
     api_key = cfg.api_key.get_secret_value() if cfg.api_key else None
-    app = build_app(ctx.inputs["compile"], api_key)
-    server = start_server(app, host=cfg.host, port=cfg.port)
+    artifact = ctx.inputs["compile"]
+    command, why_not = engine_server(artifact, cfg.host, cfg.port, api_key)
+    if why_not:
+        write_json(ctx.out / SMOKE, {"status": why_not})
+        ctx.log.warning("%s: %s", ctx.run_id, why_not)
+        ctx.progress(2, 2, why_not)
+        return {"status": why_not, "served_by": None}
+    if command is not None:
+        server = ExternalServer(command, ctx.out / SERVER_LOG).start()
+        served_by = command.argv[0]
+    else:
+        server = start_server(build_app(artifact, api_key), host=cfg.host, port=cfg.port)
+        served_by = "embedded"
     try:
-        wait_healthy(server.url, timeout_s=60)
-        ctx.progress(1, 2, f"healthy at {server.url}")
-        result = smoke_test(server.url, _model_name(ctx.inputs["compile"]), api_key, cfg.smoke_prompt, cfg.max_tokens)
+        if command is not None:
+            waited = server.wait_healthy(cfg.health_timeout_s)
+        else:
+            waited = wait_healthy(server.url, timeout_s=60)
+        ctx.progress(1, 2, f"healthy at {server.url} after {waited:.1f} s")
+        result = smoke_test(server.url, _model_name(artifact), api_key, cfg.smoke_prompt, cfg.max_tokens)
     finally:
         server.stop()
+    result["status"] = "passed"
+    result["served_by"] = served_by
     write_json(ctx.out / SMOKE, result)
     ctx.progress(2, 2, "smoke test passed")
     usage = result.get("usage") or {}
     return {
+        "status": "passed",
+        "served_by": served_by,
         "smoke_latency_s": round(result.get("latency_s", 0.0), 3),
         "completion_tokens": usage.get("completion_tokens"),
         "reply": result.get("reply", "")[:200],
@@ -62,7 +118,28 @@ def run(ctx: StageContext) -> dict:
 
 
 def serve_artifact(artifact: Path, host: str, port: int, api_key: str | None) -> None:
-    """Serve until interrupted (``pipeline serve``)."""
+    """Serve until interrupted (``pipeline serve``): the engine's own server where it runs here, else embedded."""
+    import signal
+
+    from pipeline.serve.external import ExternalServer
     from pipeline.serve.server import serve_forever
 
-    serve_forever(build_app(artifact, api_key), host=host, port=port)
+    command, why_not = engine_server(artifact, host, port, api_key)
+    if why_not:
+        raise TargetUnavailable(f"{artifact}: {why_not}. Serve it on a machine that runs its engine.")
+    if command is None:
+        serve_forever(build_app(artifact, api_key), host=host, port=port)
+        return
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    server = ExternalServer(command, artifact.parent / f"{artifact.name}.{SERVER_LOG}").start()
+    try:
+        server.wait_healthy(3600)
+        logging.getLogger("pipeline").info("serving %s at %s/v1 (%s)", _model_name(artifact), server.url, command.shell())
+        server.proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
