@@ -264,18 +264,37 @@ def smooth_quant_linear(tensors: dict[str, torch.Tensor], quant_config: dict, de
     return Int8Linear(*w8a8.unpack_lmdeploy(tensors), tensors.get("bias")).to(device)
 
 
-def compressed_tensors_linear(tensors: dict[str, torch.Tensor], quant_config: dict, device, dtype, **_):
-    """compressed-tensors ``int-quantized`` W8A8 ``weight`` int8 / ``weight_scale`` -> ``Int8Linear``."""
+def fp8_linear(tensors: dict[str, torch.Tensor], quant_config: dict, device, dtype, fp8_kernel="auto", **_):
+    """FP8 ``weight`` e4m3 + ``weight_scale_inv`` (quant_method fp8) or ``weight_scale`` (compressed-tensors
+    float-quantized), per channel or in blocks (+ ``bias``) -> ``Fp8Linear``."""
+    from pipeline.engines.fp8_linear import Fp8Linear
+    from pipeline.formats import fp8
+
+    w_fp8, scale, block = fp8.unpack(tensors, quant_config)
+    return Fp8Linear(w_fp8, scale, block, tensors.get("bias"), device=device, dtype=dtype, kernel=fp8_kernel)
+
+
+def compressed_tensors_linear(tensors: dict[str, torch.Tensor], quant_config: dict, device, dtype, int4_kernel="auto",
+                              **options):
+    """compressed-tensors: ``int-quantized`` W8A8 -> ``Int8Linear``; ``float-quantized`` FP8 -> ``Fp8Linear``;
+    ``pack-quantized`` INT4 -> ``Int4Linear``."""
     from pipeline.engines.int8_linear import Int8Linear
-    from pipeline.formats import w8a8
+    from pipeline.formats import compressed_tensors_int4, w8a8
 
     fmt = quant_config.get("format")
-    if fmt != "int-quantized":
-        raise QuantizationError(
-            f"compressed-tensors format {fmt!r} has no runtime in the transformers engine; only int-quantized "
-            "(W8A8) does. Compile for vLLM, which reads every compressed-tensors format."
-        )
-    return Int8Linear(*w8a8.unpack_compressed_tensors(tensors), tensors.get("bias")).to(device)
+    if fmt == "int-quantized":
+        return Int8Linear(*w8a8.unpack_compressed_tensors(tensors), tensors.get("bias")).to(device)
+    if fmt == "float-quantized":
+        return fp8_linear(tensors, quant_config, device, dtype, **options)
+    if fmt == "pack-quantized":
+        group_size, _ = compressed_tensors_int4.read_quantization_config(quant_config)
+        qw = compressed_tensors_int4.unpack(tensors, group_size)
+        return Int4Linear(qw, tensors.get("bias"), device=device, dtype=dtype, kernel=int4_kernel)
+    raise QuantizationError(
+        f"compressed-tensors format {fmt!r} has no runtime in the transformers engine; int-quantized (W8A8), "
+        "float-quantized (FP8) and pack-quantized (INT4) do. Compile for vLLM, which reads every compressed-tensors "
+        "format."
+    )
 
 
 RUNTIME_FORMATS: dict[str, LinearBuilder] = {
@@ -283,6 +302,7 @@ RUNTIME_FORMATS: dict[str, LinearBuilder] = {
     "gptq": gptq_linear,
     "smooth_quant": smooth_quant_linear,
     "compressed-tensors": compressed_tensors_linear,
+    "fp8": fp8_linear,
 }
 
 
@@ -302,11 +322,14 @@ def build_linear(
 
 
 def kernel_summary(model: nn.Module) -> dict[str, int]:
-    """How many ``Int4Linear`` modules of ``model`` run on each kernel path (``Int8Linear``s count as "w8a8")."""
+    """How many ``Int4Linear`` modules of ``model`` run on each kernel path (``Int8Linear``s count as "w8a8",
+    ``Fp8Linear``s as "fp8-<kernel>")."""
     counts = Counter()
     for m in model.modules():
         if isinstance(m, Int4Linear):
             counts[m.kernel] += 1
         elif type(m).__name__ == "Int8Linear":
             counts["w8a8"] += 1
+        elif type(m).__name__ == "Fp8Linear":
+            counts[f"fp8-{m.kernel}"] += 1
     return dict(counts)

@@ -99,5 +99,13 @@ def _bnb(ctx: StageContext, src: Path) -> dict:
                                    trust_remote_code=model.trust_remote_code, allow_pickle=model.allow_pickle)
 
 
+def _fp8(ctx: StageContext, src: Path) -> dict:
+    from pipeline.quant.fp8_checkpoint import quantize_checkpoint_fp8
+
+    o, model = ctx.config.fp8, ctx.recipe.variant.model
+    return quantize_checkpoint_fp8(src, ctx.out / MODEL_DIR, block=o.block, layout=o.layout, ignore=o.ignore,
+                                   progress=ctx.progress, allow_pickle=model.allow_pickle)
+
+
 METHODS = {"none": _reference, "rtn": _rtn, "awq": _calibrated, "gptq": _calibrated, "smoothquant": _calibrated,
-           "bnb-nf4": _bnb, "bnb-int8": _bnb}
+           "fp8": _fp8, "bnb-nf4": _bnb, "bnb-int8": _bnb}
