@@ -161,6 +161,7 @@ def write_report(plan: Plan) -> Path | None:
             continue
         ev = read_manifest(plan.run(ids["evaluate"]).dir)
         qm = read_manifest(plan.run(ids["quantize"]).dir)
+        cm = read_manifest(plan.run(ids["compile"]).dir) or {}
         if not ev or not qm:
             continue
         recipe = plan.recipe.variants[variant]
@@ -173,6 +174,8 @@ def write_report(plan: Plan) -> Path | None:
             "group_size": None if quant.method in ("none", "smoothquant", "bnb-nf4", "bnb-int8") else quant.w_group_size,
             "size_bytes": qm["metrics"].get("bytes"),
             "gate_failures": check_gates(ev["metrics"], recipe.eval.gates.model_dump()),
+            "target": recipe.compile.target,
+            "engine_status": cm.get("metrics", {}).get("status"),
         })
     if not rows:
         return None

@@ -111,6 +111,12 @@ def render_report(
         lines += ["", "## Failed gates", ""]
         lines += [f"- **{_cell(variant)}**: {msg}" for variant, msg in failed]
 
+    engines = [row for row in rows if row.get("target")]
+    if engines:
+        lines += ["", "## Engines", "", "| variant | target | engine | evaluated with |", "|---|---|---|---|"]
+        lines += [f"| {_cell(row.get('variant', DASH))} | {_cell(row['target'])} | "
+                  f"{_cell(row.get('engine_status') or DASH)} | {_cell(row.get('runtime') or DASH)} |" for row in engines]
+
     text = f"`{text_file}`" if text_file else "the evaluation text"
     window = f"{seq_len}" if seq_len else "`seq_len`"
     lines += [

@@ -60,6 +60,7 @@ def run(ctx: StageContext) -> dict:
         "device": device,
         "format": fmt.__dict__,
         "model_dir": model_dir,  # relative to the artifact, except for the embedded target's link to its input
+        "source_model_dir": str(src),  # the quantized folder it was built from (the embedded runtime reads it)
         "model_name": bctx.model_name,
         "status": status,
         "run_here": availability.runs,
@@ -129,3 +130,24 @@ def load_engine(engine_dir: Path):
             "through its own server on a machine that runs it."
         )
     return module.load(Path(engine_dir), resolve_device(engine["device"]))
+
+
+def load_for_eval(engine_dir: Path):
+    """``(model, tokenizer, runtime)`` for evaluation: the target's own in-process runtime where it has one and
+    runs here; otherwise the embedded runtime on the quantized folder the artifact was built from (the same
+    weights, other kernels), named as such in ``runtime`` so no report passes it off as the engine's figure."""
+    engine = read_engine(engine_dir)
+    module = engine_module(engine["target"])
+    device = resolve_device(engine["device"]) if engine["device"] in ("auto", "cpu", "cuda") else "auto"
+    if hasattr(module, "load") and module.available(engine["device"]).runs:
+        model, tokenizer = module.load(Path(engine_dir), device)
+        return model, tokenizer, engine["target"]
+    from pipeline.engines.transformers_engine import load_model
+
+    device = resolve_device("auto")
+    import torch
+
+    model, tokenizer = load_model(Path(engine["source_model_dir"]), device=device,
+                                  dtype=torch.float32 if device == "cpu" else torch.float16,
+                                  allow_pickle=engine["allow_pickle"], trust_remote_code=engine["trust_remote_code"])
+    return model, tokenizer, f"transformers (stand-in for {engine['engine']}: {engine['status']})"

@@ -14,14 +14,14 @@ def run(ctx: StageContext) -> dict:
     from pipeline.engines.transformers_engine import load_model
     from pipeline.eval.divergence import compare_to_reference
     from pipeline.eval.perplexity import tokenize_documents
-    from pipeline.stages.compile import load_engine
-
     from pipeline.eval.perplexity import model_device
+    from pipeline.stages.compile import load_for_eval
 
     cfg = ctx.config
     # The deployable model through its target's in-process runtime (transformers, ONNX Runtime, llama.cpp, ...):
-    # anything ``model(input_ids) -> logits`` (pipeline.eval.perplexity.model_logits).
-    model, tokenizer = load_engine(ctx.inputs["compile"])
+    # anything ``model(input_ids) -> logits`` (pipeline.eval.perplexity.model_logits); for an engine that does not
+    # run here, the quantized checkpoint through the embedded runtime, labelled so in ``runtime``.
+    model, tokenizer, runtime = load_for_eval(ctx.inputs["compile"])
     device = model_device(model)
     params = getattr(model, "parameters", None)
     half = next(params()).dtype if params is not None and device.type != "cpu" else torch.float32
@@ -36,6 +36,7 @@ def run(ctx: StageContext) -> dict:
     ctx.progress(0, 1, f"{ids.numel()} tokens")
     metrics = compare_to_reference(ref_model, model, ids, cfg.seq_len, batch_size=cfg.batch_size)
     metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+    metrics["runtime"] = runtime
     metrics["text"] = str(text_path.name)
     metrics["seq_len"] = cfg.seq_len
     write_json(ctx.out / METRICS, metrics)
