@@ -145,7 +145,7 @@ def ours(spec: dict):
         m, b, g = spec["method"], spec["bits"], spec["group_size"]
         src, out = Path(spec["fixture_dir"]), Path(spec["out_dir"])
         if m == "bnb-nf4":
-            from pipeline.quant.bnb import quantize_checkpoint_bnb
+            from pipeline.engines.bnb_engine import quantize_checkpoint_bnb
 
             quantize_checkpoint_bnb(src, out, "nf4", device="cpu")
             return out

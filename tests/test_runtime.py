@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -33,6 +34,22 @@ def _qweight(out_features, in_features, group_size, seed=0):
     return qw
 
 
+def assert_within_dtype(y: torch.Tensor, expected: torch.Tensor, compute_dtype: torch.dtype, n_eps: float):
+    """``max |y - expected| <= n_eps * eps(compute_dtype) * max |expected|``.
+
+    For PyTorch's packed int4 CPU kernel, whose numerics are not ours and differ by CPU: aten picks its AVX512,
+    AVX2 or scalar code (and oneDNN brgemm/AMX for bf16 where present) at run time, each with its own summation
+    order, FMA use and bf16 conversions. What is ours, the codes and scales it is given, is checked exactly
+    elsewhere (test_awq_gemm.py, the gptq tests, ``dequantized_weight``). Its error is rounding in the compute
+    dtype, so it is bounded relative to the output's scale, not element by element (an entry near 0 is a
+    cancelling sum of large products): fp32 accumulation of K products drifts like sqrt(K) unit roundoffs, and a
+    bf16 kernel rounds its input, scales and output to 8 significant bits (eps = 2**-7).
+    """
+    bound = n_eps * torch.finfo(compute_dtype).eps * expected.abs().max()
+    err = (y.float() - expected).abs().max()
+    assert err <= bound, f"max |error| {err:.3g} > {n_eps:g} eps({compute_dtype}) * max |expected| = {bound:.3g}"
+
+
 @pytest.mark.parametrize("shape", [(64, 256, 128), (32, 96, 32), (768, 256, 64), (48, 512, 256)])
 def test_int4_linear_cpu_kernel_matches_dequantized_matmul(shape):
     out_features, in_features, group_size = shape
@@ -44,7 +61,8 @@ def test_int4_linear_cpu_kernel_matches_dequantized_matmul(shape):
     expected = x @ qw.dequantize().T + bias
     y = lin(x)
     assert y.shape == (3, 5, out_features) and y.dtype == torch.float32
-    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+    # fp32 kernel: 2 sqrt(K) eps. Measured on AMD EPYC avx2/fma/f16c (torch's AVX2 path): at most 0.2 of that.
+    assert_within_dtype(y, expected, torch.float32, n_eps=2 * math.sqrt(in_features))
     assert lin(torch.zeros(0, in_features)).shape == (0, out_features)
 
 
@@ -56,8 +74,9 @@ def test_int4_linear_auto_uses_the_cpu_kernel_in_bfloat16_and_exact_dequantize_i
     assert lin_bf16.kernel == KERNEL_CPU and lin_bf16.scales_and_zeros.dtype == torch.bfloat16
     y = lin_bf16(x.bfloat16())
     assert y.dtype == torch.bfloat16
-    # bf16 has 8 mantissa bits: compare relative to the output scale.
-    assert (y.float() - expected).abs().max() <= 0.02 * expected.abs().max()
+    # bf16 kernel (input, scales and output in bf16, fp32 accumulation): 2 eps of bf16 = 1.6% of the output
+    # scale. Measured on AMD EPYC avx2/fma/f16c: 0.43 eps.
+    assert_within_dtype(y, expected, torch.bfloat16, n_eps=2)
 
     lin_fp32 = Int4Linear(qw)
     assert lin_fp32.kernel == KERNEL_DEQUANT and "bfloat16 only" in lin_fp32.fallback_reason
@@ -116,7 +135,7 @@ def test_registry_builds_gptq_and_w8a8_linears():
     cfg = gptq.quantization_config(4, 128, desc_act=False, sym=True)
     lin = build_linear("gptq", gptq.pack(qw), cfg, "cpu", torch.float32, int4_kernel=KERNEL_CPU)
     assert lin.kernel == KERNEL_CPU
-    torch.testing.assert_close(lin(x), x @ qw.dequantize().T, rtol=1e-5, atol=1e-4)
+    assert_within_dtype(lin(x), x @ qw.dequantize().T, torch.float32, n_eps=2 * math.sqrt(256))
     qw.g_idx = (torch.randperm(256, generator=torch.Generator().manual_seed(1)) // 128).to(torch.int32)
     lin = build_linear("gptq", gptq.pack(qw), {**cfg, "desc_act": True}, "cpu", torch.float32)
     assert lin.kernel == KERNEL_DEQUANT and lin.g_idx is not None
@@ -204,7 +223,9 @@ def test_load_model_runs_rtn_folder_like_the_dequantized_model(tmp_path, tie, in
         logits = model(ids).logits
         expected = ref(ids).logits
     assert torch.isfinite(logits).all()
-    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    # fp32 throughout (the CPU int4 kernel where forced, else exact dequantize): 100 eps of fp32 relative to the
+    # logits' scale. Measured with the kernel on AMD EPYC avx2/fma/f16c: 4.3 eps (9.8e-7 at max |logit| 1.9).
+    assert_within_dtype(logits, expected, torch.float32, n_eps=100)
     # ...and quantization did change the model (the comparison above is not trivially between identical weights).
     src_model = type(ref).from_pretrained(src, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -224,7 +245,9 @@ def test_load_model_in_bfloat16_runs_the_cpu_int4_kernel(tmp_path):
         logits = model(ids).logits.float()
         expected = ref(ids).logits
     assert torch.isfinite(logits).all()
-    assert (logits - expected).abs().max() <= 0.05 * expected.abs().max()
+    # The whole model in bf16 (the int4 kernel, and attention, norms, embeddings): 6 eps of bf16 = 4.7% of the
+    # logits' scale. Measured on AMD EPYC avx2/fma/f16c: 0.88 eps (0.0089 at max |logit| 1.29).
+    assert_within_dtype(logits, expected, torch.bfloat16, n_eps=6)
 
 
 def test_load_model_plain_folder_and_pickle_refusal(tmp_path):
