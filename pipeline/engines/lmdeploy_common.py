@@ -159,26 +159,35 @@ def serve_command(artifact: Path, host: str, port: int, api_key: str | None, mod
     return ServeCommand(["sh", "-c", script], base_url, HEALTH_PATH, {API_KEY_ENV: api_key}, model_name)
 
 
-def check_run(artifact: Path, log, prompt: str = "What is Python?", max_new_tokens: int = 8) -> dict:
-    """Load the artifact with ``lmdeploy.pipeline`` and the engine config it was built with, answer one
-    greedy chat turn. Callers' ``__main__`` needs a guard: lmdeploy spawns its workers."""
-    import time
-
-    from lmdeploy import ChatTemplateConfig, GenerationConfig, PytorchEngineConfig, TurbomindEngineConfig, pipeline
+def open_pipeline(artifact: Path):
+    """``lmdeploy.pipeline`` on the artifact's model folder with the engine config and chat template it was
+    built with. Callers' ``__main__`` needs a guard: lmdeploy spawns its workers."""
+    from lmdeploy import ChatTemplateConfig, PytorchEngineConfig, TurbomindEngineConfig, pipeline
 
     settings = read_settings(artifact)
     model_dir = Path(artifact) / ARTIFACT_MODEL
     config_cls = PytorchEngineConfig if settings["backend"] == "pytorch" else TurbomindEngineConfig
     template = ChatTemplateConfig(settings["chat_template"], model_path=str(model_dir)) if settings.get("chat_template") else None
+    return pipeline(str(model_dir), backend_config=config_cls(**settings["engine_config"]), chat_template_config=template)
+
+
+def check_run(artifact: Path, log, prompt: str = "What is Python?", max_new_tokens: int = 8) -> dict:
+    """Load the artifact in lmdeploy (``open_pipeline``) and answer one greedy chat turn."""
+    import time
+
+    from lmdeploy import GenerationConfig
+
     t0 = time.perf_counter()
-    pipe = pipeline(str(model_dir), backend_config=config_cls(**settings["engine_config"]), chat_template_config=template)
+    pipe = open_pipeline(artifact)
+    backend = read_settings(artifact)["backend"]
     try:
         loaded = time.perf_counter() - t0
         out = pipe([prompt], gen_config=GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False))[0]
     except Exception as e:
-        raise StageError(f"lmdeploy ({settings['backend']}) loaded {model_dir} but failed to generate: {e}") from e
+        raise StageError(f"lmdeploy ({backend}) loaded {artifact} but failed to generate: {e}") from e
     finally:
         pipe.close()
-    log.info("lmdeploy %s answered %r in %.1f s", settings["backend"], out.text, time.perf_counter() - t0)
-    return {"reply": out.text, "tokens": out.generate_token_len, "seconds": round(time.perf_counter() - t0, 2),
+    seconds = time.perf_counter() - t0
+    log.info("lmdeploy %s answered %r in %.1f s", backend, out.text, seconds)
+    return {"reply": out.text, "tokens": out.generate_token_len, "seconds": round(seconds, 2),
             "load_seconds": round(loaded, 2)}
