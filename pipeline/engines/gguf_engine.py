@@ -55,10 +55,10 @@ MAX_EVAL_CTX = 8192  # the in-process evaluator's context cap (KV cache memory);
 # ------------------------------------------------------------------------------------------------ tensors
 
 
-def _tensors(ctx, hp: dict, fmt) -> tuple[list[tuple[str, object, str | None]], dict]:
-    """``[(gguf name, array, raw ggml type name or None)]`` for every tensor, and the rounding figures."""
+def _tensors(ctx, hp: dict, fmt, figures: dict):
+    """Yields ``(gguf name, array, raw ggml type name or None)`` tensor by tensor (one linear in memory at a
+    time); fills ``figures`` with the rounding measured on the way."""
     import gguf
-    import numpy as np
 
     from pipeline.formats import awq_gemm, gguf_blocks, gptq, w8a8
     from pipeline.formats.checkpoint import open_checkpoint
@@ -67,8 +67,7 @@ def _tensors(ctx, hp: dict, fmt) -> tuple[list[tuple[str, object, str | None]], 
     n_kv = hp.get("num_key_value_heads") or n_head
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
     qc = hp.get("quantization_config") or {}
-    out, figures = [], {"q4_1_offset_max_abs": 0.0, "q4_1_offset_bound": 0.0, "q4_1_offset_max_steps": 0.0,
-                        "q8_0_scale_max_rel": 0.0}
+    figures.update(q4_1_offset_max_abs=0.0, q4_1_offset_bound=0.0, q4_1_offset_max_steps=0.0, q8_0_scale_max_rel=0.0)
     with open_checkpoint(ctx.src, allow_pickle=ctx.allow_pickle) as ck:
         modules: dict[str, set[str]] = {}
         for key in ck.keys():
@@ -105,18 +104,17 @@ def _tensors(ctx, hp: dict, fmt) -> tuple[list[tuple[str, object, str | None]], 
             if blocks is not None:
                 if rope_heads:
                     blocks = gguf_blocks.permute_rows_for_rope(blocks, rope_heads)
-                out.append((gname, blocks, kind))
+                yield gname, blocks, kind
                 if "bias" in t:
-                    out.append((gname[: -len("weight")] + "bias", _float(t["bias"], rope_heads, 1, np), None))
+                    yield gname[: -len("weight")] + "bias", _float(t["bias"], rope_heads, 1), None
                 continue
             for leaf, v in t.items():
                 if not v.is_floating_point():
                     raise QuantizationError(f"{what}.{leaf}: an integer tensor the gguf target cannot place.")
-                out.append((gname[: -len("weight")] + leaf, _float(v, rope_heads, v.dim(), np), None))
-    return out, figures
+                yield gname[: -len("weight")] + leaf, _float(v, rope_heads, v.dim()), None
 
 
-def _float(v: torch.Tensor, rope_heads: int, dim: int, np):
+def _float(v: torch.Tensor, rope_heads: int, dim: int):
     """A float tensor for the GGUF: F16 kept for fp16 matrices, F32 for 1-D tensors and other dtypes."""
     from pipeline.formats.gguf_blocks import permute_rows_for_rope
 
@@ -239,16 +237,18 @@ def build(ctx) -> dict:
     from pipeline.engines.base import chat_template_text
 
     hp = _hparams(ctx.src)
-    tensors, figures = _tensors(ctx, hp, ctx.fmt)
-    kinds = sorted({k for _, _, k in tensors if k})
-    file_type = {"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
-                 "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}.get(kinds[-1] if kinds else "", None)
-    if file_type is None:
-        any16 = any(a.dtype.name == "float16" for _, a, k in tensors if not k)
-        file_type = gguf.LlamaFileType.MOSTLY_F16 if any16 else gguf.LlamaFileType.ALL_F32
     ctx.model_dir.mkdir(parents=True, exist_ok=True)
     path = ctx.model_dir / GGUF_FILE
-    w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    # use_temp_file: each tensor goes to a spooled file as it is added, so the model never sits in memory whole
+    w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA], use_temp_file=True)
+    figures: dict = {}
+    expected: dict[str, str] = {}
+    for name, arr, kind in _tensors(ctx, hp, ctx.fmt, figures):
+        w.add_tensor(name, arr, raw_dtype=getattr(gguf.GGMLQuantizationType, kind) if kind else None)
+        expected[name] = kind or ("F16" if arr.dtype.name == "float16" else "F32")
+    kinds = set(expected.values())
+    file_type = next((getattr(gguf.LlamaFileType, f"MOSTLY_{k}") for k in ("Q4_1", "Q4_0", "Q8_0") if k in kinds),
+                     gguf.LlamaFileType.MOSTLY_F16 if "F16" in kinds else gguf.LlamaFileType.ALL_F32)
     _add_hparams(w, hp, ctx.model_name, file_type)
     if not (ctx.src / "tokenizer.json").is_file():
         raise ModelFolderError(
@@ -257,13 +257,10 @@ def build(ctx) -> dict:
         )
     tok = _hf_tokenizer(ctx.src)
     tok_info = _add_tokenizer(w, ctx.src, hp, tok)
-    for name, arr, kind in tensors:
-        w.add_tensor(name, arr, raw_dtype=getattr(gguf.GGMLQuantizationType, kind) if kind else None)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    expected = {name: (kind or ("F16" if arr.dtype.name == "float16" else "F32")) for name, arr, kind in tensors}
     readback = verify_gguf(path, expected)
     for name in SIDE_FILES:
         if (ctx.src / name).is_file():
@@ -443,7 +440,8 @@ def check_run(artifact: Path, log) -> dict:
     model, tok = load(artifact, "cpu")
     text = "def sort(items):\n    return sorted(items, key=len)  # Python's list.sort() is stable.\n"
     hf_ids = tok(text, add_special_tokens=True)["input_ids"]
-    cpp_ids = model.llama.tokenize(text.encode("utf-8"), add_bos=model.llama.add_bos_token(), special=False)
+    add_bos = model.llama.metadata.get("tokenizer.ggml.add_bos_token") == "true"
+    cpp_ids = model.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
     out = model.llama.create_completion(text, max_tokens=4, temperature=0.0)
     agrees = hf_ids == cpp_ids
     if not agrees:
