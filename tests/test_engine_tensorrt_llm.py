@@ -266,6 +266,7 @@ def modelopt_pair(tmp_path_factory):
     return pairs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["gptq", "fp8"])
 def test_same_names_dtypes_shapes_and_config_as_modelopt_export(modelopt_pair, fmt):
     from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
@@ -298,6 +299,7 @@ compile: {{target: tensorrt-llm, require_run: {require_run}}}
 """
 
 
+@pytest.mark.slow
 def test_pipeline_run_builds_the_artifact_and_says_not_run_here(tmp_path):
     from pipeline.cli import main
 
@@ -314,6 +316,7 @@ def test_pipeline_run_builds_the_artifact_and_says_not_run_here(tmp_path):
     assert (compile_dir / "extra_llm_api_options.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_require_run_fails_with_exit_1_and_says_why(tmp_path):
     from pipeline.cli import main
 
