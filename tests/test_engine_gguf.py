@@ -164,6 +164,22 @@ def test_gguf_file_reads_back_with_our_blocks_and_metadata(awq_artifact):
     assert field("tokenizer.chat_template") == (TINY_MODEL / "chat_template.jinja").read_text()
 
 
+def test_bf16_reference_keeps_its_bits(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "bf16"
+    shutil.copytree(TINY_MODEL, src)
+    sd = {k: v.to(torch.bfloat16) for k, v in load_file(src / "model.safetensors").items()}
+    save_file(sd, src / "model.safetensors")
+    metrics = _build(src, tmp_path / "art")
+    assert metrics["tensor_types"] == {"BF16": 30, "F32": 9} and metrics["file_type"] == "MOSTLY_BF16"
+    t = {x.name: x for x in gguf.GGUFReader(tmp_path / "art" / "model" / "model.gguf").tensors}
+    v = sd["model.layers.1.mlp.down_proj.weight"]
+    np.testing.assert_array_equal(dequantize(np.asarray(t["blk.1.ffn_down.weight"].data), Q.BF16), v.float().numpy())
+
+
 def test_modelfile_carries_a_go_template_and_stop_tokens(awq_artifact):
     _, art, metrics = awq_artifact
     text = (art / "model" / "Modelfile").read_text()

@@ -106,22 +106,26 @@ def _tensors(ctx, hp: dict, fmt, figures: dict):
                     blocks = gguf_blocks.permute_rows_for_rope(blocks, rope_heads)
                 yield gname, blocks, kind
                 if "bias" in t:
-                    yield gname[: -len("weight")] + "bias", _float(t["bias"], rope_heads, 1), None
+                    yield gname[: -len("weight")] + "bias", *_float(t["bias"], rope_heads, 1)
                 continue
             for leaf, v in t.items():
                 if not v.is_floating_point():
                     raise QuantizationError(f"{what}.{leaf}: an integer tensor the gguf target cannot place.")
-                yield gname[: -len("weight")] + leaf, _float(v, rope_heads, v.dim()), None
+                yield gname[: -len("weight")] + leaf, *_float(v, rope_heads, v.dim())
 
 
 def _float(v: torch.Tensor, rope_heads: int, dim: int):
-    """A float tensor for the GGUF: F16 kept for fp16 matrices, F32 for 1-D tensors and other dtypes."""
+    """``(array, raw type or None)`` of a float tensor, exact: matrices stay F16 or BF16 (raw bytes) as stored,
+    fp32 ones F32; 1-D tensors (norms, biases) F32, as convert_hf_to_gguf keeps them."""
     from pipeline.formats.gguf_blocks import permute_rows_for_rope
 
     if rope_heads:
         v = permute_rows_for_rope(v, rope_heads)
+    v = v.contiguous()
+    if dim >= 2 and v.dtype == torch.bfloat16:
+        return v.view(torch.int16).numpy().view("uint8").reshape(*v.shape[:-1], -1), "BF16"
     keep16 = v.dtype == torch.float16 and dim >= 2
-    return v.to(torch.float16 if keep16 else torch.float32).contiguous().numpy()
+    return v.to(torch.float16 if keep16 else torch.float32).numpy(), None
 
 
 # ------------------------------------------------------------------------------------------------ metadata
@@ -247,7 +251,8 @@ def build(ctx) -> dict:
         w.add_tensor(name, arr, raw_dtype=getattr(gguf.GGMLQuantizationType, kind) if kind else None)
         expected[name] = kind or ("F16" if arr.dtype.name == "float16" else "F32")
     kinds = set(expected.values())
-    file_type = next((getattr(gguf.LlamaFileType, f"MOSTLY_{k}") for k in ("Q4_1", "Q4_0", "Q8_0") if k in kinds),
+    file_type = next((getattr(gguf.LlamaFileType, f"MOSTLY_{k}") for k in ("Q4_1", "Q4_0", "Q8_0", "BF16")
+                      if k in kinds),
                      gguf.LlamaFileType.MOSTLY_F16 if "F16" in kinds else gguf.LlamaFileType.ALL_F32)
     _add_hparams(w, hp, ctx.model_name, file_type)
     if not (ctx.src / "tokenizer.json").is_file():
