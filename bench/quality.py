@@ -11,8 +11,8 @@ Implementations and how each row is produced and evaluated:
 
 - **quantship** ("ours"), with the quantize stage's defaults: ``fake-quant`` rows run the layer walker with
   ``pack=False`` + ``emit_dequantized`` and write a float checkpoint of the dequantized weights (any bit width);
-  ``packed`` rows (4-bit, W8A8, NF4) write the real checkpoint the quantize stage writes and load it through
-  our runtime (``pipeline.engines.transformers_engine.load_model``: int4 / int8 modules, bitsandbytes for NF4).
+  ``packed`` rows (4-bit, W8A8, NF4, FP8) write the real checkpoint the quantize stage writes and load it through
+  our runtime (``pipeline.engines.transformers_engine.load_model``: int4 / int8 / fp8 modules, bitsandbytes for NF4).
   The defaults are AWQ duo scaling and GPTQ static act-order (llm-compressor's defaults too). ``--old-defaults``
   (alias ``--matched``) adds ``fake-quant`` rows with the settings the stage used before, labelled
   ``awq (paper scales)`` (the paper's ``mag_x^a``, no duo scaling) and ``gptq (no act-order)`` (``desc_act`` and
@@ -76,6 +76,9 @@ IMPLS = ("quantship", "llm-compressor", "lmdeploy")
 # chosen because they measured best (bench/RESULTS.md). These variants are ours with the settings it used before:
 # AWQ with the paper's scales mag_x^a (duo_scaling off), GPTQ in column order (desc_act and static_groups off).
 OLD_DEFAULTS = {"awq": "paper scales", "gptq": "no act-order"}
+# FP8 rows: the quant_method fp8 checkpoint the stage writes, loaded by our runtime (Fp8Linear, CPU: dequantized
+# weights and per-token (block: per 1x128 group) activations quantized and dequantized, the engines' rounding).
+FP8_VARIANTS = ("per-channel", "128x128 blocks")
 
 
 def plan_rows(fixtures: list[str], bits: list[int], impls: list[str], old_defaults: bool = False) -> list[dict]:
@@ -101,6 +104,10 @@ def plan_rows(fixtures: list[str], bits: list[int], impls: list[str], old_defaul
         for impl in impls:  # W8A8 does not depend on --bits
             path = {"quantship": "packed", "llm-compressor": "in-memory", "lmdeploy": "packed"}[impl]
             rows.append(dict(fixture=fx, impl=impl, method="smoothquant", bits="8/8", path=path))
+        if "quantship" in impls:  # FP8 e4m3 weights, dynamic per-token activations (emulated on the CPU)
+            for variant in FP8_VARIANTS:
+                rows.append(dict(fixture=fx, impl="quantship", method="fp8", bits="fp8", path="packed",
+                                 variant=variant))
     return rows
 
 
@@ -148,6 +155,11 @@ def ours(spec: dict):
             from pipeline.engines.bnb_engine import quantize_checkpoint_bnb
 
             quantize_checkpoint_bnb(src, out, "nf4", device="cpu")
+            return out
+        if m == "fp8":
+            from pipeline.quant.fp8_checkpoint import quantize_checkpoint_fp8
+
+            quantize_checkpoint_fp8(src, out, block=spec["variant"] == FP8_VARIANTS[1])
             return out
         if m == "rtn" and spec["path"] == "packed":
             from pipeline.quant.rtn import quantize_checkpoint_rtn
@@ -376,7 +388,7 @@ def run_row(spec: dict, args) -> dict:
         return out
 
 
-BITS_ORDER = {4: 0, 3: 1, "8/8": 2, "16": -1}
+BITS_ORDER = {4: 0, 3: 1, "8/8": 2, "fp8": 3, "16": -1}
 
 
 def sort_key(fixture_order: list[str], r: dict):
@@ -470,7 +482,7 @@ def main() -> None:
     p.add_argument("--workdir", default=str(ROOT / "outputs" / "bench" / "quality"))
     p.add_argument("--fixtures", default="tiny,tiny+outliers",
                    help="of tiny, gpu (the better-trained one), each optionally +outliers (larger: --larger)")
-    p.add_argument("--methods", default="rtn,awq,gptq,smoothquant,bnb-nf4", help="run only these methods")
+    p.add_argument("--methods", default="rtn,awq,gptq,smoothquant,bnb-nf4,fp8", help="run only these methods")
     p.add_argument("--old-defaults", "--matched", dest="old_defaults", action="store_true",
                    help="also ours with the stage's previous defaults: 'awq (paper scales)' without duo scaling, "
                    "'gptq (no act-order)' without desc_act/static_groups (--matched: the earlier name)")
