@@ -71,6 +71,9 @@ class TargetSpec:
 
 
 _ANY = FormatRule()
+# MatMulNBits (onnxruntime docs/ContribOperators.md): block_size a power of two, at least 16.
+_ORT_INT4 = FormatRule((4,), (16, 32, 64, 128, 256, 512, 1024, 2048),
+                       why="onnxruntime MatMulNBits: block_size is a power of two >= 16")
 _TM_INT4 = FormatRule((4,), (128,), why="lmdeploy 0.18 turbomind/converter.py get_tm_config: group size 128")
 # GGUF blocks hold 32 input columns with one fp16 scale (ggml-common.h QK4_0/QK4_1/QK8_0 = 32): a group must be a
 # multiple of 32 (these are the usual ones; -1 is one group per row, whose width is a multiple of 32 in practice).
@@ -87,8 +90,11 @@ TARGETS: dict[str, TargetSpec] = {
     ),
     "onnxruntime": TargetSpec(
         "ONNX Runtime", "onnxruntime_engine",
-        {"hf": _ANY, "awq": FormatRule((4,)), "gptq": FormatRule((4,), in_order_g_idx=True)},
-        ("cpu", "cuda"), "onnx and onnxruntime", built=False,
+        {"hf": _ANY, "awq": _ORT_INT4,
+         "gptq": FormatRule((4,), _ORT_INT4.group_sizes, in_order_g_idx=True,
+                            why="onnxruntime-genai 0.18 loaders/gptq.py keeps g_idx only for desc_act; MatMulNBits "
+                                "block_size is a power of two >= 16")},
+        ("cpu", "cuda"), "onnxruntime (to run; onnxruntime-genai, onnx and onnx_ir to export)",
     ),
     "gguf": TargetSpec(
         "llama.cpp / Ollama", "gguf_engine",
