@@ -191,6 +191,43 @@ def test_modelfile_carries_a_go_template_and_stop_tokens(awq_artifact):
     assert (art / "model" / "tokenizer.json").is_file() and (art / "model" / "chat_template.jinja").is_file()
 
 
+def test_serve_command_llama_server_keeps_the_key_out_of_argv(awq_artifact, tmp_path, monkeypatch):
+    from pipeline.engines import gguf_engine
+
+    stand_in = tmp_path / "bin" / "llama-server"  # a stand-in binary: only its path is used, it never runs
+    stand_in.parent.mkdir()
+    stand_in.write_text("#!/bin/sh\nexit 1\n")
+    stand_in.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stand_in.parent}:/usr/bin:/bin")
+    _, art, _ = awq_artifact
+    cmd = gguf_engine.serve_command(art, "127.0.0.1", 8011, "sekret", "tiny")
+    assert cmd.argv == [str(stand_in), "-m", str(art / "model" / "model.gguf"), "--host", "127.0.0.1", "--port", "8011",
+                        "--ctx-size", "8192", "--parallel", "4", "--alias", "tiny", "--jinja",
+                        "--chat-template-file", str(art / "model" / "chat_template.jinja")]
+    assert cmd.env == {"LLAMA_API_KEY": "sekret"} and cmd.health_path == "/health"
+    assert "sekret" not in cmd.shell()
+
+
+def test_serve_command_llama_cpp_python_server(awq_artifact, monkeypatch):
+    import importlib.util
+    import sys
+
+    from pipeline.engines import gguf_engine
+
+    if any(importlib.util.find_spec(m) is None for m in ("llama_cpp", "sse_starlette", "pydantic_settings")):
+        pytest.skip("llama-cpp-python[server] is not installed")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    _, art, _ = awq_artifact
+    cmd = gguf_engine.serve_command(art, "127.0.0.1", 8012, "sekret", "tiny")
+    assert cmd.argv == [sys.executable, "-m", "llama_cpp.server", "--model", str(art / "model" / "model.gguf"),
+                        "--host", "127.0.0.1", "--port", "8012", "--n_ctx", "2048", "--model_alias", "tiny"]
+    assert cmd.env == {"API_KEY": "sekret"} and cmd.health_path == "/v1/models"
+    from llama_cpp.server.settings import ServerSettings
+
+    monkeypatch.setenv("API_KEY", "sekret")
+    assert ServerSettings().api_key == "sekret"  # the server reads the key from that variable
+
+
 def test_go_template_refuses_a_template_it_cannot_reproduce():
     from transformers import PreTrainedTokenizerFast
 

@@ -458,6 +458,7 @@ def check_run(artifact: Path, log) -> dict:
 
 def serve_command(artifact: Path, host: str, port: int, api_key: str | None, model_name: str):
     """``llama-server`` when on PATH, else llama-cpp-python's server."""
+    import importlib.util
     import sys
 
     from pipeline.engines.base import ServeCommand
@@ -476,6 +477,14 @@ def serve_command(artifact: Path, host: str, port: int, api_key: str | None, mod
         if api_key:
             env["LLAMA_API_KEY"] = api_key  # llama.cpp common/arg.cpp: --api-key reads LLAMA_API_KEY
         return ServeCommand(argv, f"http://{host}:{port}", "/health", env, model_name)
+    missing = [m for m in ("llama_cpp", "sse_starlette", "starlette_context", "pydantic_settings")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise TargetUnavailable(
+            f"serving the gguf artifact needs llama-server on PATH or llama-cpp-python's server, but "
+            f"{', '.join(missing)} is not installed. pip install 'llama-cpp-python[server]' (or put llama.cpp's "
+            "llama-server on PATH), then serve again."
+        )
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", gguf_path, "--host", host, "--port", str(port),
             "--n_ctx", str(s["n_ctx"]), "--model_alias", model_name]
     if api_key:
