@@ -152,7 +152,9 @@ class QuantizeSection(_Section):
         description="Weight bits; default by method: 4 for rtn/awq/gptq/bnb-nf4, 8 for smoothquant/bnb-int8.",
     )
     w_group_size: int = Field(128, description="Input columns sharing one scale and zero point (32, 64 or 128).")
-    w_sym: bool = Field(None, validate_default=False, description="Symmetric weights; default: true for gptq, else false.")
+    w_sym: bool = Field(None, validate_default=False, description="Symmetric weights (zero point 2^(bits-1)); default: true for gptq, else false. rtn/awq "
+                         "with w_sym: true still write the AWQ GEMM layout (zeros all 8), which TensorRT-LLM's "
+                         "symmetric W4A16_AWQ can take exactly.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where calibrated methods run: auto = GPU if any.")
     gptq: GPTQOptions = Field(default_factory=GPTQOptions, description="Used by method gptq.")
     awq: AWQOptions = Field(default_factory=AWQOptions, description="Used by method awq.")
@@ -524,11 +526,6 @@ def check_rules(loaded: LoadedRecipe, lines: dict[tuple, int]) -> None:
             problems.append(
                 f"{where}:{_line(lines, ('quantize', 'w_bits'))}: field 'quantize.w_bits'{tag}: {why}; valid: "
                 f"{' or '.join(map(str, allowed))}; got {q.w_bits}"
-            )
-        if q.method in ("rtn", "awq") and q.w_sym:
-            problems.append(
-                f"{where}:{_line(lines, ('quantize', 'w_sym'))}: field 'quantize.w_sym'{tag}: the AWQ GEMM layout "
-                f"stores zero points (asymmetric); set w_sym: false"
             )
         if q.method == "smoothquant" and q.smoothquant.layout == "compressed-tensors" and r.compile.target.startswith(
                 ("lmdeploy", "turbomind")):

@@ -129,8 +129,8 @@ TARGETS: dict[str, TargetSpec] = {
         {"hf": _ANY,
          "awq": FormatRule((4,), (64, 128), sym=True,
                            why="TensorRT-LLM _torch/modules/linear.py W4A16_AWQ_LinearMethod passes no zero points "
-                           "(ModelOpt int4_awq is symmetric); AWQ with zero_point: true cannot be converted exactly, "
-                           "use method gptq with w_sym: true"),
+                           "(ModelOpt int4_awq is symmetric): fitted zero points cannot be converted exactly; quantize "
+                           "with w_sym: true (awq, rtn or gptq)"),
          "gptq": FormatRule((4,), (64, 128), sym=True, in_order_g_idx=True,
                             why="TensorRT-LLM's PyTorch backend reads no gptq config; symmetric in-order 4-bit GPTQ is "
                             "converted exactly to ModelOpt W4A16_AWQ (pipeline/formats/modelopt.py)"),

@@ -58,14 +58,15 @@ def check_bits(bits: int) -> None:
         )
 
 
-def quantization_config(bits: int = 4, group_size: int = 128, modules_to_not_convert: list[str] | None = None) -> dict:
+def quantization_config(bits: int = 4, group_size: int = 128, modules_to_not_convert: list[str] | None = None,
+                         sym: bool = False) -> dict:
     """The ``quantization_config`` block of ``config.json`` for an AWQ GEMM folder.
 
     Same keys as AutoAWQ's ``AwqConfig.to_transformers_dict`` (``awq/models/_config.py``); vLLM needs ``bits``,
     ``group_size`` and ``zero_point`` present to pick its Marlin kernel, TurboMind needs ``version: gemm``.
     """
     check_bits(bits)
-    return {
+    config = {
         "quant_method": "awq",
         "bits": bits,
         "group_size": group_size,
@@ -73,6 +74,9 @@ def quantization_config(bits: int = 4, group_size: int = 128, modules_to_not_con
         "version": "gemm",
         "modules_to_not_convert": modules_to_not_convert,
     }
+    if sym:  # symmetric grid: every zero point is 2**(bits-1); the layout is unchanged, readers ignore ``meta``
+        config["meta"] = {"sym": True}
+    return config
 
 
 def _pack_rows(v: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ def format_of_config(qc: dict[str, Any] | None, where: str = "config.json") -> F
     method = str(qc.get("quant_method", "")).lower()
     if method == "awq":
         return FormatSettings("awq", qc.get("bits", qc.get("w_bit")), qc.get("group_size", qc.get("q_group_size")),
-                              sym=not qc.get("zero_point", True))
+                              sym=not qc.get("zero_point", True) or bool((qc.get("meta") or {}).get("sym")))
     if method == "gptq":
         desc_act = bool(qc.get("desc_act", False))
         return FormatSettings("gptq", qc.get("bits"), qc.get("group_size"), sym=bool(qc.get("sym", True)),

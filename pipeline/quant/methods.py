@@ -108,8 +108,8 @@ class AWQMethod:
     """AWQ (Lin et al., 2023): per-group scale search and fold, then clipping search, then INT4 (GEMM layout)."""
 
     def __init__(self, bits: int, group_size: int, n_grid: int = 20, clip: bool = True, max_shrink: float = 0.5,
-                 duo_scaling: bool = True, max_tokens: int = 4096, pack: bool = True):
-        self.pack = pack
+                 duo_scaling: bool = True, max_tokens: int = 4096, pack: bool = True, sym: bool = False):
+        self.pack, self.sym = pack, sym
         self.bits, self.group_size, self.n_grid = bits, group_size, n_grid
         self.clip, self.max_shrink, self.duo_scaling, self.max_tokens = clip, max_shrink, duo_scaling, max_tokens
         self.x: dict[str, list[torch.Tensor]] = {}
@@ -133,7 +133,7 @@ class AWQMethod:
                 continue
             found = search_scales(x, [lin.weight for lin in linears], None, self.bits, self.group_size, self.n_grid,
                                   magnitude=input_channel_magnitude(x), max_tokens=self.max_tokens,
-                                  duo_scaling=self.duo_scaling)
+                                  duo_scaling=self.duo_scaling, sym=self.sym)
             _fold_into(layer, group, linears, found.scales)
             # The fold divides this group's input by s: the clip search must see what the linears will see.
             # It samples at most a few thousand tokens, so only those are kept (bounds memory on big layers).
@@ -149,8 +149,8 @@ class AWQMethod:
                 # Rows per einsum: 64 bounds CPU memory; a GPU has room for far more (1024: ~0.25 GB).
                 rows = 1024 if linear.weight.is_cuda else 64
                 ratio = (search_clip(x, linear.weight, self.bits, self.group_size, self.n_grid, self.max_shrink,
-                                     out_batch=rows) if clip else 1.0)
-                qw = quantize_fp16_scales(linear.weight, self.bits, self.group_size, False, ratio)
+                                     sym=self.sym, out_batch=rows) if clip else 1.0)
+                qw = quantize_fp16_scales(linear.weight, self.bits, self.group_size, self.sym, ratio)
                 _set_weight(linear, qw.dequantize())
                 _pack_into(out, name, linear, awq_gemm.pack(qw) if self.pack else None)
         return out

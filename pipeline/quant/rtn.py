@@ -159,7 +159,7 @@ def quantize_checkpoint_rtn(
             progress(i + 1, n_layers, f"layer {i + 1}/{n_layers}")
         files = writer.close()
 
-    write_config(src_dir, out_dir, awq_gemm.quantization_config(bits, group_size))
+    write_config(src_dir, out_dir, awq_gemm.quantization_config(bits, group_size, sym=sym))
     side = copy_side_files(src_dir, out_dir)
     weight_bytes = sum((out_dir / f).stat().st_size for f in files)
     written = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())

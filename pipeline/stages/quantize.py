@@ -80,8 +80,8 @@ def make_method(cfg):
                                                 damp_percent=o.damp, static_groups=o.static_groups)
     if cfg.method == "awq":
         o = cfg.awq
-        method = AWQMethod(cfg.w_bits, cfg.w_group_size, o.n_grid, o.clip, o.max_shrink, o.duo_scaling)
-        return method, awq_gemm.quantization_config(cfg.w_bits, cfg.w_group_size)
+        method = AWQMethod(cfg.w_bits, cfg.w_group_size, o.n_grid, o.clip, o.max_shrink, o.duo_scaling, sym=cfg.w_sym)
+        return method, awq_gemm.quantization_config(cfg.w_bits, cfg.w_group_size, sym=cfg.w_sym)
     if cfg.method == "smoothquant":
         layout = cfg.smoothquant.layout
         qconfig = (w8a8.quantization_config_lmdeploy() if layout == "lmdeploy"
