@@ -278,7 +278,8 @@ def test_the_stage_writes_every_layout_and_stays_close_to_the_reference(fp8_runs
     for variant, stages in fp8_runs.items():
         block, layout = variant.startswith("blocktrue"), variant.split("-", 1)[1]
         qm = stages["quantize"]["metrics"]
-        assert (qm["quantized_linears"], qm["kept_linears"], qm["format"]) == (27, 1, "fp8" if layout == "fp8" else "ct-fp8")
+        expected_format = "fp8" if layout == "fp8" else "ct-fp8"
+        assert (qm["quantized_linears"], qm["kept_linears"], qm["format"]) == (27, 1, expected_format)
         folder = stages["quantize"]["dir"] / "model"
         qc = json.loads((folder / "config.json").read_text())["quantization_config"]
         assert fmt.read_quantization_config(qc) == (layout, (128, 128) if block else None)
@@ -289,7 +290,8 @@ def test_the_stage_writes_every_layout_and_stays_close_to_the_reference(fp8_runs
             names = {k.removeprefix("model.layers.0.mlp.gate_proj.") for k in f.keys()
                      if k.startswith("model.layers.0.mlp.gate_proj.")}
             assert names == {"weight", scale_name}
-            w, s = f.get_tensor("model.layers.0.mlp.gate_proj.weight"), f.get_tensor(f"model.layers.0.mlp.gate_proj.{scale_name}")
+            w = f.get_tensor("model.layers.0.mlp.gate_proj.weight")
+            s = f.get_tensor(f"model.layers.0.mlp.gate_proj.{scale_name}")
             assert w.dtype == torch.float8_e4m3fn and w.shape == (768, 256) and s.dtype == torch.float32
             assert tuple(s.shape) == ((6, 2) if block else (768, 1))
             assert f.get_tensor("model.layers.3.mlp.down_proj.weight").dtype == torch.float16  # ignored

@@ -77,7 +77,8 @@ class Fp8Linear(nn.Module):
             raise ValueError(f"kernel 'scaled-mm' cannot run this weight: {problem}")
         if not act_quant and kernel == KERNEL_SCALED_MM:
             raise ValueError("kernel 'scaled-mm' quantizes activations; act_quant=False needs 'dequantize'")
-        wanted = kernel == KERNEL_SCALED_MM or (kernel == "auto" and act_quant and device.type == "cuda" and not problem)
+        auto_cuda = kernel == "auto" and act_quant and device.type == "cuda" and not problem
+        wanted = kernel == KERNEL_SCALED_MM or auto_cuda
         self.kernel, reason = (KERNEL_SCALED_MM, "") if wanted else (KERNEL_DEQUANT, problem or "asked for")
         if self.kernel == KERNEL_SCALED_MM:
             self.register_buffer("scale_row", self.weight_scale.reshape(1, -1).contiguous())

@@ -86,7 +86,9 @@ def pack(w_fp8: torch.Tensor, scale: torch.Tensor, layout: str = "fp8", block: t
     return tensors
 
 
-def unpack(tensors: dict[str, torch.Tensor], quant_config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int] | None]:
+def unpack(
+    tensors: dict[str, torch.Tensor], quant_config: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int] | None]:
     """``(w_fp8 [out, in], scale float32, block or None)`` of one linear, as its folder's config declares it."""
     layout, block = read_quantization_config(quant_config)
     name = scale_name(layout)

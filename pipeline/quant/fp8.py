@@ -75,7 +75,8 @@ def quantize_fp8_block(w: torch.Tensor, block: tuple[int, int] = BLOCK) -> tuple
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
     out_features, in_features = w.shape
     rows, cols = block_grid((out_features, in_features), block)
-    padded = torch.nn.functional.pad(w.float().abs(), (0, cols * block[1] - in_features, 0, rows * block[0] - out_features))
+    pad = (0, cols * block[1] - in_features, 0, rows * block[0] - out_features)
+    padded = torch.nn.functional.pad(w.float().abs(), pad)
     amax = padded.reshape(rows, block[0], cols, block[1]).amax(dim=(1, 3))
     scale = _scale_of(amax)
     return cast_fp8(w, expand_block_scales(scale, (out_features, in_features), block)), scale
