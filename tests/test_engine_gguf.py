@@ -289,9 +289,8 @@ def test_llama_cpp_perplexity_matches_the_transformers_target(tmp_path):
     assert engines["gguf"]["status"] == "ran here" and engines["gguf"]["check_run"]["tokenizer_agrees"] is True
     ppl = {}
     for p in (out / "gg").glob("evaluate-*/metrics.json"):
-        ins = json.loads((p.parent / "manifest.json").read_text())["inputs"]
-        target = next(json.loads((out / "gg" / Path(v).name / "engine.json").read_text())["target"]
-                      for k, v in ins.items() if k == "compile")
+        compile_dir = json.loads((p.parent / "manifest.json").read_text())["inputs"]["compile"]["dir"]
+        target = json.loads((out / "gg" / compile_dir / "engine.json").read_text())["target"]
         ppl[target] = json.loads(p.read_text())
     assert set(ppl) == {"transformers", "gguf"}
     assert ppl["gguf"]["tokens"] == ppl["transformers"]["tokens"]

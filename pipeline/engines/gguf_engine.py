@@ -249,8 +249,11 @@ def build(ctx) -> dict:
     expected: dict[str, str] = {}
     for name, arr, kind in _tensors(ctx, hp, ctx.fmt, figures):
         w.add_tensor(name, arr, raw_dtype=getattr(gguf.GGMLQuantizationType, kind) if kind else None)
-        expected[name] = kind or ("F16" if arr.dtype.name == "float16" else "F32")
-    kinds = set(expected.values())
+        gtype = kind or ("F16" if arr.dtype.name == "float16" else "F32")
+        block, nbytes = gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, gtype)]
+        cols = arr.shape[-1] // nbytes * block if kind else arr.shape[-1]  # raw bytes -> elements
+        expected[name] = (gtype, (*arr.shape[:-1], cols))
+    kinds = {gtype for gtype, _ in expected.values()}
     file_type = next((getattr(gguf.LlamaFileType, f"MOSTLY_{k}") for k in ("Q4_1", "Q4_0", "Q8_0", "BF16")
                       if k in kinds),
                      gguf.LlamaFileType.MOSTLY_F16 if "F16" in kinds else gguf.LlamaFileType.ALL_F32)
@@ -283,18 +286,18 @@ def build(ctx) -> dict:
             "tokenizer": tok_info, "rounding": figures, "modelfile": modelfile, "serving": settings}
 
 
-def verify_gguf(path: Path, expected: dict[str, str]) -> dict:
-    """Read the file back with ``gguf.GGUFReader``: the same tensor names, with the types written."""
+def verify_gguf(path: Path, expected: dict[str, tuple[str, tuple[int, ...]]]) -> dict:
+    """Read the file back with ``gguf.GGUFReader``: the same tensor names, types and [out, in] shapes."""
     import gguf
 
     r = gguf.GGUFReader(path)
-    got = {t.name: t.tensor_type.name for t in r.tensors}
+    got = {t.name: (t.tensor_type.name, tuple(int(n) for n in reversed(t.shape))) for t in r.tensors}
     if got != expected:
         diff = sorted(set(got.items()) ^ set(expected.items()))[:6]
         raise StageError(f"{path}: read back with gguf.GGUFReader, the tensors differ from those written: {diff}. "
                          "The gguf package wrote an inconsistent file; report it with the gguf version.")
     types: dict[str, int] = {}
-    for t in got.values():
+    for t, _ in got.values():
         types[t] = types.get(t, 0) + 1
     return {"count": len(got), "types": dict(sorted(types.items()))}
 
