@@ -77,6 +77,14 @@ def build(ctx) -> dict:
         from pipeline.formats.matmulnbits import check_block_size
 
         check_block_size(int(ctx.fmt.group_size or 128), where=f"{ctx.src}: ")
+        qc = read_config(ctx.src).get("quantization_config") or {}
+        if fmt == "gptq" and qc.get("checkpoint_format", qc.get("format", "gptq")) != "gptq":
+            # loaders/gptq.py handle_qzeros adds 1 to every stored zero (the v1 convention) unconditionally.
+            raise QuantizationError(
+                f"{ctx.src} is a {qc.get('checkpoint_format', qc.get('format'))} GPTQ checkpoint; onnxruntime-genai's "
+                "builder reads only the classic v1 layout (zeros stored minus one). Quantize with the default "
+                "checkpoint format (gptq)."
+            )
     for pkg in ("onnxruntime_genai", "onnx_ir", "onnx"):
         if package_present(pkg) is None:
             raise TargetUnavailable(
