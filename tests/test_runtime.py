@@ -119,7 +119,7 @@ def test_registry_builds_awq_linears_and_names_supported_methods():
     torch.testing.assert_close(lin(x), x @ qw.dequantize().T, rtol=1e-5, atol=1e-4)
     with pytest.raises(QuantizationError, match="lacks tensor"):
         build_linear("awq", {"qweight": tensors["qweight"]}, awq_gemm.quantization_config(), "cpu", torch.float32)
-    with pytest.raises(QuantizationError, match="Supported: awq, compressed-tensors, gptq, smooth_quant"):
+    with pytest.raises(QuantizationError, match="Supported: awq, compressed-tensors, fp8, gptq, smooth_quant"):
         build_linear("nf5", tensors, {}, "cpu", torch.float32)
 
 
