@@ -171,7 +171,7 @@ def write_report(plan: Plan) -> Path | None:
             "variant": variant,
             "method": quant.method,
             "bits": None if quant.method == "none" else quant.w_bits,
-            "group_size": None if quant.method in ("none", "smoothquant", "bnb-nf4", "bnb-int8") else quant.w_group_size,
+            "group_size": None if quant.method in ("none", "smoothquant", "fp8", "bnb-nf4", "bnb-int8") else quant.w_group_size,
             "size_bytes": qm["metrics"].get("bytes"),
             "gate_failures": check_gates(ev["metrics"], recipe.eval.gates.model_dump()),
             "target": recipe.compile.target,
