@@ -229,3 +229,19 @@ def test_serve_says_not_served(ortq):
     compile_dir, _ = _variant(ortq, "rtn", "onnxruntime")["compile"]
     command, why = engine_server(compile_dir, "127.0.0.1", 8123, None)
     assert command is None and why == "not served: ONNX Runtime has no OpenAI-compatible server"
+
+
+def test_a_builder_failure_is_our_error_and_leaves_logging_as_it_was(tmp_path):
+    import logging
+
+    from pipeline.engines.onnxruntime_engine import run_builder
+    from pipeline.errors import QuantizationError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text('{"architectures": ["FooForCausalLM"], "model_type": "llama", "hidden_size": 8}')
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level)
+    with pytest.raises(QuantizationError, match="Use another compile target"):
+        run_builder(src, tmp_path / "out", "fp32", "cpu", {"hf_token": "false"}, tmp_path / "builder.log")
+    assert (list(root.handlers), root.level) == before

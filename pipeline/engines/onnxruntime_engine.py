@@ -111,6 +111,7 @@ def run_builder(src: Path, out: Path, precision: str, execution_provider: str, o
     """onnxruntime-genai's ``builder.py`` main (``parse_extra_options`` then ``create_model``) in process, its
     prints, progress bars and log records into ``log_file`` (in process: a subprocess would import torch and
     transformers again, seconds per build on a small CPU)."""
+    failure: Exception | None = None
     with open(log_file, "w", encoding="utf-8") as log, _confined(log), tempfile.TemporaryDirectory() as cache:
         try:
             from onnxruntime_genai.models import builder
@@ -124,11 +125,14 @@ def run_builder(src: Path, out: Path, precision: str, execution_provider: str, o
             extra = builder.parse_extra_options(None, str(src), str(out), precision, execution_provider, cache, kv)
             builder.create_model(None, str(src), str(out), precision, execution_provider, cache, **extra)
         except Exception as e:  # the builder raises bare Exception/NotImplementedError/AssertionError
-            raise QuantizationError(
-                f"onnxruntime-genai's model builder could not export {src} ({type(e).__name__}: {e}). Its log is "
-                f"{log_file}; an architecture it does not know, or a quantized layout it does not read, ends here. "
-                "Use another compile target for this model."
-            ) from e
+            failure = e
+    if failure is not None:
+        tail = log_file.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
+        raise QuantizationError(
+            f"onnxruntime-genai's model builder could not export {src} ({type(failure).__name__}: {failure}); an "
+            "architecture it does not know, or a quantized layout it does not read, ends here. Use another compile "
+            "target for this model. The end of its log:\n" + "\n".join(tail)
+        ) from failure
 
 
 @contextlib.contextmanager
