@@ -150,4 +150,4 @@ def load_for_eval(engine_dir: Path):
     model, tokenizer = load_model(Path(engine["source_model_dir"]), device=device,
                                   dtype=torch.float32 if device == "cpu" else torch.float16,
                                   allow_pickle=engine["allow_pickle"], trust_remote_code=engine["trust_remote_code"])
-    return model, tokenizer, f"transformers (stand-in for {engine['engine']}: {engine['status']})"
+    return model, tokenizer, f"transformers on the same checkpoint ({engine['engine']} not run here)"
