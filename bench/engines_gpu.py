@@ -37,7 +37,7 @@ RECIPE = """\
 name: engines-gpu
 model: {{source: {model}}}
 calibration: {{source: {calib}, samples: 32, seq_len: 256}}
-quantize: {{method: none, device: cuda}}
+quantize: {{method: none, device: cuda, fp8: {{block: true}}}}
 compile: {{target: lmdeploy-pytorch, device: cuda, session_len: 1024, kv_cache_fraction: 0.05, max_batch_size: 4,
           require_run: true}}
 serve: {{enabled: false}}
@@ -46,9 +46,11 @@ matrix: {{quantize.method: [{methods}]}}
 
 
 def fp8_method_exists() -> bool:
-    from pipeline.quant import methods
+    import inspect
 
-    return any("fp8" in name.lower() for name in dir(methods))
+    from pipeline.stages import quantize
+
+    return '"fp8":' in inspect.getsource(quantize)  # the method table of the quantize stage
 
 
 def run_pipeline(work: Path, methods: list[str]) -> dict[str, Path]:
@@ -108,45 +110,45 @@ def lmdeploy_ppl(artifact: Path, wins: list[list[int]]) -> float:
         pipe.close()
 
 
-def start_server(artifact: Path, port: int, log_path: Path):
-    """The target's serve command, started with the serve stage's machinery (``engine_server`` +
-    ``ExternalServer``, another engineer's work in progress) when it imports, else a plain subprocess."""
+def launch_server(artifact: Path, port: int, log_path: Path):
+    """Start the target's serve command (not waiting for health): with the serve stage's machinery
+    (``engine_server`` + ``ExternalServer``) when it imports, else a plain subprocess. Returns
+    ``(command, wait_healthy, stop, how)``."""
     from pipeline.engines import lmdeploy_engine
 
     try:
         from pipeline.serve.external import ExternalServer
         from pipeline.stages.serve import engine_server
-
+    except ImportError as e:
+        print(f"serve-stage machinery not importable ({e}); plain subprocess", flush=True)
+    else:
         command, why = engine_server(artifact, "127.0.0.1", port, None)
         if command is None:
             raise RuntimeError(f"the serve stage would not serve it: {why}")
         server = ExternalServer(command, log_path).start()
-        try:
-            server.wait_healthy(240)
-        except BaseException:
-            server.stop()
-            raise
-        return command, server.stop, "pipeline.stages.serve.engine_server + pipeline.serve.external.ExternalServer"
-    except ImportError as e:
-        print(f"serve-stage machinery not importable ({e}); plain subprocess", flush=True)
+        return (command, lambda: server.wait_healthy(240), server.stop,
+                "pipeline.stages.serve.engine_server + pipeline.serve.external.ExternalServer")
     import httpx
 
     command = lmdeploy_engine.serve_command(artifact, "127.0.0.1", port, None, "bench")
     proc = subprocess.Popen(command.argv, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def stop():
-        os.killpg(proc.pid, 15)
-        proc.wait(30)
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            proc.wait(30)
 
-    t0 = time.time()
-    while proc.poll() is None and time.time() - t0 < 240:
-        try:
-            if httpx.get(command.base_url + command.health_path, timeout=2).status_code == 200:
-                return command, stop, "subprocess"
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    stop() if proc.poll() is None else None
-    raise RuntimeError(f"lmdeploy api_server not healthy (exit {proc.returncode}): {log_path.read_text()[-2000:]}")
+    def wait():
+        t0 = time.time()
+        while proc.poll() is None and time.time() - t0 < 240:
+            try:
+                if httpx.get(command.base_url + command.health_path, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        raise RuntimeError(f"lmdeploy api_server not healthy (exit {proc.returncode}): {log_path.read_text()[-2000:]}")
+
+    return command, wait, stop, "subprocess"
 
 
 def smoke_and_decode(command) -> dict:
@@ -176,6 +178,13 @@ def smoke_and_decode(command) -> dict:
             "decode_tok_s": statistics.median(r["decode_tok_s"] for r in measured),
             "ttft_s": statistics.median(r["ttft_s"] for r in measured),
             "new_tokens": [r["tokens"] for r in measured]}
+
+
+def served(command, wait, how: str) -> dict:
+    if command is None:
+        return {}
+    wait()
+    return {"served_by": how, "serve_argv": command.argv, **smoke_and_decode(command)}
 
 
 def main() -> None:
@@ -216,17 +225,28 @@ def main() -> None:
             continue
         engine = json.loads((artifact / "engine.json").read_text())
         row.update(format=engine["format"]["fmt"], status=engine["status"], check_run=engine["check_run"])
-        steps = (("ours_ppl", lambda: ours_ppl(artifact, wins)), ("lmdeploy_ppl", lambda: lmdeploy_ppl(artifact, wins)),
-                 ("serve", lambda: serve(artifact, 23400 + i, out / f"server_{variant}.log")))
-        for key, fn in steps:
-            try:
-                value = fn()
-                row.update(value) if isinstance(value, dict) else row.__setitem__(key, value)
-            except Exception as e:
-                traceback.print_exc()
-                row[f"{key}_error"] = f"{type(e).__name__}: {e}"[:600]
+        command = wait = stop = how = None
+        try:  # the server starts while both perplexities are computed
+            command, wait, stop, how = launch_server(artifact, 23400 + i, out / f"server_{variant}.log")
+        except Exception as e:
+            traceback.print_exc()
+            command, row["serve_error"] = None, f"{type(e).__name__}: {e}"[:600]
+        try:
+            for key, fn in (("ours_ppl", lambda: ours_ppl(artifact, wins)),
+                            ("lmdeploy_ppl", lambda: lmdeploy_ppl(artifact, wins)),
+                            ("serve", lambda: served(command, wait, how))):
+                try:
+                    value = fn()
+                    row.update(value) if isinstance(value, dict) else row.__setitem__(key, value)
+                except Exception as e:
+                    traceback.print_exc()
+                    row[f"{key}_error"] = f"{type(e).__name__}: {e}"[:600]
+        finally:
+            if command:
+                stop()
         print(json.dumps(row), flush=True)
         result["rows"].append(row)
+        (out / "results_engines_gpu.json").write_text(json.dumps(result, indent=1))  # kept if a later row hangs
     ref = next((r.get("decode_tok_s") for r in result["rows"] if r["variant"] == "none"), None)
     print(f"\n{result['card']}; torch {result['torch']}; lmdeploy {result['lmdeploy']}; "
           f"{N_WINDOWS} x {SEQ_LEN} held-out tokens; decode batch 1, {NEW_TOKENS} new tokens (ignore_eos)")
@@ -240,14 +260,6 @@ def main() -> None:
         print(f"| {r['variant']} | {r.get('format', '')} | {cr.get('reply', r.get('status', ''))!r} | {fmt('lmdeploy_ppl')} | "
               f"{fmt('ours_ppl')} | {f'{speed:.1f}' if speed else 'error'} | {rel} | {r.get('smoke_reply', '')!r} |")
     (out / "results_engines_gpu.json").write_text(json.dumps(result, indent=1))
-
-
-def serve(artifact: Path, port: int, log_path: Path) -> dict:
-    command, stop, how = start_server(artifact, port, log_path)
-    try:
-        return {"served_by": how, "serve_argv": command.argv, **smoke_and_decode(command)}
-    finally:
-        stop()
 
 
 if __name__ == "__main__":
