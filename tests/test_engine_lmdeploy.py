@@ -24,8 +24,8 @@ from tests.conftest import CALIB_TEXT, TINY_MODEL, write_recipe
 
 RECIPES = {
     # name: (target, methods, compile section)
-    "tm": ("turbomind", ["rtn", "gptq"], "{target: turbomind, kv_cache: int4, kv_cache_fraction: 0.5, max_batch_size: 8}"),
-    "pt": ("lmdeploy-pytorch", ["rtn", "smoothquant"],
+    "tm": ("turbomind", ["rtn", "gptq", "fp8"], "{target: turbomind, kv_cache: int4, kv_cache_fraction: 0.5, max_batch_size: 8}"),
+    "pt": ("lmdeploy-pytorch", ["rtn", "smoothquant", "fp8"],
            "{target: lmdeploy-pytorch, kv_cache: int8, session_len: 1024, tp: 2, max_batch_size: 4}"),
 }
 
@@ -40,7 +40,7 @@ def runs(tmp_path_factory) -> dict[tuple[str, str], dict]:
         recipe.write_text(
             f"name: {name}\nmodel: {{source: {TINY_MODEL}}}\n"
             f"calibration: {{source: {CALIB_TEXT}, samples: 8, seq_len: 128}}\n"
-            f"quantize: {{method: rtn, device: cpu}}\ncompile: {compile_}\nserve: {{enabled: false}}\n"
+            f"quantize: {{method: rtn, device: cpu, fp8: {{block: true}}}}\ncompile: {compile_}\nserve: {{enabled: false}}\n"
             f"matrix: {{quantize.method: [{', '.join(methods)}]}}\n"
         )
         res = CliRunner().invoke(main, ["run", str(recipe), "-o", str(out)], catch_exceptions=False)
@@ -61,6 +61,7 @@ def _qc(folder: Path) -> dict:
 @pytest.mark.parametrize("key, model_format, qc", [
     (("tm", "rtn"), "awq", {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": 128, "zero_point": True}),
     (("tm", "gptq"), "gptq", {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}),
+    (("tm", "fp8"), "fp8", {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}),
 ])
 def test_turbomind_artifact_is_the_folder_it_reads(runs, key, model_format, qc):
     run = runs[key]
@@ -86,6 +87,16 @@ def test_turbomind_serve_argv(runs):
                         "--quant-policy", "4", "--max-batch-size", "8", "--model-format", "awq", "--chat-template", "hf",
                         "--server-name", "127.0.0.1", "--server-port", "8123", "--model-name", "tiny"]
     assert (cmd.base_url, cmd.health_path, cmd.env, cmd.model_name) == ("http://127.0.0.1:8123", "/health", {}, "tiny")
+
+
+def test_pytorch_engine_fp8_artifact_sets_no_model_format(runs):
+    # PytorchEngineConfig.model_format 'fp8' means quantizing an unquantized model online: never set it.
+    run = runs["pt", "fp8"]
+    assert _qc(run["artifact"] / "model")["weight_block_size"] == [128, 128]
+    settings = json.loads((run["artifact"] / common.CONFIG_FILE).read_text())
+    assert "model_format" not in settings["engine_config"]
+    argv = lmdeploy_engine.serve_command(run["artifact"], "127.0.0.1", 1, None, "m").argv
+    assert "--model-format" not in argv and argv[argv.index("--backend") + 1] == "pytorch"
 
 
 def test_pytorch_engine_artifact_and_argv(runs):
@@ -140,35 +151,51 @@ def test_require_run_fails_with_exit_code_1(tmp_path):
             "Run the recipe where it is installed, or set require_run: false") in text
 
 
-@pytest.mark.parametrize("quantize, compile_, message", [
+# (quantize, compile, the reason (exact), lmdeploy targets that the message lists as able to load it, or None
+# where the message has no such list). The other targets in the list belong to other rows of targets.py.
+REFUSED = [
     ("{method: smoothquant}", "{target: turbomind}",
-     "field 'compile.target': lmdeploy TurboMind does not load the w8a8 format; targets that do: gguf, lmdeploy-pytorch, "
-     "tensorrt-llm, transformers."),
+     "field 'compile.target': lmdeploy TurboMind does not load the w8a8 format; targets that do: ", {"lmdeploy-pytorch"}),
     ("{method: rtn, w_group_size: 64}", "{target: turbomind}",
      "field 'compile.target': lmdeploy TurboMind loads awq only with group size 128, not 64 (lmdeploy 0.18 "
-     "turbomind/converter.py get_tm_config: group size 128); targets that load it: transformers, onnxruntime, gguf, "
-     "lmdeploy-pytorch, tensorrt-llm, vllm, sglang."),
+     "turbomind/converter.py get_tm_config: group size 128); targets that load it: ", {"lmdeploy-pytorch"}),
     ("{method: gptq, w_sym: false}", "{target: turbomind}",
      "field 'compile.target': lmdeploy TurboMind loads gptq only with symmetric weights (w_sym: true) (lmdeploy 0.18 "
-     "turbomind/converter.py: desc_act false, sym, group size 128); targets that load it: transformers, onnxruntime, "
-     "gguf, vllm, sglang."),
+     "turbomind/converter.py: desc_act false, sym, group size 128); targets that load it: ", set()),
     ("{method: gptq, gptq: {desc_act: true, static_groups: false}}", "{target: turbomind}",
      "field 'compile.target': lmdeploy TurboMind does not read g_idx, so it cannot load act-order with a permuted "
      "g_idx (desc_act: true needs static_groups: true) (lmdeploy 0.18 turbomind/converter.py: desc_act false, sym, "
-     "group size 128); targets that load it: transformers, vllm, sglang."),
-    ("{method: rtn}", "{target: turbomind, kv_cache: fp8}",
-     "field 'compile.kv_cache': compile.kv_cache 'fp8': lmdeploy TurboMind offers int8, int4 (or 'auto')."),
+     "group size 128); targets that load it: ", set()),
+    ("{method: fp8}", "{target: turbomind}",
+     "field 'compile.target': lmdeploy TurboMind loads fp8 only with 128x128 weight blocks (fp8.block: true) (lmdeploy "
+     "0.18 turbomind/weight_format.py FP8Format: 128x128 blocks); targets that load it: ", set()),
+    ("{method: fp8}", "{target: lmdeploy-pytorch}",
+     "field 'compile.target': lmdeploy PyTorch engine loads fp8 only with 128x128 weight blocks (fp8.block: true) "
+     "(lmdeploy 0.18 pytorch/nn/linear/__init__.py: dynamic fp8 is BlockedF8Linear, 128x128 blocks); targets that "
+     "load it: ", set()),
     ("{method: gptq}", "{target: lmdeploy-pytorch}",
-     "field 'compile.target': lmdeploy PyTorch engine does not load the gptq format; targets that do: gguf, "
-     "onnxruntime, sglang, transformers, turbomind, vllm."),
-])
-def test_recipes_the_lmdeploy_targets_refuse(tmp_path, quantize, compile_, message):
+     "field 'compile.target': lmdeploy PyTorch engine does not load the gptq format; targets that do: ", {"turbomind"}),
+    ("{method: rtn}", "{target: turbomind, kv_cache: fp8}",
+     "field 'compile.kv_cache': compile.kv_cache 'fp8': lmdeploy TurboMind offers int8, int4 (or 'auto').", None),
+]
+
+
+@pytest.mark.parametrize("quantize, compile_, reason, lmdeploy_able", REFUSED)
+def test_recipes_the_lmdeploy_targets_refuse(tmp_path, quantize, compile_, reason, lmdeploy_able):
     esc = lambda s: s.replace("{", "{{").replace("}", "}}")  # noqa: E731
     path = write_recipe(tmp_path, "model: {{source: {model}}}\ncalibration: {{source: {calib}}}\n"
                                   f"quantize: {esc(quantize)}\ncompile: {esc(compile_)}\n")
     with pytest.raises(RecipeError) as e:
         load_recipe(path)
-    assert str(e.value) == f"{path.resolve()}:4: {message}"
+    text = str(e.value)
+    head = f"{path.resolve()}:4: {reason}"
+    if lmdeploy_able is None:
+        assert text == head
+        return
+    assert text.startswith(head) and text.endswith(".")
+    able = set(text[len(head):-1].split(", "))
+    assert "transformers" in able
+    assert able & {"turbomind", "lmdeploy-pytorch"} == lmdeploy_able
 
 
 def test_kv_cache_policies_follow_lmdeploy_quant_policy(tmp_path):
