@@ -8,8 +8,8 @@ One script for the lent GPU machine (lmdeploy from ../shared/gpu/lmdeploy-carry.
    the artifact in lmdeploy's PyTorch engine and generates;
 2. per artifact: perplexity on the same held-out windows by lmdeploy (``pipeline.get_ppl``, the artifact's
    engine config) and by quantship's runtime (``transformers_engine.load_model``, ``pipeline.eval``);
-3. the artifact's own ``lmdeploy serve api_server`` command (the target's ``serve_command``, started with the
-   serve stage's ``ExternalServer`` when present), a chat smoke test with the official ``openai`` client, and
+3. the artifact's own ``lmdeploy serve api_server`` command (the target's ``serve_command``, started as the
+   serve stage starts it: ``engine_server`` + ``ExternalServer``), a chat smoke test with the official ``openai`` client, and
    decode tokens/s at batch 1 (128 new tokens, ``ignore_eos``; median of 3 after a warm-up).
 
     python3 bench/engines_gpu.py --out $OUT        # prints a table, writes $OUT/results_engines_gpu.json
@@ -111,44 +111,17 @@ def lmdeploy_ppl(artifact: Path, wins: list[list[int]]) -> float:
 
 
 def launch_server(artifact: Path, port: int, log_path: Path):
-    """Start the target's serve command (not waiting for health): with the serve stage's machinery
-    (``engine_server`` + ``ExternalServer``) when it imports, else a plain subprocess. Returns
-    ``(command, wait_healthy, stop, how)``."""
-    from pipeline.engines import lmdeploy_engine
+    """Start the target's serve command the way the serve stage does (``engine_server`` + ``ExternalServer``),
+    without waiting for health. Returns ``(command, wait_healthy, stop, how)``."""
+    from pipeline.serve.external import ExternalServer
+    from pipeline.stages.serve import engine_server
 
-    try:
-        from pipeline.serve.external import ExternalServer
-        from pipeline.stages.serve import engine_server
-    except ImportError as e:
-        print(f"serve-stage machinery not importable ({e}); plain subprocess", flush=True)
-    else:
-        command, why = engine_server(artifact, "127.0.0.1", port, None)
-        if command is None:
-            raise RuntimeError(f"the serve stage would not serve it: {why}")
-        server = ExternalServer(command, log_path).start()
-        return (command, lambda: server.wait_healthy(240), server.stop,
-                "pipeline.stages.serve.engine_server + pipeline.serve.external.ExternalServer")
-    import httpx
-
-    command = lmdeploy_engine.serve_command(artifact, "127.0.0.1", port, None, "bench")
-    proc = subprocess.Popen(command.argv, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-
-    def stop():
-        if proc.poll() is None:
-            os.killpg(proc.pid, 15)
-            proc.wait(30)
-
-    def wait():
-        t0 = time.time()
-        while proc.poll() is None and time.time() - t0 < 240:
-            try:
-                if httpx.get(command.base_url + command.health_path, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        raise RuntimeError(f"lmdeploy api_server not healthy (exit {proc.returncode}): {log_path.read_text()[-2000:]}")
-
-    return command, wait, stop, "subprocess"
+    command, why = engine_server(artifact, "127.0.0.1", port, None)
+    if command is None:
+        raise RuntimeError(f"the serve stage would not serve it: {why}")
+    server = ExternalServer(command, log_path).start()
+    return (command, lambda: server.wait_healthy(240), server.stop,
+            "pipeline.stages.serve.engine_server + pipeline.serve.external.ExternalServer")
 
 
 def smoke_and_decode(command) -> dict:
