@@ -234,8 +234,14 @@ def test_fp8_linear_scaled_mm_on_cuda_matches_the_dequantized_reference(dtype):
     x = (randn(33, 2048, seed=15) * 40).to("cuda", dtype)
     y = lin(x)
     assert y.dtype == dtype and y.shape == (33, 1024)
+    # The activations are quantized on the GPU exactly as on the CPU (same codes, same scales) ...
+    x_fp8, x_scale = q.quantize_activations_per_token(x)
+    cpu_fp8, cpu_scale = q.quantize_activations_per_token(x.float().cpu())
+    assert torch.equal(x_scale.cpu(), cpu_scale)
+    assert torch.equal(x_fp8.cpu().view(torch.uint8), cpu_fp8.view(torch.uint8))
+    # ... so what is left is the GEMM: fp32 accumulation, one bf16/fp16 rounding of the output (2**-8 relative)
+    # and of the bias add.
     ref = _reference(x.float().cpu(), w_fp8, scale, None) + bias
-    # bf16 output of the FP8 GEMM: about 2**-8 relative per element
     assert torch.allclose(y.float().cpu(), ref, rtol=2**-7, atol=2**-7 * float(ref.abs().max()))
     block = Fp8Linear(*q.quantize_fp8_block(randn(1024, 2048, seed=16)), block=q.BLOCK, device="cuda", dtype=dtype)
     assert block.kernel == "dequantize" and block(x).shape == (33, 1024)

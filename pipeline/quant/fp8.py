@@ -89,17 +89,24 @@ def dequantize_fp8(w_fp8: torch.Tensor, scale: torch.Tensor, block: tuple[int, i
     return w_fp8.float() * scale.float()
 
 
+def _div_exact(a: torch.Tensor, b: float) -> torch.Tensor:
+    """``a / b`` rounded once, on every device: CUDA turns division by a Python scalar into a multiplication by
+    its reciprocal (one more rounding), which moved activation scales by an ulp against the CPU and flipped e4m3
+    codes (seen on an H200); a tensor divisor keeps the true division."""
+    return a / torch.full_like(a, b)
+
+
 def quantize_activations_per_token(x: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x_fp8 [..., K] float8_e4m3fn, scale float32)``, dynamic: one scale per token (``[..., 1]``), or with
     ``group`` one per ``group`` consecutive channels of a token (``[..., ceil(K / group)]``, vLLM's and lmdeploy's
     1x128 activation groups for block-quantized weights; a partial last group covers what is left)."""
     if group is None:
-        scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=MIN_ACT_SCALE)
+        scale = _div_exact(x.abs().amax(dim=-1, keepdim=True).float(), FP8_MAX).clamp(min=MIN_ACT_SCALE)
         return cast_fp8(x, scale), scale
     k = x.shape[-1]
     n = math.ceil(k / group)
     padded = torch.nn.functional.pad(x.float().abs(), (0, n * group - k))
-    scale = (padded.unflatten(-1, (n, group)).amax(dim=-1).float() / FP8_MAX).clamp(min=MIN_ACT_SCALE)
+    scale = _div_exact(padded.unflatten(-1, (n, group)).amax(dim=-1).float(), FP8_MAX).clamp(min=MIN_ACT_SCALE)
     return cast_fp8(x, scale.repeat_interleave(group, dim=-1)[..., :k]), scale
 
 
