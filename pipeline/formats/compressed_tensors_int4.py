@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import QuantizationError
+from pipeline.formats import compressed_tensors
 from pipeline.quant.primitives import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 BITS = 4
 PACK = 8  # nibbles per int32
 OFFSET = 8  # signed int4 code + 8 = stored nibble
-COMPRESSED_TENSORS_VERSION = "0.20.1"
 SUFFIXES = ("weight_packed", "weight_scale", "weight_shape")
 
 
@@ -122,18 +122,7 @@ def quantization_config(group_size: int, sym: bool, ignore: list[str] | None = N
                "dynamic": False}
     scheme = {"targets": ["Linear"], "weights": weights, "input_activations": None, "output_activations": None,
               "format": "pack-quantized"}
-    return {
-        "version": COMPRESSED_TENSORS_VERSION,
-        "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
-        "quantization_status": "compressed",
-        "config_groups": {"group_0": scheme},
-        "ignore": list(ignore) if ignore is not None else ["lm_head"],
-        "kv_cache_scheme": None,
-        "global_compression_ratio": None,
-        "sparsity_config": {},
-        "transform_config": {},
-    }
+    return compressed_tensors.quantization_config("pack-quantized", scheme, ignore)
 
 
 def read_quantization_config(qc: dict[str, Any]) -> tuple[int, bool]:

@@ -44,12 +44,12 @@ from typing import Any
 import torch
 
 from pipeline.errors import QuantizationError
+from pipeline.formats import compressed_tensors
 from pipeline.quant.fp8 import BLOCK, FP8_DTYPE, block_grid
 
 LAYOUTS = ("fp8", "compressed-tensors")
 FP8_SCALE = "weight_scale_inv"  # quant_method fp8
 CT_SCALE = "weight_scale"  # compressed-tensors
-COMPRESSED_TENSORS_VERSION = "0.20.1"
 
 
 def scale_name(layout: str) -> str:
@@ -126,18 +126,7 @@ def quantization_config(block: bool, layout: str = "fp8", ignore: list[str] | No
                 "dynamic": True}
     scheme = {"targets": ["Linear"], "weights": weights, "input_activations": acts, "output_activations": None,
               "format": "float-quantized"}
-    return {
-        "version": COMPRESSED_TENSORS_VERSION,
-        "quant_method": "compressed-tensors",
-        "format": "float-quantized",
-        "quantization_status": "compressed",
-        "config_groups": {"group_0": scheme},
-        "ignore": ignore,
-        "kv_cache_scheme": None,
-        "global_compression_ratio": None,
-        "sparsity_config": {},
-        "transform_config": {},
-    }
+    return compressed_tensors.quantization_config("float-quantized", scheme, ignore)
 
 
 def read_quantization_config(qc: dict[str, Any]) -> tuple[str, tuple[int, int] | None]:

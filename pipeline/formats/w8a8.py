@@ -52,12 +52,12 @@ from typing import Any
 import torch
 
 from pipeline.errors import QuantizationError
+from pipeline.formats import compressed_tensors
 
 LMDEPLOY_SUFFIXES = ("weight", "scale")
 COMPRESSED_TENSORS_SUFFIXES = ("weight", "weight_scale")
 # The compressed-tensors release whose source the dict below was checked against; the field is informational
 # (ModelCompressor.update_config records the writer's version; no loader compares it).
-COMPRESSED_TENSORS_VERSION = "0.20.0"
 
 
 def _check_int8_weight(w_int8: torch.Tensor, scale: torch.Tensor) -> None:
@@ -175,18 +175,7 @@ def quantization_config_compressed_tensors(
         "output_activations": None,
         "format": "int-quantized",
     }
-    return {
-        "version": COMPRESSED_TENSORS_VERSION,
-        "quant_method": "compressed-tensors",
-        "format": "int-quantized",
-        "quantization_status": "compressed",
-        "config_groups": {"group_0": scheme},
-        "ignore": list(ignore) if ignore is not None else ["lm_head"],
-        "kv_cache_scheme": None,
-        "global_compression_ratio": None,
-        "sparsity_config": {},
-        "transform_config": {},
-    }
+    return compressed_tensors.quantization_config("int-quantized", scheme, ignore)
 
 
 def dequantize(w_int8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
