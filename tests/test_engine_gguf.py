@@ -157,7 +157,7 @@ def test_gguf_file_reads_back_with_our_blocks_and_metadata(awq_artifact):
 
     assert field("general.architecture") == "llama" and field("llama.block_count") == 4
     assert field("llama.attention.head_count_kv") == 2 and field("llama.rope.dimension_count") == 64
-    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt2"
+    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt-2"
     assert len(field("tokenizer.ggml.tokens")) == 2048 and field("tokenizer.ggml.tokens")[3] == "<|im_end|>"
     assert field("tokenizer.ggml.eos_token_id") == 3 and field("tokenizer.ggml.bos_token_id") == 0
     assert field("tokenizer.ggml.add_bos_token") is False  # the HF tokenizer adds no BOS either
@@ -262,6 +262,7 @@ calibration: {{source: {calib}, samples: 2, seq_len: 64}}
 quantize: {{method: rtn}}
 compile: {{target: transformers, device: cpu}}
 eval: {{text: {eval}, seq_len: 128, max_tokens: 1024}}
+serve: {{max_tokens: 4}}
 matrix: {{compile.target: [transformers, gguf]}}
 """
 
@@ -286,6 +287,8 @@ def test_llama_cpp_perplexity_matches_the_transformers_target(tmp_path):
     assert res.exit_code == 0, res.output
     engines = {json.loads(p.read_text())["target"]: json.loads(p.read_text())
                for p in (out / "gg").glob("compile-*/engine.json")}
+    engines_by_dir = {p.parent.name: json.loads(p.read_text())["target"]
+                      for p in (out / "gg").glob("compile-*/engine.json")}
     assert engines["gguf"]["status"] == "ran here" and engines["gguf"]["check_run"]["tokenizer_agrees"] is True
     ppl = {}
     for p in (out / "gg").glob("evaluate-*/metrics.json"):
@@ -294,8 +297,17 @@ def test_llama_cpp_perplexity_matches_the_transformers_target(tmp_path):
         ppl[target] = json.loads(p.read_text())
     assert set(ppl) == {"transformers", "gguf"}
     assert ppl["gguf"]["tokens"] == ppl["transformers"]["tokens"]
-    # Same integers, different arithmetic: llama.cpp quantizes activations to 8 bits per block of 32 for its
-    # Q4_1 matmul and runs the fp16 embeddings/lm_head with fp16 activations; measured: see the module report.
-    rel = abs(ppl["gguf"]["ppl"] - ppl["transformers"]["ppl"]) / ppl["transformers"]["ppl"]
-    assert rel < 0.01, (ppl["gguf"]["ppl"], ppl["transformers"]["ppl"])
-    assert ppl["gguf"]["kl_mean"] < 0.01 and ppl["gguf"]["top1_agreement"] > 0.95
+    # Same integers, different arithmetic (llama.cpp quantizes the activations to 8 bits per block of 32 for its
+    # Q4_1 dot products and runs the fp16 embeddings/lm_head with fp16 activations; we dequantize to fp32).
+    # Measured on 2047 tokens of this text: ppl 138.2053 vs 138.1966 (6e-5 relative), KL(transformers ||
+    # llama.cpp) 1.3e-5 nats/token, top-1 agreement 0.997. Tolerances leave ~15x room for other CPUs' kernels.
+    tr, cpp = ppl["transformers"], ppl["gguf"]
+    assert abs(cpp["ppl"] - tr["ppl"]) / tr["ppl"] < 1e-3, (cpp["ppl"], tr["ppl"])
+    assert abs(cpp["kl_mean"] - tr["kl_mean"]) < 2e-4 and abs(cpp["top1_agreement"] - tr["top1_agreement"]) < 0.01
+    smoke = {json.loads((p.parent / "manifest.json").read_text())["inputs"]["compile"]["dir"]: json.loads(p.read_text())
+             for p in (out / "gg").glob("serve-*/smoke.json")}
+    served = {engines_by_dir[d]: s for d, s in smoke.items()}
+    assert served["gguf"]["status"] == "passed" and served["gguf"]["served_by"] != "embedded"
+    # llama.cpp's server renders the GGUF's chat template to the same prompt tokens and answers greedily alike
+    assert served["gguf"]["usage"] == served["transformers"]["usage"]
+    assert served["gguf"]["reply"] == served["transformers"]["reply"]

@@ -19,7 +19,7 @@ Read from (versions named):
 - the ``gguf`` package 0.19.0 (``GGUFWriter``, ``get_tensor_name_map(MODEL_ARCH.LLAMA)``: ``token_embd``,
   ``blk.N.attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down|attn_norm|ffn_norm``, ``output_norm``,
   ``output``; ``SpecialVocab`` reads ``chat_template.jinja``; ``GGUFReader``).
-- llama.cpp ``src/llama-vocab.cpp`` pre-tokenizer names (``gpt2``: GPT-2's regex, ``llama-bpe``: Llama 3's).
+- llama.cpp ``src/llama-vocab.cpp`` pre-tokenizer names (``gpt-2``: GPT-2's regex, ``llama-bpe``: Llama 3's).
 - llama-cpp-python 0.3.36 (``Llama(model_path, logits_all=True, n_ctx, n_threads)``, ``eval``, ``scores``;
   ``python -m llama_cpp.server --model --host --port``) and llama.cpp ``tools/server`` (``llama-server -m
   --host --port --ctx-size --parallel --alias --jinja --chat-template-file``, ``LLAMA_API_KEY``, ``/health``).
@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import weakref
 from pathlib import Path
 
 import torch
@@ -180,7 +181,7 @@ def _pre_tokenizer(tok_json: dict) -> str:
     """llama.cpp's ``tokenizer.ggml.pre`` for a byte-level BPE tokenizer.json (its split regex)."""
     pre = tok_json.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama-vocab.cpp: "gpt-2" -> LLAMA_VOCAB_PRE_TYPE_GPT2 ("gpt2" is the model name, not a pre)
     for p in pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []:
         if p.get("type") == "Split" and (p.get("pattern") or {}).get("Regex") == _LLAMA3_REGEX:
             return "llama-bpe"
@@ -415,6 +416,8 @@ class LlamaCppLM:
         self.device = torch.device("cpu")
         self.llama = Llama(model_path=str(gguf_path), logits_all=True, n_ctx=n_ctx, n_batch=min(n_ctx, 512),
                            n_threads=2, n_gpu_layers=-1 if device == "cuda" else 0, verbose=False)
+        # free the model while the interpreter is whole (Llama.__del__ at shutdown finds its modules gone)
+        weakref.finalize(self, self.llama.close)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         import numpy as np
