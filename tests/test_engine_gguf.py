@@ -235,6 +235,38 @@ def test_8bit_checkpoints_become_q8_0(tmp_path, fmt):
         assert kl < 1e-3 and (ref.argmax(-1) == got.argmax(-1)).float().mean() > 0.95
 
 
+def test_llama3_rope_writes_rope_freqs_that_match_transformers(tmp_path):
+    import shutil
+
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    src = tmp_path / "rope"
+    shutil.copytree(TINY_MODEL, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    (src / "config.json").write_text(json.dumps(cfg))
+    _build(src, tmp_path / "art")
+    t = {x.name: x for x in gguf.GGUFReader(tmp_path / "art" / "model" / "model.gguf").tensors}
+    factors = np.asarray(t["rope_freqs.weight"].data)
+    config = AutoConfig.from_pretrained(src)
+    scaled = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")[0].double().numpy()
+    plain = 1.0 / (10000.0 ** (np.arange(0, 64, 2) / 64))
+    np.testing.assert_allclose(factors, plain / scaled, rtol=1e-5)  # llama.cpp divides the frequencies by them
+    assert factors[0] == 1.0 and factors[-1] == 8.0 and 1.0 < factors[5] < 8.0  # k = 4..8 interpolated
+    if _has_llama_cpp() is None:  # and llama.cpp computes what transformers computes with them
+        from pipeline.engines import gguf_engine
+        from pipeline.engines.transformers_engine import load_model
+
+        cpp, tok = gguf_engine.load(tmp_path / "art", "cpu")
+        ids = tok(EVAL_TEXT.read_text()[:4000], return_tensors="pt")["input_ids"][:, :256]
+        with torch.no_grad():
+            ref = load_model(src, device="cpu", dtype=torch.float32)[0](input_ids=ids).logits.log_softmax(-1)
+        got = cpp(ids).log_softmax(-1)
+        assert (ref.exp() * (ref - got)).sum(-1).mean() < 1e-4  # measured 6e-8; 0.11 without rope_freqs
+
+
 def test_modelfile_carries_a_go_template_and_stop_tokens(awq_artifact):
     _, art, metrics = awq_artifact
     text = (art / "model" / "Modelfile").read_text()

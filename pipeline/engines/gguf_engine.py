@@ -174,13 +174,42 @@ def _add_hparams(w, hp: dict, model_name: str, file_type) -> None:
     if rtype == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(rope["factor"]))
-    elif rtype not in ("default", None):
+    elif rtype not in ("default", "llama3", None):  # llama3: the rope_freqs tensor (rope_factors)
         raise QuantizationError(
-            f"rope type {rtype!r} is not written by the gguf target yet (default and linear are); llama.cpp needs "
-            "extra tensors for it. Compile this model for the transformers target."
+            f"rope type {rtype!r} is not written by the gguf target yet (default, linear and llama3 are); "
+            "llama.cpp needs its own parameters for it. Compile this model for the transformers target."
         )
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def rope_factors(hp: dict):
+    """Llama 3.1's per-frequency rope divisors (``rope_type: llama3``) as llama.cpp's ``rope_freqs`` tensor
+    (float32 [head_dim / 2]), or None for other rope types. Meta's rule: wavelengths shorter than
+    ``original_max_position_embeddings / high_freq_factor`` keep their frequency, longer than ``... /
+    low_freq_factor`` are divided by ``factor``, and those between are interpolated smoothly."""
+    import math
+
+    import numpy as np
+
+    rope = hp.get("rope_parameters") or hp.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type")) != "llama3":
+        return None
+    base = float(rope.get("rope_theta", hp.get("rope_theta", 10000.0)))
+    dim = hp.get("head_dim") or hp["hidden_size"] // hp["num_attention_heads"]
+    factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+    old = float(rope.get("original_max_position_embeddings", hp.get("original_max_position_embeddings", 8192)))
+    out = []
+    for i in range(0, dim, 2):
+        wavelen = 2 * math.pi * base ** (i / dim)
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
 
 
 def _pre_tokenizer(tok_json: dict) -> str:
@@ -260,6 +289,10 @@ def build(ctx) -> dict:
         block, nbytes = gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, gtype)]
         cols = arr.shape[-1] // nbytes * block if kind else arr.shape[-1]  # raw bytes -> elements
         expected[name] = (gtype, (*arr.shape[:-1], cols))
+    factors = rope_factors(hp)
+    if factors is not None:
+        w.add_tensor("rope_freqs.weight", factors)
+        expected["rope_freqs.weight"] = ("F32", factors.shape)
     kinds = {gtype for gtype, _ in expected.values()}
     file_type = next((getattr(gguf.LlamaFileType, f"MOSTLY_{k}") for k in ("Q4_1", "Q4_0", "Q8_0", "BF16")
                       if k in kinds),
