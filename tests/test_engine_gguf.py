@@ -267,6 +267,28 @@ def test_llama3_rope_writes_rope_freqs_that_match_transformers(tmp_path):
         assert (ref.exp() * (ref - got)).sum(-1).mean() < 1e-4  # measured 6e-8; 0.11 without rope_freqs
 
 
+@pytest.mark.parametrize("change, error", [
+    ({"architectures": ["Qwen2ForCausalLM"]}, "architecture Qwen2ForCausalLM is not one the gguf target writes"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope type 'yarn' is not written"),
+    (None, "has no tokenizer.json"),
+])
+def test_build_refuses_what_it_cannot_write_before_any_work(tmp_path, change, error):
+    import shutil
+
+    from pipeline.errors import ModelFolderError
+
+    src = tmp_path / "m"
+    shutil.copytree(TINY_MODEL, src)
+    if change is None:
+        (src / "tokenizer.json").unlink()
+    else:
+        cfg = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises((QuantizationError, ModelFolderError), match=error):
+        _build(src, tmp_path / "art")
+    assert not (tmp_path / "art" / "model" / "model.gguf").exists()
+
+
 def test_modelfile_carries_a_go_template_and_stop_tokens(awq_artifact):
     _, art, metrics = awq_artifact
     text = (art / "model" / "Modelfile").read_text()

@@ -29,6 +29,8 @@ Read from (versions named):
 - llama-cpp-python 0.3.36 (``Llama(model_path, logits_all=True, n_ctx, n_threads)``, ``eval``, ``scores``;
   ``python -m llama_cpp.server --model --host --port``) and llama.cpp ``tools/server`` (``llama-server -m
   --host --port --ctx-size --parallel --alias --jinja --chat-template-file``, ``LLAMA_API_KEY``, ``/health``).
+- rope: default, linear (``rope.scaling``) and Llama 3.1's ``llama3`` (the ``rope_freqs`` tensor that
+  ``LlamaModel.generate_extra_tensors`` writes); other rope types are refused before any work.
 - Ollama's Modelfile reference (``FROM``, ``TEMPLATE`` as a Go template over ``.Messages``/``.Role``/
   ``.Content``, ``PARAMETER stop``, ``PARAMETER num_ctx``).
 """
@@ -151,7 +153,7 @@ def _hparams(src: Path) -> dict:
     return hp
 
 
-def _add_hparams(w, hp: dict, model_name: str, file_type) -> None:
+def _add_hparams(w, hp: dict, model_name: str) -> None:
     import gguf
 
     n_head = hp["num_attention_heads"]
@@ -179,7 +181,6 @@ def _add_hparams(w, hp: dict, model_name: str, file_type) -> None:
             f"rope type {rtype!r} is not written by the gguf target yet (default, linear and llama3 are); "
             "llama.cpp needs its own parameters for it. Compile this model for the transformers target."
         )
-    w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -277,12 +278,20 @@ def build(ctx) -> dict:
     from pipeline.engines.base import chat_template_text
 
     hp = _hparams(ctx.src)
+    if not (ctx.src / "tokenizer.json").is_file():
+        raise ModelFolderError(
+            f"{ctx.src} has no tokenizer.json: the gguf target writes byte-level BPE tokenizers from tokenizer.json "
+            "(SentencePiece tokenizer.model is not supported yet). Compile for the transformers target."
+        )
     ctx.model_dir.mkdir(parents=True, exist_ok=True)
     path = ctx.model_dir / GGUF_FILE
     # use_temp_file: each tensor goes to a spooled file as it is added, so the model never sits in memory whole
     w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA], use_temp_file=True)
+    _add_hparams(w, hp, ctx.model_name)  # first: what it refuses (rope types) is refused before any tensor work
+    tok = _hf_tokenizer(ctx.src)
+    tok_info = _add_tokenizer(w, ctx.src, hp, tok)
     figures: dict = {}
-    expected: dict[str, str] = {}
+    expected: dict[str, tuple[str, tuple[int, ...]]] = {}
     for name, arr, kind in _tensors(ctx, hp, ctx.fmt, figures):
         w.add_tensor(name, arr, raw_dtype=getattr(gguf.GGMLQuantizationType, kind) if kind else None)
         gtype = kind or ("F16" if arr.dtype.name == "float16" else "F32")
@@ -297,14 +306,7 @@ def build(ctx) -> dict:
     file_type = next((getattr(gguf.LlamaFileType, f"MOSTLY_{k}") for k in ("Q4_1", "Q4_0", "Q8_0", "BF16")
                       if k in kinds),
                      gguf.LlamaFileType.MOSTLY_F16 if "F16" in kinds else gguf.LlamaFileType.ALL_F32)
-    _add_hparams(w, hp, ctx.model_name, file_type)
-    if not (ctx.src / "tokenizer.json").is_file():
-        raise ModelFolderError(
-            f"{ctx.src} has no tokenizer.json: the gguf target writes byte-level BPE tokenizers from tokenizer.json "
-            "(SentencePiece tokenizer.model is not supported yet). Compile for the transformers target."
-        )
-    tok = _hf_tokenizer(ctx.src)
-    tok_info = _add_tokenizer(w, ctx.src, hp, tok)
+    w.add_file_type(file_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
