@@ -1,8 +1,9 @@
 """Chat generation for the embedded server: chat template -> ``model.generate`` -> text, token counts, finish reason.
 
-One request at a time: a lock serialises :meth:`GenerationEngine.chat`. Batched generation for concurrent
-requests is a later issue; its seam is :meth:`GenerationEngine._generate` (prompt ids in, new ids out), which a
-batching scheduler can replace without touching the template, context and stop-string handling around it.
+Concurrent requests are continuously batched by :class:`pipeline.serve.batching.Scheduler` (a thread that owns
+the model): :meth:`GenerationEngine.submit` hands it a prompt, :meth:`GenerationEngine.chat` waits for the result.
+``GenerationEngine(..., batching=False)`` keeps the earlier path, one ``model.generate`` at a time under a lock
+(:meth:`GenerationEngine._generate`), as the sequential baseline to measure batching against.
 
 Sampling does not use ``generate``'s own sampler, which draws from torch's global RNG: the last logits processor
 (:func:`sample_next_token`) draws with a per-request ``torch.Generator`` seeded from the request's ``seed`` and
@@ -130,7 +131,16 @@ class GenerationEngine:
     ``max_context`` caps prompt + reply tokens; by default the model's ``max_position_embeddings``.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, max_context: int | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        max_context: int | None = None,
+        *,
+        batching: bool = True,
+        max_batch_size: int = 16,
+        max_batch_tokens: int = 65536,
+    ) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise ModelFolderError(
                 f"The tokenizer ({type(tokenizer).__name__}, {getattr(tokenizer, 'name_or_path', '') or 'in memory'}) "
@@ -166,6 +176,10 @@ class GenerationEngine:
         # A fast tokenizer's Rust object is mutably borrowed while it encodes, so two request threads encoding at
         # once can fail with "Already borrowed"; each tokenizer call takes this lock (never a whole generation).
         self._tokenizer_lock = threading.Lock()
+        self.batching = batching
+        from pipeline.serve.batching import Scheduler
+
+        self.scheduler = Scheduler(self.model, self.decode, self.eos_token_ids, max_batch_size, max_batch_tokens)
 
     # -- prompt
 
@@ -206,28 +220,73 @@ class GenerationEngine:
         prompt, or prompt + ``max_tokens``, does not fit in ``max_context``.
         """
         prompt = self.encode_chat(messages)
+        max_tokens = self.check_budget(prompt, max_tokens, "messages")
+        stops = list(stop or [])
+        if not self.batching:
+            with self._lock:
+                new_ids = self._generate(prompt, max_tokens, temperature, top_p, stops, seed)
+            return self._result(prompt, new_ids, max_tokens, stops)
+        from pipeline.serve.batching import SamplingParams
+
+        params = SamplingParams(max_tokens, temperature, top_p, stops, seed)
+        done = self.run(prompt, params)
+        return GenerationResult(done.text, done.prompt_tokens, len(done.token_ids), done.finish_reason)
+
+    def check_budget(self, prompt: list[int], max_tokens: int | None, param: str = "messages") -> int:
+        """``max_tokens`` (None: the rest of the context) once the prompt and it fit in ``max_context``; else a 400."""
         room = self.max_context - len(prompt)
-        if room < 1:
+        if room < 1 and not (max_tokens == 0 and room == 0):
             raise RequestError(
-                f"This model's maximum context length is {self.max_context} tokens, but the messages take "
-                f"{len(prompt)} tokens, leaving no room for a reply. Shorten the messages.",
-                param="messages",
+                f"This model's maximum context length is {self.max_context} tokens, but the {param} take "
+                f"{len(prompt)} tokens, leaving no room for a reply. Shorten the {param}.",
+                param=param,
                 code="context_length_exceeded",
             )
         if max_tokens is None:
-            max_tokens = room
-        elif max_tokens > room:
+            return room
+        if max_tokens > room:
             raise RequestError(
                 f"This model's maximum context length is {self.max_context} tokens, but {len(prompt) + max_tokens} "
-                f"were requested ({len(prompt)} in the messages, {max_tokens} for the reply). Lower max_tokens to "
-                f"at most {room} or shorten the messages.",
+                f"were requested ({len(prompt)} in the {param}, {max_tokens} for the reply). Lower max_tokens to "
+                f"at most {room} or shorten the {param}.",
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        stops = list(stop or [])
-        with self._lock:
-            new_ids = self._generate(prompt, max_tokens, temperature, top_p, stops, seed)
-        return self._result(prompt, new_ids, max_tokens, stops)
+        return max_tokens
+
+    def encode_text(self, text: str) -> list[int]:
+        """A completions prompt's ids: the tokenizer's own special tokens (e.g. BOS) added, as vLLM does."""
+        with self._tokenizer_lock:
+            return [int(i) for i in self.tokenizer(text)["input_ids"]]
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text (for logprobs): decoded alone, special tokens kept."""
+        with self._tokenizer_lock:
+            return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def submit(self, prompt: list[int], params: Any, sink: Any) -> Any:
+        """Queue ``prompt`` on the batch; ``sink(event, payload)`` gets its tokens (see batching). Returns the
+        sequence (call its ``cancel()`` to drop it)."""
+        from pipeline.serve.batching import Sequence
+
+        return self.scheduler.submit(Sequence(prompt, params, sink))
+
+    def run(self, prompt: list[int], params: Any) -> Any:
+        """Submit and wait for the :class:`~pipeline.serve.batching.FinishedSequence`."""
+        box: list[Any] = []
+        done = threading.Event()
+
+        def sink(event: str, payload: Any) -> None:
+            if event in ("done", "error"):
+                box.append((event, payload))
+                done.set()
+
+        self.submit(prompt, params, sink)
+        done.wait()
+        event, payload = box[0]
+        if event == "error":
+            raise payload
+        return payload
 
     def _generate(
         self,

@@ -1,0 +1,349 @@
+"""Continuous batching for the embedded server: one scheduler thread owns the model.
+
+Requests are :class:`Sequence` objects put on a queue. Each step of the scheduler loop (1) admits waiting
+sequences while the batch has room (``max_batch_size`` sequences, ``max_batch_tokens`` reserved tokens, a
+sequence reserving prompt + ``max_tokens``), (2) prefills each newcomer alone (batch of one, its own
+``DynamicCache``) and samples its first token, (3) decodes every active sequence together: one forward of
+``[batch, 1]`` tokens over a left-padded cache built from the per-sequence caches (:func:`pad_left`), with a 2-D
+attention mask hiding the pads and per-row ``position_ids`` equal to each sequence's own length, so a row sees
+exactly the keys and positions it would see alone; the new key/value column of each row is appended to that
+sequence's own cache. Finished (EOS, stop string, ``max_tokens``) and cancelled sequences leave the batch at the
+next step, and their caches go with them. This is the padded-cache design of Hugging Face's own batched
+``generate`` with left padding (transformers 5.x ``LlamaModel`` builds the causal mask from the 2-D mask and
+``cache_position``), applied per step so a batch can change membership between steps; vLLM's paged cache
+avoids the per-step copy, which this model size does not need.
+
+Sampling per sequence uses its own ``torch.Generator`` seeded from the request's ``seed``
+(:func:`pipeline.serve.generate.sample_next_token`), so a reply depends on the seed only, never on its batch.
+Results go to the sequence's ``sink(event, payload)`` callback from the scheduler thread: ``("token", delta)``
+with text safe to show (a possible stop-string prefix or an incomplete UTF-8 character is held back),
+``("done", FinishedSequence)``, or ``("error", exception)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------- pure tensor functions
+
+
+def pad_left(tensors: list[torch.Tensor], length: int) -> torch.Tensor:
+    """Stack ``[1, heads, L_i, dim]`` tensors into ``[batch, heads, length, dim]``, each right-aligned (zeros left)."""
+    first = tensors[0]
+    out = first.new_zeros((len(tensors), first.shape[1], length, first.shape[3]))
+    for b, t in enumerate(tensors):
+        out[b, :, length - t.shape[2] :] = t[0]
+    return out
+
+
+def left_pad_mask(lengths: list[int], total: int) -> torch.Tensor:
+    """Attention mask ``[batch, total]`` (1 = attend) for left-padded rows whose real lengths are ``lengths``."""
+    pos = torch.arange(total)
+    return (pos[None, :] >= (total - torch.tensor(lengths))[:, None]).long()
+
+
+def top_logprobs(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    """The ``k`` most probable (token id, log-prob) of one row ``[vocab]``, most probable first."""
+    if k <= 0:
+        return []
+    values, ids = torch.topk(logprobs, k)
+    return list(zip(ids.tolist(), values.tolist()))
+
+
+def safe_text_end(text: str, stops: list[str]) -> int:
+    """How much of ``text`` can be shown before the reply ends: hold back a trailing incomplete character
+    (U+FFFD from a partial UTF-8 sequence) and any tail that could be the start of a stop string."""
+    end = len(text)
+    while end > 0 and text[end - 1] == "\ufffd":
+        end -= 1
+    for s in stops:
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text[:end].endswith(s[:k]):
+                end = min(end, len(text[:end]) - k)
+                break
+    return end
+
+
+# ------------------------------------------------------------------------------------- sequences
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stops: list[str] = field(default_factory=list)
+    seed: int | None = None
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-prob and the top k
+    prompt_logprobs: bool = False  # echo: log-probs of the prompt tokens too
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float | None
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class FinishedSequence:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str
+    logprobs: list[TokenLogprob] | None  # one per generated token
+    prompt_logprobs: list[TokenLogprob] | None  # one per prompt token, the first with logprob None
+    first_token_s: float | None  # seconds from submit to the first token
+
+
+class Sequence:
+    """One prompt being continued; the scheduler thread alone touches its cache and ids."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, sink: Callable[[str, Any], None]) -> None:
+        self.prompt, self.params, self.sink = prompt, params, sink
+        self.ids: list[int] = []
+        self.cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.cancelled = threading.Event()
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprob] | None = None
+        self.submitted = time.perf_counter()
+        self.first_token_s: float | None = None
+        self.shown = 0  # characters of the reply already sent as deltas
+        self.generator: torch.Generator | None = None
+        if params.temperature > 0:
+            self.generator = torch.Generator()
+            if params.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(params.seed & 0xFFFF_FFFF_FFFF_FFFF)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.ids)
+
+    @property
+    def reserved(self) -> int:
+        return len(self.prompt) + self.params.max_tokens
+
+
+# ------------------------------------------------------------------------------------- scheduler
+
+
+class Scheduler:
+    """The thread that owns the model and runs the continuous batch (module docstring)."""
+
+    def __init__(
+        self,
+        model: Any,
+        decode: Callable[[list[int]], str],
+        eos_token_ids: list[int],
+        max_batch_size: int = 16,
+        max_batch_tokens: int = 65536,
+    ) -> None:
+        self.model, self.decode, self.eos = model, decode, set(eos_token_ids)
+        self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
+        self.waiting: queue.Queue[Sequence] = queue.Queue()
+        self.active: list[Sequence] = []
+        self._held: Sequence | None = None  # a sequence taken from the queue that did not fit yet
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.steps = 0
+        import inspect
+
+        # transformers 5.24 renamed forward's ``past_key_values`` to ``cache`` (the old name warns until 5.40).
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    # -- public
+
+    @property
+    def queue_depth(self) -> int:
+        return self.waiting.qsize() + (self._held is not None)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.active)
+
+    def submit(self, seq: Sequence) -> Sequence:
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._stop.clear()
+                self._thread = threading.Thread(target=self._loop, name="quantship-scheduler", daemon=True)
+                self._thread.start()
+        self.waiting.put(seq)
+        return seq
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Cancel everything and stop the thread."""
+        self._stop.set()
+        self.waiting.put(None)  # type: ignore[arg-type]  # wake the loop
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    # -- loop
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            newcomers = self._admit()
+            try:
+                with torch.inference_mode():
+                    for seq in newcomers:
+                        self._prefill(seq)
+                    self._drop_finished()
+                    if self.active:
+                        self._decode_step()
+                        self._drop_finished()
+            except Exception as e:  # a bug or a device failure: fail the batch, keep the server up
+                log.exception("batch step failed; failing %d sequences", len(self.active))
+                for seq in self.active:
+                    seq.sink("error", e)
+                self.active = []
+        for seq in self.active:
+            seq.sink("error", RuntimeError("server shutting down"))
+        self.active = []
+
+    def _admit(self) -> list[Sequence]:
+        """Take waiting sequences that fit; block while nothing is active."""
+        newcomers: list[Sequence] = []
+        reserved = sum(s.reserved for s in self.active)
+        while len(self.active) + len(newcomers) < self.max_batch_size:
+            seq = self._held
+            self._held = None
+            if seq is None:
+                try:
+                    block = not self.active and not newcomers
+                    seq = self.waiting.get(block=block, timeout=0.5 if block else None)
+                except queue.Empty:
+                    break
+            if seq is None:  # shutdown wake-up
+                break
+            if seq.cancelled.is_set():
+                continue
+            if (self.active or newcomers) and reserved + seq.reserved > self.max_batch_tokens:
+                self._held = seq
+                break
+            newcomers.append(seq)
+            reserved += seq.reserved
+        return newcomers
+
+    def _prefill(self, seq: Sequence) -> None:
+        from transformers import DynamicCache
+
+        ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.model.device)
+        cache = DynamicCache(config=self.model.config)
+        keep = 0 if seq.params.prompt_logprobs else 1
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep, **{self._cache_kw: cache})
+        logits = out.logits[0].float()
+        if seq.params.prompt_logprobs:
+            lp = torch.log_softmax(logits[:-1], dim=-1)
+            k = seq.params.logprobs or 0
+            seq.prompt_logprobs = [TokenLogprob(seq.prompt[0], None, [])] + [
+                TokenLogprob(t, float(lp[i, t]), top_logprobs(lp[i], k)) for i, t in enumerate(seq.prompt[1:])
+            ]
+        seq.cache = [(layer.keys, layer.values) for layer in cache.layers]
+        self.active.append(seq)
+        if seq.params.max_tokens > 0:
+            self._advance(seq, logits[-1])
+        else:
+            self._finish(seq, "length")
+
+    def _decode_step(self) -> None:
+        from transformers import DynamicCache
+
+        batch = self.active
+        lengths = [s.length - 1 for s in batch]  # tokens already in each cache (the last id is fed now)
+        past = max(lengths)
+        layers = [
+            (pad_left([s.cache[i][0] for s in batch], past), pad_left([s.cache[i][1] for s in batch], past))
+            for i in range(len(batch[0].cache))
+        ]
+        device = self.model.device
+        cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
+        input_ids = torch.tensor([[s.ids[-1]] for s in batch], dtype=torch.long, device=device)
+        mask = left_pad_mask([n + 1 for n in lengths], past + 1).to(device)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=torch.tensor([[n] for n in lengths], device=device),
+            cache_position=torch.tensor([past], device=device),
+            use_cache=True,
+            **{self._cache_kw: cache},
+        )
+        self.steps += 1
+        logits = out.logits[:, -1].float()
+        for b, seq in enumerate(batch):
+            seq.cache = [
+                (torch.cat([k, layer.keys[b : b + 1, :, -1:]], 2), torch.cat([v, layer.values[b : b + 1, :, -1:]], 2))
+                for (k, v), layer in zip(seq.cache, cache.layers)
+            ]
+            if not seq.cancelled.is_set():
+                self._advance(seq, logits[b])
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Pick the next token from ``logits`` [vocab], report it, and finish the sequence when it ends."""
+        from pipeline.serve.generate import first_stop, sample_next_token
+
+        p = seq.params
+        if seq.generator is None:
+            token = int(logits.argmax())
+        else:
+            token = int(sample_next_token(logits[None], p.temperature, p.top_p, seq.generator)[0])
+        seq.ids.append(token)
+        if seq.first_token_s is None:
+            seq.first_token_s = time.perf_counter() - seq.submitted
+        if seq.logprobs is not None:
+            lp = torch.log_softmax(logits, dim=-1)
+            seq.logprobs.append(TokenLogprob(token, float(lp[token]), top_logprobs(lp, p.logprobs or 0)))
+        if token in self.eos:
+            return self._finish(seq, "stop")
+        text = self.decode(seq.ids)
+        if p.stops and first_stop(text, p.stops) is not None:
+            return self._finish(seq, "stop")
+        if len(seq.ids) >= p.max_tokens:
+            return self._finish(seq, "length")
+        end = safe_text_end(text, p.stops)
+        if end > seq.shown:
+            seq.sink("token", text[seq.shown : end])
+            seq.shown = end
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        from pipeline.serve.generate import first_stop
+
+        ended_on_eos = bool(seq.ids) and seq.ids[-1] in self.eos
+        text = self.decode(seq.ids[:-1] if ended_on_eos else seq.ids)
+        cut = first_stop(text, seq.params.stops) if seq.params.stops else None
+        if cut is not None:
+            text = text[:cut]
+        if len(text) > seq.shown:
+            seq.sink("token", text[seq.shown :])
+            seq.shown = len(text)
+        seq.sink(
+            "done",
+            FinishedSequence(
+                text, list(seq.ids), len(seq.prompt), reason, seq.logprobs, seq.prompt_logprobs, seq.first_token_s
+            ),
+        )
+        seq.cancelled.set()  # leaves the batch at the next _drop_finished
+
+    def _drop_finished(self) -> None:
+        keep = []
+        for s in self.active:
+            if s.cancelled.is_set():
+                s.cache = []  # freed now, not when the request object goes
+            else:
+                keep.append(s)
+        self.active = keep
