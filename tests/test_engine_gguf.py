@@ -340,7 +340,7 @@ def test_serve_command_llama_cpp_python_server(awq_artifact, monkeypatch):
 def test_go_template_refuses_a_template_it_cannot_reproduce():
     from transformers import PreTrainedTokenizerFast
 
-    from pipeline.engines.gguf_engine import go_template
+    from pipeline.engines.ollama_modelfile import go_template
 
     tok = PreTrainedTokenizerFast.from_pretrained(TINY_MODEL)
     numbered = "{% for m in messages %}{{ loop.index }}:{{ m['content'] }}\n{% endfor %}"

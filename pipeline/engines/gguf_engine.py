@@ -50,7 +50,6 @@ from pipeline.errors import ModelFolderError, QuantizationError, StageError, Tar
 log = logging.getLogger(__name__)
 
 GGUF_FILE = "model.gguf"
-MODELFILE = "Modelfile"
 SETTINGS = "gguf.json"
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")  # llama.cpp's 'llama' arch (convert_hf_to_gguf)
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -322,7 +321,9 @@ def build(ctx) -> dict:
     settings = {"gguf": GGUF_FILE, "n_ctx": n_ctx, "parallel": min(ctx.cfg.max_batch_size, 4),
                 "chat_template": "chat_template.jinja" if template else None, "model_name": ctx.model_name}
     (ctx.out / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
-    modelfile = write_modelfile(ctx.model_dir, ctx.src, tok, template, n_ctx)
+    from pipeline.engines.ollama_modelfile import write_modelfile
+
+    modelfile = write_modelfile(ctx.model_dir, ctx.src, tok, template, n_ctx, GGUF_FILE)
     return {"model_dir": "model", "gguf": f"model/{GGUF_FILE}", "gguf_bytes": path.stat().st_size,
             "tensor_types": readback["types"], "tensors": readback["count"], "file_type": file_type.name,
             "tokenizer": tok_info, "rounding": figures, "modelfile": modelfile, "serving": settings}
@@ -342,80 +343,6 @@ def verify_gguf(path: Path, expected: dict[str, tuple[str, tuple[int, ...]]]) ->
     for t, _ in got.values():
         types[t] = types.get(t, 0) + 1
     return {"count": len(got), "types": dict(sorted(types.items()))}
-
-
-# ------------------------------------------------------------------------------------------------ Ollama
-
-
-def write_modelfile(model_dir: Path, src: Path, tok, template: str | None, n_ctx: int) -> dict:
-    """An Ollama ``Modelfile`` beside the GGUF: ``FROM``, the chat template as a Go ``TEMPLATE`` where it
-    converts exactly, stop tokens and ``num_ctx``. Returns what it wrote."""
-    go = go_template(tok, template) if template else None
-    stops = []
-    for tid in _eos_ids(src, tok):
-        text = tok.convert_ids_to_tokens(tid)
-        if text and text not in stops:
-            stops.append(text)
-    lines = ["# Ollama Modelfile written by quantship: `ollama create NAME -f Modelfile` in this folder.",
-             f"FROM ./{GGUF_FILE}"]
-    if go is not None:
-        lines.append(f'TEMPLATE """{go}"""')
-    elif template:
-        lines.append("# The Jinja chat template (inside the GGUF as tokenizer.chat_template, and in "
-                     "chat_template.jinja) did not convert to a Go template exactly; Ollama falls back to its own.")
-    lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]
-    lines.append(f"PARAMETER num_ctx {n_ctx}")
-    (model_dir / MODELFILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return {"file": MODELFILE, "template": "go (converted, verified by rendering)" if go else None, "stop": stops}
-
-
-def _eos_ids(src: Path, tok) -> list[int]:
-    from pipeline.engines.base import serving_files
-
-    eos = serving_files(src)["eos_token_id"]
-    eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
-    return eos or ([tok.eos_token_id] if tok.eos_token_id is not None else [])
-
-
-_ROLES = ("system", "user", "assistant")
-
-
-def go_template(tok, template: str) -> str | None:
-    """The Jinja chat template as an Ollama Go template, or None when it is not a per-message template.
-
-    Found by probing, not parsing: the template is rendered with marker contents, the text before the messages,
-    each role's segment and the generation prompt are cut out, and the Go template rebuilt from them is
-    accepted only if it reproduces a four-message render exactly.
-    """
-    def render(msgs, gen):
-        return tok.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=gen)
-
-    mark = "\x02{}\x03".format
-    try:
-        one = render([{"role": "user", "content": mark(0)}], False)
-        segs = {}
-        for role in _ROLES:
-            full = render([{"role": "user", "content": mark(0)}, {"role": role, "content": mark(1)}], False)
-            if not full.startswith(one):
-                return None
-            segs[role] = full[len(one):]
-        gen = render([{"role": "user", "content": mark(0)}], True)[len(one):]
-        user0 = segs["user"].replace(mark(1), mark(0))
-        if not one.endswith(user0):
-            return None
-        prefix = one[: len(one) - len(user0)]
-        convo = [("system", 0), ("user", 1), ("assistant", 2), ("user", 3)]
-        expect = render([{"role": r, "content": mark(i)} for r, i in convo], True)
-    except Exception:  # a template that refuses these conversations (e.g. strict role order): no conversion
-        return None
-    rebuilt = prefix + "".join(segs[r].replace(mark(1), mark(i)) for r, i in convo) + gen
-    literal = prefix + gen + "".join(segs.values())
-    if rebuilt != expect or any(segs[r].count(mark(1)) != 1 for r in _ROLES) or "{{" in literal \
-            or "}}" in literal or '"""' in literal or "\x02" in prefix + gen:
-        return None
-    body = "".join(f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{r}" }}}}{segs[r].replace(mark(1), "{{ .Content }}")}'
-                   for i, r in enumerate(_ROLES))
-    return f"{prefix}{{{{ range .Messages }}}}{body}{{{{ end }}}}{{{{ end }}}}{gen}"
 
 
 # ------------------------------------------------------------------------------------------------ run
