@@ -164,21 +164,57 @@ def run(recipe: str, output_dir: Path, force: tuple[str, ...], verbose: int) -> 
 
         compile_dir = p.run(p.variant_runs[keep[-1]]["compile"]).dir
         cfg = p.recipe.variants[keep[-1]].serve
-        serve_artifact(compile_dir, cfg.host, cfg.port or 8000, cfg.api_key.get_secret_value() if cfg.api_key else None)
+        key = cfg.api_key.get_secret_value() if cfg.api_key else None
+        try:
+            serve_artifact(compile_dir, cfg.host, cfg.port or 8000, key, f"{p.recipe.name}-{keep[-1]}",
+                           on_ready=_announce(key))
+        except QuantshipError as e:
+            _fail(e)
+
+
+def _announce(api_key: str | None):
+    """``on_ready`` for serve_artifact: the URL, the model id and an example request (never the key itself)."""
+
+    def ready(url: str, model_name: str) -> None:
+        auth = ' -H "Authorization: Bearer $QUANTSHIP_API_KEY"' if api_key else ""
+        body = json.dumps({"model": model_name, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32})
+        click.echo(f"serving '{model_name}' at {url}/v1 (OpenAI API; Ctrl-C or SIGTERM stops it)")
+        click.echo(f"  curl {url}/v1/chat/completions -H \"Content-Type: application/json\"{auth} -d '{body}'")
+
+    return ready
 
 
 @main.command()
-@click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("target", metavar="RECIPE_OR_DIR", type=click.Path(exists=True, path_type=Path))
+@click.option("--variant", default=None, metavar="NAME",
+              help="With a recipe: which variant's compiled artifact (default: the first quantized one).")
+@OUTPUT_DIR
+@click.option("--model-name", default=None, help="The model id clients send (default: <recipe>-<variant>, or the "
+              "artifact's own name).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--api-key", envvar="QUANTSHIP_API_KEY", default=None, help="Require this bearer key (or set QUANTSHIP_API_KEY).")
-def serve(artifact: Path, host: str, port: int, api_key: str | None) -> None:
-    """Serve a compiled artifact (outputs/<recipe>/compile-<key>/) or a model folder until interrupted."""
-    from pipeline.stages.serve import serve_artifact
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", envvar="QUANTSHIP_API_KEY", default=None, show_envvar=True,
+              help="Require this bearer key (or set QUANTSHIP_API_KEY).")
+def serve(target: Path, variant: str | None, output_dir: Path, model_name: str | None, host: str, port: int,
+          api_key: str | None) -> None:
+    """Serve a finished run's compiled variant (RECIPE_OR_DIR a recipe file), or a compile artifact
+    (outputs/<recipe>/compile-<key>/) or model folder, until SIGINT/SIGTERM."""
+    from pipeline.stages.serve import recipe_artifact, serve_artifact
 
+    try:
+        if target.is_dir():
+            if variant is not None:
+                raise RecipeError(f"--variant {variant}: {target} is a folder, not a recipe; --variant picks a "
+                                  "variant of a recipe file. Pass the recipe, or leave --variant out.")
+            artifact = target
+        else:
+            artifact, recipe_model = recipe_artifact(_load(str(target)), output_dir, variant)
+            model_name = model_name or recipe_model
+    except QuantshipError as e:
+        _fail(e)
     _setup_logging(1)
     try:
-        serve_artifact(artifact, host, port, api_key)
+        serve_artifact(artifact, host, port, api_key, model_name, on_ready=_announce(api_key))
     except QuantshipError as e:
         _fail(e)
 

@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from pipeline.errors import StageError
@@ -19,6 +20,7 @@ from pipeline.errors import StageError
 log = logging.getLogger(__name__)
 
 DEFAULT_SMOKE_PROMPT = "Write one sentence about Python."
+GRACEFUL_TIMEOUT_S = 5.0  # after SIGINT/SIGTERM: how long in-flight requests may still finish before cancellation
 
 
 @dataclass
@@ -88,12 +90,70 @@ def _warn_if_exposed(host: str) -> None:
         )
 
 
+_SHUTDOWN_ERROR = {
+    "message": "The server is shutting down and cancelled this request before it finished (it waited for in-flight "
+    "requests, then stopped waiting). Retry it once the server is back.",
+    "type": "server_error",
+    "param": None,
+    "code": "server_shutting_down",
+}
+
+
+class CancelOnShutdown:
+    """ASGI wrapper: a request that uvicorn cancels after the graceful-shutdown timeout ends cleanly for its
+    client. Before the response has started it gets a 503 with an OpenAI error body (uvicorn would send a bare
+    500); a server-sent-event stream already under way gets a final ``data: {"error": ...}`` event and
+    ``data: [DONE]`` (what vLLM sends when a stream fails) instead of a cut connection."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __getattr__(self, name: str) -> Any:  # app.state, app.openapi() ... of the wrapped app
+        return getattr(self.app, name)
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        import asyncio
+        import json
+
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = {"started": False, "sse": False, "ended": False}
+
+        async def tracked_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                state["started"] = True
+                headers = dict(message.get("headers") or [])
+                state["sse"] = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["ended"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except asyncio.CancelledError:
+            body = json.dumps({"error": _SHUTDOWN_ERROR}).encode()
+            try:
+                if not state["started"]:
+                    await send({"type": "http.response.start", "status": 503,
+                                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+                    await send({"type": "http.response.body", "body": body})
+                elif state["sse"] and not state["ended"]:
+                    await send({"type": "http.response.body", "body": b"data: " + body + b"\n\ndata: [DONE]\n\n"})
+                else:
+                    raise
+            except (OSError, RuntimeError):  # the client is gone or the response cannot be continued
+                raise asyncio.CancelledError from None
+            log.info("request %s %s cancelled by shutdown", scope.get("method"), scope.get("path"))
+
+
 def _uvicorn_config(app: Any, **kwargs: Any) -> Any:
     import uvicorn
 
     # log_config=None: keep the logging the CLI configured; access_log off: request lines carry no secrets but
     # are noise at one line per request.
-    return uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5, **kwargs)
+    kwargs.setdefault("timeout_graceful_shutdown", GRACEFUL_TIMEOUT_S)
+    return uvicorn.Config(CancelOnShutdown(app), log_config=None, access_log=False, **kwargs)
 
 
 def start_server(app: Any, host: str = "127.0.0.1", port: int = 0, startup_timeout_s: float = 30.0) -> RunningServer:
@@ -124,21 +184,51 @@ def start_server(app: Any, host: str = "127.0.0.1", port: int = 0, startup_timeo
     return running
 
 
-def serve_forever(app: Any, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve ``app`` in the foreground until Ctrl-C (or SIGTERM), then shut down cleanly and return."""
+def serve_forever(
+    app: Any,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    on_ready: Callable[[str], None] | None = None,
+    graceful_timeout_s: float = GRACEFUL_TIMEOUT_S,
+) -> None:
+    """Serve ``app`` in the foreground until SIGINT (Ctrl-C) or SIGTERM, then shut down cleanly and return.
+
+    ``on_ready(url)`` is called once the socket accepts connections. On a signal uvicorn stops accepting, lets
+    in-flight requests finish for up to ``graceful_timeout_s``, then cancels what is left (a stream ends, a
+    waiting client's connection closes) and the call returns normally, so ``pipeline serve`` exits 0.
+    """
+    import signal
+
     import uvicorn
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and not self.should_exit and on_ready is not None:
+                on_ready(url)
 
     sock = _bind(host, port)
     _warn_if_exposed(host)
-    server = uvicorn.Server(_uvicorn_config(app))
     shown = f"[{host}]" if ":" in host else host
-    log.info("serving on http://%s:%d (Ctrl-C to stop)", shown, sock.getsockname()[1])
+    url = f"http://{shown}:{sock.getsockname()[1]}"
+    server = _Server(_uvicorn_config(app, timeout_graceful_shutdown=graceful_timeout_s))
+    log.info("serving on %s (Ctrl-C to stop)", url)
+
+    def _stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    # uvicorn captures SIGINT/SIGTERM while it runs, shuts down gracefully, then re-raises the signal through
+    # the handler that was there before: for SIGTERM the default one would kill the process (exit -15) after an
+    # otherwise clean shutdown, so both signals end here as KeyboardInterrupt.
+    previous = signal.signal(signal.SIGTERM, _stop) if threading.current_thread() is threading.main_thread() else None
     try:
-        server.run(sockets=[sock])  # uvicorn handles SIGINT/SIGTERM itself: graceful shutdown
-    except KeyboardInterrupt:  # uvicorn re-raises the captured SIGINT after shutting down
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
         pass
     finally:
         sock.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     log.info("server stopped")
 
 

@@ -6,12 +6,14 @@ vllm, llama-server) when this machine runs that engine; the embedded FastAPI ser
 target (and for a plain model folder). A target this machine cannot run is not served: smoke.json and the
 manifest say 'not run here' and why, and the run goes on (``compile.require_run`` already failed it if asked).
 
-``serve_artifact`` is what ``pipeline serve`` (and ``serve.keep_running``) use to keep one running.
+``serve_artifact`` is what ``pipeline serve`` (and ``serve.keep_running``) use to keep one running;
+``recipe_artifact`` finds a finished run's compile artifact for ``pipeline serve RECIPE``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.artifacts import ENGINE, SMOKE, write_json
@@ -32,8 +34,9 @@ def _model_name(engine_dir: Path) -> str:
     return engine_dir.name
 
 
-def build_app(artifact: Path, api_key: str | None):
-    """A FastAPI app serving a compile artifact (engine.json) or a plain model folder (config.json)."""
+def build_app(artifact: Path, api_key: str | None, model_name: str | None = None):
+    """A FastAPI app serving a compile artifact (engine.json) or a plain model folder (config.json) as
+    ``model_name`` (default: the artifact's own, see ``_model_name``)."""
     from pipeline.serve.app import create_app
     from pipeline.serve.generate import GenerationEngine
 
@@ -50,10 +53,11 @@ def build_app(artifact: Path, api_key: str | None):
             f"{artifact} is neither a compile artifact (with {ENGINE}) nor a model folder (with config.json); "
             "pass outputs/<recipe>/compile-<key>/ or a model folder."
         )
-    return create_app(GenerationEngine(model, tokenizer), model_name=_model_name(artifact), api_key=api_key)
+    name = model_name or _model_name(artifact)
+    return create_app(GenerationEngine(model, tokenizer), model_name=name, api_key=api_key)
 
 
-def engine_server(artifact: Path, host: str, port: int, api_key: str | None):
+def engine_server(artifact: Path, host: str, port: int, api_key: str | None, model_name: str | None = None):
     """``(ServeCommand, None)`` for a target whose own server runs here; ``(None, None)`` for the embedded
     server; ``(None, why)`` when the target cannot be served on this machine."""
     from pipeline.serve.external import free_port
@@ -69,7 +73,7 @@ def engine_server(artifact: Path, host: str, port: int, api_key: str | None):
     availability = module.available(engine["device"])
     if not availability.runs:
         return None, f"not run here: {availability.why}"
-    command = module.serve_command(artifact, host, port or free_port(host), api_key, _model_name(artifact))
+    command = module.serve_command(artifact, host, port or free_port(host), api_key, model_name or _model_name(artifact))
     if command is None:
         return None, f"not served: {engine['engine']} has no OpenAI-compatible server"
     return command, None
@@ -117,19 +121,55 @@ def run(ctx: StageContext) -> dict:
     }
 
 
-def serve_artifact(artifact: Path, host: str, port: int, api_key: str | None) -> None:
-    """Serve until interrupted (``pipeline serve``): the engine's own server where it runs here, else embedded."""
+def recipe_artifact(loaded, output_dir: Path, variant: str | None) -> tuple[Path, str]:
+    """The compile artifact of a finished run of ``loaded`` (a LoadedRecipe) and the model id to serve it as,
+    ``<recipe>-<variant>``. ``variant`` None: the first quantized variant (quantize.method not none), else the
+    first. Raises RecipeError for an unknown variant, StageError when that run's compile has not finished."""
+    from pipeline.errors import RecipeError, StageError
+    from pipeline.plan import make_plan
+
+    names = list(loaded.variants)
+    if variant is None:
+        variant = next((v for v, r in loaded.variants.items() if r.quantize.method != "none"), names[0])
+    elif variant not in loaded.variants:
+        raise RecipeError(
+            f"--variant {variant}: {loaded.path} has no such variant; its variants: {', '.join(names)}."
+        )
+    plan = make_plan(loaded, output_dir)
+    compile_run = plan.run(plan.variant_runs[variant]["compile"])
+    if not compile_run.done():
+        raise StageError(
+            f"Variant '{variant}' of {loaded.path} has no finished compile artifact under {plan.root} "
+            f"(expected {compile_run.dir}); run `pipeline run {loaded.path}` first"
+            f"{' with the same -o/--output-dir' if output_dir != Path('outputs') else ''}, then serve it."
+        )
+    return compile_run.dir, f"{loaded.name}-{variant}"
+
+
+def serve_artifact(
+    artifact: Path,
+    host: str,
+    port: int,
+    api_key: str | None,
+    model_name: str | None = None,
+    on_ready: Callable[[str, str], None] | None = None,
+) -> None:
+    """Serve until SIGINT/SIGTERM (``pipeline serve``): the engine's own server where it runs here, else the
+    embedded one. ``on_ready(url, model_name)`` is called once it answers."""
     import signal
 
     from pipeline.serve.external import ExternalServer
     from pipeline.serve.server import serve_forever
 
-    command, why_not = engine_server(artifact, host, port, api_key)
+    name = model_name or _model_name(artifact)
+    command, why_not = engine_server(artifact, host, port, api_key, name)
     if why_not:
         raise TargetUnavailable(f"{artifact}: {why_not}. Serve it on a machine that runs its engine.")
     if command is None:
-        serve_forever(build_app(artifact, api_key), host=host, port=port)
+        ready = (lambda url: on_ready(url, name)) if on_ready else None
+        serve_forever(build_app(artifact, api_key, name), host=host, port=port, on_ready=ready)
         return
+
     def _interrupt(signum, frame):
         raise KeyboardInterrupt
 
@@ -137,7 +177,9 @@ def serve_artifact(artifact: Path, host: str, port: int, api_key: str | None) ->
     server = ExternalServer(command, artifact.parent / f"{artifact.name}.{SERVER_LOG}").start()
     try:
         server.wait_healthy(3600)
-        logging.getLogger("pipeline").info("serving %s at %s/v1 (%s)", _model_name(artifact), server.url, command.shell())
+        logging.getLogger("pipeline").info("serving %s at %s/v1 (%s)", name, server.url, command.shell())
+        if on_ready:
+            on_ready(server.url, name)
         server.proc.wait()
     except KeyboardInterrupt:
         pass
