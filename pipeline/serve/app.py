@@ -1,25 +1,40 @@
-"""The FastAPI app of the embedded OpenAI-compatible server: /health, /v1/models, /v1/chat/completions.
+"""The FastAPI app of the embedded OpenAI-compatible server.
 
-Every error a client can cause comes back as the OpenAI error body ``{"error": {"message", "type", "param",
-"code"}}`` with a 4xx status (FastAPI's own 422 validation body is replaced by a 400 naming the field), so the
-official ``openai`` client raises its usual ``BadRequestError`` / ``AuthenticationError`` / ``NotFoundError``.
-Generation runs in a worker thread, so the event loop keeps answering /health while a reply is generated.
+Routes: ``GET /health`` (open), ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
+``GET /metrics`` (Prometheus). Every error a client can cause comes back as the OpenAI error body
+``{"error": {"message", "type", "param", "code"}}`` with a 4xx status (FastAPI's own 422 validation body is
+replaced by a 400 naming the field; a body over the size cap is a 413), so the official ``openai`` client raises
+its usual ``BadRequestError`` / ``AuthenticationError`` / ``NotFoundError``.
+
+Generation: each choice is a sequence submitted to the engine's continuous batch
+(:mod:`pipeline.serve.batching`); its tokens come back to the event loop through an ``asyncio.Queue``
+(``loop.call_soon_threadsafe``), so the loop never waits on the model. ``stream: true`` answers with server-sent
+events in OpenAI's chunk format ending with ``data: [DONE]`` (``stream_options.include_usage``: a last chunk
+with the usage and no choices). A client that disconnects, streaming or not, has its sequences cancelled: they
+leave the batch at the next step.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the route functions' annotations at runtime,
 # and those functions are closures inside create_app.
 
+import asyncio
 import hmac
+import json
 import logging
 import time
 import uuid
-from typing import Any
+from typing import Any, AsyncIterator
 
+from pipeline.serve.batching import FinishedSequence, SamplingParams, TokenLogprob
+from pipeline.serve.metrics import RequestGuard, ServerMetrics
 from pipeline.serve.protocol import (
     ChatCompletionChoice,
     ChatCompletionMessage,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
     ModelCard,
     ModelList,
     RequestError,
@@ -30,17 +45,42 @@ from pipeline.serve.protocol import (
 log = logging.getLogger(__name__)
 
 _HTTP_CODES = {404: "unknown_url", 405: "method_not_allowed"}
+DEFAULT_MAX_BODY_BYTES = 1 << 20
 
 
-def create_app(engine: Any, model_name: str, api_key: str | None = None) -> Any:
+def _server_error(what: str) -> RequestError:
+    return RequestError(f"The server failed while {what}; see the server log.", status_code=500, type="server_error")
+
+
+def _params(body: Any, max_tokens: int, index: int, logprobs: int | None, echo: bool) -> SamplingParams:
+    seed = None if body.seed is None else body.seed + index  # n choices: different draws, still reproducible
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        stops=list(body.stop or []),
+        seed=seed,
+        logprobs=logprobs,
+        prompt_logprobs=echo,
+    )
+
+
+def create_app(
+    engine: Any,
+    model_name: str,
+    api_key: str | None = None,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    log_prompts: bool = False,
+) -> Any:
     """The app serving ``engine`` (a :class:`~pipeline.serve.generate.GenerationEngine`) as ``model_name``.
 
-    With ``api_key``, every ``/v1`` route needs ``Authorization: Bearer <api_key>`` (401 otherwise); ``/health``
-    stays open for load balancers and ``wait_healthy``.
+    With ``api_key``, every route but ``/health`` needs ``Authorization: Bearer <api_key>`` (401 otherwise).
+    ``max_body_bytes`` caps request bodies (413 beyond); ``log_prompts`` adds prompt text to the log.
     """
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -48,6 +88,13 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None) -> Any:
     app = FastAPI(title="quantship OpenAI-compatible server", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     app.state.model_name = model_name
+    sched = lambda: getattr(engine, "scheduler", None)  # noqa: E731
+    metrics = ServerMetrics(
+        queue_depth=lambda: getattr(sched(), "queue_depth", 0), batch_size=lambda: getattr(sched(), "batch_size", 0)
+    )
+    app.state.metrics = metrics
+    app.add_middleware(RequestGuard, metrics=metrics, max_body_bytes=max_body_bytes)
+    vocab_size = getattr(getattr(getattr(engine, "model", None), "config", None), "vocab_size", None)
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
@@ -78,16 +125,7 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None) -> Any:
                 code="invalid_api_key",
             )
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
-    async def list_models() -> dict[str, Any]:
-        return ModelList(data=[ModelCard(id=model_name, created=created)]).model_dump()
-
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-    async def chat_completions(body: ChatCompletionRequest) -> dict[str, Any]:
+    def check_request(body: Any) -> None:
         refused = body.unsupported()
         if refused is not None:
             raise refused
@@ -101,44 +139,202 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None) -> Any:
             )
         if ignored := body.ignored_fields():
             log.debug("ignoring request fields this server does not implement: %s", ", ".join(ignored))
-        t0 = time.perf_counter()
+
+    # -- generation plumbing
+
+    def submit(jobs: list[tuple[list[int], SamplingParams]]) -> tuple[asyncio.Queue, list[Any]]:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        seqs = []
+        for i, (prompt, params) in enumerate(jobs):
+            sink = lambda ev, payload, i=i: loop.call_soon_threadsafe(q.put_nowait, (i, ev, payload))  # noqa: E731
+            seqs.append(engine.submit(prompt, params, sink))
+        return q, seqs
+
+    def record(route: str, done: FinishedSequence | None, prompt_tokens: int, t0: float) -> None:
+        if done is not None:
+            metrics.generation_tokens.inc(len(done.token_ids))
+            if done.first_token_s is not None:
+                metrics.ttft.observe(done.first_token_s)
+        else:
+            metrics.prompt_tokens.inc(prompt_tokens)
+            metrics.latency.labels(route).observe(time.perf_counter() - t0)
+
+    async def collect(request: Request, q: asyncio.Queue, seqs: list[Any], route: str) -> list[FinishedSequence]:
+        out: dict[int, FinishedSequence] = {}
         try:
-            result = await run_in_threadpool(
-                engine.chat,
-                [{"role": m.role, "content": m.content} for m in body.messages],
-                max_tokens=body.completion_budget(),
-                temperature=1.0 if body.temperature is None else body.temperature,
-                top_p=1.0 if body.top_p is None else body.top_p,
-                stop=body.stop,
-                seed=body.seed,
+            while len(out) < len(seqs):
+                try:
+                    i, ev, payload = await asyncio.wait_for(q.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        raise RequestError("The client disconnected.", status_code=499) from None
+                    continue
+                if ev == "done":
+                    out[i] = payload
+                    record(route, payload, 0, 0.0)
+                elif ev == "error":
+                    log.error("generation failed: %r", payload)
+                    raise _server_error(f"generating ({type(payload).__name__})")
+        finally:
+            for s in seqs:
+                s.cancel()
+        return [out[i] for i in range(len(seqs))]
+
+    async def sse(
+        q: asyncio.Queue, seqs: list[Any], chunk: Any, first: list[dict[str, Any]], usage: Any, route: str, t0: float
+    ) -> AsyncIterator[str]:
+        """Server-sent events: ``first`` chunks, a chunk per delta and per finish, the usage chunk, ``[DONE]``."""
+        completion_tokens, finished = 0, 0
+        try:
+            for c in first:
+                yield f"data: {json.dumps(c)}\n\n"
+            while finished < len(seqs):
+                i, ev, payload = await q.get()
+                if ev == "token":
+                    yield f"data: {json.dumps(chunk(i, payload, None))}\n\n"
+                elif ev == "done":
+                    finished += 1
+                    completion_tokens += len(payload.token_ids)
+                    record(route, payload, 0, 0.0)
+                    yield f"data: {json.dumps(chunk(i, None, payload.finish_reason))}\n\n"
+                else:
+                    log.error("generation failed: %r", payload)
+                    yield f"data: {json.dumps(_server_error('generating').body())}\n\n"
+                    break
+            if usage is not None:
+                yield f"data: {json.dumps(usage(completion_tokens))}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:  # also on a client disconnect (the response task is cancelled): free the batch slots
+            for s in seqs:
+                s.cancel()
+            record(route, None, 0, t0)
+
+    def usage_of(prompt_tokens: int, completion_tokens: int) -> Usage:
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)  # fmt: skip
+
+    def streaming(events: AsyncIterator[str]) -> Any:
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # -- routes
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics", dependencies=[Depends(check_key)])
+    async def prometheus() -> Any:
+        data, content_type = metrics.render()
+        return Response(data, media_type=content_type)
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def list_models() -> dict[str, Any]:
+        return ModelList(data=[ModelCard(id=model_name, created=created)]).model_dump()
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        check_request(body)
+        t0, route = time.perf_counter(), "/v1/chat/completions"
+        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        if log_prompts:
+            log.info("chat messages: %r", messages)
+        prompt = await run_in_threadpool(engine.encode_chat, messages)
+        max_tokens = engine.check_budget(prompt, body.completion_budget(), "messages")
+        k = (body.top_logprobs or 0) if body.logprobs else None
+        n = body.n or 1
+        q, seqs = submit([(prompt, _params(body, max_tokens, i, k, False)) for i in range(n)])
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        metrics.prompt_tokens.inc(len(prompt))
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            base = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name}
+
+            def chunk(i: int, delta: str | None, reason: str | None) -> dict[str, Any]:
+                d = {} if delta is None else {"content": delta}
+                return {**base, "choices": [{"index": i, "delta": d, "logprobs": None, "finish_reason": reason}]}
+
+            first = [{**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                           "logprobs": None, "finish_reason": None}]} for i in range(n)]  # fmt: skip
+            usage = (lambda c: {**base, "choices": [], "usage": usage_of(len(prompt), c).model_dump()}) if include_usage else None  # noqa: E501
+            return streaming(sse(q, seqs, chunk, first, usage, route, t0))
+        results = await collect(request, q, seqs, route)
+        record(route, None, 0, t0)
+        log.info("chat completion: %d prompt + %s completion tokens, %.3f s", len(prompt),
+                 [len(r.token_ids) for r in results], time.perf_counter() - t0)  # fmt: skip
+        choices = [
+            ChatCompletionChoice(
+                index=i,
+                message=ChatCompletionMessage(content=r.text),
+                finish_reason=r.finish_reason,
+                logprobs=None if k is None else {"content": [chat_logprob(t, k) for t in r.logprobs or []]},
             )
-        except RequestError:
-            raise
-        except Exception as e:  # a bug or a device failure: the client gets a 500 body, the log the traceback
-            log.exception("generation failed")
-            raise RequestError(
-                f"The server failed while generating ({type(e).__name__}); see the server log.",
-                status_code=500,
-                type="server_error",
-            ) from e
-        log.info(
-            "chat completion: %d prompt + %d completion tokens, finish_reason=%s, %.3f s",
-            result.prompt_tokens, result.completion_tokens, result.finish_reason, time.perf_counter() - t0,
-        )  # fmt: skip
-        return ChatCompletionResponse(
-            id=f"chatcmpl-{uuid.uuid4().hex}",
-            created=int(time.time()),
-            model=model_name,
-            choices=[
-                ChatCompletionChoice(
-                    message=ChatCompletionMessage(content=result.text), finish_reason=result.finish_reason
-                )
-            ],
-            usage=Usage(
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens,
-                total_tokens=result.prompt_tokens + result.completion_tokens,
-            ),
-        ).model_dump()
+            for i, r in enumerate(results)
+        ]
+        usage = usage_of(len(prompt), sum(len(r.token_ids) for r in results))
+        return ChatCompletionResponse(id=rid, created=now, model=model_name, choices=choices, usage=usage).model_dump()
+
+    def chat_logprob(t: TokenLogprob, k: int) -> dict[str, Any]:
+        def entry(token_id: int, lp: float) -> dict[str, Any]:
+            text = engine.token_text(token_id)
+            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+        return {**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top[:k]]}
+
+    def encode_prompt(p: str | list[int]) -> list[int]:
+        if isinstance(p, str):
+            return engine.encode_text(p)
+        if vocab_size is not None and any(not 0 <= i < vocab_size for i in p):
+            raise RequestError(f"Token ids in the prompt must be in [0, {vocab_size}) for this model.",
+                               param="prompt", code="invalid_value")  # fmt: skip
+        return p
+
+    def completion_logprobs(tokens: list[TokenLogprob], base: int) -> dict[str, Any]:
+        texts = [engine.token_text(t.token_id) for t in tokens]
+        offsets, at = [], base
+        for text in texts:
+            offsets.append(at)
+            at += len(text)
+        top = [None if t.logprob is None else {engine.token_text(i): lp for i, lp in t.top} for t in tokens]
+        return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens], "top_logprobs": top,
+                "text_offset": offsets}  # fmt: skip
+
+    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        check_request(body)
+        t0, route = time.perf_counter(), "/v1/completions"
+        if log_prompts:
+            log.info("completion prompt: %r", body.prompt)
+        prompts = [await run_in_threadpool(encode_prompt, p) for p in body.prompts()]
+        budgets = [engine.check_budget(p, body.max_tokens, "prompt") for p in prompts]
+        n, echo, k = body.n or 1, bool(body.echo), body.logprobs
+        jobs = [(p, _params(body, m, j, k, echo and k is not None)) for p, m in zip(prompts, budgets) for j in range(n)]
+        texts = [engine.decode(p) if echo or k is not None else "" for p in prompts]  # echoed / for text_offset
+        q, seqs = submit(jobs)
+        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        prompt_tokens = sum(len(p) for p in prompts)
+        metrics.prompt_tokens.inc(prompt_tokens)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            base = {"id": rid, "object": "text_completion", "created": now, "model": model_name}
+
+            def chunk(i: int, delta: str | None, reason: str | None) -> dict[str, Any]:
+                return {**base, "choices": [{"index": i, "text": delta or "", "logprobs": None, "finish_reason": reason}]}  # noqa: E501
+
+            first = [chunk(i, texts[i // n], None) for i in range(len(jobs)) if echo and texts[i // n]]
+            usage = (lambda c: {**base, "choices": [], "usage": usage_of(prompt_tokens, c).model_dump()}) if include_usage else None  # noqa: E501
+            return streaming(sse(q, seqs, chunk, first, usage, route, t0))
+        results = await collect(request, q, seqs, route)
+        record(route, None, 0, t0)
+        choices = []
+        for i, r in enumerate(results):
+            lps = None
+            if k is not None:
+                tokens = (r.prompt_logprobs or []) + (r.logprobs or []) if echo else (r.logprobs or [])
+                lps = completion_logprobs(tokens, 0 if echo else len(texts[i // n]))
+            choices.append(CompletionChoice(index=i, text=(texts[i // n] if echo else "") + r.text, finish_reason=r.finish_reason,
+                                            logprobs=lps))  # fmt: skip
+        usage = usage_of(prompt_tokens, sum(len(r.token_ids) for r in results))
+        return CompletionResponse(id=rid, created=now, model=model_name, choices=choices, usage=usage).model_dump()
 
     return app

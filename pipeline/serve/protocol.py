@@ -2,8 +2,13 @@
 
 Only what the server implements is modelled. Fields a client sends that are not modelled here are ignored,
 as vLLM's and lmdeploy's OpenAI servers do (the app logs their names); the few known OpenAI fields that would
-change the answer if silently ignored (``n`` > 1, ``logprobs``, ``tools``, ``stream``) are refused with a 400
-by :meth:`ChatCompletionRequest.unsupported`.
+change the answer if silently ignored (``tools``; ``logprobs`` together with ``stream``; ``suffix``;
+``best_of`` other than ``n``) are refused with a 400 by the requests' ``unsupported()``.
+
+``POST /v1/completions`` (:class:`CompletionRequest`) follows OpenAI's legacy completions API as lm-eval's
+``local-completions`` model uses it: ``prompt`` as a string, a list of strings, a list of token ids or a list of
+lists of token ids; integer ``logprobs`` (the top-k per token); ``echo`` returning the prompt and, with
+``logprobs``, its token log-probs (the first one null); ``max_tokens`` defaulting to 16 and allowed to be 0.
 
 Field names, types and bounds follow the OpenAI API reference for ``POST /v1/chat/completions`` (``temperature``
 in [0, 2], ``top_p`` in (0, 1], at most 4 ``stop`` sequences, ``max_completion_tokens`` superseding
@@ -21,6 +26,8 @@ from pipeline.errors import QuantshipError
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length"]
 MAX_STOP_SEQUENCES = 4  # the OpenAI API's limit
+MAX_N = 16  # choices per request (each is one sequence in the batch)
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat top_logprobs (vLLM allows 20 for completions too)
 
 
 class RequestError(QuantshipError):
@@ -117,6 +124,27 @@ def validation_error(errors: list[dict[str, Any]]) -> RequestError:
 # ---------------------------------------------------------------------------------------------- chat
 
 
+def stop_list(v: Any) -> list[str] | None:
+    """``stop`` as OpenAI accepts it (a string or up to 4 strings) as a list, or a ValueError naming the rule."""
+    if v is None:
+        return None
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise ValueError("stop must be a string or a list of strings")
+    if len(v) > MAX_STOP_SEQUENCES:
+        raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+    if any(s == "" for s in v):
+        raise ValueError("stop sequences must not be empty strings")
+    return v
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool | None = None
+
+
 class ChatMessage(BaseModel):
     """One message. ``content`` is a string; a list of ``{"type": "text", "text": ...}`` parts is joined into one."""
 
@@ -153,28 +181,20 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1, description="Most tokens to generate.")
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0 = greedy; default 1.")
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling mass; default 1.")
-    n: int | None = Field(default=None, ge=1, description="Number of choices; only 1 is supported.")
+    n: int | None = Field(default=None, ge=1, le=MAX_N, description="Number of choices (choice i uses seed + i).")
     stop: list[str] | None = Field(default=None, description="Up to 4 strings that end the reply (not included).")
     seed: int | None = Field(default=None, description="Seed for sampling; same seed, same reply.")
-    stream: bool | None = Field(default=None, description="Server-sent events; not supported yet.")
-    logprobs: bool | None = Field(default=None, description="Token log-probabilities; not supported yet.")
+    stream: bool | None = Field(default=None, description="Server-sent events in OpenAI's chunk format.")
+    stream_options: StreamOptions | None = Field(default=None, description="include_usage: a last usage chunk.")
+    logprobs: bool | None = Field(default=None, description="Return the chosen tokens' log-probabilities.")
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, description="Top-k per token.")
     tools: list[Any] | None = Field(default=None, description="Tool definitions; not supported.")
     user: str | None = Field(default=None, description="End-user id; accepted and ignored.")
 
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_list(cls, v: Any) -> Any:
-        if v is None:
-            return None
-        if isinstance(v, str):
-            v = [v]
-        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-            raise ValueError("stop must be a string or a list of strings")
-        if len(v) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
-        if any(s == "" for s in v):
-            raise ValueError("stop sequences must not be empty strings")
-        return v
+        return stop_list(v)
 
     def completion_budget(self) -> int | None:
         """``max_completion_tokens`` if given, else ``max_tokens`` (OpenAI's newer name wins), else None."""
@@ -185,24 +205,11 @@ class ChatCompletionRequest(BaseModel):
 
     def unsupported(self) -> RequestError | None:
         """The first option this server cannot honour (so it must not silently ignore), as a 400; else None."""
-        if self.stream:
+        if self.logprobs and self.stream:
+            return _no_stream_logprobs()
+        if self.top_logprobs is not None and not self.logprobs:
             return RequestError(
-                "Streaming is not supported by this server yet: send the request with stream=false (or without "
-                "'stream') to get the whole reply in one response.",
-                param="stream",
-                code="unsupported_parameter",
-            )
-        if self.n is not None and self.n != 1:
-            return RequestError(
-                f"Only n=1 is supported (got n={self.n}); send {self.n} requests instead.",
-                param="n",
-                code="unsupported_parameter",
-            )
-        if self.logprobs:
-            return RequestError(
-                "logprobs are not supported by this server yet; send logprobs=false.",
-                param="logprobs",
-                code="unsupported_parameter",
+                "top_logprobs needs logprobs=true (as in OpenAI's API).", param="top_logprobs", code="invalid_value"
             )
         if self.tools:
             return RequestError(
@@ -210,6 +217,83 @@ class ChatCompletionRequest(BaseModel):
                 param="tools",
                 code="unsupported_parameter",
             )
+        return None
+
+
+def _no_stream_logprobs() -> RequestError:
+    return RequestError(
+        "logprobs are not returned in streamed responses by this server; send stream=false to get them.",
+        param="logprobs",
+        code="unsupported_parameter",
+    )
+
+
+# ---------------------------------------------------------------------------------------------- completions
+
+PromptType = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(BaseModel):
+    """``POST /v1/completions`` body (module docstring)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(description="The served model's name, as listed by GET /v1/models.")
+    prompt: PromptType = Field(description="Text, texts, token ids, or lists of token ids.")
+    max_tokens: int | None = Field(default=16, ge=0, description="Most tokens to generate (0 with echo: score only).")
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0 = greedy; default 1.")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling mass; default 1.")
+    n: int | None = Field(default=None, ge=1, le=MAX_N, description="Choices per prompt (choice i uses seed + i).")
+    best_of: int | None = Field(default=None, ge=1, description="Only best_of = n is supported.")
+    stop: list[str] | None = Field(default=None, description="Up to 4 strings that end the text (not included).")
+    seed: int | None = Field(default=None, description="Seed for sampling; same seed, same text.")
+    stream: bool | None = Field(default=None, description="Server-sent events in OpenAI's chunk format.")
+    stream_options: StreamOptions | None = Field(default=None, description="include_usage: a last usage chunk.")
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, description="Top-k log-probs per token.")
+    echo: bool | None = Field(default=None, description="Return the prompt before the completion.")
+    suffix: str | None = Field(default=None, description="Not supported.")
+    user: str | None = Field(default=None, description="End-user id; accepted and ignored.")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, v: Any) -> Any:
+        return stop_list(v)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, (str, list)):
+            raise ValueError("prompt must be a string, a list of strings, a list of token ids or a list of lists")
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("prompt must not be an empty list")
+            kinds = {("ids" if isinstance(x, list) else "int" if isinstance(x, int) else type(x).__name__) for x in v}
+            if any(isinstance(x, bool) for x in v) or len(kinds) != 1 or not kinds <= {"str", "int", "ids"}:
+                raise ValueError("prompt lists must hold only strings, only token ids, or only lists of token ids")
+            if "ids" in kinds and any(not x or not all(type(i) is int for i in x) for x in v):
+                raise ValueError("each token-id list must be a non-empty list of integers")
+        return v
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt, as text or as token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+    def ignored_fields(self) -> list[str]:
+        return sorted((self.model_extra or {}).keys())
+
+    def unsupported(self) -> RequestError | None:
+        if self.logprobs is not None and self.stream:
+            return _no_stream_logprobs()
+        if self.suffix:
+            return RequestError("suffix (insertion) is not supported by this server.", param="suffix",
+                                code="unsupported_parameter")  # fmt: skip
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            return RequestError("Only best_of equal to n is supported.", param="best_of", code="unsupported_parameter")
         return None
 
 
@@ -222,7 +306,24 @@ class ChatCompletionChoice(BaseModel):
     index: int = 0
     message: ChatCompletionMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None  # {"content": [{"token", "logprob", "bytes", "top_logprobs"}]}
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: FinishReason
+    logprobs: dict[str, Any] | None = None  # {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
 
 
 class Usage(BaseModel):
