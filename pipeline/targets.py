@@ -136,7 +136,11 @@ TARGETS: dict[str, TargetSpec] = {
                             "converted exactly to ModelOpt W4A16_AWQ (pipeline/formats/modelopt.py)"),
          "fp8": FormatRule(why="128x128 blocks read as FP8_BLOCK_SCALES; per-channel converted to "
                            "FP8_PER_CHANNEL_PER_TOKEN (pipeline/formats/modelopt.py)"),
-         "ct-fp8": _ANY},
+         "ct-fp8": _ANY,
+         "w8a8": FormatRule(why="served as W8A16 int8 weight-only (no W8A8 SmoothQuant linear in the PyTorch backend, "
+                            "_torch/modules/linear.py get_quant_method); same integers, activations in 16-bit"),
+         "ct-w8a8": FormatRule(why="served as W8A16 int8 weight-only like w8a8: symmetric per-channel int8, the same "
+                               "integers and scales; activations in 16-bit")},
         ("cuda",), "tensorrt_llm (NVIDIA's package index, not PyPI) and an NVIDIA GPU",
         kv_cache=("fp8",),
     ),

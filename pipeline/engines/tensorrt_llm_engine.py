@@ -11,10 +11,13 @@ What it loads, and why our checkpoints are converted or linked as they are, is i
   ``weight_block_size``, which TensorRT-LLM would load as unquantized, and ``ct-fp8``'s ``weight_scale`` [out, 1],
   which ``FP8RowwiseLinearMethod`` cannot copy into its [out] parameter) -> ``FP8_PER_CHANNEL_PER_TOKEN`` with
   ``weight_scale`` [out] float32, the same codes and scale values.
+- ``w8a8`` (lmdeploy smooth_quant) and ``ct-w8a8`` (compressed-tensors int W8A8) -> ModelOpt ``W8A16`` (int8
+  weight-only per channel, ``WeightOnlyQuantLinearMethod``): the PyTorch backend has no W8A8 SmoothQuant linear (and
+  its compressed-tensors reader maps any 8-bit ``channel`` scheme to FP8), but the same int8 weights [out, in] with
+  ``weight_scale`` [out] float32 are what W8A16 reads; the smoothing is already in the norms, which are copied as
+  they are. Same integers, activations left in 16-bit (no static ``input_scale`` accepted).
 - ``hf`` (unquantized): hard-linked.
-- Not loadable, so refused by ``targets.py`` before any work: AWQ with fitted zero points, lmdeploy W8A8 and
-  compressed-tensors int W8A8 (the PyTorch backend has no W8A8 SmoothQuant linear; its compressed-tensors reader maps
-  any 8-bit ``channel`` scheme to FP8).
+- Not loadable, so refused by ``targets.py`` before any work: AWQ with fitted zero points.
 
 ``trtllm-serve`` (``tensorrt_llm/commands/serve.py``, commit 00209af): ``trtllm-serve MODEL --backend pytorch --host
 --port --tp_size --max_batch_size --max_seq_len --kv_cache_free_gpu_memory_fraction --extra_llm_api_options YAML
@@ -55,7 +58,7 @@ def build(ctx) -> dict:
     if fmt.fmt == "hf" or (fmt.fmt in ("fp8", "ct-fp8") and fmt.fp8_block):
         files = hf_folder.link_folder(ctx)
         quant = {"layout": "linked", "quant_algo": _linked_algo(fmt)}
-    elif fmt.fmt in ("gptq", "awq", "fp8", "ct-fp8"):
+    elif fmt.fmt in ("gptq", "awq", "fp8", "ct-fp8", "w8a8", "ct-w8a8"):
         quant = _convert(ctx)
         files = sorted(p.name for p in ctx.model_dir.iterdir())
     else:
@@ -95,7 +98,7 @@ def extra_llm_api_options(s: hf_folder.LaunchSettings) -> dict:
 
 
 def _convert(ctx) -> dict:
-    """Write the ModelOpt unified layout of a GPTQ/AWQ (-> W4A16_AWQ) or per-channel FP8 folder."""
+    """Write the ModelOpt unified layout of a GPTQ/AWQ (-> W4A16_AWQ), W8A8 (-> W8A16) or per-channel FP8 folder."""
     src, out = ctx.src, ctx.model_dir
     config = read_config(src)
     qc = config.get("quantization_config") or {}
@@ -153,6 +156,21 @@ def _convert_linear(fmt: str, leaves: dict[str, str], ck, qc: dict, dtype):
         if "bias" in t:
             converted["bias"] = t["bias"]
         return modelopt.W4A16_AWQ, qw.group_size, converted
+    if fmt in ("w8a8", "ct-w8a8") and "weight" in leaves and ("scale" in leaves or "weight_scale" in leaves):
+        from pipeline.formats import w8a8
+
+        extra = set(leaves) - {"weight", "scale", "weight_scale", "weight_zero_point", "bias"}
+        if extra:
+            raise QuantizationError(
+                f"a W8A8 linear has tensors {sorted(extra)} besides its int8 weight, scale and bias (static "
+                "activation scales?); W8A16 has no place for them. Quantize with dynamic per-token activations."
+            )
+        t = {leaf: ck.get(n) for leaf, n in leaves.items()}
+        w_int8, scale = w8a8.unpack_lmdeploy(t) if fmt == "w8a8" else w8a8.unpack_compressed_tensors(t)
+        converted = modelopt.w8a16_tensors(w_int8, scale)
+        if "bias" in t:
+            converted["bias"] = t["bias"]
+        return modelopt.W8A16, None, converted
     if fmt in ("fp8", "ct-fp8") and "weight" in leaves and ("weight_scale" in leaves or "weight_scale_inv" in leaves):
         weight = ck.get(leaves["weight"])
         scale = ck.get(leaves.get("weight_scale_inv") or leaves["weight_scale"])

@@ -18,8 +18,26 @@ folder directly is false; the folder must be converted.
 **Which linear kernels exist** (``tensorrt_llm/_torch/modules/linear.py`` ``get_quant_method``, commit 00bbf71):
 unquantized, FP8 QDQ (per-tensor), FP8 rowwise (``FP8_PER_CHANNEL_PER_TOKEN``), FP8 block scales, NVFP4, W4A8
 variants, int8/int4 weight-only per channel, ``W4A16_AWQ`` and ``W4A8_AWQ``. **There is no W8A8 SmoothQuant method**
-(``W8A8_SQ_PER_CHANNEL`` falls through to ``ValueError('unsupported quant mode')``), so our ``w8a8`` folders cannot
-be served by it, and the target row says so. There is no GPTQ method either: GPTQ goes through ``W4A16_AWQ``.
+(``W8A8_SQ_PER_CHANNEL`` falls through to ``ValueError('unsupported quant mode')``), so our ``w8a8`` folders are
+served as ``W8A16`` (below). There is no GPTQ method either: GPTQ goes through ``W4A16_AWQ``.
+
+**W8A16** (``WeightOnlyQuantLinearMethod``, chosen by ``get_quant_method`` for ``is_weight_only()`` without per-group
+scaling; ``quantization/mode.py`` ``QuantMode.from_quant_algo(W8A16)`` = ``use_weight_only(use_int4_weights=False)``,
+so ``get_weight_dtype_and_id`` gives ``(torch.int8, 1)``): parameter ``weight`` int8 [in, out] filled from the
+checkpoint's ``weight`` by ``load_weights_vanilla_helper`` / the fused qkv and gate_up loaders as
+``preprocess_weights_for_mixed_gemm(weight.T.to(int8), torch.int8, float16)`` (so the checkpoint holds int8 [out, in]);
+``weight_scale`` parameter [out] **in the model dtype**, filled by ``copy_weight``, which casts (fused linears
+concatenate the [out] scales); no ``pre_quant_scale``, no ``input_scale``; the GEMM is ``weight_only_quant_gemm``
+with 16-bit activations. ModelOpt 0.47 (``quant_utils.py``: ``int8_wo`` -> ``{"quant_algo": "W8A16"}``; scale =
+``amax / 127`` per output row, ``round().clamp(-128, 127)``), run on CPU here with ``INT8_WEIGHT_ONLY_CFG`` on the
+tiny Llama, writes ``weight`` int8 [out, in], ``weight_scale`` float32 [out] and ``hf_quant_config.json``
+``{"quant_algo": "W8A16", "kv_cache_quant_algo": null, "exclude_modules": [...]}`` (no group size). Our W8A8
+(lmdeploy ``weight`` int8 [out, in] + ``scale`` float32 [out, 1], or compressed-tensors ``weight_scale`` [out, 1])
+is symmetric per output channel with the SmoothQuant scales folded into the norms: it converts to that layout
+exactly (the same integers; the scales flattened to float32 [out], the same numbers). What differs at run time is
+not the checkpoint: activations stay 16-bit (no per-token int8 rounding), and TensorRT-LLM rounds each scale to the
+model dtype when it loads it (as it does for ModelOpt's own W8A16 export), a relative change of at most 2**-11 in
+float16 or 2**-8 in bfloat16.
 
 **W4A16_AWQ** (``W4A16_AWQ_LinearMethod``): parameter ``weight`` int8 [in, out/2] filled from the checkpoint's
 ``weight`` by ``load_weights_vanilla_helper`` as ``preprocess_weights_for_mixed_gemm(weight.T.to(int8), quint4x2)``,
@@ -66,6 +84,7 @@ W4A16_AWQ = "W4A16_AWQ"
 FP8 = "FP8"
 FP8_PER_CHANNEL_PER_TOKEN = "FP8_PER_CHANNEL_PER_TOKEN"
 FP8_BLOCK_SCALES = "FP8_BLOCK_SCALES"
+W8A16 = "W8A16"
 # compile.kv_cache -> kv_cache_quant_algo (TensorRT-LLM quantization/mode.py KV_CACHE_QUANT_ALGO_LIST: FP8, INT8, NVFP4)
 KV_CACHE_QUANT_ALGO = {"fp8": "FP8"}
 # The ModelOpt release whose export this layout mirrors (informational: TensorRT-LLM reads only producer.name).
@@ -155,6 +174,28 @@ def fp8_tensors(weight: torch.Tensor, weight_scale: torch.Tensor) -> dict[str, t
     algo = fp8_algo(weight_scale, weight.shape[0])
     scale = weight_scale.float().reshape(-1) if algo == FP8_PER_CHANNEL_PER_TOKEN else weight_scale.float().reshape(())
     return {"weight": weight, "weight_scale": scale}
+
+
+def w8a16_tensors(w_int8: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A W8A8 linear (``weight`` int8 [out, in], per-channel ``scale`` [out, 1]) as ``W8A16`` reads it: the same
+    ``weight`` int8 [out, in] and ``weight_scale`` float32 [out] (the same values, flattened; ModelOpt 0.47 writes
+    float32, TensorRT-LLM casts to the model dtype on load)."""
+    if w_int8.dtype != torch.int8 or w_int8.dim() != 2:
+        raise QuantizationError(
+            f"W8A16 holds int8 weights [out, in], got {w_int8.dtype} of shape {tuple(w_int8.shape)}; this is not an "
+            "8-bit integer checkpoint. Quantize with method: smoothquant for this conversion."
+        )
+    if scale.shape not in ((w_int8.shape[0], 1), (w_int8.shape[0],)) or not scale.is_floating_point():
+        raise QuantizationError(
+            f"W8A16 has one scale per output channel ({w_int8.shape[0]}), but this weight's scale is {scale.dtype} of "
+            f"shape {tuple(scale.shape)}. Only per-channel W8A8 (SmoothQuant) converts exactly; requantize it."
+        )
+    return {"weight": w_int8.contiguous(), "weight_scale": scale.float().reshape(-1).contiguous()}
+
+
+def w8a16_to_w8a8(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`w8a16_tensors`: ``(w_int8 [out, in], scale float32 [out, 1])``."""
+    return tensors["weight"], tensors["weight_scale"].float().reshape(-1, 1)
 
 
 def hf_quant_config(quant_algo: str, group_size: int | None = None, kv_cache: str = "auto",
