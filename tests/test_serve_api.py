@@ -62,7 +62,7 @@ def post(server, path, body, headers=None, **kw):
     if callable(content):
         content = content()
     hdrs = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json", **(headers or {})}
-    return httpx.post(f"{server.url}{path}", content=content, headers=hdrs, timeout=60, **kw)
+    return httpx.post(f"{server.url}{path}", content=content, headers=hdrs, **{"timeout": 60, **kw})
 
 
 def metric(server, name_and_labels: str) -> float:
@@ -241,3 +241,14 @@ def test_disconnect_mid_stream_frees_the_slot(server, engine):
         time.sleep(0.05)
     assert metric(server, "quantship_batch_size") == 0 and engine.scheduler.batch_size == 0
     assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+
+
+def test_disconnect_while_waiting_for_a_whole_reply_frees_the_slot(server, engine):
+    body = {"model": NAME, "prompt": CODE, "max_tokens": 1500, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        post(server, "/v1/completions", body, timeout=1.0)  # the client gives up and closes the connection
+    deadline = time.monotonic() + 15
+    while engine.scheduler.batch_size and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.scheduler.batch_size == 0
+    assert metric(server, 'quantship_requests_total{route="/v1/completions",status="499"}') >= 1

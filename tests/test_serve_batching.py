@@ -61,6 +61,7 @@ def test_top_logprobs_and_safe_text_end():
     assert safe_text_end("hello wor", ["world"]) == 6  # "wor" may begin the stop string: held back
     assert safe_text_end("hello", ["xy"]) == 5
     assert safe_text_end("ab\ufffd", []) == 2  # an incomplete character is held back
+    assert safe_text_end("a b ", [], hold_space=True) == 3 and safe_text_end("a b ", []) == 4
 
 
 # ------------------------------------------------------------------------------------- scheduler
@@ -144,6 +145,16 @@ def test_cancel_leaves_the_batch_and_frees_the_cache(engine):
     seq.cancel()
     assert wait_idle(engine) and seq.cache == [] and "done" not in events
     assert len(seq.ids) < 1500
+
+
+def test_a_failing_prompt_fails_alone(engine):
+    results = {}
+    t = threading.Thread(target=lambda: results.setdefault("ok", greedy(engine, PROMPTS[0], 30)))
+    t.start()
+    with pytest.raises(IndexError):
+        engine.run([10**6], SamplingParams(max_tokens=3, temperature=0.0))  # an id past the embedding table
+    t.join(60)
+    assert results["ok"].token_ids == greedy(engine, PROMPTS[0], 30).token_ids
 
 
 def test_caps_on_batch_size_and_tokens(engine):

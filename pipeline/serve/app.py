@@ -162,13 +162,16 @@ def create_app(
 
     async def collect(request: Request, q: asyncio.Queue, seqs: list[Any], route: str) -> list[FinishedSequence]:
         out: dict[int, FinishedSequence] = {}
+        checked = time.monotonic()
         try:
             while len(out) < len(seqs):
+                if time.monotonic() - checked > 0.5:  # token events keep coming: look at the clock, not a timeout
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        raise RequestError("The client disconnected.", status_code=499)
                 try:
                     i, ev, payload = await asyncio.wait_for(q.get(), timeout=0.5)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        raise RequestError("The client disconnected.", status_code=499) from None
                     continue
                 if ev == "done":
                     out[i] = payload

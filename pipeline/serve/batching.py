@@ -60,11 +60,12 @@ def top_logprobs(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
     return list(zip(ids.tolist(), values.tolist()))
 
 
-def safe_text_end(text: str, stops: list[str]) -> int:
+def safe_text_end(text: str, stops: list[str], hold_space: bool = False) -> int:
     """How much of ``text`` can be shown before the reply ends: hold back a trailing incomplete character
-    (U+FFFD from a partial UTF-8 sequence) and any tail that could be the start of a stop string."""
+    (U+FFFD from a partial UTF-8 sequence), any tail that could be the start of a stop string, and with
+    ``hold_space`` a trailing space (a tokenizer that cleans up tokenization spaces turns " ." into ".")."""
     end = len(text)
-    while end > 0 and text[end - 1] == "\ufffd":
+    while end > 0 and (text[end - 1] == "\ufffd" or (hold_space and text[end - 1] == " ")):
         end -= 1
     for s in stops:
         for k in range(min(len(s) - 1, end), 0, -1):
@@ -152,8 +153,10 @@ class Scheduler:
         eos_token_ids: list[int],
         max_batch_size: int = 16,
         max_batch_tokens: int = 65536,
+        hold_space: bool = False,
     ) -> None:
         self.model, self.decode, self.eos = model, decode, set(eos_token_ids)
+        self.hold_space = hold_space
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.waiting: queue.Queue[Sequence] = queue.Queue()
         self.active: list[Sequence] = []
@@ -202,7 +205,12 @@ class Scheduler:
             try:
                 with torch.inference_mode():
                     for seq in newcomers:
-                        self._prefill(seq)
+                        try:
+                            self._prefill(seq)
+                        except Exception as e:  # this prompt alone fails (the running batch goes on)
+                            log.exception("prefill failed")
+                            seq.sink("error", e)
+                            seq.cancel()
                     self._drop_finished()
                     if self.active:
                         self._decode_step()
@@ -315,7 +323,7 @@ class Scheduler:
             return self._finish(seq, "stop")
         if len(seq.ids) >= p.max_tokens:
             return self._finish(seq, "length")
-        end = safe_text_end(text, p.stops)
+        end = safe_text_end(text, p.stops, self.hold_space)
         if end > seq.shown:
             seq.sink("token", text[seq.shown : end])
             seq.shown = end

@@ -179,7 +179,10 @@ class GenerationEngine:
         self.batching = batching
         from pipeline.serve.batching import Scheduler
 
-        self.scheduler = Scheduler(self.model, self.decode, self.eos_token_ids, max_batch_size, max_batch_tokens)
+        cleans_spaces = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        self.scheduler = Scheduler(
+            self.model, self.decode, self.eos_token_ids, max_batch_size, max_batch_tokens, hold_space=cleans_spaces
+        )
 
     # -- prompt
 
@@ -231,6 +234,10 @@ class GenerationEngine:
         params = SamplingParams(max_tokens, temperature, top_p, stops, seed)
         done = self.run(prompt, params)
         return GenerationResult(done.text, done.prompt_tokens, len(done.token_ids), done.finish_reason)
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop the scheduler thread; running sequences end with an error event (call after the server stops)."""
+        self.scheduler.shutdown(timeout_s)
 
     def check_budget(self, prompt: list[int], max_tokens: int | None, param: str = "messages") -> int:
         """``max_tokens`` (None: the rest of the context) once the prompt and it fit in ``max_context``; else a 400."""
