@@ -174,6 +174,9 @@ def test_concurrent_clients_get_their_solo_replies(client):
         ("/v1/completions", {"prompt": "x", "model": "gpt-4o"}, 404, "model", "model_not_found"),
         ("/v1/chat/completions", {"messages": CHAT, "model": "gpt-4o"}, 404, "model", "model_not_found"),
         ("/v1/chat/completions", {"messages": "hi"}, 400, "messages", "invalid_value"),
+        ("/v1/chat/completions", {"messages": CHAT, "n": 2.0}, 400, "n", "invalid_value"),  # no float for an int
+        ("/v1/completions", {"prompt": "x", "max_tokens": "5"}, 400, "max_tokens", "invalid_value"),
+        ("/v1/completions", {"prompt": "x", "echo": "yes"}, 400, "echo", "invalid_value"),
     ],
 )
 def test_bad_requests(server, path, body, status, param, code):

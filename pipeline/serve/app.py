@@ -259,7 +259,9 @@ def create_app(
 
             first = [{**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                            "logprobs": None, "finish_reason": None}]} for i in range(n)]  # fmt: skip
-            usage = (lambda c: {**base, "choices": [], "usage": usage_of(len(prompt), c).model_dump()}) if include_usage else None  # noqa: E501
+            usage = None
+            if include_usage:
+                usage = lambda c: {**base, "choices": [], "usage": usage_of(len(prompt), c).model_dump()}  # noqa: E731
             return streaming(sse(q, seqs, chunk, first, usage, route, t0))
         results = await collect(request, q, seqs, route)
         record(route, None, 0, t0)
@@ -322,10 +324,13 @@ def create_app(
             base = {"id": rid, "object": "text_completion", "created": now, "model": model_name}
 
             def chunk(i: int, delta: str | None, reason: str | None) -> dict[str, Any]:
-                return {**base, "choices": [{"index": i, "text": delta or "", "logprobs": None, "finish_reason": reason}]}  # noqa: E501
+                choice = {"index": i, "text": delta or "", "logprobs": None, "finish_reason": reason}
+                return {**base, "choices": [choice]}
 
             first = [chunk(i, texts[i // n], None) for i in range(len(jobs)) if echo and texts[i // n]]
-            usage = (lambda c: {**base, "choices": [], "usage": usage_of(prompt_tokens, c).model_dump()}) if include_usage else None  # noqa: E501
+            usage = None
+            if include_usage:
+                usage = lambda c: {**base, "choices": [], "usage": usage_of(prompt_tokens, c).model_dump()}  # noqa
             return streaming(sse(q, seqs, chunk, first, usage, route, t0))
         results = await collect(request, q, seqs, route)
         record(route, None, 0, t0)
@@ -335,8 +340,8 @@ def create_app(
             if k is not None:
                 tokens = (r.prompt_logprobs or []) + (r.logprobs or []) if echo else (r.logprobs or [])
                 lps = completion_logprobs(tokens, 0 if echo else len(texts[i // n]))
-            choices.append(CompletionChoice(index=i, text=(texts[i // n] if echo else "") + r.text, finish_reason=r.finish_reason,
-                                            logprobs=lps))  # fmt: skip
+            text = (texts[i // n] if echo else "") + r.text
+            choices.append(CompletionChoice(index=i, text=text, finish_reason=r.finish_reason, logprobs=lps))
         usage = usage_of(prompt_tokens, sum(len(r.token_ids) for r in results))
         return CompletionResponse(id=rid, created=now, model=model_name, choices=choices, usage=usage).model_dump()
 

@@ -142,7 +142,7 @@ def stop_list(v: Any) -> list[str] | None:
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    include_usage: bool | None = None
+    include_usage: bool | None = Field(default=None, strict=True)
 
 
 class ChatMessage(BaseModel):
@@ -177,17 +177,34 @@ class ChatCompletionRequest(BaseModel):
 
     model: str = Field(description="The served model's name, as listed by GET /v1/models.")
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation, oldest first.")
-    max_tokens: int | None = Field(default=None, ge=1, description="Deprecated alias of max_completion_tokens.")
-    max_completion_tokens: int | None = Field(default=None, ge=1, description="Most tokens to generate.")
+    max_tokens: int | None = Field(
+        strict=True,
+        default=None,
+        ge=1,
+        description="Deprecated alias of max_completion_tokens.",
+    )
+    max_completion_tokens: int | None = Field(strict=True, default=None, ge=1, description="Most tokens to generate.")
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0 = greedy; default 1.")
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling mass; default 1.")
-    n: int | None = Field(default=None, ge=1, le=MAX_N, description="Number of choices (choice i uses seed + i).")
+    n: int | None = Field(
+        strict=True,
+        default=None,
+        ge=1,
+        le=MAX_N,
+        description="Number of choices (choice i uses seed + i).",
+    )
     stop: list[str] | None = Field(default=None, description="Up to 4 strings that end the reply (not included).")
-    seed: int | None = Field(default=None, description="Seed for sampling; same seed, same reply.")
-    stream: bool | None = Field(default=None, description="Server-sent events in OpenAI's chunk format.")
+    seed: int | None = Field(strict=True, default=None, description="Seed for sampling; same seed, same reply.")
+    stream: bool | None = Field(strict=True, default=None, description="Server-sent events in OpenAI's chunk format.")
     stream_options: StreamOptions | None = Field(default=None, description="include_usage: a last usage chunk.")
-    logprobs: bool | None = Field(default=None, description="Return the chosen tokens' log-probabilities.")
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, description="Top-k per token.")
+    logprobs: bool | None = Field(strict=True, default=None, description="Return the chosen tokens' log-probabilities.")
+    top_logprobs: int | None = Field(
+        strict=True,
+        default=None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="Top-k per token.",
+    )
     tools: list[Any] | None = Field(default=None, description="Tool definitions; not supported.")
     user: str | None = Field(default=None, description="End-user id; accepted and ignored.")
 
@@ -240,17 +257,34 @@ class CompletionRequest(BaseModel):
 
     model: str = Field(description="The served model's name, as listed by GET /v1/models.")
     prompt: PromptType = Field(description="Text, texts, token ids, or lists of token ids.")
-    max_tokens: int | None = Field(default=16, ge=0, description="Most tokens to generate (0 with echo: score only).")
+    max_tokens: int | None = Field(
+        strict=True,
+        default=16,
+        ge=0,
+        description="Most tokens to generate (0 with echo: score only).",
+    )
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0 = greedy; default 1.")
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling mass; default 1.")
-    n: int | None = Field(default=None, ge=1, le=MAX_N, description="Choices per prompt (choice i uses seed + i).")
-    best_of: int | None = Field(default=None, ge=1, description="Only best_of = n is supported.")
+    n: int | None = Field(
+        strict=True,
+        default=None,
+        ge=1,
+        le=MAX_N,
+        description="Choices per prompt (choice i uses seed + i).",
+    )
+    best_of: int | None = Field(strict=True, default=None, ge=1, description="Only best_of = n is supported.")
     stop: list[str] | None = Field(default=None, description="Up to 4 strings that end the text (not included).")
-    seed: int | None = Field(default=None, description="Seed for sampling; same seed, same text.")
-    stream: bool | None = Field(default=None, description="Server-sent events in OpenAI's chunk format.")
+    seed: int | None = Field(strict=True, default=None, description="Seed for sampling; same seed, same text.")
+    stream: bool | None = Field(strict=True, default=None, description="Server-sent events in OpenAI's chunk format.")
     stream_options: StreamOptions | None = Field(default=None, description="include_usage: a last usage chunk.")
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, description="Top-k log-probs per token.")
-    echo: bool | None = Field(default=None, description="Return the prompt before the completion.")
+    logprobs: int | None = Field(
+        strict=True,
+        default=None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="Top-k log-probs per token.",
+    )
+    echo: bool | None = Field(strict=True, default=None, description="Return the prompt before the completion.")
     suffix: str | None = Field(default=None, description="Not supported.")
     user: str | None = Field(default=None, description="End-user id; accepted and ignored.")
 
