@@ -167,6 +167,8 @@ def test_concurrent_clients_get_their_solo_replies(client):
         ("/v1/completions", '{"model": "tiny-pydocs", "prompt": ', 400, None, "invalid_json"),
         ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature", "invalid_value"),
         ("/v1/completions", {"prompt": 5}, 400, "prompt", "invalid_value"),
+        ("/v1/completions", {"prompt": ""}, 400, "prompt", "invalid_value"),  # zero tokens (no BOS added)
+        ("/v1/completions", {"prompt": ["x", ""]}, 400, "prompt", "invalid_value"),
         ("/v1/completions", {"prompt": [1, "a"]}, 400, "prompt", "invalid_value"),
         ("/v1/completions", {"prompt": [10**9]}, 400, "prompt", "invalid_value"),
         ("/v1/completions", {"prompt": "x", "logprobs": 99}, 400, "logprobs", "invalid_value"),
@@ -255,3 +257,10 @@ def test_disconnect_while_waiting_for_a_whole_reply_frees_the_slot(server, engin
         time.sleep(0.05)
     assert engine.scheduler.batch_size == 0
     assert metric(server, 'quantship_requests_total{route="/v1/completions",status="499"}') >= 1
+
+
+def test_log_prompts_flag_logs_the_prompt(engine, caplog):
+    caplog.set_level(logging.INFO)
+    with start_server(create_app(engine, NAME, log_prompts=True)) as running:
+        r = post(running, "/v1/completions", {"model": NAME, "prompt": "walrus-in-log", "max_tokens": 1})
+    assert r.status_code == 200 and "walrus-in-log" in caplog.text

@@ -177,3 +177,42 @@ def test_caps_on_batch_size_and_tokens(engine):
         t.join(60)
     assert max(seen) == 2
     small.scheduler.shutdown()
+    # A token cap that holds one sequence (prompt + 12 reserved) but not two: one at a time.
+    one = GenerationEngine(engine.model, small.tokenizer, max_batch_size=8, max_batch_tokens=30)
+    seen.clear()
+    orig_one = one.scheduler._decode_step
+    one.scheduler._decode_step = lambda: (seen.append(one.scheduler.batch_size), orig_one())
+    threads = [threading.Thread(target=greedy, args=(one, p, 12)) for p in PROMPTS[:3]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert max(seen) == 1 and all(len(one.encode_text(p)) + 12 <= 30 < 2 * (len(one.encode_text(p)) + 12)
+                                  for p in PROMPTS[:3])  # fmt: skip
+    one.shutdown()
+
+
+def test_shutdown_fails_waiting_and_running_requests(engine):
+    from transformers import AutoTokenizer
+
+    eng = GenerationEngine(engine.model, AutoTokenizer.from_pretrained(TINY_MODEL), max_batch_size=1)
+    errors: list[Exception] = []
+    started = threading.Event()
+
+    def ask():
+        try:
+            greedy(eng, PROMPTS[0], 1500)
+        except RuntimeError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]  # one runs, one waits (batch of one)
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while not (eng.scheduler.batch_size and eng.scheduler.queue_depth) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    eng.shutdown()
+    for t in threads:
+        t.join(20)
+    assert len(errors) == 2 and "shutting down" in str(errors[0])
+    del started

@@ -220,9 +220,15 @@ class Scheduler:
                 for seq in self.active:
                     seq.sink("error", e)
                 self.active = []
-        for seq in self.active:
-            seq.sink("error", RuntimeError("server shutting down"))
-        self.active = []
+        stopping = RuntimeError("The server is shutting down; the request was not finished.")
+        waiting = self.active + ([self._held] if self._held is not None else [])
+        while not self.waiting.empty():
+            waiting.append(self.waiting.get_nowait())
+        for seq in waiting:
+            if seq is not None and not seq.cancelled.is_set():
+                seq.sink("error", stopping)
+                seq.cancel()
+        self.active, self._held = [], None
 
     def _admit(self) -> list[Sequence]:
         """Take waiting sequences that fit; block while nothing is active."""

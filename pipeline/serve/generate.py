@@ -241,6 +241,12 @@ class GenerationEngine:
 
     def check_budget(self, prompt: list[int], max_tokens: int | None, param: str = "messages") -> int:
         """``max_tokens`` (None: the rest of the context) once the prompt and it fit in ``max_context``; else a 400."""
+        if not prompt:  # e.g. "" with a tokenizer that adds no BOS: there is nothing to condition on
+            raise RequestError(
+                f"The {param} encode to zero tokens, so there is nothing to continue. Send a non-empty {param}.",
+                param=param,
+                code="invalid_value",
+            )
         room = self.max_context - len(prompt)
         if room < 1 and not (max_tokens == 0 and room == 0):
             raise RequestError(
