@@ -57,6 +57,13 @@ def build_app(artifact: Path, api_key: str | None, model_name: str | None = None
     return create_app(GenerationEngine(model, tokenizer), model_name=name, api_key=api_key)
 
 
+def stop_engine(app) -> None:
+    """Stop the embedded engine's scheduler thread (after its server stopped): nothing keeps running."""
+    engine = getattr(getattr(app, "state", None), "engine", None)
+    if hasattr(engine, "shutdown"):
+        engine.shutdown()
+
+
 def engine_server(artifact: Path, host: str, port: int, api_key: str | None, model_name: str | None = None):
     """``(ServeCommand, None)`` for a target whose own server runs here; ``(None, None)`` for the embedded
     server; ``(None, why)`` when the target cannot be served on this machine."""
@@ -96,7 +103,8 @@ def run(ctx: StageContext) -> dict:
         server = ExternalServer(command, ctx.out / SERVER_LOG).start()
         served_by = command.argv[0]
     else:
-        server = start_server(build_app(artifact, api_key), host=cfg.host, port=cfg.port)
+        app = build_app(artifact, api_key)
+        server = start_server(app, host=cfg.host, port=cfg.port)
         served_by = "embedded"
     try:
         if command is not None:
@@ -107,6 +115,8 @@ def run(ctx: StageContext) -> dict:
         result = smoke_test(server.url, _model_name(artifact), api_key, cfg.smoke_prompt, cfg.max_tokens)
     finally:
         server.stop()
+        if command is None:
+            stop_engine(app)
     result["status"] = "passed"
     result["served_by"] = served_by
     write_json(ctx.out / SMOKE, result)
@@ -167,7 +177,11 @@ def serve_artifact(
         raise TargetUnavailable(f"{artifact}: {why_not}. Serve it on a machine that runs its engine.")
     if command is None:
         ready = (lambda url: on_ready(url, name)) if on_ready else None
-        serve_forever(build_app(artifact, api_key, name), host=host, port=port, on_ready=ready)
+        app = build_app(artifact, api_key, name)
+        try:
+            serve_forever(app, host=host, port=port, on_ready=ready)
+        finally:
+            stop_engine(app)
         return
 
     def _interrupt(signum, frame):
