@@ -142,8 +142,9 @@ def run(recipe: str, output_dir: Path, force: tuple[str, ...], verbose: int) -> 
         _fail(e)
     _setup_logging(verbose, p.root / "run.log")
     console = Console(stderr=True)
-    with RunProgress(console) as progress:
+    with _quiet_third_party(verbose), RunProgress(console) as progress:
         outcome = execute(p, set(force), progress)
+    _print_table(outcome.rows, f"{p.recipe.name}: variants")
     for run_id, error in outcome.errors.items():
         click.echo(f"error: {error}", err=True)
     for variant, failures in outcome.gate_failures.items():
@@ -155,7 +156,10 @@ def run(recipe: str, output_dir: Path, force: tuple[str, ...], verbose: int) -> 
         f"{sum(1 for s in outcome.statuses.values() if s == 'cached')} cached; outputs in {p.root}"
     )
     if outcome.report:
-        click.echo(f"report: {outcome.report}")
+        click.echo(f"report: {outcome.report} (and report.html)")
+    if outcome.gate_failures and not outcome.errors:
+        click.echo(f"{len(outcome.gate_failures)} variant(s) failed a quality gate: exit 3; nothing is published "
+                   "(quantship has no publish stage yet).", err=True)
     if outcome.exit_code:
         sys.exit(outcome.exit_code)
     keep = [v for v, r in p.recipe.variants.items() if r.serve and r.serve.keep_running]
@@ -170,6 +174,94 @@ def run(recipe: str, output_dir: Path, force: tuple[str, ...], verbose: int) -> 
                            on_ready=_announce(key))
         except QuantshipError as e:
             _fail(e)
+
+
+class _quiet_third_party:
+    """Within a run without -v: transformers' and huggingface_hub's progress bars and info/warning lines off (the
+    run shows its own progress); restored afterwards, so code that imports pipeline keeps its own settings."""
+
+    def __init__(self, verbose: int) -> None:
+        self.verbose = verbose
+        self.undo: list = []
+
+    def __enter__(self):
+        if self.verbose:
+            return self
+        try:
+            from transformers.utils import logging as hf_logging
+
+            level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+            self.undo.append(lambda: (hf_logging.set_verbosity(level),
+                                      hf_logging.enable_progress_bar() if bars else None))
+        except ImportError:
+            pass
+        try:
+            from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+            if not are_progress_bars_disabled():
+                disable_progress_bars()
+                self.undo.append(enable_progress_bars)
+        except ImportError:
+            pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for undo in reversed(self.undo):
+            undo()
+        self.undo.clear()
+
+
+def _print_table(rows: list, title: str) -> None:
+    """The report's table (the same cells as report.md) on stdout, verdicts coloured."""
+    if not rows:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.eval.report import table as report_table
+
+    headers, cells = report_table(rows)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: wide enough for the whole table
+        console = Console(width=220)
+    colors = {"pass": "green", "regression": "red", "failed run": "yellow"}
+    t = Table(title=title, title_justify="left")
+    for h in headers:
+        t.add_column(h, justify="left" if h in ("variant", "method", "target", "verdict", "gates") else "right")
+    for row, texts in zip(rows, cells):
+        color = colors.get(row.get("verdict"))
+        t.add_row(*texts[:-1], f"[{color}]{texts[-1]}[/]" if color else texts[-1])
+    console.print(t)
+
+
+@main.command()
+@click.argument("run_dirs", metavar="RUN_DIR...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", default="compare", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Where report.md, report.html, the plots and report.json go.")
+def compare(run_dirs: tuple[Path, ...], out: Path) -> None:
+    """One comparison report across separate runs: each RUN_DIR is a run's folder, outputs/<recipe>/ (with
+    plan.json); its variants appear as <recipe>/<variant>."""
+    from pipeline.eval.collect import collect_rows, read_plan, saved_gates, write_report_files
+
+    rows: list = []
+    gates: dict = {}
+    try:
+        for d in run_dirs:
+            plan = read_plan(d)
+            name = plan.get("name") or d.resolve().name
+            if any(r["variant"].startswith(f"{name}/") for r in rows):
+                name = f"{d.resolve().parent.name}/{name}"  # the same recipe run into two output roots
+            run_gates = saved_gates(d, plan) or {}
+            rows += collect_rows(d, gates=run_gates, prefix=f"{name}/")
+            gates.update({f"{name}/{v}": g for v, g in run_gates.items()})
+    except QuantshipError as e:
+        _fail(e)
+    report = write_report_files(out, rows, "quantship comparison", gates,
+                                subtitle="runs: " + ", ".join(str(d) for d in run_dirs))
+    _print_table(rows, "comparison")
+    click.echo(f"report: {report} (and report.html)")
 
 
 def _announce(api_key: str | None):

@@ -32,6 +32,7 @@ class RunOutcome:
     errors: dict[str, QuantshipError] = field(default_factory=dict)  # run id -> error
     gate_failures: dict[str, list[str]] = field(default_factory=dict)  # variant -> messages
     report: Path | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)  # the report's rows, one per variant, with verdicts
 
     @property
     def exit_code(self) -> int:
@@ -72,7 +73,7 @@ def execute(plan: Plan, force: set[str] | None = None, progress: Any = None) -> 
             _run_one(plan, run, outcome, progress)
         if run.kind == "evaluate" and outcome.statuses[run.id] in ("done", "cached"):
             _check_gates(plan, run, outcome)
-    outcome.report = write_report(plan)
+    outcome.report = write_report(plan, outcome)
     return outcome
 
 
@@ -150,38 +151,19 @@ def _check_gates(plan: Plan, run: StageRun, outcome: RunOutcome) -> None:
                 log.error("variant %s: %s", variant, f)
 
 
-def write_report(plan: Plan) -> Path | None:
-    """``<root>/report.md`` from every complete evaluate artifact of the plan (rewritten on every run)."""
-    from pipeline.eval.gates import check_gates
-    from pipeline.eval.report import render_report
+def write_report(plan: Plan, outcome: RunOutcome | None = None) -> Path | None:
+    """``<root>/report.md``, ``report.html``, the plots and ``report.json`` from the plan's manifests (rewritten on
+    every run), one row per variant with its verdict; the rows are kept in ``outcome.rows``."""
+    from pipeline.eval.collect import collect_rows, write_report_files
 
-    rows = []
-    for variant, ids in plan.variant_runs.items():
-        if "evaluate" not in ids:
-            continue
-        ev = read_manifest(plan.run(ids["evaluate"]).dir)
-        qm = read_manifest(plan.run(ids["quantize"]).dir)
-        cm = read_manifest(plan.run(ids["compile"]).dir) or {}
-        if not ev or not qm:
-            continue
-        recipe = plan.recipe.variants[variant]
-        quant = recipe.quantize
-        rows.append({
-            **ev["metrics"],
-            "variant": variant,
-            "method": quant.method,
-            "bits": None if quant.method == "none" else quant.w_bits,
-            "group_size": None if quant.method in ("none", "smoothquant", "fp8", "bnb-nf4", "bnb-int8") else quant.w_group_size,
-            "size_bytes": qm["metrics"].get("bytes"),
-            "gate_failures": check_gates(ev["metrics"], recipe.eval.gates.model_dump()),
-            "target": recipe.compile.target,
-            "engine_status": cm.get("metrics", {}).get("status"),
-        })
+    gates = {v: r.eval.gates.model_dump() for v, r in plan.recipe.variants.items() if r.eval is not None}
+    rows = collect_rows(plan.root, gates=gates, statuses=outcome.statuses if outcome else None)
+    if outcome is not None:
+        outcome.rows = rows
     if not rows:
         return None
-    path = plan.root / REPORT_MD
-    path.write_text(render_report(rows, title=f"quantship report: {plan.recipe.name}"), encoding="utf-8")
-    return path
+    return write_report_files(plan.root, rows, f"quantship report: {plan.recipe.name}", gates,
+                              subtitle=f"recipe {plan.recipe.path}")
 
 
 class _RecipeView:

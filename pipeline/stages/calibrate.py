@@ -16,7 +16,8 @@ def run(ctx: StageContext) -> dict:
     cfg = ctx.config
     tokenizer = AutoTokenizer.from_pretrained(model_path(ctx.inputs["download"]), trust_remote_code=ctx.recipe.variant.model.trust_remote_code)
     docs = read_documents(cfg.source, ctx.recipe.resolve(cfg.source), cfg.text_field, cfg.split, cfg.subset)
-    ids = torch.tensor(tokenizer(join_documents(docs), add_special_tokens=False)["input_ids"], dtype=torch.long)
+    # verbose=False: the stream is cut into windows below, so the tokenizer's maximum-length warning does not apply.
+    ids = torch.tensor(tokenizer(join_documents(docs), add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
     tokens = sample_windows(ids, cfg.samples, cfg.seq_len, cfg.seed)
     save_file({"input_ids": tokens.contiguous()}, str(ctx.out / CALIB_TOKENS))
     ctx.progress(1, 1, f"{cfg.samples} x {cfg.seq_len} tokens")
