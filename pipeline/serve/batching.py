@@ -10,8 +10,11 @@ exactly the keys and positions it would see alone; the new key/value column of e
 sequence's own cache. Finished (EOS, stop string, ``max_tokens``) and cancelled sequences leave the batch at the
 next step, and their caches go with them. This is the padded-cache design of Hugging Face's own batched
 ``generate`` with left padding (transformers 5.x ``LlamaModel`` builds the causal mask from the 2-D mask and
-``cache_position``), applied per step so a batch can change membership between steps; vLLM's paged cache
-avoids the per-step copy, which this model size does not need.
+``cache_position``), applied per step so a batch can change membership between steps. Its cost: every step
+copies the active caches into the padded tensor and appends one column per sequence (O(batch x length) bytes per
+step); vLLM's paged cache avoids that copy. Measured on the shipped tiny model (fp32, 2 shared CPU cores, one torch
+thread), 32 completions of 64 tokens: the copies are ~15% of a batch-of-8 step; 8 concurrent clients give
+532 tokens/s against 99.5 for one client at a time (5.3x; 4.2x against the old ``generate`` path's 127).
 
 Sampling per sequence uses its own ``torch.Generator`` seeded from the request's ``seed``
 (:func:`pipeline.serve.generate.sample_next_token`), so a reply depends on the seed only, never on its batch.
