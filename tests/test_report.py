@@ -53,6 +53,7 @@ def test_table_has_every_column_and_dashes_for_what_a_row_lacks():
 
 def test_markdown_lists_failed_gates_failed_runs_plots_and_how_measured():
     md = render_report(rows(), "r", plots=["quality_vs_size.png"])
+    assert md.splitlines()[2] == "3 variants: 1 pass, 1 regression, 1 failed run"
     assert "- **rtn**: gate max_kl failed: KL divergence 0.0412 > 0.0300" in md
     assert "## Failed runs\n\n- **gptq**: quantize failed" in md
     assert "![quality_vs_size.png](quality_vs_size.png)" in md

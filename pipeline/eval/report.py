@@ -180,6 +180,18 @@ def task_names(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return sorted({name for row in rows for name in (row.get("tasks") or {})})
 
 
+def summary(rows: Sequence[Mapping[str, Any]]) -> str:
+    """E.g. "6 variants: 4 pass, 1 regression, 1 failed run" ("" when the rows carry no verdicts)."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        if row.get("verdict"):
+            counts[row["verdict"]] = counts.get(row["verdict"], 0) + 1
+    if not counts:
+        return ""
+    parts = ", ".join(f"{counts[v]} {v}" for v in ("pass", "regression", "failed run") if v in counts)
+    return f"{len(rows)} variant{'s' if len(rows) != 1 else ''}: {parts}"
+
+
 def how_measured(rows: Sequence[Mapping[str, Any]], seq_len: Any, text_file: Any) -> list[str]:
     """The "How measured" paragraphs (plain text, Markdown backticks allowed)."""
     text = f"`{text_file}`" if text_file else "the evaluation text"
@@ -241,7 +253,10 @@ def render_report(
     seq_len = seq_len if seq_len is not None else _common(rows, "seq_len")
     text_file = text_file if text_file is not None else _common(rows, "text_file")
     headers, cells = table(rows)
-    lines = [f"# {title}", "", "| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines = [f"# {title}", ""]
+    if summary(rows):
+        lines += [summary(rows), ""]
+    lines += ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in cells]
 
     failed = [(row.get("variant", DASH), msg) for row in rows for msg in (row.get("gate_failures") or [])]

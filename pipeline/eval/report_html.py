@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pipeline.eval.report import DASH, _common, how_measured, table
+from pipeline.eval.report import DASH, _common, how_measured, summary, table
 
 CSS = """
 body { font: 14px/1.45 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; color: #1d1d1f;
@@ -69,8 +69,9 @@ def render_html(
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
            f"<title>{_e(title)}</title><style>{CSS}</style></head><body>", f"<h1>{_e(title)}</h1>"]
-    if subtitle:
-        out.append(f'<div class="sub">{_e(subtitle)}</div>')
+    sub = " · ".join(x for x in (summary(rows), subtitle) if x)
+    if sub:
+        out.append(f'<div class="sub">{_e(sub)}</div>')
     cls = lambda h: ' class="l"' if h in LEFT else ""  # noqa: E731
     out.append('<div class="wrap"><table><thead><tr>' + "".join(f"<th{cls(h)}>{_e(h)}</th>" for h in headers)
                + "</tr></thead><tbody>")
