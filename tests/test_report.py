@@ -75,6 +75,15 @@ def test_html_is_self_contained_with_verdict_badges_and_inline_plots():
     assert "<li><b>rtn</b>: gate max_kl failed: KL divergence 0.0412 &gt; 0.0300</li>" in page
 
 
+def test_task_scores_in_our_keys_and_lm_evals_raw_keys():
+    from pipeline.eval.report import task_score
+
+    assert task_score({"acc": 0.5, "acc_stderr": 0.01, "acc_norm": 0.6}) == ("acc", 0.5, 0.01)
+    assert task_score({"alias": "x", "acc,none": 0.25, "acc_stderr,none": 0.03}) == ("acc,none", 0.25, 0.03)
+    assert task_score({"exact_match": 1}) == ("exact_match", 1.0, None)
+    assert task_score({"alias": "x"}) is None and task_score(None) is None
+
+
 def test_plots_need_points():
     assert quality_vs_speed([{"variant": "a", "kl_mean": 0.1}]) is None
     assert quality_vs_size([{"variant": "a", "size_bytes": 2**20, "kl_mean": 0.1}]).startswith(PNG)

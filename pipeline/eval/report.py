@@ -107,7 +107,8 @@ def task_score(result: Any) -> tuple[str, float, float | None] | None:
     if not keys:
         return None
     key = keys[0]
-    err = result.get(f"{key}_stderr")
+    metric, _, filt = key.partition(",")  # lm-eval's raw keys: "acc,none" with "acc_stderr,none"
+    err = result.get(f"{metric}_stderr,{filt}" if filt else f"{key}_stderr")
     return key, float(result[key]), None if not isinstance(err, (int, float)) else float(err)
 
 
