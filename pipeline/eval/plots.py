@@ -67,7 +67,6 @@ def _figure(rows, x_of, xlabel: str, title: str) -> bytes | None:
         for x, y, row in points:
             color = VERDICT_COLORS.get(row.get("verdict"), DEFAULT_COLOR)
             ax.scatter([x], [y], s=46, color=color, zorder=3, edgecolors="white", linewidths=0.8)
-            ax.annotate(str(row.get("variant", "")), (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
         ys = [y for _, y, _ in points]
         if log and any(y > 0 for y in ys):
             # Linear below the smallest positive KL's decade, log above; the top leaves room for a decade tick.
@@ -80,6 +79,7 @@ def _figure(rows, x_of, xlabel: str, title: str) -> bytes | None:
         lo, hi = min(xs), max(xs)
         pad = (hi - lo) * 0.15 or max(abs(hi) * 0.15, 1.0)
         ax.set_xlim(lo - pad, hi + pad * 1.6)  # room for the labels on the right
+        _label(ax, points)
     verdicts = sorted({row.get("verdict") for row in rows if row.get("verdict") in VERDICT_COLORS})
     if verdicts:
         from matplotlib.lines import Line2D
@@ -89,6 +89,24 @@ def _figure(rows, x_of, xlabel: str, title: str) -> bytes | None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def _label(ax, points) -> None:
+    """Name each point; labels that would overlap an earlier one (points of near-equal size and quality) are moved
+    up or down, with a thin leader line to their point."""
+    to_axes = ax.transScale + ax.transLimits  # data -> axes fraction, on the axis scales as set
+    height_pt = ax.get_position().height * ax.figure.get_figheight() * 72
+    placed: list[tuple[float, float]] = []
+    for x, y, row in sorted(points, key=lambda p: -p[1]):
+        fx, fy = to_axes.transform((x, y))
+        for dy in (5, -9, 15, -19, 25, -29, 35, -39, 45):
+            ly = fy + dy / height_pt
+            if all(abs(fx - px) > 0.2 or abs(ly - py) > 11 / height_pt for px, py in placed):
+                break
+        placed.append((fx, ly))
+        arrow = None if dy == 5 else {"arrowstyle": "-", "color": "#999999", "lw": 0.6}
+        ax.annotate(str(row.get("variant", "")), (x, y), textcoords="offset points", xytext=(7, dy), fontsize=8,
+                    va="center", arrowprops=arrow)
 
 
 def quality_vs_size(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
