@@ -229,6 +229,15 @@ class GatesSection(_Section):
     max_ppl_increase_pct: float | None = Field(None, ge=0, description="Max perplexity increase over the reference, %.")
     max_kl: float | None = Field(None, ge=0, description="Max mean KL divergence to the reference (nats/token).")
     min_top1_agreement: float | None = Field(None, ge=0, le=1, description="Min top-1 agreement with the reference.")
+    max_repetition: float | None = Field(
+        None, ge=0, le=1, description="Max repeated 4-gram rate of greedy generations (eval.sanity; 0..1)."
+    )
+    min_eos_rate: float | None = Field(
+        None, ge=0, le=1, description="Min share of sanity prompts whose generation stops (EOS) within the limit."
+    )
+    min_reference_overlap: float | None = Field(
+        None, ge=0, le=1, description="Min token overlap (F1) of greedy generations with the reference's (eval.sanity)."
+    )
 
 
 class EvalSection(_Section):
@@ -238,6 +247,19 @@ class EvalSection(_Section):
     seq_len: int = Field(256, ge=8, le=131_072, description="Window length of the perplexity protocol.")
     max_tokens: int | None = Field(None, ge=16, description="Evaluate only the first N tokens of the text.")
     batch_size: int = Field(4, ge=1, le=1024, description="Windows per forward pass.")
+    tasks: list[str] = Field(
+        default_factory=list, description="lm-eval tasks to score (needs the [eval] extra); the shipped "
+        "pydocs_cloze needs no download.",
+    )
+    task_limit: int | None = Field(None, ge=1, description="Score only the first N documents of each task.")
+    task_paths: list[str] = Field(
+        default_factory=list, description="Extra folders of lm-eval task YAMLs (relative to the recipe).",
+    )
+    sanity: bool = Field(False, description="Greedy generations on a fixed prompt set, scored against the reference's.")
+    sanity_prompts: str | None = Field(
+        None, description="Prompt set (JSONL of {id, messages}, relative to the recipe); default: the shipped one.",
+    )
+    sanity_max_new_tokens: int = Field(48, ge=1, le=4096, description="Token limit of each sanity generation.")
     gates: GatesSection = Field(default_factory=GatesSection, description="Quality gates.")
 
 

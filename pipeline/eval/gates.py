@@ -11,7 +11,14 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-GATES = ("max_ppl_increase_pct", "max_kl", "min_top1_agreement")
+GATES = ("max_ppl_increase_pct", "max_kl", "min_top1_agreement", "max_repetition", "min_eos_rate",
+         "min_reference_overlap")
+# Generation-sanity gates: (metrics["sanity"] key, what it is, True for a maximum / False for a minimum).
+_SANITY_GATES = {
+    "max_repetition": ("repetition", "repeated 4-gram rate of greedy generations", True),
+    "min_eos_rate": ("eos_rate", "EOS rate of greedy generations", False),
+    "min_reference_overlap": ("reference_overlap", "token overlap with the reference's generations", False),
+}
 
 
 def _fmt(x: float, digits: int = 4) -> str:
@@ -30,7 +37,10 @@ def check_gates(metrics: Mapping[str, Any], gates: Mapping[str, Any] | Any) -> l
     ``top1_agreement``); ``gates`` maps gate names to thresholds (None = not set), as a dict or the
     recipe's ``GatesSection``. Gates: ``max_ppl_increase_pct`` (perplexity increase over the reference,
     in %), ``max_kl`` (mean KL divergence to the reference, nats/token), ``min_top1_agreement`` (fraction
-    of tokens whose top-1 prediction matches the reference, 0..1). A figure equal to its threshold passes.
+    of tokens whose top-1 prediction matches the reference, 0..1); on ``metrics["sanity"]``
+    (``pipeline.eval.sanity``): ``max_repetition`` (repeated n-gram rate), ``min_eos_rate`` (share of
+    generations that stopped), ``min_reference_overlap`` (token F1 with the reference's generations). A figure
+    equal to its threshold passes.
     """
     if hasattr(gates, "model_dump"):
         gates = gates.model_dump()
@@ -73,5 +83,19 @@ def check_gates(metrics: Mapping[str, Any], gates: Mapping[str, Any] | Any) -> l
             )
         elif not top1 >= limit:
             failures.append(f"gate min_top1_agreement failed: top-1 agreement {_fmt(top1)} < {_fmt(float(limit))}")
+
+    sanity = metrics.get("sanity") or {}
+    for gate, (key, what, is_max) in _SANITY_GATES.items():
+        limit = gates.get(gate)
+        if limit is None:
+            continue
+        value = sanity.get(key)
+        if value is None:
+            why = sanity.get("not_measured") or "the evaluation ran no generation sanity check; set eval.sanity: true"
+            failures.append(f"gate {gate} failed: the {what} was not measured: {why}")
+        elif is_max and not float(value) <= limit:
+            failures.append(f"gate {gate} failed: {what} {_fmt(float(value))} > {_fmt(float(limit))}")
+        elif not is_max and not float(value) >= limit:
+            failures.append(f"gate {gate} failed: {what} {_fmt(float(value))} < {_fmt(float(limit))}")
 
     return failures

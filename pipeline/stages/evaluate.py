@@ -1,20 +1,115 @@
-"""evaluate: perplexity of the deployable model, and KL divergence / top-1 agreement against the reference,
-on the same tokens of a held-out text (DESIGN.md §6). Gates are judged by the runner from these metrics."""
+"""evaluate: perplexity of the deployable model, KL divergence / top-1 agreement against the reference on the
+same tokens of a held-out text (DESIGN.md §6), lm-eval task accuracy (``eval.tasks``) and generation sanity
+(``eval.sanity``). Gates are judged by the runner from these metrics.
+
+The reference is computed once per plan and shared by every variant: its log-probs on the eval tokens and its
+greedy generations on the sanity prompts are cached under the plan's root,
+
+    <root>/reference-<key12>/                 key: download folder (its cache key), dtype, device type
+        logprobs-<key12>/                     key: sha256 of the eval token ids (text, max_tokens, tokenizer), seq_len
+        sanity-<key12>.json                   key: the prompt set's sha256, its token ids, max_new_tokens
+
+each written through a temporary name and renamed into place (a concurrent writer's copy is discarded), read by
+every later evaluate run. Log-probs that would take more than ``REFERENCE_CACHE_BYTES`` on disk (tokens x
+vocab x 4) are not cached: the reference then runs beside each candidate, and ``metrics["reference"]`` says so.
+"""
 
 from __future__ import annotations
 
-from pipeline.artifacts import METRICS, model_path, write_json
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import METRICS, model_path, new_tmp_dir, write_json
 from pipeline.stages import StageContext
 from pipeline.textdata import join_documents, read_documents
+
+REFERENCE_CACHE_BYTES = 4 << 30
+GENERATIONS = "generations.json"
+
+
+def _key(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _ids_sha(ids: Any) -> str:
+    import torch
+
+    return hashlib.sha256(torch.as_tensor(ids, dtype=torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+class _Reference:
+    """The reference model of a plan, loaded only when a cached figure is missing."""
+
+    def __init__(self, ctx: StageContext, device: Any, dtype: Any) -> None:
+        self.ctx, self.device, self.dtype = ctx, device, dtype
+        self.folder = model_path(ctx.inputs["download"])
+        self.root = ctx.out.parent / ("reference-" + _key(
+            {"download": ctx.inputs["download"].name, "dtype": str(dtype), "device": device.type})[:12])
+        self._model = None
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            from pipeline.engines.transformers_engine import load_model
+
+            variant = self.ctx.recipe.variant
+            self._model, _ = load_model(self.folder, device=str(self.device), dtype=self.dtype,
+                                        allow_pickle=variant.model.allow_pickle,
+                                        trust_remote_code=variant.model.trust_remote_code)
+        return self._model
+
+    def vocab_size(self) -> int:
+        try:
+            config = json.loads((self.folder / "config.json").read_text())
+            return int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
+        except (OSError, ValueError, TypeError):
+            return 0
+
+    def logprobs(self, ids: Any, seq_len: int, batch_size: int) -> Any:
+        """``ReferenceLogprobs`` of ``ids``: read from the cache, else computed once and cached."""
+        from pipeline.eval.divergence import ReferenceLogprobs
+
+        final = self.root / ("logprobs-" + _key({"ids": _ids_sha(ids), "seq_len": seq_len})[:12])
+        if (final / "reference.json").is_file():
+            self.ctx.log.info("reference log-probs cached (%s/%s)", self.root.name, final.name)
+            return ReferenceLogprobs.load(final)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = new_tmp_dir(final)
+        try:
+            ReferenceLogprobs.compute(self.model, ids, seq_len, batch_size=batch_size, folder=tmp)
+            if not final.exists():
+                os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return ReferenceLogprobs.load(final)
+
+    def generations(self, tokenizer: Any, prompts: list[dict], max_new_tokens: int) -> dict[str, Any]:
+        """``{"eos_ids", "outputs"}``: the reference's greedy generations of ``prompts``, cached."""
+        from pipeline.eval import sanity
+
+        token_ids = [sanity.prompt_ids(tokenizer, p["messages"]) for p in prompts]
+        path = self.root / ("sanity-" + _key({"prompts": sanity.prompts_sha256(prompts), "ids": token_ids,
+                                              "max_new_tokens": max_new_tokens})[:12] + ".json")
+        if path.is_file():
+            self.ctx.log.info("reference generations cached (%s/%s)", self.root.name, path.name)
+            return json.loads(path.read_text())
+        eos = sanity.eos_token_ids(tokenizer, self.model)
+        outputs = sanity.generate_all(self.model, tokenizer, prompts, max_new_tokens, eos)
+        self.root.mkdir(parents=True, exist_ok=True)
+        data = {"eos_ids": eos, "max_new_tokens": max_new_tokens, "outputs": outputs}
+        write_json(path, data)
+        return data
 
 
 def run(ctx: StageContext) -> dict:
     import torch
 
-    from pipeline.engines.transformers_engine import load_model
-    from pipeline.eval.divergence import compare_to_reference
-    from pipeline.eval.perplexity import tokenize_documents
-    from pipeline.eval.perplexity import model_device
+    from pipeline.eval.divergence import compare_to_reference, compare_to_reference_logprobs
+    from pipeline.eval.perplexity import model_device, tokenize_documents
     from pipeline.stages.compile import load_for_eval
 
     cfg = ctx.config
@@ -25,20 +120,55 @@ def run(ctx: StageContext) -> dict:
     device = model_device(model)
     params = getattr(model, "parameters", None)
     half = next(params()).dtype if params is not None and device.type != "cpu" else torch.float32
-    ref_model, _ = load_model(
-        model_path(ctx.inputs["download"]), device=str(device), dtype=half,
-        allow_pickle=ctx.recipe.variant.model.allow_pickle, trust_remote_code=ctx.recipe.variant.model.trust_remote_code,
-    )
+    reference = _Reference(ctx, device, half)
     text_path = ctx.recipe.resolve(cfg.text)
     ids = tokenize_documents(tokenizer, join_documents(read_documents(cfg.text, text_path)))
     if cfg.max_tokens:
         ids = ids[: cfg.max_tokens]
     ctx.progress(0, 1, f"{ids.numel()} tokens")
-    metrics = compare_to_reference(ref_model, model, ids, cfg.seq_len, batch_size=cfg.batch_size)
+    cache_bytes = ids.numel() * reference.vocab_size() * 4
+    if cache_bytes <= REFERENCE_CACHE_BYTES:
+        ref_lp = reference.logprobs(ids, cfg.seq_len, cfg.batch_size)
+        metrics = compare_to_reference_logprobs(ref_lp, model, batch_size=cfg.batch_size)
+        ref_note = f"cached once per plan in {reference.root.name}"
+    else:
+        metrics = compare_to_reference(reference.model, model, ids, cfg.seq_len, batch_size=cfg.batch_size)
+        ref_note = (f"run beside this variant: its log-probs would take {cache_bytes / 2**30:.1f} GiB "
+                    f"(cache limit {REFERENCE_CACHE_BYTES / 2**30:.0f} GiB)")
     metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
     metrics["runtime"] = runtime
+    metrics["reference"] = ref_note
     metrics["text"] = str(text_path.name)
     metrics["seq_len"] = cfg.seq_len
+    ctx.progress(1, 3, f"ppl {metrics.get('ppl', float('nan')):.2f}")
+    if cfg.sanity:
+        metrics["sanity"] = _sanity(ctx, model, tokenizer, reference)
+    ctx.progress(2, 3, "sanity" if cfg.sanity else "")
+    if cfg.tasks:
+        from pipeline.eval.tasks import run_tasks
+
+        metrics["tasks"] = run_tasks(model, tokenizer, cfg.tasks, limit=cfg.task_limit,
+                                     include_paths=[ctx.recipe.resolve(p) for p in cfg.task_paths],
+                                     max_length=cfg.seq_len, batch_size=cfg.batch_size)
     write_json(ctx.out / METRICS, metrics)
-    ctx.progress(1, 1, f"ppl {metrics.get('ppl', float('nan')):.2f}")
+    ctx.progress(3, 3, f"ppl {metrics.get('ppl', float('nan')):.2f}")
     return metrics
+
+
+def _sanity(ctx: StageContext, model: Any, tokenizer: Any, reference: _Reference) -> dict[str, Any]:
+    """Sanity figures of the deployable model's greedy generations vs the reference's (``pipeline.eval.sanity``);
+    the generations themselves go to ``generations.json`` beside ``metrics.json``."""
+    from pipeline.eval import sanity
+
+    cfg = ctx.config
+    path = ctx.recipe.resolve(cfg.sanity_prompts) if cfg.sanity_prompts else sanity.SHIPPED_PROMPTS
+    prompts = sanity.load_prompts(path)
+    ref = reference.generations(tokenizer, prompts, cfg.sanity_max_new_tokens)
+    eos = sorted(set(ref["eos_ids"]) | set(sanity.eos_token_ids(tokenizer, model)))
+    outputs = sanity.generate_all(model, tokenizer, prompts, cfg.sanity_max_new_tokens, eos,
+                                  progress=lambda done, total: ctx.progress(1, 3, f"sanity {done}/{total}"))
+    write_json(ctx.out / GENERATIONS, {"prompts": str(path.name), "outputs": outputs,
+                                       "reference_outputs": ref["outputs"]})
+    figures = sanity.score_generations(outputs, ref["outputs"], eos, cfg.sanity_max_new_tokens)
+    figures["prompt_set"] = path.name
+    return figures
