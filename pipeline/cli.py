@@ -230,9 +230,12 @@ def _print_table(rows: list, title: str) -> None:
     t = Table(title=title, title_justify="left")
     for h in headers:
         t.add_column(h, justify="left" if h in ("variant", "method", "target", "verdict", "gates") else "right")
+    at = headers.index("verdict") if "verdict" in headers else None
     for row, texts in zip(rows, cells):
         color = colors.get(row.get("verdict"))
-        t.add_row(*texts[:-1], f"[{color}]{texts[-1]}[/]" if color else texts[-1])
+        if color and at is not None:
+            texts = [*texts[:at], f"[{color}]{texts[at]}[/]", *texts[at + 1:]]
+        t.add_row(*texts)
     console.print(t)
 
 

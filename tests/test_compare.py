@@ -66,11 +66,11 @@ def test_compare_two_runs(tmp_path):
     res = invoke("compare", str(a), str(b), "--out", str(out))
     assert res.exit_code == 0, res.output
     md = (out / "report.md").read_text()
-    assert re.search(r"^\| alpha/none \| none \| — \| 8\.00 \| 1\.00× \| 10\.0000 \| \+0\.00 \| 0\.0000 \| 100\.00 \| 100 \| "
-                     r"1\.5 \| 32\.0 \| transformers \| pass \|$", md, re.M), md
-    assert re.search(r"^\| alpha/rtn \| rtn \| 4/128 \| 2\.00 \| 4\.00× \| 10\.2000 \| \+2\.00 \| 0\.0200 \| 98\.00 \|.*"
-                     r"\| 32\.0 \| transformers \| regression \(1 gate\) \|$", md, re.M), md
-    assert re.search(r"^\| beta/rtn \| rtn \| 4/128 \| 2\.00 \|.*\| failed run \(compile did not finish\) \|$", md, re.M)
+    assert re.search(r"^\| alpha/none \| pass \| none \| — \| 8\.00 \| 1\.00× \| 10\.0000 \| \+0\.00 \| 0\.0000 \| 100\.00 \| "
+                     r"100 \| 1\.5 \| 32\.0 \| transformers \|$", md, re.M), md
+    assert re.search(r"^\| alpha/rtn \| regression \(1 gate\) \| rtn \| 4/128 \| 2\.00 \| 4\.00× \| 10\.2000 \| \+2\.00 \| "
+                     r"0\.0200 \| 98\.00 \|.*\| 32\.0 \| transformers \|$", md, re.M), md
+    assert re.search(r"^\| beta/rtn \| failed run \(compile did not finish\) \| rtn \| 4/128 \| 2\.00 \|.*\| — \|", md, re.M)
     assert "- **alpha/rtn**: gate max_kl failed: KL divergence 0.0200 > 0.0100" in md
     assert "- **beta/rtn**: compile did not finish" in md
     page = (out / "report.html").read_text()

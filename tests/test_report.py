@@ -41,14 +41,14 @@ def rows():
 
 def test_table_has_every_column_and_dashes_for_what_a_row_lacks():
     headers, cells = table(rows())
-    assert headers == ["variant", "method", "bits/group", "size (MiB)", "× smaller", "perplexity", "Δppl %", "KL",
+    assert headers == ["variant", "verdict", "method", "bits/group", "size (MiB)", "× smaller", "perplexity", "Δppl %", "KL",
                        "top-1 %", "pydocs_mc", "repetition", "EOS rate", "ref overlap", "eval tokens", "quantize s",
-                       "decode tok/s*", "target", "verdict"]
-    assert cells[0] == ["none", "none", "—", "8.00", "1.00×", "10.0000", "+0.00", "0.0000", "100.00", "0.610 ± 0.020",
-                        "0.050", "0.90", "1.000", "2,047", "0.0", "30.0", "transformers", "pass"]
-    assert cells[1] == ["rtn", "rtn", "4/128", "2.00", "4.00×", "10.5000", "+5.00", "0.0412", "91.23", "—", "—", "—",
-                        "—", "2,047", "5.2", "47.5", "gguf (not run here)", "regression (1 gate)"]
-    assert cells[2][-1] == "failed run (quantize failed)" and cells[2][5] == "—"
+                       "decode tok/s*", "target"]
+    assert cells[0] == ["none", "pass", "none", "—", "8.00", "1.00×", "10.0000", "+0.00", "0.0000", "100.00", "0.610 ± 0.020",
+                        "0.050", "0.90", "1.000", "2,047", "0.0", "30.0", "transformers"]
+    assert cells[1] == ["rtn", "regression (1 gate)", "rtn", "4/128", "2.00", "4.00×", "10.5000", "+5.00", "0.0412", "91.23", "—", "—", "—",
+                        "—", "2,047", "5.2", "47.5", "gguf (not run here)"]
+    assert cells[2][1] == "failed run (quantize failed)" and cells[2][6] == "—"
 
 
 def test_markdown_lists_failed_gates_failed_runs_plots_and_how_measured():
@@ -128,8 +128,8 @@ def test_a_failed_gate_exits_3_and_the_terminal_shows_the_table_without_third_pa
     out = res.output
     assert "Loading weights" not in out and "Token indices sequence length" not in out, out
     assert "gated: variants" in out and "decode tok/s*" in out
-    assert re.search(r"│ none\s+│ none .*│ pass\s+│", out), out
-    assert re.search(r"│ rtn\s+│ rtn .*│ regression \(1 gate\)\s+│", out), out
+    assert re.search(r"│ none\s+│ pass\s+│ none .*│ transformers\s+│", out), out
+    assert re.search(r"│ rtn\s+│ regression \(1 gate\)\s+│ rtn .*│ transformers\s+│", out), out
     assert re.search(r"quality gate failed for variant 'rtn': gate max_kl failed: KL divergence 0\.\d+ > 0\.0001", out)
     assert "nothing is published" in out
 
@@ -137,8 +137,8 @@ def test_a_failed_gate_exits_3_and_the_terminal_shows_the_table_without_third_pa
 def test_verdicts_in_report_md_and_html(gated_run):
     _, root = gated_run
     md = (root / "report.md").read_text()
-    assert re.search(r"^\| none \| none \| — \|.*\| transformers \| pass \|$", md, re.M), md
-    assert re.search(r"^\| rtn \| rtn \| 4/128 \|.*\| transformers \| regression \(1 gate\) \|$", md, re.M), md
+    assert re.search(r"^\| none \| pass \| none \| — \|.*\| transformers \|$", md, re.M), md
+    assert re.search(r"^\| rtn \| regression \(1 gate\) \| rtn \| 4/128 \|.*\| transformers \|$", md, re.M), md
     assert re.search(r"- \*\*rtn\*\*: gate max_kl failed: KL divergence 0\.\d+ > 0\.0001", md)
     page = (root / "report.html").read_text()
     assert '<span class="badge pass">pass</span>' in page

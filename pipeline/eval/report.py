@@ -141,8 +141,11 @@ def _decode(row: Mapping[str, Any]) -> str:
 def _columns(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, Any]]:
     """``(header, row -> text)`` for every column this set of rows has a figure for."""
     has = lambda key: any(row.get(key) is not None for row in rows)  # noqa: E731
-    cols: list[tuple[str, Any]] = [
-        ("variant", lambda r: r.get("variant", DASH)),
+    verdicts = has("verdict")
+    cols: list[tuple[str, Any]] = [("variant", lambda r: r.get("variant", DASH))]
+    if verdicts:  # next to the name: what a release job reads first, visible in a narrow window too
+        cols.append(("verdict", _verdict))
+    cols += [
         ("method", lambda r: r.get("method") or DASH),
         ("bits/group", _bits),
         ("size (MiB)", lambda r: _num(None if r.get("size_bytes") is None else r["size_bytes"] / 2**20, ".2f")),
@@ -167,7 +170,8 @@ def _columns(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, Any]]:
         cols.append(("decode tok/s*", _decode))
     if has("target"):
         cols.append(("target", _target))
-    cols.append(("verdict" if has("verdict") else "gates", _verdict))
+    if not verdicts:
+        cols.append(("gates", _verdict))
     return cols
 
 
