@@ -124,3 +124,84 @@ def test_broken_quantized_model_passes_ppl_gate_but_fails_sanity(tiny, tmp_path)
     assert not any(f.startswith("gate max_ppl_increase_pct") for f in fails)
     assert [f.split(":")[0] for f in fails] == ["gate max_repetition failed", "gate min_reference_overlap failed"]
     assert broken_m["sanity"]["repetition"] > 0.9 and broken_m["sanity"]["reference_overlap"] < 0.3
+
+
+PLAN = """\
+name: shared
+model: {{source: {model}}}
+quantize: {{method: rtn}}
+compile: {{target: transformers, device: cpu}}
+eval:
+  text: {eval}
+  seq_len: 128
+  max_tokens: 1024
+  tasks: [pydocs_cloze]
+  task_limit: 12
+  sanity: true
+  sanity_max_new_tokens: 12
+  gates: {{max_repetition: REP}}
+matrix:
+  quantize.method: [none, rtn]
+"""
+
+
+@pytest.mark.slow
+def test_pipeline_shares_the_reference_and_records_tasks_and_sanity(tmp_path, monkeypatch):
+    """Two variants, one reference: its log-probs and generations are computed once (in reference-*/ under the
+    plan's root) and read by both evaluate runs; tasks and sanity figures land in metrics.json; a sanity gate
+    added later fails the cached evaluation with its figure and threshold (exit 3)."""
+    pytest.importorskip("lm_eval")
+    import json
+
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from pipeline.eval.divergence import ReferenceLogprobs
+    from tests.conftest import write_recipe
+
+    calls = {"compute": 0, "generate": 0}
+    compute, generate = ReferenceLogprobs.compute.__func__, sanity.generate_all
+
+    def counting_compute(cls, *a, **k):
+        calls["compute"] += 1
+        return compute(cls, *a, **k)
+
+    def counting_generate(*a, **k):
+        calls["generate"] += 1
+        return generate(*a, **k)
+
+    monkeypatch.setattr(ReferenceLogprobs, "compute", classmethod(counting_compute))
+    monkeypatch.setattr(sanity, "generate_all", counting_generate)
+    recipe = write_recipe(tmp_path, PLAN.replace("REP", "0.99"))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["run", str(recipe), "-o", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert calls == {"compute": 1, "generate": 3}  # the reference once, then each variant
+    root = out / "shared"
+    (ref_dir,) = root.glob("reference-*")
+    assert len(list(ref_dir.glob("logprobs-*/reference.json"))) == 1 and len(list(ref_dir.glob("sanity-*.json"))) == 1
+
+    metrics = {}
+    for m in root.glob("evaluate-*/manifest.json"):
+        data = json.loads(m.read_text())
+        metrics[data["variants"][0]] = data["metrics"]
+        assert json.loads((m.parent / "metrics.json").read_text()) == data["metrics"]
+        assert (m.parent / "generations.json").is_file()
+    none, rtn = (metrics[v] for v in sorted(metrics, key=lambda v: "rtn" in v))
+    assert none["ppl"] == pytest.approx(none["ref_ppl"], rel=1e-6) and none["kl_mean"] < 1e-9
+    assert none["sanity"]["reference_overlap"] == 1.0 and none["sanity"]["identical"] == 1.0
+    assert none["reference"].startswith("cached once per plan")
+    for m in (none, rtn):
+        task = m["tasks"]["pydocs_cloze"]
+        assert task["n"] == 12 and task["chance"] == 0.25 and 0 <= task["acc"] <= 1 and task["acc_stderr"] > 0
+        assert {"repetition", "eos_rate", "reference_overlap"} <= set(m["sanity"])
+        assert m["sanity"]["prompts"] == 16 and m["sanity"]["max_new_tokens"] == 12
+
+    # A stricter sanity gate: nothing reruns (gates are not in the cache key), the gate fails with its figure.
+    calls.update(compute=0, generate=0)
+    write_recipe(tmp_path, PLAN.replace("REP", "0.01"))
+    res = CliRunner().invoke(main, ["run", str(recipe), "-o", str(out)], catch_exceptions=False)
+    assert res.exit_code == 3, res.output
+    assert calls == {"compute": 0, "generate": 0}
+    rep = none["sanity"]["repetition"]
+    assert f"gate max_repetition failed: repeated 4-gram rate of greedy generations {rep:.4f} > 0.0100" in res.output
