@@ -177,8 +177,9 @@ def run(recipe: str, output_dir: Path, force: tuple[str, ...], verbose: int) -> 
 
 
 class _quiet_third_party:
-    """Within a run without -v: transformers' and huggingface_hub's progress bars and info/warning lines off (the
-    run shows its own progress); restored afterwards, so code that imports pipeline keeps its own settings."""
+    """Within a run without -v: transformers' and huggingface_hub's progress bars off, and transformers' warning
+    lines go to run.log instead of the terminal (the run shows its own progress); restored afterwards, so code
+    that imports pipeline keeps its own settings."""
 
     def __init__(self, verbose: int) -> None:
         self.verbose = verbose
@@ -190,10 +191,14 @@ class _quiet_third_party:
         try:
             from transformers.utils import logging as hf_logging
 
-            level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-            hf_logging.set_verbosity_error()
+            bars = hf_logging.is_progress_bar_enabled()
             hf_logging.disable_progress_bar()
-            self.undo.append(lambda: (hf_logging.set_verbosity(level),
+            hf_logging.disable_default_handler()  # its stderr handler; the records still reach run.log
+            hf_root = logging.getLogger("transformers")
+            files = [h for h in logging.getLogger("pipeline").handlers if isinstance(h, logging.FileHandler)]
+            for h in files:
+                hf_root.addHandler(h)
+            self.undo.append(lambda: (hf_logging.enable_default_handler(), [hf_root.removeHandler(h) for h in files],
                                       hf_logging.enable_progress_bar() if bars else None))
         except ImportError:
             pass

@@ -147,3 +147,30 @@ def test_verdicts_in_report_md_and_html(gated_run):
     assert (root / "quality_vs_size.png").read_bytes().startswith(PNG)
     # serve is skipped for the regressed variant: no decode speed, and that is not a failed run
     assert "failed run" not in md.split("## How measured")[0]
+
+
+def test_without_v_transformers_warnings_go_to_run_log_not_the_terminal(tmp_path, capfd):
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from pipeline.cli import _quiet_third_party, _setup_logging
+
+    _setup_logging(0, tmp_path / "run.log")
+    hf = hf_logging.get_logger("transformers.test_quiet")
+    try:
+        with _quiet_third_party(0):
+            assert not hf_logging.is_progress_bar_enabled()
+            hf.warning("quiet-warning-1")
+        hf.warning("loud-warning-2")
+        with _quiet_third_party(1):  # -v: untouched
+            hf.warning("loud-warning-3")
+    finally:
+        for h in list(logging.getLogger("pipeline").handlers):
+            h.close()
+            logging.getLogger("pipeline").removeHandler(h)
+    err = capfd.readouterr().err
+    assert "quiet-warning-1" not in err and "loud-warning-2" in err and "loud-warning-3" in err
+    assert hf_logging.is_progress_bar_enabled()
+    log = (tmp_path / "run.log").read_text()
+    assert "quiet-warning-1" in log and "loud-warning-2" not in log
