@@ -15,7 +15,9 @@ port) on a model folder or compile artifact (default: the shipped tiny model) an
 Each run sends ``--requests`` requests (default 32; bounded), greedy, ``max_tokens`` ``--max-tokens`` (default
 32), prompts from a fixed list. Tokens are the ``usage.completion_tokens`` the server reports (a streamed
 request asks for them with ``stream_options.include_usage``). Throughput = completion tokens / wall time of the
-run. Prints a table and, with ``--json OUT``, writes the figures.
+run. The machine may be shared: each run also records the process's CPU seconds (server and client threads
+together; tokens per CPU-second does not depend on how much of the CPU others took) and the 1-minute load
+average before and after. Prints a table and, with ``--json OUT``, writes the figures.
 
     .venv/bin/python bench/serve_load.py --json bench/results_serve_load_cpu.json
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import platform
 import statistics
 import sys
@@ -101,12 +104,15 @@ def drive(base_url: str, clients: int, requests: int, max_tokens: int, stream: b
         client.close()
 
     threads = [threading.Thread(target=worker) for _ in range(clients)]
+    load0 = os.getloadavg()[0]
+    c0 = time.process_time()
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     tokens = sum(r["tokens"] for r in results)
     lat = [r["latency"] for r in results]
     ttft = [r["ttft"] for r in results if r["ttft"] is not None]
@@ -114,6 +120,8 @@ def drive(base_url: str, clients: int, requests: int, max_tokens: int, stream: b
         "clients": clients, "requests": requests, "ok": len(results), "errors": errors[:5], "n_errors": len(errors),
         "stream": stream, "completion_tokens": tokens, "wall_s": round(wall, 3),
         "tokens_per_s": round(tokens / wall, 2) if wall else None,
+        "cpu_s": round(cpu, 2), "tokens_per_cpu_s": round(tokens / cpu, 2) if cpu else None,
+        "loadavg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
         "latency_p50_s": _r(_pct(lat, 50)), "latency_p95_s": _r(_pct(lat, 95)),
         "ttft_p50_s": _r(_pct(ttft, 50)), "ttft_p95_s": _r(_pct(ttft, 95)),
         "mean_latency_s": _r(statistics.fmean(lat) if lat else None),
@@ -187,8 +195,8 @@ def main() -> None:
     result = {
         "bench": "serve_load", "model": str(args.model), "max_tokens": args.max_tokens,
         "engine_batching": batching, "machine": platform.processor() or platform.machine(),
-        "cpus": len(__import__("os").sched_getaffinity(0)), "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "runs": runs,
+        "cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "git": _git_state(), "runs": runs,
         "speedup_concurrent_vs_sequential": round(conc / seq, 2) if seq else None,
     }
     print(table(result))
@@ -196,16 +204,30 @@ def main() -> None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def _git_state() -> str:
+    """The commit measured, and whether the serve code differed from it (a shared working tree)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "pipeline/serve"], cwd=ROOT,
+                               capture_output=True, text=True).stdout
+    except OSError:
+        return "unknown"
+    return head.strip() + (" (pipeline/serve modified)" if dirty.strip() else "")
+
+
 def table(result: dict) -> str:
     def f(x, digits=3):
         return "—" if x is None else f"{x:.{digits}f}"
 
-    lines = ["| run | clients | ok/requests | completion tokens | wall s | tokens/s | TTFT p50 / p95 s | "
-             "latency p50 / p95 s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | clients | ok/requests | completion tokens | wall s | tokens/s | tokens/CPU-s | TTFT p50 / p95 s | "
+             "latency p50 / p95 s | load avg start→end |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["runs"].items():
         lines.append(f"| {name} | {r['clients']} | {r['ok']}/{r['requests']} | {r['completion_tokens']} | "
-                     f"{f(r['wall_s'], 1)} | **{f(r['tokens_per_s'], 1)}** | {f(r['ttft_p50_s'])} / "
-                     f"{f(r['ttft_p95_s'])} | {f(r['latency_p50_s'])} / {f(r['latency_p95_s'])} |")
+                     f"{f(r['wall_s'], 1)} | **{f(r['tokens_per_s'], 1)}** | {f(r['tokens_per_cpu_s'], 1)} | "
+                     f"{f(r['ttft_p50_s'])} / {f(r['ttft_p95_s'])} | {f(r['latency_p50_s'])} / "
+                     f"{f(r['latency_p95_s'])} | {r['loadavg_1min'][0]:.1f}→{r['loadavg_1min'][1]:.1f} |")
     lines.append(f"\nconcurrent / sequential throughput: **{result['speedup_concurrent_vs_sequential']}×** "
                  f"(engine batching: {result['engine_batching']})")
     return "\n".join(lines)
