@@ -206,3 +206,15 @@ def test_sigterm_mid_request_shuts_down_cleanly(tmp_path):
     with pytest.raises(httpx.ConnectError):  # the port is closed
         httpx.get(f"{base}/health", timeout=2)
     assert "test-key" not in text
+
+
+def test_run_with_keep_running_serves_the_last_such_variant_under_its_id(tmp_path, captured, monkeypatch):
+    monkeypatch.setenv("SERVE_KEY", "k-123")
+    recipe = write_recipe(tmp_path, RECIPE + "serve:\n  max_tokens: 2\n  keep_running: true\n"
+                          "  api_key: ${{SERVE_KEY}}\n")
+    res = CliRunner().invoke(main, ["run", str(recipe), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert _served_ids(captured["app"]) == ["tiny-rtn"]
+    assert captured["port"] == 8000  # serve.port 0 (a free port for the smoke test) keeps serving on 8000
+    assert "serving 'tiny-rtn' at http://127.0.0.1:8000/v1" in res.output
+    assert '-H "Authorization: Bearer $QUANTSHIP_API_KEY"' in res.output and "k-123" not in res.output
