@@ -159,7 +159,16 @@ def test_pipeline_shares_the_reference_and_records_tasks_and_sanity(tmp_path, mo
     from pipeline.eval.divergence import ReferenceLogprobs
     from tests.conftest import write_recipe
 
-    calls = {"compute": 0, "generate": 0}
+    from pipeline.eval import tasks as tasks_module
+
+    calls = {"compute": 0, "generate": 0, "tasks": 0}
+    run_tasks = tasks_module.run_tasks
+
+    def counting_tasks(*a, **k):
+        calls["tasks"] += 1
+        return run_tasks(*a, **k)
+
+    monkeypatch.setattr(tasks_module, "run_tasks", counting_tasks)
     compute, generate = ReferenceLogprobs.compute.__func__, sanity.generate_all
 
     def counting_compute(cls, *a, **k):
@@ -176,10 +185,11 @@ def test_pipeline_shares_the_reference_and_records_tasks_and_sanity(tmp_path, mo
     out = tmp_path / "out"
     res = CliRunner().invoke(main, ["run", str(recipe), "-o", str(out)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    assert calls == {"compute": 1, "generate": 3}  # the reference once, then each variant
+    assert calls == {"compute": 1, "generate": 3, "tasks": 3}  # the reference once, then each variant
     root = out / "shared"
     (ref_dir,) = root.glob("reference-*")
     assert len(list(ref_dir.glob("logprobs-*/reference.json"))) == 1 and len(list(ref_dir.glob("sanity-*.json"))) == 1
+    assert len(list(ref_dir.glob("tasks-*.json"))) == 1
 
     metrics = {}
     for m in root.glob("evaluate-*/manifest.json"):
@@ -191,6 +201,7 @@ def test_pipeline_shares_the_reference_and_records_tasks_and_sanity(tmp_path, mo
     assert none["ppl"] == pytest.approx(none["ref_ppl"], rel=1e-6) and none["kl_mean"] < 1e-9
     assert none["sanity"]["reference_overlap"] == 1.0 and none["sanity"]["identical"] == 1.0
     assert none["reference"].startswith("cached once per plan")
+    assert none["tasks"] == none["ref_tasks"] == rtn["ref_tasks"]  # the unquantized variant scores as the reference
     for m in (none, rtn):
         task = m["tasks"]["pydocs_cloze"]
         assert task["n"] == 12 and task["chance"] == 0.25 and 0 <= task["acc"] <= 1 and task["acc_stderr"] > 0
@@ -198,10 +209,10 @@ def test_pipeline_shares_the_reference_and_records_tasks_and_sanity(tmp_path, mo
         assert m["sanity"]["prompts"] == 16 and m["sanity"]["max_new_tokens"] == 12
 
     # A stricter sanity gate: nothing reruns (gates are not in the cache key), the gate fails with its figure.
-    calls.update(compute=0, generate=0)
+    calls.update(compute=0, generate=0, tasks=0)
     write_recipe(tmp_path, PLAN.replace("REP", "0.01"))
     res = CliRunner().invoke(main, ["run", str(recipe), "-o", str(out)], catch_exceptions=False)
     assert res.exit_code == 3, res.output
-    assert calls == {"compute": 0, "generate": 0}
+    assert calls == {"compute": 0, "generate": 0, "tasks": 0}
     rep = none["sanity"]["repetition"]
     assert f"gate max_repetition failed: repeated 4-gram rate of greedy generations {rep:.4f} > 0.0100" in res.output

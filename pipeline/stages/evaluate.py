@@ -8,6 +8,8 @@ greedy generations on the sanity prompts are cached under the plan's root,
     <root>/reference-<key12>/                 key: download folder (its cache key), dtype, device type
         logprobs-<key12>/                     key: sha256 of the eval token ids (text, max_tokens, tokenizer), seq_len
         sanity-<key12>.json                   key: the prompt set's sha256, its token ids, max_new_tokens
+        tasks-<key12>.json                    key: tasks, task_limit, task folders, seq_len (the reference's
+                                              task scores: ``metrics["ref_tasks"]``, beside ``metrics["tasks"]``)
 
 each written through a temporary name and renamed into place (a concurrent writer's copy is discarded), read by
 every later evaluate run. Log-probs that would take more than ``REFERENCE_CACHE_BYTES`` on disk (tokens x
@@ -104,6 +106,18 @@ class _Reference:
         write_json(path, data)
         return data
 
+    def tasks(self, tokenizer: Any, names: list[str], **kwargs: Any) -> dict[str, Any]:
+        """The reference's lm-eval scores (``pipeline.eval.tasks.run_tasks``), cached."""
+        from pipeline.eval.tasks import run_tasks
+
+        path = self.root / ("tasks-" + _key({"tasks": names, **kwargs})[:12] + ".json")
+        if path.is_file():
+            return json.loads(path.read_text())
+        scores = run_tasks(self.model, tokenizer, names, **kwargs)
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_json(path, scores)
+        return scores
+
 
 def run(ctx: StageContext) -> dict:
     import torch
@@ -147,9 +161,10 @@ def run(ctx: StageContext) -> dict:
     if cfg.tasks:
         from pipeline.eval.tasks import run_tasks
 
-        metrics["tasks"] = run_tasks(model, tokenizer, cfg.tasks, limit=cfg.task_limit,
-                                     include_paths=[ctx.recipe.resolve(p) for p in cfg.task_paths],
-                                     max_length=cfg.seq_len, batch_size=cfg.batch_size)
+        task_args = dict(limit=cfg.task_limit, include_paths=[str(ctx.recipe.resolve(p)) for p in cfg.task_paths],
+                         max_length=cfg.seq_len, batch_size=cfg.batch_size)
+        metrics["tasks"] = run_tasks(model, tokenizer, cfg.tasks, **task_args)
+        metrics["ref_tasks"] = reference.tasks(tokenizer, list(cfg.tasks), **task_args)
     write_json(ctx.out / METRICS, metrics)
     ctx.progress(3, 3, f"ppl {metrics.get('ppl', float('nan')):.2f}")
     return metrics
