@@ -149,28 +149,32 @@ def test_verdicts_in_report_md_and_html(gated_run):
     assert "failed run" not in md.split("## How measured")[0]
 
 
-def test_without_v_transformers_warnings_go_to_run_log_not_the_terminal(tmp_path, capfd):
+def test_without_v_transformers_warnings_go_to_run_log_not_the_terminal(tmp_path):
     import logging
 
     from transformers.utils import logging as hf_logging
 
     from pipeline.cli import _quiet_third_party, _setup_logging
 
+    def terminal_handlers():  # transformers' own stderr handler (its stream is whatever stderr was at creation)
+        return [h for h in logging.getLogger("transformers").handlers if type(h) is logging.StreamHandler]
+
+    hf_logging.get_logger("transformers.test_quiet")  # creates transformers' default handler if not yet there
+    before = terminal_handlers()
+    assert before
     _setup_logging(0, tmp_path / "run.log")
     hf = hf_logging.get_logger("transformers.test_quiet")
     try:
         with _quiet_third_party(0):
-            assert not hf_logging.is_progress_bar_enabled()
+            assert not hf_logging.is_progress_bar_enabled() and terminal_handlers() == []
             hf.warning("quiet-warning-1")
+        assert terminal_handlers() == before and hf_logging.is_progress_bar_enabled()
         hf.warning("loud-warning-2")
         with _quiet_third_party(1):  # -v: untouched
-            hf.warning("loud-warning-3")
+            assert terminal_handlers() == before and hf_logging.is_progress_bar_enabled()
     finally:
         for h in list(logging.getLogger("pipeline").handlers):
             h.close()
             logging.getLogger("pipeline").removeHandler(h)
-    err = capfd.readouterr().err
-    assert "quiet-warning-1" not in err and "loud-warning-2" in err and "loud-warning-3" in err
-    assert hf_logging.is_progress_bar_enabled()
     log = (tmp_path / "run.log").read_text()
     assert "quiet-warning-1" in log and "loud-warning-2" not in log
