@@ -216,3 +216,27 @@ def test_pipeline_shares_the_reference_and_records_tasks_and_sanity(tmp_path, mo
     assert calls == {"compute": 0, "generate": 0, "tasks": 0}
     rep = none["sanity"]["repetition"]
     assert f"gate max_repetition failed: repeated 4-gram rate of greedy generations {rep:.4f} > 0.0100" in res.output
+
+
+def test_a_runtime_that_cannot_decode_is_not_measured_and_fails_the_gate(tmp_path):
+    import logging
+    from types import SimpleNamespace
+
+    from pipeline.stages.evaluate import _sanity
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+
+    def broken_runtime(input_ids):
+        raise RuntimeError("context window exceeded")
+
+    ctx = SimpleNamespace(config=SimpleNamespace(sanity_prompts=None, sanity_max_new_tokens=4), out=tmp_path,
+                          recipe=None, progress=lambda *a: None, log=logging.getLogger("test"))
+    reference = SimpleNamespace(generations=lambda *a: {"eos_ids": [3], "outputs": []})
+    got = _sanity(ctx, broken_runtime, tok, reference, runtime="onnxruntime")
+    assert got["repetition"] is None and got["reference_overlap"] is None
+    assert got["not_measured"] == ("greedy decoding through onnxruntime failed (RuntimeError: context window "
+                                   "exceeded)")
+    (msg,) = check_gates({"sanity": got}, {"min_reference_overlap": 0.5})
+    assert msg == ("gate min_reference_overlap failed: the token overlap with the reference's generations was not "
+                   "measured: greedy decoding through onnxruntime failed (RuntimeError: context window exceeded)")

@@ -156,7 +156,7 @@ def run(ctx: StageContext) -> dict:
     metrics["seq_len"] = cfg.seq_len
     ctx.progress(1, 3, f"ppl {metrics.get('ppl', float('nan')):.2f}")
     if cfg.sanity:
-        metrics["sanity"] = _sanity(ctx, model, tokenizer, reference)
+        metrics["sanity"] = _sanity(ctx, model, tokenizer, reference, runtime)
     ctx.progress(2, 3, "sanity" if cfg.sanity else "")
     if cfg.tasks:
         from pipeline.eval.tasks import run_tasks
@@ -170,9 +170,10 @@ def run(ctx: StageContext) -> dict:
     return metrics
 
 
-def _sanity(ctx: StageContext, model: Any, tokenizer: Any, reference: _Reference) -> dict[str, Any]:
+def _sanity(ctx: StageContext, model: Any, tokenizer: Any, reference: Any, runtime: str = "") -> dict[str, Any]:
     """Sanity figures of the deployable model's greedy generations vs the reference's (``pipeline.eval.sanity``);
-    the generations themselves go to ``generations.json`` beside ``metrics.json``."""
+    the generations themselves go to ``generations.json`` beside ``metrics.json``. If the deployable model's
+    runtime cannot decode, the figures are None with a ``not_measured`` reason (a sanity gate then fails on it)."""
     from pipeline.eval import sanity
 
     cfg = ctx.config
@@ -180,8 +181,14 @@ def _sanity(ctx: StageContext, model: Any, tokenizer: Any, reference: _Reference
     prompts = sanity.load_prompts(path)
     ref = reference.generations(tokenizer, prompts, cfg.sanity_max_new_tokens)
     eos = sorted(set(ref["eos_ids"]) | set(sanity.eos_token_ids(tokenizer, model)))
-    outputs = sanity.generate_all(model, tokenizer, prompts, cfg.sanity_max_new_tokens, eos,
-                                  progress=lambda done, total: ctx.progress(1, 3, f"sanity {done}/{total}"))
+    try:
+        outputs = sanity.generate_all(model, tokenizer, prompts, cfg.sanity_max_new_tokens, eos,
+                                      progress=lambda done, total: ctx.progress(1, 3, f"sanity {done}/{total}"))
+    except Exception as e:  # noqa: BLE001 -- any runtime failure: the other figures stand, the gates say why
+        reason = f"greedy decoding through {runtime or type(model).__name__} failed ({type(e).__name__}: {e})"
+        ctx.log.warning("sanity not measured: %s", reason)
+        return {"repetition": None, "eos_rate": None, "reference_overlap": None, "not_measured": reason,
+                "prompt_set": path.name}
     write_json(ctx.out / GENERATIONS, {"prompts": str(path.name), "outputs": outputs,
                                        "reference_outputs": ref["outputs"]})
     figures = sanity.score_generations(outputs, ref["outputs"], eos, cfg.sanity_max_new_tokens)
