@@ -229,8 +229,8 @@ def _print_table(rows: list, title: str) -> None:
 
     headers, cells = report_table(rows)
     console = Console()
-    if not console.is_terminal:  # piped or captured: wide enough for the whole table
-        console = Console(width=220)
+    if not console.is_terminal:  # piped or captured (a log, CI): as wide as the table needs, never wrapped
+        console = Console(width=1000)
     colors = {"pass": "green", "regression": "red", "failed run": "yellow"}
     t = Table(title=title, title_justify="left")
     for h in headers:
