@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import METRICS, model_path, new_tmp_dir, write_json
+from pipeline.artifacts import METRICS, clean_stale, model_path, new_tmp_dir, write_json
 from pipeline.stages import StageContext
 from pipeline.textdata import join_documents, read_documents
 
@@ -80,6 +80,7 @@ class _Reference:
             self.ctx.log.info("reference log-probs cached (%s/%s)", self.root.name, final.name)
             return ReferenceLogprobs.load(final)
         self.root.mkdir(parents=True, exist_ok=True)
+        clean_stale(self.root)  # what a killed evaluate left half-written
         tmp = new_tmp_dir(final)
         try:
             ReferenceLogprobs.compute(self.model, ids, seq_len, batch_size=batch_size, folder=tmp)
