@@ -84,6 +84,13 @@ def test_task_scores_in_our_keys_and_lm_evals_raw_keys():
     assert task_score({"alias": "x"}) is None and task_score(None) is None
 
 
+def test_sanity_not_measured_shows_dashes_and_text_figures_never_crash():
+    rows = [{"variant": "a", "sanity": {"repetition": None, "eos_rate": "n/a", "not_measured": "no decode"}}]
+    headers, cells = table(rows)
+    at = headers.index("repetition")
+    assert cells[0][at:at + 3] == ["—", "n/a", "—"]
+
+
 def test_plots_need_points():
     assert quality_vs_speed([{"variant": "a", "kl_mean": 0.1}]) is None
     assert quality_vs_size([{"variant": "a", "size_bytes": 2**20, "kl_mean": 0.1}]).startswith(PNG)

@@ -34,7 +34,10 @@ def _cell(text: Any) -> str:
 def _num(x: Any, fmt: str) -> str:
     if x is None:
         return DASH
-    x = float(x)
+    try:
+        x = float(x)
+    except (TypeError, ValueError):  # a figure recorded as text (e.g. "not measured"): shown as is
+        return str(x)
     return format(x, fmt) if math.isfinite(x) else str(x)
 
 
