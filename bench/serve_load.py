@@ -155,7 +155,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=32, help="Requests per run (bounded: at most 512).")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--skip-no-batching", action="store_true", help="Leave out the batching=False engine run.")
+    ap.add_argument("--no-batching-engine", action="store_true",
+                    help="Also run a batching=False engine (batched anyway through the API: see the comment).")
     ap.add_argument("--json", type=Path, default=None, help="Write the figures here.")
     args = ap.parse_args()
     if not 1 <= args.requests <= 512 or not 1 <= args.clients <= 64:
@@ -179,7 +180,10 @@ def main() -> None:
     finally:
         server.stop()
         stop_engine(app)
-    if not args.skip_no_batching and "batching" in inspect.signature(GenerationEngine).parameters:
+    # Off by default: the app submits every request to the scheduler, so a GenerationEngine(batching=False)
+    # server is batched all the same through the API (only engine.chat() honours the flag). The baseline the
+    # issue asks for is the sequential run: the same server, strictly one request at a time.
+    if args.no_batching_engine and "batching" in inspect.signature(GenerationEngine).parameters:
         app, server = _serve(args.model, False)
         try:
             drive(server.url, 2, 4, 4, stream=False)
