@@ -129,6 +129,22 @@ def _file_fingerprint(path: Path) -> dict[str, Any]:
     return {"path": str(path), "sha256": sha256_file(path)} if path.is_file() else {"source": str(path)}
 
 
+def _eval_inputs(loaded: LoadedRecipe, ev: Any) -> dict[str, Any]:
+    """What the evaluate stage reads besides its section: the text, and the prompt and task files it uses (so
+    editing a prompt set or a task YAML reruns the evaluation)."""
+    from pipeline.textdata import SHIPPED_PROMPTS, SHIPPED_TASKS
+
+    inputs: dict[str, Any] = {"text": _file_fingerprint(loaded.resolve(ev.text))}
+    if ev.sanity:
+        inputs["sanity_prompts"] = _file_fingerprint(loaded.resolve(ev.sanity_prompts) if ev.sanity_prompts
+                                                     else SHIPPED_PROMPTS)
+    if ev.tasks:
+        folders = [SHIPPED_TASKS] + [loaded.resolve(p) for p in ev.task_paths]
+        inputs["task_files"] = {str(f): {p.name: sha256_file(p) for p in sorted(Path(f).rglob("*")) if p.is_file()}
+                                for f in folders if Path(f).is_dir()}
+    return inputs
+
+
 def make_plan(loaded: LoadedRecipe, output_root: Path | str = "outputs") -> Plan:
     """Resolve a loaded recipe into stage runs with cache keys. Reads only small local files."""
     root = Path(output_root).resolve() / loaded.name
@@ -171,7 +187,7 @@ def make_plan(loaded: LoadedRecipe, output_root: Path | str = "outputs") -> Plan
             ids["evaluate"] = add(
                 "evaluate", label, f"evaluate{at}", _dump(r.eval, _NOT_IN_KEY["evaluate"]),
                 {"download": ids["download"], "compile": ids["compile"]},
-                {"text": _file_fingerprint(loaded.resolve(r.eval.text))},
+                _eval_inputs(loaded, r.eval),
             )
         if r.serve is not None and r.serve.enabled:
             ids["serve"] = add(

@@ -10,6 +10,10 @@ from pathlib import Path
 
 from pipeline.errors import CalibrationError
 
+# Shipped evaluation data (read by pipeline/eval/sanity.py and tasks.py; fingerprinted by pipeline/plan.py)
+SHIPPED_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts" / "sanity.jsonl"
+SHIPPED_TASKS = Path(__file__).resolve().parents[1] / "data" / "tasks"
+
 
 def read_documents(source: str, path: Path, text_field: str = "text", split: str = "train", subset: str | None = None) -> list[str]:
     """The documents of a local file (``path``) or, when no such file exists, of the datasets id ``source``."""

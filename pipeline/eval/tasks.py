@@ -36,7 +36,7 @@ from pipeline.eval.perplexity import iter_window_logprobs, model_device, model_l
 
 log = logging.getLogger(__name__)
 
-SHIPPED_TASKS = Path(__file__).resolve().parents[2] / "data" / "tasks"
+from pipeline.textdata import SHIPPED_TASKS  # noqa: E402  (one definition, light to import)
 
 
 def _lm_base():

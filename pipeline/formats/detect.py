@@ -6,17 +6,22 @@ file name or asks which method wrote it. The format names are those of ``pipelin
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import QuantizationError
-from pipeline.formats.checkpoint import read_config
 from pipeline.targets import FormatSettings
 
 
 def detect_format(model_dir: Path) -> FormatSettings:
     """The format settings of the model folder ``model_dir``."""
-    return format_of_config(read_config(Path(model_dir)).get("quantization_config"), where=str(model_dir))
+    path = Path(model_dir) / "config.json"
+    try:  # read here, not through formats.checkpoint: validation and planning must not import torch
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise QuantizationError(f"{path}: cannot read the model's config ({e}); is {model_dir} a model folder?") from e
+    return format_of_config(config.get("quantization_config"), where=str(path))
 
 
 def format_of_config(qc: dict[str, Any] | None, where: str = "config.json") -> FormatSettings:
