@@ -106,3 +106,14 @@ def make_weight(out_features: int, in_features: int = OUTLIER_WIDTH, seed: int =
 
     g = torch.Generator().manual_seed(seed)
     return torch.randn(out_features, in_features, generator=g) * 0.02
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (servers and schedulers on 2 shared cores), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

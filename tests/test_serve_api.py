@@ -27,12 +27,7 @@ CODE = "def fibonacci(n):\n    "
 CHAT = [{"role": "user", "content": "How do I reverse a list in Python?"}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _few_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
