@@ -170,12 +170,33 @@ class ChatMessage(BaseModel):
         return v
 
 
-class ChatCompletionRequest(BaseModel):
-    """``POST /v1/chat/completions`` body (non-streaming)."""
+class _GenerationRequest(BaseModel):
+    """The sampling fields both endpoints share (OpenAI's names and ranges)."""
 
     model_config = ConfigDict(extra="allow")  # unknown fields are kept only so the app can log their names
 
     model: str = Field(description="The served model's name, as listed by GET /v1/models.")
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0 = greedy; default 1.")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling mass; default 1.")
+    n: int | None = Field(strict=True, default=None, ge=1, le=MAX_N, description="Choices (choice i uses seed + i).")
+    stop: list[str] | None = Field(default=None, description="Up to 4 strings that end the text (not included).")
+    seed: int | None = Field(strict=True, default=None, description="Seed for sampling; same seed, same text.")
+    stream: bool | None = Field(strict=True, default=None, description="Server-sent events in OpenAI's chunk format.")
+    stream_options: StreamOptions | None = Field(default=None, description="include_usage: a last usage chunk.")
+    user: str | None = Field(default=None, description="End-user id; accepted and ignored.")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, v: Any) -> Any:
+        return stop_list(v)
+
+    def ignored_fields(self) -> list[str]:
+        return sorted((self.model_extra or {}).keys())
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    """``POST /v1/chat/completions`` body (non-streaming)."""
+
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation, oldest first.")
     max_tokens: int | None = Field(
         strict=True,
@@ -184,19 +205,6 @@ class ChatCompletionRequest(BaseModel):
         description="Deprecated alias of max_completion_tokens.",
     )
     max_completion_tokens: int | None = Field(strict=True, default=None, ge=1, description="Most tokens to generate.")
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0 = greedy; default 1.")
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling mass; default 1.")
-    n: int | None = Field(
-        strict=True,
-        default=None,
-        ge=1,
-        le=MAX_N,
-        description="Number of choices (choice i uses seed + i).",
-    )
-    stop: list[str] | None = Field(default=None, description="Up to 4 strings that end the reply (not included).")
-    seed: int | None = Field(strict=True, default=None, description="Seed for sampling; same seed, same reply.")
-    stream: bool | None = Field(strict=True, default=None, description="Server-sent events in OpenAI's chunk format.")
-    stream_options: StreamOptions | None = Field(default=None, description="include_usage: a last usage chunk.")
     logprobs: bool | None = Field(strict=True, default=None, description="Return the chosen tokens' log-probabilities.")
     top_logprobs: int | None = Field(
         strict=True,
@@ -206,19 +214,10 @@ class ChatCompletionRequest(BaseModel):
         description="Top-k per token.",
     )
     tools: list[Any] | None = Field(default=None, description="Tool definitions; not supported.")
-    user: str | None = Field(default=None, description="End-user id; accepted and ignored.")
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_list(cls, v: Any) -> Any:
-        return stop_list(v)
 
     def completion_budget(self) -> int | None:
         """``max_completion_tokens`` if given, else ``max_tokens`` (OpenAI's newer name wins), else None."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-    def ignored_fields(self) -> list[str]:
-        return sorted((self.model_extra or {}).keys())
 
     def unsupported(self) -> RequestError | None:
         """The first option this server cannot honour (so it must not silently ignore), as a 400; else None."""
@@ -250,12 +249,9 @@ def _no_stream_logprobs() -> RequestError:
 PromptType = str | list[str] | list[int] | list[list[int]]
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(_GenerationRequest):
     """``POST /v1/completions`` body (module docstring)."""
 
-    model_config = ConfigDict(extra="allow")
-
-    model: str = Field(description="The served model's name, as listed by GET /v1/models.")
     prompt: PromptType = Field(description="Text, texts, token ids, or lists of token ids.")
     max_tokens: int | None = Field(
         strict=True,
@@ -263,20 +259,7 @@ class CompletionRequest(BaseModel):
         ge=0,
         description="Most tokens to generate (0 with echo: score only).",
     )
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0 = greedy; default 1.")
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling mass; default 1.")
-    n: int | None = Field(
-        strict=True,
-        default=None,
-        ge=1,
-        le=MAX_N,
-        description="Choices per prompt (choice i uses seed + i).",
-    )
     best_of: int | None = Field(strict=True, default=None, ge=1, description="Only best_of = n is supported.")
-    stop: list[str] | None = Field(default=None, description="Up to 4 strings that end the text (not included).")
-    seed: int | None = Field(strict=True, default=None, description="Seed for sampling; same seed, same text.")
-    stream: bool | None = Field(strict=True, default=None, description="Server-sent events in OpenAI's chunk format.")
-    stream_options: StreamOptions | None = Field(default=None, description="include_usage: a last usage chunk.")
     logprobs: int | None = Field(
         strict=True,
         default=None,
@@ -286,12 +269,6 @@ class CompletionRequest(BaseModel):
     )
     echo: bool | None = Field(strict=True, default=None, description="Return the prompt before the completion.")
     suffix: str | None = Field(default=None, description="Not supported.")
-    user: str | None = Field(default=None, description="End-user id; accepted and ignored.")
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_list(cls, v: Any) -> Any:
-        return stop_list(v)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -316,9 +293,6 @@ class CompletionRequest(BaseModel):
         if p and isinstance(p[0], int):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
-
-    def ignored_fields(self) -> list[str]:
-        return sorted((self.model_extra or {}).keys())
 
     def unsupported(self) -> RequestError | None:
         if self.logprobs is not None and self.stream:
