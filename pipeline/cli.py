@@ -28,7 +28,8 @@ def _fail(error: QuantshipError) -> None:
 
 
 def _load(recipe: str):
-    from pipeline.recipe import check_model_widths, load_recipe
+    from pipeline.recipe import load_recipe
+    from pipeline.rules import check_model_widths
 
     loaded = load_recipe(recipe)
     # Rules that need the model's config: checked now when the model is a local folder.

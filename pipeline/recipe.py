@@ -2,7 +2,7 @@
 
 Loading reads YAML with line numbers, interpolates ``${ENV_VAR}`` (``${VAR:-default}`` too), validates
 with pydantic (unknown keys are errors), expands ``matrix:`` into variants, and checks the rules that span
-stages (see ``check_rules``) before any heavy work. Every failure is one ``RecipeError`` naming the file, the
+stages (``pipeline/rules.py``) before any heavy work. Every failure is one ``RecipeError`` naming the file, the
 line, the field and what would be valid.
 
 A recipe, in short::
@@ -30,9 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from pipeline.errors import RecipeError
-from pipeline.targets import (
-    METHODS_NEEDING_CALIBRATION, FormatSettings, check_target_loads, check_target_option, format_of_quantize,
-)
+from pipeline.targets import FormatSettings, format_of_quantize
 
 RECIPE_VERSION = 1
 
@@ -376,7 +374,7 @@ def _interpolate(data: Any, where: str, lines: dict[tuple, int], path: tuple = (
             value = os.environ.get(m.group(1), m.group(2))
             if value is None:
                 raise RecipeError(
-                    f"{where}:{_line(lines, path)}: field '{_dotted(path)}' uses ${{{m.group(1)}}}, which is not set "
+                    f"{where}:{line_of(lines, path)}: field '{_dotted(path)}' uses ${{{m.group(1)}}}, which is not set "
                     f"in the environment. Set it, or give a default as ${{{m.group(1)}:-value}}."
                 )
             return value
@@ -385,7 +383,7 @@ def _interpolate(data: Any, where: str, lines: dict[tuple, int], path: tuple = (
     return data
 
 
-def _line(lines: dict[tuple, int], path: tuple) -> int | str:
+def line_of(lines: dict[tuple, int], path: tuple) -> int | str:
     for n in range(len(path), 0, -1):
         if path[:n] in lines:
             return lines[path[:n]]
@@ -408,7 +406,7 @@ def _pydantic_message(err: ValidationError, where: str, lines: dict[tuple, int],
             msg = "is required but missing"
         else:
             msg = e["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}:{_line(lines, loc)}: field '{_dotted(loc)}': {msg}")
+        parts.append(f"{where}:{line_of(lines, loc)}: field '{_dotted(loc)}': {msg}")
     return "; ".join(parts) + "."
 
 
@@ -460,6 +458,8 @@ def build_recipe(data: dict, path: Path, lines: dict[tuple, int] | None = None) 
     variants = _expand(base, data, where, lines)
     name = base.name or re.sub(r"[^A-Za-z0-9._-]", "-", path.stem)
     loaded = LoadedRecipe(path=path, name=name, base=base, variants=variants)
+    from pipeline.rules import check_rules  # rules read the schema; the schema does not read the rules
+
     check_rules(loaded, lines)
     return loaded
 
@@ -471,11 +471,11 @@ def _expand(base: Recipe, data: dict, where: str, lines: dict[tuple, int]) -> di
     for k in keys:
         if _field_at(k) is None:
             raise RecipeError(
-                f"{where}:{_line(lines, ('matrix', k))}: field 'matrix.{k}': not a recipe field. Use a dotted path "
+                f"{where}:{line_of(lines, ('matrix', k))}: field 'matrix.{k}': not a recipe field. Use a dotted path "
                 f"to a field, e.g. quantize.method, quantize.w_bits or quantize.smoothquant.alpha."
             )
         if not base.matrix[k]:
-            raise RecipeError(f"{where}:{_line(lines, ('matrix', k))}: field 'matrix.{k}': needs at least one value.")
+            raise RecipeError(f"{where}:{line_of(lines, ('matrix', k))}: field 'matrix.{k}': needs at least one value.")
     variants: dict[str, Recipe] = {}
     for combo in itertools.product(*(base.matrix[k] for k in keys)):
         variant = copy.deepcopy({k: v for k, v in data.items() if k != "matrix"})
@@ -494,7 +494,7 @@ def _expand(base: Recipe, data: dict, where: str, lines: dict[tuple, int]) -> di
                 f"variant '{label}' of the matrix: " + _pydantic_message(e, where, lines)
             ) from None
     if len(variants) != len(list(itertools.product(*base.matrix.values()))):
-        raise RecipeError(f"{where}:{_line(lines, ('matrix',))}: field 'matrix': values repeat; each variant must differ.")
+        raise RecipeError(f"{where}:{line_of(lines, ('matrix',))}: field 'matrix': values repeat; each variant must differ.")
     return variants
 
 
@@ -517,94 +517,6 @@ def _field_at(dotted: str) -> Any:
         ann = field.annotation
         model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
     return field if "." in dotted else None
-
-
-# ---------------------------------------------------------------- rules that span stages
-
-
-def check_rules(loaded: LoadedRecipe, lines: dict[tuple, int]) -> None:
-    """Cross-stage rules, checked before any work. One RecipeError listing every violation."""
-    where = str(loaded.path)
-    problems: list[str] = []
-    for label, r in loaded.variants.items():
-        tag = f" (variant '{label}')" if len(loaded.variants) > 1 else ""
-        q = r.quantize
-        src = r.model.source
-        if _looks_like_hub_id(src) and not loaded.resolve(src).exists() and not r.model.revision:
-            problems.append(
-                f"{where}:{_line(lines, ('model', 'source'))}: field 'model.source'{tag}: hub id {src!r} needs a pinned "
-                f"'model.revision' (a commit sha or tag) so runs are reproducible"
-            )
-        if q.method in METHODS_NEEDING_CALIBRATION and r.calibration is None:
-            problems.append(
-                f"{where}:{_line(lines, ('quantize', 'method'))}: field 'quantize.method'{tag}: {q.method} needs "
-                f"calibration data; add a 'calibration:' section with a source"
-            )
-        allowed = METHOD_BITS[q.method][1]
-        if q.method != "none" and q.w_bits not in allowed:
-            why = {"rtn": "rtn writes the AWQ GEMM layout, which holds 4-bit weights only",
-                   "awq": "awq writes the AWQ GEMM layout, which holds 4-bit weights only",
-                   "smoothquant": "smoothquant is W8A8: 8-bit weights"}.get(q.method, f"{q.method} writes")
-            problems.append(
-                f"{where}:{_line(lines, ('quantize', 'w_bits'))}: field 'quantize.w_bits'{tag}: {why}; valid: "
-                f"{' or '.join(map(str, allowed))}; got {q.w_bits}"
-            )
-        if q.method == "smoothquant" and q.smoothquant.layout == "compressed-tensors" and r.compile.target.startswith(
-                ("lmdeploy", "turbomind")):
-            problems.append(
-                f"{where}:{_line(lines, ('quantize', 'smoothquant'))}: field 'quantize.smoothquant.layout'{tag}: lmdeploy "
-                f"reads its own smooth_quant layout; set layout: lmdeploy"
-            )
-        # Static act-order (desc_act with static_groups) keeps g_idx = i // group_size and the checkpoint declares
-        # desc_act: false (pipeline/formats/gptq.py declared_desc_act), which TurboMind loads; the targets' rows
-        # refuse only a permuted g_idx and what else their loaders refuse.
-        settings = _source_format(loaded, r) if q.method == "none" else q.format_settings()
-        why = check_target_loads(r.compile.target, settings)
-        if why:
-            problems.append(f"{where}:{_line(lines, ('compile', 'target'))}: field 'compile.target'{tag}: {why}")
-        why = check_target_option(r.compile.target, r.compile.device, r.compile.kv_cache)
-        if why:
-            field = "device" if why.startswith("compile.device") else "kv_cache"
-            problems.append(f"{where}:{_line(lines, ('compile', field))}: field 'compile.{field}'{tag}: {why}")
-    if problems:
-        raise RecipeError("; ".join(dict.fromkeys(problems)) + ".")
-
-
-def _source_format(loaded: LoadedRecipe, r: Recipe) -> FormatSettings:
-    """What a local source folder declares (a checkpoint quantized elsewhere, passed through with method none)."""
-    from pipeline.errors import QuantizationError
-    from pipeline.formats.detect import detect_format
-
-    src = loaded.resolve(r.model.source)
-    if not (src / "config.json").is_file():
-        return FormatSettings("hf")
-    try:
-        return detect_format(src)
-    except (QuantizationError, ValueError):
-        return FormatSettings("hf")
-
-
-def _looks_like_hub_id(source: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source)) and not source.startswith((".", "/", "~"))
-
-
-def check_model_widths(loaded: LoadedRecipe, config: dict) -> None:
-    """Rules that need the model's config.json: the group size divides every linear's input width."""
-    widths = {
-        "hidden_size": config.get("hidden_size"),
-        "intermediate_size": config.get("intermediate_size"),
-    }
-    for label, r in loaded.variants.items():
-        q = r.quantize
-        if q.method == "none":
-            continue
-        for name, width in widths.items():
-            if isinstance(width, int) and width % q.w_group_size:
-                raise RecipeError(
-                    f"{loaded.path}: field 'quantize.w_group_size' (variant '{label}'): {q.w_group_size} does not divide "
-                    f"the model's {name} {width}; valid group sizes for this model: "
-                    f"{', '.join(str(g) for g in (32, 64, 128) if all(isinstance(w, int) and w % g == 0 for w in widths.values())) or 'none of 32/64/128'}."
-                )
 
 
 def schema() -> dict:
