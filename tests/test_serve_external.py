@@ -53,3 +53,17 @@ def test_a_missing_engine_binary_is_a_clear_error(tmp_path):
     cmd = ServeCommand(["quantship-no-such-engine-server"], "http://127.0.0.1:9")
     with pytest.raises(StageError, match="Could not start 'quantship-no-such-engine-server'.*installed and on PATH"):
         ExternalServer(cmd, tmp_path / "server.log").start()
+
+
+def test_a_server_that_never_becomes_healthy_times_out_with_its_current_log(tmp_path):
+    port = free_port()
+    code = "import sys, time; print('engine: still loading', flush=True); time.sleep(30)"
+    server = ExternalServer(ServeCommand([sys.executable, "-c", code], f"http://127.0.0.1:{port}", "/health"),
+                            tmp_path / "server.log").start()
+    try:
+        with pytest.raises(StageError) as e:
+            server.wait_healthy(timeout_s=3, interval_s=0.2)
+    finally:
+        server.stop()
+    assert "did not become healthy within 3 s" in str(e.value) and "serve.health_timeout_s" in str(e.value)
+    assert "engine: still loading" in str(e.value)  # the log tail read at the timeout, not at the start

@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 from pipeline.errors import StageError
@@ -66,31 +65,19 @@ class ExternalServer:
 
     def wait_healthy(self, timeout_s: float, interval_s: float = 0.5) -> float:
         """Poll ``base_url + health_path`` until 200; fail fast if the process exits. Returns seconds waited."""
-        import httpx
+        from pipeline.serve.server import wait_healthy
 
-        t0 = time.monotonic()
-        last = "no answer yet"
-        url = self.command.base_url.rstrip("/") + self.command.health_path
-        with httpx.Client(timeout=2.0) as client:
-            while True:
-                if not self.alive():
-                    code = self.proc.returncode if self.proc else None
-                    raise StageError(f"{self.command.argv[0]} exited with code {code} before it was healthy. "
-                                     f"Last lines of {self.log_path}:\n{self.log_tail()}")
-                try:
-                    r = client.get(url)
-                    if r.status_code == 200:
-                        return time.monotonic() - t0
-                    last = f"HTTP {r.status_code}"
-                except httpx.HTTPError as e:
-                    last = f"{type(e).__name__}"
-                if time.monotonic() - t0 > timeout_s:
-                    raise StageError(
-                        f"{self.command.argv[0]} at {self.command.base_url} was not healthy at {url} within "
-                        f"{timeout_s:.0f} s (last: {last}); raise serve.health_timeout_s for a large model. Last lines "
-                        f"of {self.log_path}:\n{self.log_tail()}"
-                    )
-                time.sleep(interval_s)
+        def still_running() -> None:
+            if not self.alive():
+                code = self.proc.returncode if self.proc else None
+                raise StageError(f"{self.command.argv[0]} exited with code {code} before it was healthy. "
+                                 f"Last lines of {self.log_path}:\n{self.log_tail()}")
+
+        return wait_healthy(
+            self.command.base_url, timeout_s, interval_s, health_path=self.command.health_path, check=still_running,
+            hint=lambda: f"Raise serve.health_timeout_s for a large model. Last lines of {self.log_path}:\n"
+                         f"{self.log_tail()}",
+        )
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM to the process group, SIGKILL after ``timeout_s``."""

@@ -232,16 +232,29 @@ def serve_forever(
     log.info("server stopped")
 
 
-def wait_healthy(base_url: str, timeout_s: float = 60.0, interval_s: float = 0.2) -> float:
-    """Poll ``GET {base_url}/health`` until it answers 200; return the seconds waited. Raises StageError on timeout."""
+def wait_healthy(
+    base_url: str,
+    timeout_s: float = 60.0,
+    interval_s: float = 0.2,
+    *,
+    health_path: str = "/health",
+    check: Callable[[], None] | None = None,
+    hint: Callable[[], str] = lambda: "Check the server's log; a large model may need a longer timeout.",
+) -> float:
+    """Poll ``GET {base_url}{health_path}`` until it answers 200; return the seconds waited. ``check`` runs before
+    every poll and may raise to stop waiting (a server process that died). Raises StageError on timeout, with
+    ``hint()`` (read then, so a log tail is current) at its end."""
     import httpx
 
     t0 = time.monotonic()
     last = "no answer yet"
+    url = f"{base_url.rstrip('/')}{health_path}"
     with httpx.Client(timeout=max(interval_s, 2.0)) as client:
         while True:
+            if check is not None:
+                check()
             try:
-                r = client.get(f"{base_url.rstrip('/')}/health")
+                r = client.get(url)
                 if r.status_code == 200:
                     return time.monotonic() - t0
                 last = f"HTTP {r.status_code}"
@@ -249,8 +262,7 @@ def wait_healthy(base_url: str, timeout_s: float = 60.0, interval_s: float = 0.2
                 last = f"{type(e).__name__}: {e}"
             if time.monotonic() - t0 > timeout_s:
                 raise StageError(
-                    f"The server at {base_url} did not become healthy within {timeout_s:.0f} s (last: {last}). "
-                    "Check the server's log; a large model may need a longer timeout."
+                    f"The server at {base_url} did not become healthy within {timeout_s:.0f} s (last: {last}). {hint()}"
                 )
             time.sleep(interval_s)
 
