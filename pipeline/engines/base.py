@@ -121,6 +121,18 @@ def serving_files(model_dir: Path) -> dict[str, Any]:
     }
 
 
+def context_length(model_dir: Path) -> int | None:
+    """The model's ``max_position_embeddings`` (top level, or ``text_config``/``llm_config`` of multimodal
+    folders), or None when the config names none."""
+    from pipeline.formats.checkpoint import read_config
+
+    config = read_config(Path(model_dir))
+    for c in (config, config.get("text_config") or {}, config.get("llm_config") or {}):
+        if c.get("max_position_embeddings"):
+            return int(c["max_position_embeddings"])
+    return None
+
+
 def chat_template_text(model_dir: Path) -> str | None:
     """The chat template a folder carries (``chat_template.jinja``, or ``tokenizer_config.json``'s field)."""
     model_dir = Path(model_dir)

@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.engines.base import ARTIFACT_MODEL, Availability, chat_template_text, cuda_devices, link_model_folder
+from pipeline.engines.base import (
+    ARTIFACT_MODEL, Availability, chat_template_text, context_length, cuda_devices, link_model_folder,
+)
 from pipeline.errors import ModelFolderError
 
 LAUNCH = "launch.json"  # the settings serve_command reads back
@@ -56,9 +58,7 @@ def max_seq_len(model_dir: Path, session_len: int | None) -> int:
     """``compile.session_len``, else the model's ``max_position_embeddings``."""
     if session_len:
         return int(session_len)
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    text = config.get("text_config") or {}
-    value = config.get("max_position_embeddings", text.get("max_position_embeddings"))
+    value = context_length(model_dir)
     if not value:
         raise ModelFolderError(
             f"{model_dir}/config.json has no max_position_embeddings, so the engine's maximum sequence length is "

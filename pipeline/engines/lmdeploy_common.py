@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.engines.base import (
-    ARTIFACT_MODEL, Availability, ServeCommand, chat_template_text, cuda_devices, link_model_folder, package_present,
+    ARTIFACT_MODEL, Availability, ServeCommand, chat_template_text, context_length, cuda_devices, link_model_folder,
+    package_present,
 )
 from pipeline.errors import ModelFolderError, StageError
 from pipeline.formats.checkpoint import read_config
@@ -65,13 +66,7 @@ def availability(missing: list[str | None], runs_on: str) -> Availability:
 
 def session_len(model_dir: Path, asked: int | None) -> int | None:
     """``compile.session_len``, else the model's ``max_position_embeddings`` (text_config for VL folders)."""
-    if asked:
-        return asked
-    cfg = read_config(model_dir)
-    for c in (cfg, cfg.get("text_config") or {}, cfg.get("llm_config") or {}):
-        if c.get("max_position_embeddings"):
-            return int(c["max_position_embeddings"])
-    return None
+    return asked or context_length(model_dir)
 
 
 def engine_config(ctx, **backend_fields: Any) -> dict[str, Any]:
