@@ -214,7 +214,12 @@ def load(artifact: Path, device: str):
     """``(model, tokenizer)`` for a compile artifact of this target."""
     from pipeline.stages.compile import engine_model_dir, read_engine
 
-    engine = read_engine(artifact)
+    return load_folder(engine_model_dir(artifact), device, read_engine(artifact))
+
+
+def load_folder(model_dir: Path, device: str, engine: dict):
+    """``(model, tokenizer)`` for a model folder with a compile artifact's safety settings (``allow_pickle``,
+    ``trust_remote_code``): float32 on the CPU, float16 on a GPU."""
     dtype = torch.float32 if device == "cpu" else torch.float16
-    return load_model(engine_model_dir(artifact), device=device, dtype=dtype,
+    return load_model(model_dir, device=device, dtype=dtype,
                       allow_pickle=engine["allow_pickle"], trust_remote_code=engine["trust_remote_code"])

@@ -112,12 +112,11 @@ def engine_model_dir(engine_dir: Path) -> Path:
     return p if p.is_absolute() else Path(engine_dir) / p
 
 
-def resolve_device(device: str) -> str:
+def embedded_device() -> str:
+    """Where the embedded runtime runs on this machine: CUDA when torch sees a GPU, else the CPU."""
     import torch
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_engine(engine_dir: Path):
@@ -129,7 +128,7 @@ def load_engine(engine_dir: Path):
             f"{engine_dir}: target {engine['target']!r} has no in-process runtime here; evaluate or serve it "
             "through its own server on a machine that runs it."
         )
-    return module.load(Path(engine_dir), resolve_device(engine["device"]))
+    return module.load(Path(engine_dir), engine["device"])  # resolved at compile (resolve_target_device)
 
 
 def load_for_eval(engine_dir: Path):
@@ -138,16 +137,10 @@ def load_for_eval(engine_dir: Path):
     weights, other kernels), named as such in ``runtime`` so no report passes it off as the engine's figure."""
     engine = read_engine(engine_dir)
     module = engine_module(engine["target"])
-    device = resolve_device(engine["device"]) if engine["device"] in ("auto", "cpu", "cuda") else "auto"
     if hasattr(module, "load") and module.available(engine["device"]).runs:
-        model, tokenizer = module.load(Path(engine_dir), device)
+        model, tokenizer = module.load(Path(engine_dir), engine["device"])
         return model, tokenizer, engine["target"]
-    from pipeline.engines.transformers_engine import load_model
+    from pipeline.engines.transformers_engine import load_folder
 
-    device = resolve_device("auto")
-    import torch
-
-    model, tokenizer = load_model(Path(engine["source_model_dir"]), device=device,
-                                  dtype=torch.float32 if device == "cpu" else torch.float16,
-                                  allow_pickle=engine["allow_pickle"], trust_remote_code=engine["trust_remote_code"])
+    model, tokenizer = load_folder(Path(engine["source_model_dir"]), embedded_device(), engine)
     return model, tokenizer, f"transformers on the same checkpoint ({engine['engine']} not run here)"
