@@ -8,29 +8,17 @@ never the model. Embeddings, norms and ``lm_head`` keep their source dtype.
 from __future__ import annotations
 
 import logging
-import re
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from pipeline.errors import ModelFolderError, QuantizationError
+from pipeline.errors import QuantizationError
 from pipeline.formats import awq_gemm
-from pipeline.formats.checkpoint import (
-    DEFAULT_SHARD_BYTES,
-    CheckpointWriter,
-    copy_side_files,
-    open_checkpoint,
-    read_config,
-    write_config,
-)
-from pipeline.quant.arch import arch_spec
+from pipeline.formats.checkpoint import DEFAULT_SHARD_BYTES
 from pipeline.quant.primitives import QuantizedWeight, quantize_groupwise, quantize_with_qparams
+from pipeline.quant.rewrite import Progress, plan_walk, rewrite_checkpoint
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[int, int, str], None]
 
 
 def rtn_quantize_weight(w: torch.Tensor, bits: int, group_size: int, sym: bool = False, clip_ratio=1.0) -> QuantizedWeight:
@@ -46,16 +34,6 @@ def rtn_quantize_weight(w: torch.Tensor, bits: int, group_size: int, sym: bool =
     g = w.float().reshape(out_features, in_features // group_size, group_size)
     w_int = quantize_with_qparams(g, scales.unsqueeze(-1), qw.zeros.unsqueeze(-1), bits).reshape(w.shape)
     return QuantizedWeight(w_int=w_int, scales=scales, zeros=qw.zeros, bits=bits, group_size=group_size)
-
-
-def _num_layers(config: dict) -> int:
-    n = config.get("num_hidden_layers")
-    if not isinstance(n, int):
-        raise ModelFolderError(
-            "config.json has no integer num_hidden_layers, so the decoder layers cannot be walked. Is this a "
-            "text-only causal LM folder?"
-        )
-    return n
 
 
 def check_group_size(shapes: dict[str, tuple[int, ...]], group_size: int) -> None:
@@ -96,87 +74,24 @@ def quantize_checkpoint_rtn(
     "weight_bytes" (the safetensors files), "source_bytes" (tensor bytes read), "seconds"}``.
     ``progress(done, total, what)`` is called after each decoder layer.
     """
-    src_dir, out_dir = Path(src_dir), Path(out_dir)
     awq_gemm.check_bits(bits)
-    config = read_config(src_dir)
-    if "quantization_config" in config:
-        raise QuantizationError(
-            f"{src_dir} is already quantized (config.json has quantization_config "
-            f"{config['quantization_config'].get('quant_method')!r}); quantize the unquantized model instead."
-        )
-    spec = arch_spec((config.get("architectures") or [None])[0])
-    n_layers = _num_layers(config)
-    progress = progress or (lambda done, total, what: None)
-    started = time.perf_counter()
-    layer_re = re.compile(rf"^{re.escape(spec.layers)}\.(\d+)\.")
+    walk = plan_walk(Path(src_dir))
 
-    with open_checkpoint(src_dir, allow_pickle=allow_pickle) as ck:
-        names = ck.keys()
-        by_layer: dict[int, list[str]] = {i: [] for i in range(n_layers)}
-        other = []
-        for name in names:
-            m = layer_re.match(name)
-            if m and int(m.group(1)) in by_layer:
-                by_layer[int(m.group(1))].append(name)
-            else:
-                other.append(name)
-        # Validate every width before any work (shapes come from the safetensors headers, no data read).
-        shapes = {}
-        for i in range(n_layers):
-            for linear in spec.linears:
-                key = f"{spec.layers}.{i}.{linear}.weight"
-                if key not in ck:
-                    raise QuantizationError(
-                        f"{key} is missing from {src_dir}: the {config['architectures'][0]} layer map expects it. "
-                        "The checkpoint does not match its config.json."
-                    )
-                shapes[key[: -len(".weight")]] = ck.shape(key)
-        check_group_size(shapes, group_size)
+    def rewrite(module: str, leaf: str, t: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        if leaf == "weight":
+            return awq_gemm.pack(rtn_quantize_weight(t, bits, group_size, sym))
+        if leaf == "bias":
+            return {"bias": t.to(torch.float16)}  # AutoAWQ gemm.py: bias.half()
+        return None
 
-        writer = CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes)
-        source_bytes = 0
-        for name in other:  # embeddings, final norm, lm_head: kept as they are
-            t = ck.get(name)
-            source_bytes += t.numel() * t.element_size()
-            writer.add(name, t)
-        quantized = 0
-        for i in range(n_layers):
-            prefix = f"{spec.layers}.{i}."
-            linears = {f"{prefix}{linear}" for linear in spec.linears}
-            for name in by_layer[i]:
-                t = ck.get(name)
-                source_bytes += t.numel() * t.element_size()
-                module, _, leaf = name.rpartition(".")
-                if module in linears and leaf == "weight":
-                    qw = rtn_quantize_weight(t, bits, group_size, sym)
-                    for suffix, packed in awq_gemm.pack(qw).items():
-                        writer.add(f"{module}.{suffix}", packed)
-                    quantized += 1
-                elif module in linears and leaf == "bias":
-                    writer.add(name, t.to(torch.float16))  # AutoAWQ gemm.py: bias.half()
-                else:
-                    writer.add(name, t)
-            progress(i + 1, n_layers, f"layer {i + 1}/{n_layers}")
-        files = writer.close()
-
-    write_config(src_dir, out_dir, awq_gemm.quantization_config(bits, group_size, sym=sym))
-    side = copy_side_files(src_dir, out_dir)
-    weight_bytes = sum((out_dir / f).stat().st_size for f in files)
-    written = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
-    seconds = time.perf_counter() - started
+    # Every width is validated before any work (shapes come from the safetensors headers, no data read).
+    stats = rewrite_checkpoint(walk, out_dir, rewrite, awq_gemm.quantization_config(bits, group_size, sym=sym),
+                               check_shapes=lambda shapes: check_group_size(shapes, group_size), progress=progress,
+                               allow_pickle=allow_pickle, max_shard_bytes=max_shard_bytes)
+    side = stats.pop("side_files")
     log.info(
         "RTN w%d g%d%s: %d linears in %d layers, %.1f MB -> %.1f MB in %.1fs (copied %s)",
-        bits, group_size, " sym" if sym else "", quantized, n_layers, source_bytes / 1e6, weight_bytes / 1e6, seconds,
-        ", ".join(side) or "no side files",
+        bits, group_size, " sym" if sym else "", stats["quantized_linears"], stats["layers"],
+        stats["source_bytes"] / 1e6, stats["weight_bytes"] / 1e6, stats["seconds"], ", ".join(side) or "no side files",
     )
-    return {
-        "bits": bits,
-        "group_size": group_size,
-        "sym": sym,
-        "quantized_linears": quantized,
-        "layers": n_layers,
-        "bytes": written,
-        "weight_bytes": weight_bytes,
-        "source_bytes": source_bytes,
-        "seconds": round(seconds, 3),
-    }
+    return {"bits": bits, "group_size": group_size, "sym": sym, **stats}
