@@ -1,5 +1,13 @@
 """Hugging Face model folders: read tensors lazily (one at a time, all shards), write quantized folders.
 
+Safetensors shards are read with positioned reads (``os.preadv``) into a buffer of the tensor's own size, not
+memory-mapped: a mapped shard's pages stay in the process's resident set until it is unmapped, so walking a 16 GB
+checkpoint through ``safe_open`` raised host RSS by 16 GB (issue 10); here host memory holds the tensors a caller
+keeps, nothing more. ``get(name, device="cuda")`` reads into pinned memory and copies to the GPU without blocking.
+The header layout (8-byte little-endian length, JSON ``{name: {dtype, shape, data_offsets}}``, then the data) is
+the safetensors format (huggingface/safetensors, docs "Format"); ``write_safetensors_stream`` writes the same
+layout one tensor at a time, for checkpoints that never exist whole in memory.
+
 Reading follows what transformers reads: ``model.safetensors.index.json`` (its ``weight_map``) or
 ``model.safetensors``; pickled ``pytorch_model.bin`` / ``*.pt`` files only when the caller allows pickles, since
 unpickling runs code from the file. Writing produces ``model.safetensors``, or ``model-0000i-of-0000n.safetensors``
@@ -14,8 +22,10 @@ import json
 import logging
 import os
 import shutil
+import struct
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -47,6 +57,75 @@ SIDE_FILE_PATTERNS = (
 )
 
 
+# safetensors dtype names (huggingface/safetensors, safetensors/src/tensor.rs ``Dtype``) -> torch dtypes
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    **{k: getattr(torch, v) for k, v in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
+       if hasattr(torch, v)},
+}
+_DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit on the JSON header
+
+
+def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """``(data offset, {name: {"dtype", "shape", "data_offsets"}})`` of a safetensors file, reading its header only."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            (n,) = struct.unpack("<Q", head) if len(head) == 8 else (None,)
+            if n is None or n > _MAX_HEADER:
+                raise ValueError("no valid header length")
+            raw = f.read(n)
+            if len(raw) != n:
+                raise ValueError("header cut short")
+        header = json.loads(raw)
+        header.pop("__metadata__", None)
+        for name, e in header.items():
+            if e["dtype"] not in SAFETENSORS_DTYPES or len(e["data_offsets"]) != 2:
+                raise ValueError(f"tensor {name}: dtype {e['dtype']!r} unknown or bad offsets")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelFolderError(
+            f"{path} cannot be read as safetensors ({e}). It is truncated or corrupt; fetch the model again."
+        ) from e
+    return 8 + n, header
+
+
+def _pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    got = 0
+    while got < len(view):
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if k <= 0:
+            raise ModelFolderError(f"{path} ends inside a tensor's data: it is truncated; fetch the model again.")
+        got += k
+
+
+def write_safetensors_stream(path: Path, specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+                             produce: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+    """Write a safetensors file tensor by tensor: ``specs`` (name, dtype, shape) fix the header first, then
+    ``produce(name)`` is called once per tensor in that order and its bytes appended, so only one tensor is ever
+    in host memory. Returns the file's size in bytes."""
+    specs = list(specs)
+    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape in specs:
+        size = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data aligned to 8 bytes, as the library writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, dtype, shape in specs:
+            t = produce(name)
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{name}: produced {t.dtype} {tuple(t.shape)}, declared {dtype} {tuple(shape)}")
+            t = t.detach().to("cpu").contiguous()
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return 8 + len(raw) + offset
+
+
 def read_config(model_dir: Path) -> dict[str, Any]:
     """``config.json`` of a model folder as a dict."""
     path = Path(model_dir) / CONFIG
@@ -70,8 +149,9 @@ class CheckpointReader:
         self.model_dir = Path(model_dir)
         self.is_safetensors = True
         self._shard_of: dict[str, str] = {}  # tensor name -> shard file name
-        self._handles: dict[str, Any] = {}
+        self._handles: dict[str, tuple[int, int, dict[str, Any]]] = {}  # shard -> (fd, data offset, header)
         self._pickle_cache: tuple[str, dict[str, torch.Tensor]] | None = None
+        self._lock = threading.Lock()  # a prefetch thread may open a shard while the caller reads another
         self._discover(allow_pickle)
 
     # -- discovery ------------------------------------------------------------------------------------------------
@@ -119,20 +199,35 @@ class CheckpointReader:
         return dict(weight_map)
 
     def _safe_keys(self, shard: str) -> list[str]:
-        return list(self._handle(shard).keys())
+        return list(self._handle(shard)[2])
 
-    def _handle(self, shard: str):
-        if shard not in self._handles:
-            from safetensors import safe_open
+    def _handle(self, shard: str) -> tuple[int, int, dict[str, Any]]:
+        with self._lock:
+            if shard not in self._handles:
+                path = self.model_dir / shard
+                base, header = read_safetensors_header(path)
+                self._handles[shard] = (os.open(path, os.O_RDONLY), base, header)
+            return self._handles[shard]
 
-            try:
-                self._handles[shard] = safe_open(str(self.model_dir / shard), framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises its own SafetensorError for a truncated or corrupt header
-                raise ModelFolderError(
-                    f"{self.model_dir / shard} cannot be read as safetensors ({e}). It is truncated or corrupt; "
-                    "fetch the model again."
-                ) from e
-        return self._handles[shard]
+    def _read_safe(self, shard: str, name: str, device: torch.device | None) -> torch.Tensor:
+        """One tensor by a positioned read into its own buffer (pinned when it goes on to a GPU; thread-safe)."""
+        fd, base, header = self._handle(shard)
+        try:
+            entry = header[name]
+        except KeyError:
+            raise ModelFolderError(
+                f"{self.model_dir / shard} has no tensor {name!r} although the shard index lists it there; "
+                "fetch the model again."
+            ) from None
+        start, end = entry["data_offsets"]
+        pin = device is not None and device.type == "cuda"
+        buf = torch.empty(end - start, dtype=torch.uint8, pin_memory=pin)
+        if end > start:
+            _pread_into(fd, memoryview(buf.numpy()), base + start, self.model_dir / shard)
+        t = buf.view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        if device is not None and device.type != "cpu":
+            t = t.to(device, non_blocking=pin)
+        return t
 
     def _load_pickle(self, shard: str) -> dict[str, torch.Tensor]:
         if self._pickle_cache is None or self._pickle_cache[0] != shard:
@@ -165,14 +260,17 @@ class CheckpointReader:
         """The shape of a tensor, without reading its data (safetensors)."""
         shard = self._shard(name)
         if self.is_safetensors:
-            return tuple(self._handle(shard).get_slice(name).get_shape())
+            return tuple(self._handle(shard)[2][name]["shape"])
         return tuple(self._load_pickle(shard)[name].shape)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
+        """The tensor ``name`` in its stored dtype, on ``device`` (default: the CPU). A fresh tensor each call."""
         shard = self._shard(name)
+        device = None if device is None else torch.device(device)
         if self.is_safetensors:
-            return self._handle(shard).get_tensor(name)
-        return self._load_pickle(shard)[name]
+            return self._read_safe(shard, name, device)
+        t = self._load_pickle(shard)[name]
+        return t if device is None else t.to(device)
 
     def get_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
         """Every tensor named ``prefix + "." + suffix``, keyed by ``suffix`` (e.g. one linear's tensors)."""
@@ -180,6 +278,8 @@ class CheckpointReader:
         return {k[len(head):]: self.get(k) for k in self._shard_of if k.startswith(head)}
 
     def close(self) -> None:
+        for fd, _, _ in self._handles.values():
+            os.close(fd)
         self._handles.clear()
         self._pickle_cache = None
 
