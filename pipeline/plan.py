@@ -77,10 +77,11 @@ class Plan:
         return self.root / PLAN
 
 
-def tool_versions() -> dict[str, str]:
-    """Versions of the tools whose behaviour a stage's output depends on (read without importing them)."""
+def tool_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Versions of the tools whose behaviour a stage's output depends on (read without importing them); ``extra``
+    names more distributions (a quantizer, an engine) for a manifest, outside the cache keys."""
     out = {"quantship": __version__}
-    for name in _TOOLS:
+    for name in (*_TOOLS, *extra):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -15,12 +15,13 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pipeline import __version__
 from pipeline.artifacts import REPORT_MD, clean_stale, commit_dir, new_tmp_dir, read_manifest
 from pipeline.errors import GateFailed, QuantshipError, StageError
-from pipeline.plan import Plan, StageRun, downstream, tool_versions, variant_recipe
+from pipeline.plan import STAGE_ORDER, Plan, StageRun, downstream, tool_versions, variant_recipe
+from pipeline.provenance import manifest_facts, portable
 from pipeline.stages import StageContext
 
 log = logging.getLogger("pipeline")
@@ -49,35 +50,109 @@ def stage_function(kind: str):
     return importlib.import_module(f"pipeline.stages.{kind}").run
 
 
-def execute(plan: Plan, force: set[str] | None = None, progress: Any = None) -> RunOutcome:
-    """Run every stage of ``plan`` that is not already complete (or that ``force`` names, with its downstream)."""
+def execute(plan: Plan, force: set[str] | None = None, progress: Any = None, executor: Any = None) -> RunOutcome:
+    """Run every stage of ``plan`` that is not already complete (or that ``force`` names, with its downstream).
+
+    The walk (dependency order, force, skips, gates, progress, the outcome) is the same for every executor; only
+    where a ready stage run runs differs. ``LocalExecutor`` (the default) runs each in this process as it is
+    submitted, so runs go one after another in the plan's order; ``RayExecutor`` runs the ready ones at once
+    as Ray tasks (pipeline/executors/).
+    """
+    from pipeline.executors.local import LocalExecutor
+
+    executor = executor or LocalExecutor()
     plan.root.mkdir(parents=True, exist_ok=True)
     for stale in clean_stale(plan.root):
         log.info("removed the incomplete output of an interrupted run: %s", stale.name)
     plan.save()
     forced = downstream(plan, force or set())
     outcome = RunOutcome()
-    for run in plan.runs:
-        bad_deps = [d for d in run.deps.values() if outcome.statuses.get(d) in ("failed", "skipped")]
-        gated = [v for v in run.variants if v in outcome.gate_failures]
-        if bad_deps or (run.kind == "serve" and len(gated) == len(run.variants)):
-            outcome.statuses[run.id] = "skipped"
-            log.warning("%s skipped: %s", run.id, f"{bad_deps[0]} did not finish" if bad_deps else "a quality gate failed")
-            continue
-        if run.done() and run.id not in forced:
-            outcome.statuses[run.id] = "cached"
-            log.info("%s cached (%s)", run.id, run.dir.name)
-            if progress:
-                progress.cached(run)
-        else:
-            _run_one(plan, run, outcome, progress)
-        if run.kind == "evaluate" and outcome.statuses[run.id] in ("done", "cached"):
-            _check_gates(plan, run, outcome)
+    executor.start(plan)
+    try:
+        pending = list(plan.runs)
+        while pending or executor.busy():
+            for run in list(pending):
+                if all(w in outcome.statuses for w in _waits_on(plan, run)):
+                    pending.remove(run)
+                    _visit(plan, run, outcome, forced, progress, executor)
+                    for result in executor.results(block=False):
+                        _record(plan, result, outcome, progress)
+            if executor.busy():
+                for result in executor.results(block=True):
+                    _record(plan, result, outcome, progress)
+            elif pending:  # nothing runs and nothing can start: a run waits on one that is not in the plan
+                raise RuntimeError(f"plan walk stuck: {[r.id for r in pending]} wait on runs that never finish")
+    finally:
+        executor.close()
     outcome.report = write_report(plan, outcome)
     return outcome
 
 
-def _run_one(plan: Plan, run: StageRun, outcome: RunOutcome, progress: Any) -> None:
+@dataclass
+class StageResult:
+    """What one stage run came to, wherever it ran: done (its folder committed) or failed (nothing left of it)."""
+
+    run_id: str
+    status: str  # done | failed
+    seconds: float = 0.0
+    error: QuantshipError | None = None
+
+
+def _waits_on(plan: Plan, run: StageRun) -> list[str]:
+    """The runs whose status decides this one: its inputs, and for a stage after evaluate (serve), the evaluate
+    runs of its variants (a variant that failed a gate is not served)."""
+    waits = list(run.deps.values())
+    if run.kind in STAGE_ORDER and STAGE_ORDER.index(run.kind) > STAGE_ORDER.index("evaluate"):
+        waits += [plan.variant_runs[v]["evaluate"] for v in run.variants if "evaluate" in plan.variant_runs[v]]
+    return waits
+
+
+def _visit(plan: Plan, run: StageRun, outcome: RunOutcome, forced: set[str], progress: Any, executor: Any) -> None:
+    """Skip, reuse or submit one run whose upstream runs have all finished."""
+    bad_deps = [d for d in run.deps.values() if outcome.statuses.get(d) in ("failed", "skipped")]
+    gated = [v for v in run.variants if v in outcome.gate_failures]
+    if bad_deps or (run.kind == "serve" and len(gated) == len(run.variants)):
+        outcome.statuses[run.id] = "skipped"
+        log.warning("%s skipped: %s", run.id, f"{bad_deps[0]} did not finish" if bad_deps else "a quality gate failed")
+        return
+    if run.done() and run.id not in forced:
+        outcome.statuses[run.id] = "cached"
+        log.info("%s cached (%s)", run.id, run.dir.name)
+        if progress:
+            progress.cached(run)
+        _after(plan, run, outcome)
+        return
+    log.info("%s running -> %s", run.id, run.dir.name)
+    if progress:
+        progress.start(run)
+    executor.submit(plan, run, progress.callback(run) if progress else None)
+
+
+def _record(plan: Plan, result: StageResult, outcome: RunOutcome, progress: Any) -> None:
+    """A finished run's status, error, progress line and (for evaluate) gate verdicts."""
+    run = plan.run(result.run_id)
+    outcome.statuses[run.id] = result.status
+    if result.error is not None:
+        outcome.errors[run.id] = result.error
+        log.error("%s failed: %s", run.id, result.error)
+        if progress:
+            progress.fail(run)
+        return
+    log.info("%s done in %.1fs", run.id, result.seconds)
+    if progress:
+        progress.finish(run, result.seconds)
+    _after(plan, run, outcome)
+
+
+def _after(plan: Plan, run: StageRun, outcome: RunOutcome) -> None:
+    if run.kind == "evaluate":
+        _check_gates(plan, run, outcome)
+
+
+def run_stage(plan: Plan, run: StageRun, progress: Callable[..., None] | None = None) -> StageResult:
+    """Run one stage into a temporary folder and rename it into place with its manifest, in this process or in
+    a Ray worker. A typed error, or a crash (its traceback logged to run.log), comes back in the result, and the
+    temporary folder is removed."""
     recipe = variant_recipe(plan, run)
     section = {"download": recipe.model, "calibrate": recipe.calibration, "quantize": recipe.quantize,
                "compile": recipe.compile, "evaluate": recipe.eval, "serve": recipe.serve}[run.kind]
@@ -89,23 +164,18 @@ def _run_one(plan: Plan, run: StageRun, outcome: RunOutcome, progress: Any) -> N
         inputs={kind: plan.run(dep).dir for kind, dep in run.deps.items()},
         out=tmp,
         log=log.getChild(run.kind),
-        progress=progress.callback(run) if progress else StageContext.__dataclass_fields__["progress"].default,
+        progress=progress or StageContext.__dataclass_fields__["progress"].default,
     )
-    log.info("%s running -> %s", run.id, run.dir.name)
-    if progress:
-        progress.start(run)
     started = time.time()
     t0 = time.perf_counter()
     try:
         metrics = stage_function(run.kind)(ctx) or {}
     except QuantshipError as e:
-        _fail(run, outcome, e, tmp, progress)
-        return
+        return _failed(run, tmp, e)
     except Exception as e:  # a bug or an unexpected library failure: keep the traceback in the log
         log.debug("%s crashed:\n%s", run.id, traceback.format_exc())
-        _fail(run, outcome, StageError(f"{run.id} failed unexpectedly: {type(e).__name__}: {e}. The traceback is in "
-                                       f"{plan.root / 'run.log'}."), tmp, progress)
-        return
+        return _failed(run, tmp, StageError(f"{run.id} failed unexpectedly: {type(e).__name__}: {e}. The traceback "
+                                            f"is in {plan.root / 'run.log'}."))
     seconds = time.perf_counter() - t0
     manifest = {
         "quantship": __version__,
@@ -113,29 +183,23 @@ def _run_one(plan: Plan, run: StageRun, outcome: RunOutcome, progress: Any) -> N
         "run_id": run.id,
         "key": run.key,
         "variants": run.variants,
-        "config": run.config,
+        "config": portable(run.config),  # absolute local paths shown as <local>/<name>: artifacts are relocatable
         "inputs": {kind: {"run": dep, "key": plan.run(dep).key, "dir": plan.run(dep).dir.name}
                    for kind, dep in run.deps.items()},
-        "input_files": run.inputs,
+        "input_files": portable(run.inputs),
         "versions": tool_versions(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(seconds, 3),
         "metrics": metrics,
+        **manifest_facts(plan, run, tmp),  # recipe (secrets removed), source commit, calibration hash, tools, CUDA
     }
     commit_dir(tmp, run.dir, manifest)
-    outcome.statuses[run.id] = "done"
-    log.info("%s done in %.1fs", run.id, seconds)
-    if progress:
-        progress.finish(run, seconds)
+    return StageResult(run.id, "done", seconds)
 
 
-def _fail(run: StageRun, outcome: RunOutcome, error: QuantshipError, tmp: Path, progress: Any) -> None:
+def _failed(run: StageRun, tmp: Path, error: QuantshipError) -> StageResult:
     shutil.rmtree(tmp, ignore_errors=True)
-    outcome.statuses[run.id] = "failed"
-    outcome.errors[run.id] = error
-    log.error("%s failed: %s", run.id, error)
-    if progress:
-        progress.fail(run)
+    return StageResult(run.id, "failed", error=error)
 
 
 def _check_gates(plan: Plan, run: StageRun, outcome: RunOutcome) -> None:

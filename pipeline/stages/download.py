@@ -2,7 +2,9 @@
 
 Hub models go through ``huggingface_hub.snapshot_download`` into the usual HF cache (so ``HF_HOME``,
 ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE`` work as everywhere else); the artifact records where the snapshot is.
-The token comes from the environment (``HF_TOKEN``) and is never written anywhere.
+The token comes from the environment (``HF_TOKEN``) and is never written anywhere. ``model.json`` records the
+source's id, the commit it resolved to (the snapshot folder's name for the hub; the git checkout's HEAD or the hub
+cache snapshot for a local folder, else None with why) and a fingerprint of its files (``pipeline.provenance``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from pipeline.artifacts import MODEL_LINK, sha256_file, write_json
 from pipeline.errors import ModelFolderError
+from pipeline.provenance import resolve_source
 from pipeline.stages import StageContext
 
 SAFE_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
@@ -33,12 +36,16 @@ def run(ctx: StageContext) -> dict:
         origin = {"kind": "hub", "repo_id": cfg.source, "revision": cfg.revision}
     files = check_model_folder(folder, allow_pickle=cfg.allow_pickle)
     ctx.progress(1, 1, "checked")
-    write_json(ctx.out / MODEL_LINK, {"path": str(folder), **origin, "files": files})
+    source = resolve_source(folder, origin, files)  # id, resolved commit, fingerprint: copied into every manifest
+    # A pointer by design (DESIGN.md: never a needless copy): the one artifact that names an absolute path, and
+    # not a publishable one (pipeline.verify.pointer_note says so; verify checks the files it points at).
+    write_json(ctx.out / MODEL_LINK, {"path": str(folder), **origin, "source": source, "files": files})
     config = json.loads((folder / "config.json").read_text())
     return {
         "architecture": (config.get("architectures") or ["?"])[0],
         "bytes": sum(f["bytes"] for f in files),
         "files": len(files),
+        "commit": source["commit"],
     }
 
 
