@@ -123,6 +123,7 @@ class Sequence:
         self.submitted = time.perf_counter()
         self.first_token_s: float | None = None
         self.shown = 0  # characters of the reply already sent as deltas
+        self.lp_sent = 0  # log-probs already sent as events
         self.generator: torch.Generator | None = None
         if params.temperature > 0:
             self.generator = torch.Generator()
@@ -143,6 +144,90 @@ class Sequence:
         return len(self.prompt) + self.params.max_tokens
 
 
+# ------------------------------------------------------------------------------------- the batch's cache
+
+
+@dataclass
+class BatchState:
+    """The running batch as a decode step sees it. Row ``b`` is ``seqs[b]``; ``cache`` holds, for every layer,
+    keys and values ``[batch, heads, past, dim]`` with row ``b``'s ``lengths[b]`` real columns right-aligned
+    (zeros left of them). The scheduler sets ``input_ids`` ``[batch, 1]`` (each row's last token),
+    ``position_ids`` ``[batch, 1]`` (= ``lengths``) and ``attention_mask`` ``[batch, past + 1]`` before each step;
+    a step appends one column per layer to ``cache`` and returns the logits ``[batch, vocab]``.
+    ``regroups`` counts membership changes (a static-cache step copies the cache in again when it changes)."""
+
+    seqs: list[Any]
+    cache: Any
+    lengths: list[int]
+    past: int
+    input_ids: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    regroups: int = 0
+
+
+def cache_kwarg(model: Any) -> str:
+    """forward's cache argument: transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns
+    until 5.40)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+DecodeStep = Callable[[Any, BatchState], torch.Tensor]
+
+
+class DynamicCacheStep:
+    """The default decode step: one eager forward over a transformers ``DynamicCache`` (its ``update``
+    appends the new column). Any ``step(model, state) -> logits`` with the same contract can replace it
+    (``Scheduler(..., step=...)``), e.g. a graph-captured static-cache step on CUDA."""
+
+    def __init__(self, model: Any) -> None:
+        self.cache_kw = cache_kwarg(model)
+
+    def __call__(self, model: Any, state: BatchState) -> torch.Tensor:
+        out = model(
+            input_ids=state.input_ids,
+            attention_mask=state.attention_mask,
+            position_ids=state.position_ids,
+            cache_position=torch.tensor([state.past], device=state.input_ids.device),
+            use_cache=True,
+            **{self.cache_kw: state.cache},
+        )
+        return out.logits[:, -1]
+
+
+def regroup(
+    layers: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    past: int,
+    keep: list[int],
+    kept_lengths: list[int],
+    joining: list[list[tuple[torch.Tensor, torch.Tensor]]],
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+    """The padded per-layer cache of a batch whose membership changed: rows ``keep`` of ``layers``
+    (``[B, heads, past, dim]``, right-aligned, real lengths ``kept_lengths``) then the ``joining`` sequences'
+    own caches (``[1, heads, L, dim]`` per layer), all right-aligned to the longest. Returns (layers, past)."""
+    new_past = max(kept_lengths + [c[0][0].shape[2] for c in joining])
+    n_layers = len(layers) if layers is not None else len(joining[0])
+    out = []
+    for i in range(n_layers):
+        kv = []
+        for j in (0, 1):
+            parts = []
+            if keep:
+                old = layers[i][j].index_select(0, torch.tensor(keep, device=layers[i][j].device))
+                if new_past <= past:
+                    old = old[:, :, past - new_past :]
+                else:
+                    old = torch.nn.functional.pad(old, (0, 0, new_past - past, 0))
+                parts.append(old)
+            if joining:
+                parts.append(pad_left([c[i][j] for c in joining], new_past))
+            kv.append(parts[0] if len(parts) == 1 else torch.cat(parts, 0))
+        out.append((kv[0], kv[1]))
+    return out, new_past
+
+
 # ------------------------------------------------------------------------------------- scheduler
 
 
@@ -157,32 +242,55 @@ class Scheduler:
         max_batch_size: int = 16,
         max_batch_tokens: int = 65536,
         hold_space: bool = False,
+        *,
+        max_queued: int | None = None,
+        max_queued_tokens: int | None = None,
+        step: DecodeStep | None = None,
     ) -> None:
         self.model, self.decode, self.eos = model, decode, set(eos_token_ids)
         self.hold_space = hold_space
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
+        self.max_queued, self.max_queued_tokens = max_queued, max_queued_tokens
+        self.step: DecodeStep = step if step is not None else DynamicCacheStep(model)
         self.waiting: queue.Queue[Sequence] = queue.Queue()
         self.active: list[Sequence] = []
+        self.state: BatchState | None = None  # the running batch's padded cache (rows = state.seqs)
         self._held: Sequence | None = None  # a sequence taken from the queue that did not fit yet
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self._queued, self._queued_tokens = 0, 0  # sequences / reserved tokens submitted, not yet admitted
         self._stop = threading.Event()
         self.steps = 0
-        import inspect
-
-        # transformers 5.24 renamed forward's ``past_key_values`` to ``cache`` (the old name warns until 5.40).
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_kwarg(model)
 
     # -- public
 
     @property
     def queue_depth(self) -> int:
-        return self.waiting.qsize() + (self._held is not None)
+        return self._queued
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
 
     @property
     def batch_size(self) -> int:
         return len(self.active)
+
+    def capacity_error(self, n: int, tokens: int) -> str | None:
+        """Why ``n`` more sequences reserving ``tokens`` in all may not queue now (the caps), or None.
+
+        Sequences that can join the batch at the next step (free batch slots) do not count against
+        ``max_queued``; a request arriving at an empty queue is never refused for its tokens alone."""
+        queued, room = self._queued, max(0, self.max_batch_size - len(self.active))
+        if self.max_queued is not None and queued + n > self.max_queued + room:
+            return (f"{queued} sequences are already waiting for the batch (cap {self.max_queued} beyond its "
+                    f"free slots); this request adds {n}")  # fmt: skip
+        if self.max_queued_tokens is not None and queued and self._queued_tokens + tokens > self.max_queued_tokens:
+            return (f"{self._queued_tokens} tokens are already reserved by waiting sequences (cap "
+                    f"{self.max_queued_tokens}); this request reserves {tokens}")  # fmt: skip
+        return None
 
     def submit(self, seq: Sequence) -> Sequence:
         with self._start_lock:
@@ -190,6 +298,9 @@ class Scheduler:
                 self._stop.clear()
                 self._thread = threading.Thread(target=self._loop, name="quantship-scheduler", daemon=True)
                 self._thread.start()
+        with self._count_lock:
+            self._queued += 1
+            self._queued_tokens += seq.reserved
         self.waiting.put(seq)
         return seq
 
@@ -222,7 +333,8 @@ class Scheduler:
                 log.exception("batch step failed; failing %d sequences", len(self.active))
                 for seq in self.active:
                     seq.sink("error", e)
-                self.active = []
+                    seq.cache = []
+                self.active, self.state = [], None
         stopping = RuntimeError("The server is shutting down; the request was not finished.")
         waiting = self.active + ([self._held] if self._held is not None else [])
         while not self.waiting.empty():
@@ -231,7 +343,12 @@ class Scheduler:
             if seq is not None and not seq.cancelled.is_set():
                 seq.sink("error", stopping)
                 seq.cancel()
-        self.active, self._held = [], None
+        self.active, self._held, self.state = [], None, None
+
+    def _dequeued(self, seq: Sequence) -> None:
+        with self._count_lock:
+            self._queued -= 1
+            self._queued_tokens -= seq.reserved
 
     def _admit(self) -> list[Sequence]:
         """Take waiting sequences that fit; block while nothing is active."""
@@ -249,10 +366,12 @@ class Scheduler:
             if seq is None:  # shutdown wake-up
                 break
             if seq.cancelled.is_set():
+                self._dequeued(seq)
                 continue
             if (self.active or newcomers) and reserved + seq.reserved > self.max_batch_tokens:
                 self._held = seq
                 break
+            self._dequeued(seq)
             newcomers.append(seq)
             reserved += seq.reserved
         return newcomers
@@ -271,6 +390,7 @@ class Scheduler:
             seq.prompt_logprobs = [TokenLogprob(seq.prompt[0], None, [])] + [
                 TokenLogprob(t, float(lp[i, t]), top_logprobs(lp[i], k)) for i, t in enumerate(seq.prompt[1:])
             ]
+            seq.sink("prompt_logprobs", seq.prompt_logprobs)
         seq.cache = [(layer.keys, layer.values) for layer in cache.layers]
         self.active.append(seq)
         if seq.params.max_tokens > 0:
@@ -278,35 +398,42 @@ class Scheduler:
         else:
             self._finish(seq, "length")
 
-    def _decode_step(self) -> None:
+    def _regroup(self) -> BatchState:
+        """The batch state for ``self.active``: the same object while membership is unchanged, else the kept
+        rows sliced out of the old padded cache and the newcomers' prefill caches padded in (:func:`regroup`)."""
         from transformers import DynamicCache
 
-        batch = self.active
-        lengths = [s.length - 1 for s in batch]  # tokens already in each cache (the last id is fed now)
-        past = max(lengths)
-        layers = [
-            (pad_left([s.cache[i][0] for s in batch], past), pad_left([s.cache[i][1] for s in batch], past))
-            for i in range(len(batch[0].cache))
-        ]
-        device = self.model.device
+        state = self.state
+        if state is not None and len(state.seqs) == len(self.active) and all(
+            a is b for a, b in zip(state.seqs, self.active)
+        ):
+            return state
+        rows = {id(s): b for b, s in enumerate(state.seqs)} if state is not None else {}
+        kept = [s for s in self.active if id(s) in rows]
+        joining = [s for s in self.active if id(s) not in rows]
+        old = [(layer.keys, layer.values) for layer in state.cache.layers] if state is not None and kept else None
+        layers, past = regroup(old, state.past if state else 0, [rows[id(s)] for s in kept],
+                               [state.lengths[rows[id(s)]] for s in kept], [s.cache for s in joining])  # fmt: skip
+        lengths = [state.lengths[rows[id(s)]] for s in kept] + [s.length - 1 for s in joining]
+        for s in joining:
+            s.cache = []  # its columns now live in the batch's cache
+        self.active = kept + joining
         cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
-        input_ids = torch.tensor([[s.ids[-1]] for s in batch], dtype=torch.long, device=device)
-        mask = left_pad_mask([n + 1 for n in lengths], past + 1).to(device)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=torch.tensor([[n] for n in lengths], device=device),
-            cache_position=torch.tensor([past], device=device),
-            use_cache=True,
-            **{self._cache_kw: cache},
-        )
+        self.state = BatchState(self.active, cache, lengths, past, regroups=(state.regroups + 1 if state else 1))
+        return self.state
+
+    def _decode_step(self) -> None:
+        state = self._regroup()
+        batch = state.seqs
+        device = self.model.device
+        state.input_ids = torch.tensor([[s.ids[-1]] for s in batch], dtype=torch.long, device=device)
+        state.position_ids = torch.tensor([[n] for n in state.lengths], device=device)
+        state.attention_mask = left_pad_mask([n + 1 for n in state.lengths], state.past + 1).to(device)
+        logits = self.step(self.model, state).float()
+        state.past += 1
+        state.lengths = [n + 1 for n in state.lengths]
         self.steps += 1
-        logits = out.logits[:, -1].float()
         for b, seq in enumerate(batch):
-            seq.cache = [
-                (torch.cat([k, layer.keys[b : b + 1, :, -1:]], 2), torch.cat([v, layer.values[b : b + 1, :, -1:]], 2))
-                for (k, v), layer in zip(seq.cache, cache.layers)
-            ]
             if not seq.cancelled.is_set():
                 self._advance(seq, logits[b])
 
@@ -334,6 +461,7 @@ class Scheduler:
             return self._finish(seq, "length")
         end = safe_text_end(text, p.stops, self.hold_space)
         if end > seq.shown:
+            self._send_logprobs(seq)
             seq.sink("token", text[seq.shown : end])
             seq.shown = end
 
@@ -346,8 +474,10 @@ class Scheduler:
         if cut is not None:
             text = text[:cut]
         if len(text) > seq.shown:
+            self._send_logprobs(seq)
             seq.sink("token", text[seq.shown :])
             seq.shown = len(text)
+        self._send_logprobs(seq)  # the tokens no text was shown for (EOS, a stop string)
         seq.sink(
             "done",
             FinishedSequence(
@@ -364,3 +494,13 @@ class Scheduler:
             else:
                 keep.append(s)
         self.active = keep
+        if not keep:
+            self.state = None  # the batch's cache goes with its last sequence
+
+    @staticmethod
+    def _send_logprobs(seq: Sequence) -> None:
+        """The log-probs of the tokens chosen since the last call, as one ``("logprobs", [...])`` event (sent
+        before the text they produced, so a streamed chunk carries both)."""
+        if seq.logprobs is not None and len(seq.logprobs) > seq.lp_sent:
+            seq.sink("logprobs", seq.logprobs[seq.lp_sent :])
+            seq.lp_sent = len(seq.logprobs)
