@@ -273,6 +273,28 @@ def compare(run_dirs: tuple[Path, ...], out: Path) -> None:
     click.echo(f"report: {report} (and report.html)")
 
 
+@main.command()
+@click.argument("folder", metavar="DIR", type=click.Path(path_type=Path))
+def verify(folder: Path) -> None:
+    """Recompute the sha256 of every file of an artifact folder (or of every artifact in a run's outputs/<recipe>/
+    folder) and name any file changed, missing or added since its manifest was written. Exits 1 on a mismatch."""
+    from pipeline.verify import VerifyError, explain, pointer_note, verify_tree
+
+    try:
+        results = verify_tree(folder)
+    except QuantshipError as e:
+        _fail(e)
+    for artifact, problems in results.items():
+        click.echo(f"{'ok' if not problems else 'FAILED'}  {artifact.name}"
+                   + (f": {', '.join(str(p) for p in problems)}" if problems else ""))
+        note = pointer_note(artifact)
+        if note:
+            click.echo(f"    note: {note}")
+    if any(results.values()):
+        _fail(VerifyError(explain(results)))
+    click.echo(explain(results))
+
+
 def _announce(api_key: str | None):
     """``on_ready`` for serve_artifact: the URL, the model id and an example request (never the key itself)."""
 

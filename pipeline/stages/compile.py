@@ -6,23 +6,30 @@ quantized elsewhere is only known now), and calls the target's module (contract 
 ``pipeline/engines/base.py``). When this machine can run the engine, the module's ``check_run`` loads the
 artifact in the real engine; when it cannot, the artifact is still built and ``engine.json`` and the manifest
 say 'not run here' and why — never a pretended run. ``compile.require_run: true`` turns that into a failure.
+
+The artifact is relocatable: ``engine.json`` names only paths relative to the artifact. A target that reads the
+quantized folder in place (the embedded one) gets it hard-linked into ``model/`` (copied across file systems),
+and the quantized folder the artifact was built from is named relative to it (``source_artifact``: the sibling
+quantize artifact, read only by the evaluate stand-in for targets that do not run here). Text files that still
+name a local absolute path after the build are listed in ``engine.json``'s ``absolute_paths``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from pipeline.artifacts import ENGINE, model_path, write_json
-from pipeline.errors import QuantizationError, TargetUnavailable
+from pipeline.errors import ModelFolderError, QuantizationError, TargetUnavailable
 from pipeline.stages import StageContext
 from pipeline.targets import TARGETS, check_target_loads, engine_module
 
-ENGINE_JSON_VERSION = 2
+ENGINE_JSON_VERSION = 3  # 3: relative paths only (source_artifact replaces the absolute source_model_dir)
 
 
 def run(ctx: StageContext) -> dict:
-    from pipeline.engines.base import BuildContext, serving_files
+    from pipeline.engines.base import ARTIFACT_MODEL, BuildContext, link_model_folder, serving_files
     from pipeline.formats.detect import detect_format
 
     cfg = ctx.config
@@ -46,31 +53,42 @@ def run(ctx: StageContext) -> dict:
                         trust_remote_code=model.trust_remote_code, allow_pickle=model.allow_pickle, log=ctx.log)
     ctx.progress(0, 2, f"building for {spec.engine}")
     build = module.build(bctx) or {}
-    model_dir = build.pop("model_dir", None) or "model"
+    model_dir = build.pop("model_dir", None) or ARTIFACT_MODEL
+    if Path(model_dir).is_absolute():  # a target reading its input in place: link it in, so the folder travels
+        linked = link_model_folder(Path(model_dir), ctx.out / ARTIFACT_MODEL)
+        ctx.log.info("%s: linked %d file(s) of %s into %s/", ctx.run_id, len(linked), Path(model_dir).name,
+                     ARTIFACT_MODEL)
+        model_dir = ARTIFACT_MODEL
     checked = None
     if availability.runs and hasattr(module, "check_run"):
         ctx.progress(1, 2, f"loading in {spec.engine}")
         checked = module.check_run(ctx.out, ctx.log)
     status = ("ran here" if checked is not None else "runs here") if availability.runs else f"not run here: {availability.why}"
-    served = serving_files(ctx.out / model_dir if not Path(model_dir).is_absolute() else Path(model_dir))
+    served = serving_files(ctx.out / model_dir)
     engine = {
         "version": ENGINE_JSON_VERSION,
         "target": cfg.target,
         "engine": spec.engine,
         "device": device,
         "format": fmt.__dict__,
-        "model_dir": model_dir,  # relative to the artifact, except for the embedded target's link to its input
-        "source_model_dir": str(src),  # the quantized folder it was built from (the embedded runtime reads it)
+        "model_dir": model_dir,  # relative to the artifact
+        # the quantize artifact it was built from, relative to this one (the evaluate stand-in reads its model)
+        "source_artifact": os.path.relpath(ctx.inputs["quantize"], ctx.out),
         "model_name": bctx.model_name,
         "status": status,
         "run_here": availability.runs,
         "why": availability.why,
         "check_run": checked,
         "serving_files": served,
-        "build": build,
+        "build": _relative(build, ctx.out),
         "allow_pickle": model.allow_pickle,
         "trust_remote_code": model.trust_remote_code,
     }
+    roots = [ctx.out, ctx.out.parent, src, src.resolve(), Path.home(), Path.cwd()]
+    engine["absolute_paths"] = absolute_paths(ctx.out, roots)  # e.g. a source folder's own logs, carried verbatim
+    if engine["absolute_paths"]:
+        ctx.log.info("%s: the artifact names local paths, so a copy of it may not load elsewhere: %s",
+                        ctx.run_id, "; ".join(engine["absolute_paths"][:3]))
     write_json(ctx.out / ENGINE, engine)
     ctx.progress(2, 2, status)
     if not availability.runs:
@@ -142,5 +160,56 @@ def load_for_eval(engine_dir: Path):
         return model, tokenizer, engine["target"]
     from pipeline.engines.transformers_engine import load_folder
 
-    model, tokenizer = load_folder(Path(engine["source_model_dir"]), embedded_device(), engine)
+    model, tokenizer = load_folder(source_model_dir(engine_dir), embedded_device(), engine)
     return model, tokenizer, f"transformers on the same checkpoint ({engine['engine']} not run here)"
+
+
+def source_model_dir(engine_dir: Path) -> Path:
+    """The quantized model folder a compile artifact was built from (``source_artifact``, relative to it)."""
+    engine_dir = Path(engine_dir)
+    engine = read_engine(engine_dir)
+    if "source_artifact" not in engine:  # engine.json version 2 named it absolutely
+        return Path(engine["source_model_dir"])
+    artifact = engine_dir / engine["source_artifact"]
+    if not artifact.is_dir():
+        raise ModelFolderError(
+            f"{engine_dir} was built from the quantize artifact {engine['source_artifact']} (beside it in the run's "
+            f"output folder), which is not there: the folder was copied without it. Its own model is complete; only "
+            f"evaluating a {engine['target']!r} artifact where {engine['engine']} does not run needs the quantized "
+            "checkpoint. Copy the quantize artifact beside it, or evaluate where the engine runs."
+        )
+    return model_path(artifact)
+
+
+def _relative(value, out: Path):
+    """``value`` with paths inside ``out`` made relative to it and other absolute local paths shown by name."""
+    from pipeline.provenance import portable
+
+    if isinstance(value, dict):
+        return {k: _relative(v, out) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_relative(v, out) for v in value]
+    if isinstance(value, (str, Path)) and Path(value).is_absolute():
+        try:
+            return Path(value).relative_to(out).as_posix()
+        except ValueError:
+            return portable(str(value))
+    return value
+
+
+_TEXT_SUFFIXES = (".json", ".yaml", ".yml", ".txt", ".jinja", ".cfg", ".ini", ".toml", ".py", ".md", ".log",
+                  "Modelfile")
+
+
+def absolute_paths(folder: Path, roots: list[Path]) -> list[str]:
+    """``file: path`` for each text file under ``folder`` (1 MiB at most) that names one of ``roots``."""
+    needles = sorted({str(r) for r in roots if str(r) not in ("", "/")}, key=len, reverse=True)
+    found = []
+    for p in sorted(Path(folder).rglob("*")):
+        if not p.is_file() or not p.name.endswith(_TEXT_SUFFIXES) or p.stat().st_size > 1 << 20:
+            continue
+        text = p.read_text(encoding="utf-8", errors="replace")
+        hit = next((n for n in needles if n in text), None)
+        if hit:
+            found.append(f"{p.relative_to(folder).as_posix()}: {hit}")
+    return found
