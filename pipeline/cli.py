@@ -124,8 +124,14 @@ def plan(recipe: str, output_dir: Path) -> None:
 @click.argument("recipe", type=click.Path(path_type=str))
 @OUTPUT_DIR
 @click.option("--force", multiple=True, metavar="STAGE", help="Rerun a stage (kind or run id) and what follows it.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: stage runs one after another here; ray: independent runs (variants) as Ray tasks "
+              "(needs the [ray] extra; the output root must be on storage every Ray node sees).")
+@click.option("--address", default=None, metavar="ADDRESS", help="With --executor ray: the Ray cluster to use "
+              "(host:port; default: RAY_ADDRESS, else a new local cluster).")
 @click.option("-v", "--verbose", count=True, help="-v: stage log lines; -vv: debug.")
-def run(recipe: str, output_dir: Path, force: tuple[str, ...], verbose: int) -> None:
+def run(recipe: str, output_dir: Path, force: tuple[str, ...], executor: str, address: str | None,
+        verbose: int) -> None:
     """Run a recipe: every stage that is not already done."""
     from rich.console import Console
 
@@ -139,12 +145,21 @@ def run(recipe: str, output_dir: Path, force: tuple[str, ...], verbose: int) -> 
         unknown = [f for f in force if f not in known]
         if unknown:
             raise RecipeError(f"--force {unknown[0]}: no such stage in this plan; stages: {', '.join(sorted(known))}.")
+        if address and executor != "ray":
+            raise RecipeError(f"--address {address}: only the Ray executor uses a cluster address. Add --executor ray, "
+                              "or leave --address out.")
+        from pipeline.executors import make_executor
+
+        runs_on = make_executor(executor, address)
     except QuantshipError as e:
         _fail(e)
     _setup_logging(verbose, p.root / "run.log")
     console = Console(stderr=True)
     with _quiet_third_party(verbose), RunProgress(console) as progress:
-        outcome = execute(p, set(force), progress)
+        try:
+            outcome = execute(p, set(force), progress, runs_on)
+        except QuantshipError as e:  # the executor could not start (cluster, shared storage): nothing ran
+            _fail(e)
     _print_table(outcome.rows, f"{p.recipe.name}: variants")
     for run_id, error in outcome.errors.items():
         click.echo(f"error: {error}", err=True)
