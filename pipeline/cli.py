@@ -173,9 +173,13 @@ def run(recipe: str, output_dir: Path, force: tuple[str, ...], executor: str, ad
     )
     if outcome.report:
         click.echo(f"report: {outcome.report} (and report.html)")
+    for r in p.runs:
+        if r.kind == "publish" and outcome.statuses.get(r.id) in ("done", "cached"):
+            click.echo(f"published {', '.join(r.variants)}: {r.config['to']}"
+                       f"{' (cached: published earlier)' if outcome.statuses[r.id] == 'cached' else ''}")
     if outcome.gate_failures and not outcome.errors:
-        click.echo(f"{len(outcome.gate_failures)} variant(s) failed a quality gate: exit 3; nothing is published "
-                   "(quantship has no publish stage yet).", err=True)
+        click.echo(f"{len(outcome.gate_failures)} variant(s) failed a quality gate: exit 3; nothing of "
+                   f"{', '.join(outcome.gate_failures)} is published.", err=True)
     if outcome.exit_code:
         sys.exit(outcome.exit_code)
     keep = [v for v, r in p.recipe.variants.items() if r.serve and r.serve.keep_running]
@@ -286,6 +290,45 @@ def compare(run_dirs: tuple[Path, ...], out: Path) -> None:
                                 subtitle="runs: " + ", ".join(str(d) for d in run_dirs))
     _print_table(rows, "comparison")
     click.echo(f"report: {report} (and report.html)")
+
+
+@main.command()
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="List what would go where (files, bytes, destination); write nothing.")
+@click.option("--to", default=None, metavar="URL", help="hf://ORG/NAME or file:///PATH ({variant}, {recipe} filled "
+              "in) instead of the recipe's publish.to.")
+@click.option("--variant", "variants", multiple=True, metavar="NAME", help="Publish only this variant (repeatable).")
+@click.option("--overwrite", is_flag=True, help="Replace a different publication at a file:// destination.")
+def publish(run_dir: Path, dry_run: bool, to: str | None, variants: tuple[str, ...], overwrite: bool) -> None:
+    """Publish a finished run's variants whose quality gates passed (RUN_DIR is outputs/<recipe>/); a variant that
+    failed a gate is never published, and the command then exits 3. The hub token comes from HF_TOKEN or
+    `hf auth login`."""
+    from pipeline.artifacts import new_tmp_dir
+    from pipeline.release.publish import listing, publish_release, releases_of_run
+
+    try:
+        releases, refused = releases_of_run(run_dir, to, variants, overwrite)
+        for variant, why in refused:
+            click.echo(f"not published: {variant}: {why}", err=True)
+        for rel in releases:
+            if dry_run:
+                files = listing(rel)
+                total = sum(b for _, b in files if b >= 0)
+                click.echo(f"{rel.variant} -> {rel.destination} ({len(files)} files, {total:,} bytes + manifest)")
+                for path, size in files:
+                    click.echo(f"  {path}  {'(written at publish)' if size < 0 else f'{size:,} bytes'}")
+                continue
+            receipt = publish_release(rel, new_tmp_dir(Path(run_dir).resolve() / f"release-{rel.variant}"))
+            click.echo(f"{rel.variant}: {receipt['status']} {receipt['destination']} ({len(receipt['files'])} files, "
+                       f"{receipt['bytes']:,} bytes){' commit ' + receipt['commit'] if receipt.get('commit') else ''}")
+    except QuantshipError as e:
+        _fail(e)
+    if dry_run:
+        click.echo("dry run: nothing was written.")
+    if any(why.startswith("regression") for _, why in refused):
+        sys.exit(3)
+    if refused:
+        sys.exit(1)
 
 
 @main.command()

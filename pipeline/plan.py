@@ -23,9 +23,10 @@ from pipeline.artifacts import PLAN, is_complete, sha256_file, write_json
 from pipeline.recipe import LoadedRecipe, Recipe
 from pipeline.targets import METHODS_NEEDING_CALIBRATION
 
-STAGE_ORDER = ("download", "calibrate", "quantize", "compile", "evaluate", "serve")
+STAGE_ORDER = ("download", "calibrate", "quantize", "compile", "evaluate", "serve", "publish")
 # Fields that change how a stage is run or judged but not what it produces.
-_NOT_IN_KEY = {"evaluate": {"gates"}, "serve": {"keep_running", "host", "port", "api_key", "health_timeout_s"}}
+_NOT_IN_KEY = {"evaluate": {"gates"}, "serve": {"keep_running", "host", "port", "api_key", "health_timeout_s"},
+               "publish": {"variants", "overwrite"}}
 _TOOLS = ("torch", "transformers", "safetensors", "tokenizers")
 
 
@@ -195,6 +196,12 @@ def make_plan(loaded: LoadedRecipe, output_root: Path | str = "outputs") -> Plan
                 "serve", label, f"serve{at}", _dump(r.serve, _NOT_IN_KEY["serve"]), {"compile": ids["compile"]}, {}
             )
         variant_runs[label] = ids
+        if r.publish is not None and r.eval is not None and (not r.publish.variants or label in r.publish.variants):
+            # After its evaluate; the runner publishes only variants whose gates passed. Not in variant_runs: a
+            # variant's verdict (eval/collect.py) is judged up to evaluate and serve, publishing follows from it.
+            to = publish_destination(r.publish.to, loaded.name, label)
+            deps = {k: ids[k] for k in ("compile", "evaluate", "serve") if k in ids}  # a failed smoke test: not published
+            add("publish", label, f"publish{at}", {**_dump(r.publish, _NOT_IN_KEY["publish"]), "to": to}, deps, {})
     ordered = sorted(runs.values(), key=lambda s: STAGE_ORDER.index(s.kind))
     # Shared runs were named after the first variant that needed them; name them plainly instead.
     for s in ordered:
@@ -207,6 +214,11 @@ def make_plan(loaded: LoadedRecipe, output_root: Path | str = "outputs") -> Plan
             for other in ordered:
                 other.deps = {k: (s.id if v == old else v) for k, v in other.deps.items()}
     return Plan(loaded, root, ordered, variant_runs)
+
+
+def publish_destination(to: str, recipe: str, variant: str) -> str:
+    """``publish.to`` with ``{recipe}`` and ``{variant}`` filled in."""
+    return to.replace("{recipe}", recipe).replace("{variant}", variant)
 
 
 def variant_recipe(plan: Plan, run: StageRun) -> Recipe:

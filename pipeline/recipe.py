@@ -258,6 +258,12 @@ class EvalSection(_Section):
         None, description="Prompt set (JSONL of {id, messages}, relative to the recipe); default: the shipped one.",
     )
     sanity_max_new_tokens: int = Field(48, ge=1, le=4096, description="Token limit of each sanity generation.")
+    through: Literal["auto", "endpoint", "in_process"] = Field(
+        "auto", description="How perplexity, sanity and tasks reach the deployable model: 'endpoint' through the "
+        "compile target's OpenAI-compatible server (started on 127.0.0.1, a free port, a fresh API key), "
+        "'in_process' through its in-process runtime, 'auto' the endpoint where the target's server runs here, else "
+        "in process. KL and top-1 agreement are always in process (they need full logits).",
+    )
     gates: GatesSection = Field(default_factory=GatesSection, description="Quality gates.")
 
 
@@ -278,6 +284,46 @@ class ServeSection(_Section):
     )
 
 
+_PUBLISH_TO = re.compile(r"hf://(?P<org>[A-Za-z0-9{][A-Za-z0-9._{}-]*)/(?P<name>[A-Za-z0-9{][A-Za-z0-9._{}-]*)|file:///.+")
+
+
+class PublishSection(_Section):
+    """Where each variant whose quality gates passed is published: a Hugging Face hub repo (one commit with the
+    manifest and model card) or a local folder (copied atomically). ``{variant}`` and ``{recipe}`` in ``to`` name
+    each variant's own destination.
+
+    Example::
+
+        publish: {to: "hf://my-org/tiny-llama-{variant}", private: true, commit_message: "quantship release"}
+    """
+
+    to: str = Field(description="hf://ORG/NAME (a hub model repo) or file:///ABSOLUTE/PATH; {variant} and {recipe} "
+                    "are replaced by the variant's and the recipe's names.")
+    revision: str | None = Field(None, description="Hub branch to commit to (created if missing); default: main. "
+                                 "Recorded only, for file:// destinations.")
+    private: bool = Field(True, description="Create the hub repo private (ignored when it already exists).")
+    commit_message: str | None = Field(None, description="Hub commit message; default names the recipe, variant "
+                                       "and method.")
+    variants: list[str] | None = Field(None, description="Publish only these variants (default: every variant "
+                                       "whose gates passed).")
+    overwrite: bool = Field(False, description="Replace a different publication already at a file:// destination "
+                            "(off: such a destination is an error).")
+    base_model: str | None = Field(None, description="Hub id of the source model for the card's base_model "
+                                   "(default: model.source when it is a hub id; a local folder has none).")
+
+    @field_validator("to")
+    @classmethod
+    def _to(cls, v: str) -> str:
+        if not _PUBLISH_TO.fullmatch(v):
+            raise ValueError(f"must be hf://ORG/NAME (a hub repo id) or file:///ABSOLUTE/PATH (got {v!r})")
+        if v.startswith("hf://") and re.search(r"\.\.|--|[.-]$", v.split("://", 1)[1].replace("{", "").replace("}", "")):
+            raise ValueError(f"{v!r}: a hub repo name has no '..' or '--' and does not end in '.' or '-'")
+        unknown = set(re.findall(r"\{([^}]*)\}", v)) - {"variant", "recipe"}
+        if unknown:
+            raise ValueError(f"{v!r}: unknown placeholder {{{sorted(unknown)[0]}}}; use {{variant}} or {{recipe}}")
+        return v
+
+
 class Recipe(_Section):
     """A quantship recipe: one model through download, calibrate, quantize, compile, evaluate and serve."""
 
@@ -289,6 +335,9 @@ class Recipe(_Section):
     compile: CompileSection = Field(default_factory=CompileSection)
     eval: EvalSection | None = Field(None, description="Accuracy evaluation and quality gates.")
     serve: ServeSection | None = Field(None, description="Serve and smoke-test each variant.")
+    publish: PublishSection | None = Field(
+        None, description="Publish each variant whose gates passed (needs eval): to the hub or a folder.",
+    )
     matrix: dict[str, list[Any]] = Field(
         default_factory=dict,
         description="Dotted field -> values; each combination is a variant (e.g. {quantize.method: [none, rtn]}).",
@@ -305,6 +354,12 @@ class Recipe(_Section):
     def _version(self) -> Recipe:
         if self.version != RECIPE_VERSION:
             raise ValueError(f"recipe version {self.version} is not supported; this quantship reads {RECIPE_VERSION}")
+        return self
+
+    @model_validator(mode="after")
+    def _publish_needs_eval(self) -> Recipe:
+        if self.publish is not None and self.eval is None:
+            raise ValueError("publish needs an eval section: only variants whose quality gates passed are published")
         return self
 
 
@@ -458,10 +513,28 @@ def build_recipe(data: dict, path: Path, lines: dict[tuple, int] | None = None) 
     variants = _expand(base, data, where, lines)
     name = base.name or re.sub(r"[^A-Za-z0-9._-]", "-", path.stem)
     loaded = LoadedRecipe(path=path, name=name, base=base, variants=variants)
+    _check_publish(loaded, lines)
     from pipeline.rules import check_rules  # rules read the schema; the schema does not read the rules
 
     check_rules(loaded, lines)
     return loaded
+
+
+def _check_publish(loaded: LoadedRecipe, lines: dict[tuple, int]) -> None:
+    """publish.variants names variants; several variants published need {variant} in publish.to."""
+    pub = loaded.base.publish
+    if pub is None:
+        return
+    where = f"{loaded.path}:{line_of(lines, ('publish',))}"
+    unknown = [v for v in pub.variants or [] if v not in loaded.variants]
+    if unknown:
+        raise RecipeError(f"{where}: field 'publish.variants': no variant named {unknown[0]!r}; the variants are "
+                          f"{', '.join(loaded.variants)}.")
+    chosen = [v for v in loaded.variants if not pub.variants or v in pub.variants]
+    if len(chosen) > 1 and "{variant}" not in pub.to:
+        raise RecipeError(f"{where}: field 'publish.to': {len(chosen)} variants would be published to the same "
+                          f"destination {pub.to!r}. Put {{variant}} in it (e.g. {pub.to}-{{variant}}), or list one "
+                          "variant in publish.variants.")
 
 
 def _expand(base: Recipe, data: dict, where: str, lines: dict[tuple, int]) -> dict[str, Recipe]:

@@ -111,7 +111,8 @@ def _visit(plan: Plan, run: StageRun, outcome: RunOutcome, forced: set[str], pro
     """Skip, reuse or submit one run whose upstream runs have all finished."""
     bad_deps = [d for d in run.deps.values() if outcome.statuses.get(d) in ("failed", "skipped")]
     gated = [v for v in run.variants if v in outcome.gate_failures]
-    if bad_deps or (run.kind == "serve" and len(gated) == len(run.variants)):
+    # A variant that failed a gate is not served, and nothing of it is published (a shared publish run: any).
+    if bad_deps or (run.kind == "serve" and len(gated) == len(run.variants)) or (run.kind == "publish" and gated):
         outcome.statuses[run.id] = "skipped"
         log.warning("%s skipped: %s", run.id, f"{bad_deps[0]} did not finish" if bad_deps else "a quality gate failed")
         return
@@ -155,7 +156,8 @@ def run_stage(plan: Plan, run: StageRun, progress: Callable[..., None] | None = 
     temporary folder is removed."""
     recipe = variant_recipe(plan, run)
     section = {"download": recipe.model, "calibrate": recipe.calibration, "quantize": recipe.quantize,
-               "compile": recipe.compile, "evaluate": recipe.eval, "serve": recipe.serve}[run.kind]
+               "compile": recipe.compile, "evaluate": recipe.eval, "serve": recipe.serve,
+               "publish": recipe.publish}[run.kind]
     tmp = new_tmp_dir(run.dir)
     ctx = StageContext(
         run_id=run.id,

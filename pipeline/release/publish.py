@@ -1,0 +1,434 @@
+"""Publish a variant: assemble the publishable folder, verify it, copy it to a folder or commit it to the hub.
+
+The publishable folder is the compile artifact as it is served (its files hard-linked; an embedded-target artifact
+that points at its quantized folder gets that folder linked in as ``model/`` and an ``engine.json`` that says so
+relatively), plus ``README.md`` (``pipeline.release.card``) and ``manifest.json``: the sha256 of every file and the
+provenance the compile manifest carries (recipe with secrets removed, source model and commit, calibration hash,
+tool versions), the evaluation figures and the verdict. ``pipeline.verify.verify_folder`` must find nothing wrong
+before anything leaves the machine.
+
+Destinations (``publish.to``):
+
+- ``file:///path``: copied into a temporary sibling, then renamed into place (a reader sees the old publication
+  or the new one, never half of one). An identical publication already there is left as it is; a different one is
+  an error unless ``publish.overwrite``.
+- ``hf://org/name``: ``HfApi.create_repo(exist_ok=True, private=...)``, ``create_branch`` for a ``revision`` other
+  than main, then ONE ``create_commit`` with every file (read against huggingface_hub 2.4.0 ``hf_api.py``:
+  ``/api/repos/create``, ``/api/models/{repo}/preupload/{rev}``, ``/api/validate-yaml``,
+  ``/api/models/{repo}/commit/{rev}``). ``create_commit`` rather than ``upload_folder``: with hf_xet installed
+  the latter may split a folder into several commits. The token comes from huggingface_hub's own lookup
+  (``HF_TOKEN``, then the stored login); it is never passed, logged, or written into a manifest or card, and error
+  messages are scrubbed of it (``provenance.scrub_text``). ``HF_ENDPOINT`` picks another hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import ENGINE, MANIFEST, file_entries, model_path, read_manifest, write_json
+from pipeline.errors import QuantshipError
+
+README = "README.md"
+RECEIPT = "publication.json"  # the publish stage's output: where it went, which files, which commit
+
+
+class PublishError(QuantshipError):
+    """A variant could not be published (bad destination, a different publication in the way, the hub refused)."""
+
+
+@dataclass(frozen=True)
+class Destination:
+    kind: str  # hf | file
+    repo_id: str | None = None
+    path: Path | None = None
+
+    def __str__(self) -> str:
+        return f"hf://{self.repo_id}" if self.kind == "hf" else f"file://{self.path}"
+
+
+def parse_destination(to: str) -> Destination:
+    """``hf://org/name`` or ``file:///abs/path`` (the recipe validated the form; placeholders are resolved)."""
+    if to.startswith("hf://"):
+        return Destination("hf", repo_id=to.removeprefix("hf://"))
+    if to.startswith("file:///"):
+        return Destination("file", path=Path(to.removeprefix("file://")))
+    raise PublishError(f"publish.to {to!r} is neither hf://ORG/NAME nor file:///ABSOLUTE/PATH. Fix the recipe's "
+                       "publish.to (or --to).")
+
+
+@dataclass
+class Release:
+    """One variant of a finished run, ready to be published."""
+
+    root: Path  # the run folder (outputs/<recipe>/)
+    recipe: str
+    variant: str
+    row: dict[str, Any]  # the report's row (verdict included)
+    gates: dict[str, Any]
+    config: dict[str, Any]  # the publish section (``to`` resolved for this variant)
+    compile_dir: Path
+    quantize: dict[str, Any]
+    download_dir: Path | None = None
+    files: dict[str, Path] = field(default_factory=dict)  # published path -> file to link (README/manifest aside)
+    generated: dict[str, str] = field(default_factory=dict)  # published path -> text written at assembly
+
+    @property
+    def destination(self) -> Destination:
+        return parse_destination(self.config["to"])
+
+
+def release_for(root: Path, variant: str, config: dict[str, Any], gates: dict[str, Any] | None = None) -> Release:
+    """The release of ``variant`` from the run folder ``root`` (its row judged with ``gates``, else the saved ones)."""
+    from pipeline.eval.collect import collect_rows, read_plan, saved_gates
+
+    root = Path(root)
+    plan = read_plan(root)
+    if variant not in plan["variants"]:
+        raise PublishError(f"{root}: no variant named {variant!r}; its variants are {', '.join(plan['variants'])}.")
+    all_gates = saved_gates(root, plan) or {}
+    if gates is not None:
+        all_gates = {**all_gates, variant: gates}
+    row = next(r for r in collect_rows(root, gates=all_gates) if r["variant"] == variant)
+    runs = {r["id"]: r for r in plan["runs"]}
+    ids = plan["variants"][variant]
+    if "compile" not in ids or read_manifest(root / Path(runs[ids["compile"]]["dir"]).name) is None:
+        raise PublishError(f"{root}: variant {variant!r} has no finished compile artifact to publish. Run the recipe "
+                           "first (pipeline run RECIPE).")
+    compile_dir = root / Path(runs[ids["compile"]]["dir"]).name
+    download = runs.get(ids.get("download", ""))
+    rel = Release(root, plan.get("name") or root.name, variant, row, all_gates.get(variant) or {}, dict(config),
+                  compile_dir, (runs.get(ids.get("quantize", "")) or {}).get("config", {}),
+                  root / Path(download["dir"]).name if download else None)
+    rel.files, rel.generated = _layout(compile_dir)
+    return rel
+
+
+def _layout(compile_dir: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """The compile artifact's files by published path; an embedded-target artifact's model folder as ``model/``
+    with an engine.json that points there relatively."""
+    files = {e["path"]: compile_dir / e["path"] for e in (read_manifest(compile_dir) or {}).get("files", [])}
+    generated: dict[str, str] = {}
+    engine = json.loads((compile_dir / ENGINE).read_text())
+    if Path(str(engine.get("model_dir", ""))).is_absolute():
+        model_dir = Path(engine["model_dir"])
+        for p in sorted(model_dir.rglob("*")):
+            rel = p.relative_to(model_dir)
+            if p.is_file() and not rel.parts[0].startswith(".") and p.name != MANIFEST:
+                files[f"model/{rel.as_posix()}"] = p
+        engine = {**engine, "model_dir": "model", "source_model_dir": "model"}
+        generated[ENGINE] = json.dumps(engine, indent=2) + "\n"
+        files.pop(ENGINE, None)
+    return files, generated
+
+
+def serve_entries(release: Release, folder: Path, local_dir: str) -> list:
+    """The serve command of every built target that loads this format (its module's ``serve_command`` on the
+    folder, paths shown relative to ``local_dir``), ``pipeline serve`` first."""
+    from pipeline.release.card import ServeEntry
+    from pipeline.targets import TARGETS, FormatSettings, check_target_loads, engine_module
+
+    engine = json.loads(release.generated[ENGINE]) if ENGINE in release.generated else \
+        json.loads((folder / ENGINE).read_text())
+    target, name = engine["target"], engine.get("model_name") or release.variant
+    out = [ServeEntry("pipeline", "quantship", f"pipeline serve {local_dir} --port 8000",
+                      "quantship's server: the compile target's own server where it runs here, else the embedded "
+                      "one.")]
+    fmt = FormatSettings(**engine["format"])
+    others = [t for t in TARGETS if t != target and check_target_loads(t, fmt) is None]
+    for t in [target, *others]:
+        spec, module = TARGETS[t], engine_module(t)
+        fn = getattr(module, "serve_command", None)
+        try:
+            cmd = fn(folder, "127.0.0.1", 8000, None, name) if fn else None
+        except Exception as e:  # the folder lacks the files that target's server reads (built for another one)
+            if t == target:
+                from pipeline.provenance import scrub_text
+
+                out.append(ServeEntry(t, spec.engine, None, f"Its command could not be built here: "
+                                      f"{scrub_text(str(e)).replace(str(folder), local_dir)}"))
+                continue
+            out.append(ServeEntry(t, spec.engine, None, f"Loads this format, but this folder was built for "
+                                  f"`{target}`: run the recipe with `compile.target: {t}` to get the files its server "
+                                  "reads."))
+            continue
+        if cmd is None:
+            if t == target:
+                out.append(ServeEntry(t, spec.engine, None, "No server of its own: `pipeline serve` above serves it."))
+            continue
+        argv = [Path(a).name if i == 0 and os.path.isabs(a) else ("python" if a == sys.executable else a)
+                for i, a in enumerate(cmd.argv)]
+        line = " ".join(_shell(a.replace(str(folder), local_dir)) for a in argv)
+        out.append(ServeEntry(t, spec.engine, line, "" if t == target else f"Also loads this format ({spec.needs})."))
+    return out
+
+
+def _shell(arg: str) -> str:
+    import shlex
+
+    return arg if arg.startswith("<") and "/" in arg and " " not in arg else shlex.quote(arg)
+
+
+def card_text(release: Release, folder: Path) -> str:
+    """README.md for the release (``folder`` holds the compile artifact's layout, for the serve commands)."""
+    from pipeline.release.card import CardFacts, render_card
+
+    dest = release.destination
+    engine = json.loads(release.generated[ENGINE]) if ENGINE in release.generated else \
+        json.loads((release.compile_dir / ENGINE).read_text())
+    source = source_of(release)
+    base = release.config.get("base_model")
+    if not base and (source or {}).get("kind") == "hub":
+        base = source.get("id")
+    local_dir = (dest.repo_id.split("/")[-1] if dest.kind == "hf" else str(dest.path))
+    fetch = f"hf download {dest.repo_id} --local-dir {local_dir}" + (
+        f" --revision {release.config['revision']}" if release.config.get("revision") else "") \
+        if dest.kind == "hf" else f"ls {dest.path}"
+    facts = CardFacts(
+        name=dest.repo_id if dest.kind == "hf" else dest.path.name, variant=release.variant, recipe=release.recipe,
+        row=release.row, quantize=release.quantize, engine=engine, base_model=base, source=source,
+        license=source_license(release.download_dir), gates=release.gates, fetch=fetch, local_dir=local_dir,
+    )
+    facts.serve = serve_entries(release, folder, local_dir)
+    from pipeline.provenance import scrub_text
+
+    return scrub_text(render_card(facts))
+
+
+def source_of(release: Release) -> dict[str, Any] | None:
+    """The source model's facts (id, kind, revision, commit, fingerprint): from the compile manifest's provenance,
+    else from the download artifact (a compile artifact from before provenance was recorded)."""
+    from pipeline.artifacts import MODEL_LINK
+    from pipeline.provenance import source_facts
+
+    source = (read_manifest(release.compile_dir) or {}).get("source")
+    if source or release.download_dir is None:
+        return source
+    source = (read_manifest(release.download_dir) or {}).get("source")
+    try:
+        return source or source_facts(json.loads((release.download_dir / MODEL_LINK).read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def source_license(download_dir: Path | None) -> dict[str, str]:
+    """``license`` (and ``license_name`` / ``license_link``) from the source model's README front matter, else its
+    config.json; empty when it states none."""
+    if download_dir is None:
+        return {}
+    try:
+        folder = model_path(download_dir)
+    except (OSError, ValueError, KeyError):
+        return {}
+    meta: dict[str, Any] = {}
+    readme = folder / README
+    if readme.is_file():
+        import yaml
+
+        text = readme.read_text(encoding="utf-8", errors="replace")
+        if text.startswith("---"):
+            try:
+                meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+            except (yaml.YAMLError, IndexError):
+                meta = {}
+    if not meta.get("license"):
+        try:
+            meta = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            meta = {}
+    return {k: str(meta[k]) for k in ("license", "license_name", "license_link") if isinstance(meta, dict) and meta.get(k)}
+
+
+def listing(release: Release) -> list[tuple[str, int]]:
+    """What would be published, without writing: (path, bytes); the manifest's size is known only once written."""
+    card = card_text(release, release.compile_dir)
+    out = [(rel, p.stat().st_size) for rel, p in release.files.items()]
+    out += [(rel, len(text.encode())) for rel, text in release.generated.items()]
+    out += [(README, len(card.encode())), (MANIFEST, -1)]
+    return sorted(out)
+
+
+def assemble(release: Release, folder: Path) -> Path:
+    """Write the publishable folder into the empty folder ``folder`` and verify it; returns ``folder``."""
+    from pipeline.provenance import portable, redact
+    from pipeline.verify import explain, verify_folder
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for rel, src in release.files.items():
+        target = folder / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src.resolve(), target)
+        except OSError:
+            shutil.copy2(src, target)
+    for rel, text in release.generated.items():
+        (folder / rel).write_text(text, encoding="utf-8")
+    (folder / README).write_text(card_text(release, folder), encoding="utf-8")
+    cm = read_manifest(release.compile_dir) or {}
+    ev = release.row
+    manifest = {
+        "quantship": cm.get("quantship"),
+        "kind": "publication",
+        "recipe_name": release.recipe,
+        "variant": release.variant,
+        "destination": str(release.destination),
+        "revision": release.config.get("revision"),
+        "verdict": ev.get("verdict"),
+        "gates": release.gates,
+        "source": source_of(release),
+        "recipe": cm.get("recipe"),
+        "calibration": cm.get("calibration"),
+        "environment": cm.get("environment"),
+        "compile": {"key": cm.get("key"), "dir": release.compile_dir.name, "config": cm.get("config")},
+        "quantize": release.quantize,
+        "metrics": {k: v for k, v in ev.items() if k not in ("stages", "gate_failures")},
+        "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    manifest = portable(redact(manifest))
+    write_json(folder / MANIFEST, {**manifest, "files": file_entries(folder)})
+    problems = verify_folder(folder)
+    if problems:
+        raise PublishError(f"the publishable folder of {release.variant!r} does not verify: "
+                           f"{explain({folder: problems})} Nothing was published.")
+    return folder
+
+
+def publish_folder(folder: Path, dest: Destination, config: dict[str, Any], message: str) -> dict[str, Any]:
+    """Send an assembled folder to ``dest``; returns what happened (for the receipt and the terminal)."""
+    if dest.kind == "file":
+        return copy_folder(folder, dest.path, bool(config.get("overwrite")))
+    return upload_folder(folder, dest.repo_id, config.get("revision"), bool(config.get("private", True)),
+                         config.get("commit_message") or message)
+
+
+def _file_set(folder: Path) -> set[tuple[str, str]] | None:
+    m = read_manifest(folder)
+    return None if m is None else {(f["path"], f["sha256"]) for f in m.get("files", [])}
+
+
+def copy_folder(folder: Path, dest: Path, overwrite: bool) -> dict[str, Any]:
+    """Copy through a temporary sibling and a rename; an identical publication there is kept as it is."""
+    from pipeline.verify import verify_folder
+
+    files = len(file_entries(folder)) + 1
+    if dest.exists():
+        if _file_set(dest) == _file_set(folder) and not verify_folder(dest):
+            return {"destination": f"file://{dest}", "status": "unchanged", "files": files}
+        if not overwrite and (not dest.is_dir() or any(dest.iterdir())):
+            raise PublishError(
+                f"{dest} already holds {'a different publication' if _file_set(dest) is not None else 'other files'}. "
+                "Nothing was copied. Publish to another path, remove it, or set publish.overwrite: true "
+                "(pipeline publish --overwrite) to replace it."
+            )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    stamp = f"{os.getpid()}-{time.monotonic_ns()}"
+    tmp = dest.with_name(f".{dest.name}.tmp-{stamp}")
+    shutil.copytree(folder, tmp)
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{stamp}")
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return {"destination": f"file://{dest}", "status": "replaced" if old else "copied", "files": files}
+
+
+def upload_folder(folder: Path, repo_id: str, revision: str | None, private: bool, message: str) -> dict[str, Any]:
+    """create_repo, then one create_commit with every file of ``folder`` (manifest and card included)."""
+    from huggingface_hub import CommitOperationAdd, HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from pipeline.provenance import scrub_text
+
+    if constants.is_offline_mode():
+        raise PublishError(f"publishing to hf://{repo_id}: huggingface_hub is in offline mode (HF_HUB_OFFLINE is "
+                           "set), so it makes no request. Unset HF_HUB_OFFLINE to publish.")
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)  # token: huggingface_hub's own lookup
+    paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(folder / p)) for p in paths]
+        info = api.create_commit(repo_id, operations=ops, commit_message=message, revision=revision)
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        hint = (" Log in (`hf auth login`) or set HF_TOKEN to a token with write access to the repo's namespace."
+                if status in (401, 403) else " Check the repo id, your network and the hub's status, then publish "
+                "again (pipeline publish RUN_DIR).")
+        raise PublishError(f"publishing to hf://{repo_id} failed: {scrub_text(str(e)).splitlines()[0]}.{hint}") \
+            from None
+    return {"destination": f"hf://{repo_id}", "status": "committed", "repo_url": str(url), "commit": info.oid,
+            "commit_url": info.commit_url, "revision": revision or "main", "files": len(paths)}
+
+
+def publish_release(release: Release, scratch: Path) -> dict[str, Any]:
+    """Assemble (in ``scratch``, removed afterwards), verify and send one release; returns the receipt."""
+    from pipeline.eval.collect import PASS
+
+    if release.row.get("verdict") != PASS:
+        raise PublishError(f"variant {release.variant!r} is not published: its verdict is "
+                           f"{release.row.get('verdict')} ({release.row.get('verdict_why')}). Only variants whose "
+                           "gates passed are published.")
+    try:
+        folder = assemble(release, scratch)
+        message = (f"quantship: {release.recipe}/{release.variant} ({release.quantize.get('method')}, "
+                   f"{release.row.get('target')})")
+        sent = publish_folder(folder, release.destination, release.config, message)
+        files = [{"path": e["path"], "bytes": e["bytes"], "sha256": e["sha256"]} for e in file_entries(folder)]
+        manifest_sha = hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {**sent, "variant": release.variant, "files": files, "manifest_sha256": manifest_sha,
+            "bytes": sum(f["bytes"] for f in files)}
+
+
+def releases_of_run(root: Path, to: str | None = None, variants: tuple[str, ...] = (),
+                    overwrite: bool = False) -> tuple[list[Release], list[tuple[str, str]]]:
+    """The releases of a finished run folder: the variants its recipe publishes (or every variant, with ``to``),
+    limited to ``variants``; returns (whose gates passed, [(variant, why not)] for the others)."""
+    from pipeline.errors import RecipeError
+    from pipeline.eval.collect import PASS, read_plan
+    from pipeline.plan import publish_destination
+    from pipeline.recipe import PublishSection
+
+    root = Path(root)
+    plan = read_plan(root)
+    name = plan.get("name") or root.name
+    configs = {r["variants"][0]: r["config"] for r in plan["runs"] if r["kind"] == "publish"}
+    unknown = [v for v in variants if v not in plan["variants"]]
+    if unknown:
+        raise RecipeError(f"--variant {unknown[0]}: {root} has no such variant; its variants: "
+                          f"{', '.join(plan['variants'])}.")
+    if to is not None:
+        try:
+            PublishSection(to=to)
+        except ValueError as e:
+            raise RecipeError(f"--to {to!r}: {str(e).splitlines()[-1].strip()}") from None
+        chosen = list(variants) or list(plan["variants"])
+        if len(chosen) > 1 and "{variant}" not in to:
+            raise RecipeError(f"--to {to!r}: {len(chosen)} variants would go to the same destination; put {{variant}} "
+                              "in it, or pick one with --variant.")
+        configs = {v: {**PublishSection(to=to).model_dump(), **configs.get(v, {}), "to": publish_destination(to, name, v)}
+                   for v in chosen}
+    elif not configs:
+        raise RecipeError(f"{root}: its recipe has no publish section, so there is no destination. Pass --to "
+                          "hf://ORG/NAME or --to file:///PATH ({variant} for each variant's own).")
+    out, refused = [], []
+    for variant, config in configs.items():
+        if variants and variant not in variants:
+            continue
+        release = release_for(root, variant, {**config, **({"overwrite": True} if overwrite else {})})
+        if release.row.get("verdict") == PASS:
+            out.append(release)
+        else:
+            refused.append((variant, f"{release.row.get('verdict')} ({release.row.get('verdict_why')})"))
+    return out, refused
