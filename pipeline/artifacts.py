@@ -74,8 +74,11 @@ def new_tmp_dir(final: Path) -> Path:
 
 
 def commit_dir(tmp: Path, final: Path, manifest: dict[str, Any]) -> None:
-    """Write the manifest (with file checksums) into ``tmp`` and rename it to ``final``."""
-    manifest = {**manifest, "files": file_entries(tmp)}
+    """Write the manifest (with file checksums) into ``tmp`` and rename it to ``final``. Secret environment values
+    (``HF_TOKEN``, ``*_API_KEY``...) are masked wherever a stage's metrics or config might have carried them."""
+    from pipeline.provenance import scrub_values
+
+    manifest = scrub_values({**manifest, "files": file_entries(tmp)})
     write_json(tmp / MANIFEST, manifest)
     if final.exists():  # an earlier incomplete or stale folder of the same name: never read, now replaced
         shutil.rmtree(final)

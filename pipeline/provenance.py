@@ -7,8 +7,9 @@ Stable API (the model card and publish stage call these):
     ``SecretStr`` values, the values of keys that name a secret (``token``, ``api_key``, ``password``, ``secret``,
     ``authorization``, ``credential``...), credentials inside URLs, and any string holding the value of a secret
     environment variable (``HF_TOKEN``, ``*_API_KEY``, ``*_TOKEN``, ...; see ``secret_values``).
-``scrub_text(text) -> str``
-    ``text`` with the value of every secret environment variable replaced (for logs, cards, error messages).
+``scrub_text(text) -> str``, ``scrub_values(data) -> data``
+    ``text`` (every string in ``data``) with the value of every secret environment variable and URL credentials
+    replaced (for logs, cards, error messages, manifests; ``commit_dir`` applies it to every manifest).
 ``portable(data) -> data``
     A copy with absolute local paths replaced by ``"<local>/<name>"`` (the last path part), so a manifest carries
     no path of the machine that built it (artifacts are relocatable; publishable folders leak no home folders).
@@ -93,6 +94,16 @@ def scrub_text(text: str, environ: dict[str, str] | None = None) -> str:
     for value in secret_values(environ):
         text = text.replace(value, MASK)
     return _URL_CREDENTIALS.sub(lambda m: f"{m.group('scheme')}{MASK}@", text)
+
+
+def scrub_values(data: Any, environ: dict[str, str] | None = None) -> Any:
+    """A copy of JSON-like ``data`` with secret environment values and URL credentials masked in every string
+    (by value only: no key is judged, so metrics such as ``time_to_first_token`` stay as they are)."""
+    if isinstance(data, dict):
+        return {k: scrub_values(v, environ) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [scrub_values(v, environ) for v in data]
+    return scrub_text(data, environ) if isinstance(data, str) else data
 
 
 def is_secret_key(key: str) -> bool:

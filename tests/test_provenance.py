@@ -181,3 +181,16 @@ def test_plan_keys_read_only_the_base_tools():
     # The cache keys hash tool_versions(): the engine and quantizer packages a manifest names stay out of them.
     assert set(tool_versions()) == {"quantship", "torch", "transformers", "safetensors", "tokenizers"}
     assert set(tool_versions(("bitsandbytes",))) == set(tool_versions()) | {"bitsandbytes"}
+
+
+def test_commit_dir_masks_a_secret_a_stage_put_in_its_metrics(tmp_path, monkeypatch):
+    from pipeline.artifacts import commit_dir, new_tmp_dir, read_manifest
+
+    monkeypatch.setenv("HF_TOKEN", HF_SECRET)
+    final = tmp_path / "quantize-abc"
+    tmp = new_tmp_dir(final)
+    (tmp / "x.txt").write_text("x")
+    commit_dir(tmp, final, {"metrics": {"log": f"used {HF_SECRET}", "time_to_first_token": 0.5}})
+    m = read_manifest(final)
+    assert m["metrics"] == {"log": f"used {MASK}", "time_to_first_token": 0.5}
+    assert HF_SECRET not in (final / MANIFEST).read_text() and m["files"][0]["path"] == "x.txt"
