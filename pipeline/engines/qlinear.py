@@ -7,7 +7,11 @@ int4 kernels (the "tinygemm" ops gpt-fast and torchao use):
   [N, K / 2]; ``aten._weight_int4pack_mm_for_cpu(x [M, K], packed, group, scales_and_zeros [K / group, N, 2])``
   with ``x`` and ``scales_and_zeros`` of one dtype (float32, bfloat16 or float16), N % 16 == 0, group in
   {32, 64, 128, 256} (checked on torch 2.13; same op since 2.6, cf. torchao ``Int4CPULayout.from_plain``).
-- CUDA (sm80+): ``aten._convert_weight_to_int4pack(uint8 [N, K / 2] with column 2j in the *high* nibble,
+- CUDA, "cuda-triton" (what "auto" takes on CUDA): our Triton kernels (``int4_triton``): a GEMV reading the
+  4-bit words once for up to 8 tokens (decode), and for more tokens (prefill) a dequantize into a per-call
+  bf16 scratch followed by one cuBLAS GEMM. On the H200 PyTorch's tinygemm kernel below read its weights at
+  ~1.4 TB/s at batch 1 against bf16's 3.0 TB/s (issue 8), hence our own; bench/decode_speed.py has the table.
+- CUDA (sm80+), "cuda-int4pack" (kept as an explicit choice): ``aten._convert_weight_to_int4pack(uint8 [N, K / 2] with column 2j in the *high* nibble,
   innerKTiles)`` and ``aten._weight_int4pack_mm(x bf16 [M, K], packed, group, scales_and_zeros bf16)``
   (torchao / torchchat: ``(w[:, ::2] << 4 | w[:, 1::2]).to(torch.uint8)``).
 
@@ -40,7 +44,8 @@ log = logging.getLogger(__name__)
 KERNEL_CPU = "cpu-int4pack"
 KERNEL_CUDA = "cuda-int4pack"
 KERNEL_DEQUANT = "dequantize"
-KERNELS = ("auto", KERNEL_CPU, KERNEL_CUDA, KERNEL_DEQUANT)
+KERNEL_TRITON = "cuda-triton"
+KERNELS = ("auto", KERNEL_CPU, KERNEL_CUDA, KERNEL_TRITON, KERNEL_DEQUANT)
 _KERNEL_GROUPS = (32, 64, 128, 256)
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -101,12 +106,36 @@ def _packed_kernel_problem(qw: QuantizedWeight, device: torch.device, dtype: tor
     return kernel, ""
 
 
+def _triton_problem(qw: QuantizedWeight) -> str:
+    """Why our Triton int4 kernels cannot run this weight, or ""."""
+    from pipeline.engines import int4_triton
+
+    why = int4_triton.available()
+    if why:
+        return why
+    if qw.bits != 4:
+        return f"{qw.bits}-bit weights"
+    if not _in_order(qw):
+        return "permuted groups (g_idx)"
+    if qw.group_size % 8 or qw.w_int.shape[1] % qw.group_size:
+        return f"group size {qw.group_size} (needs a multiple of 8 dividing K)"
+    return ""
+
+
 def _choose_kernel(qw: QuantizedWeight, device: torch.device, dtype: torch.dtype, kernel: str) -> tuple[str, str]:
     """(kernel, why not the packed one) for ``kernel`` = "auto" or an explicit choice."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel == KERNEL_DEQUANT:
         return KERNEL_DEQUANT, "asked for"
+    if kernel in ("auto", KERNEL_TRITON) and device.type == "cuda":
+        problem = _triton_problem(qw)
+        if not problem:
+            return KERNEL_TRITON, ""
+        if kernel == KERNEL_TRITON:
+            raise ValueError(f"kernel {KERNEL_TRITON!r} cannot run this weight: {problem}")
+    elif kernel == KERNEL_TRITON:
+        raise ValueError(f"kernel {KERNEL_TRITON!r} needs a CUDA device, got {device.type}")
     packed, problem = _packed_kernel_problem(qw, device, dtype)
     if problem:
         return KERNEL_DEQUANT, problem
@@ -143,7 +172,9 @@ class Int4Linear(nn.Module):
         self.bits = qw.bits
         self.kernel, reason = _choose_kernel(qw, device, dtype, kernel)
         self.register_buffer("bias", None if bias is None else bias.to(device=device, dtype=dtype))
-        if self.kernel != KERNEL_DEQUANT:
+        if self.kernel == KERNEL_TRITON:
+            self._build_triton(qw, device, dtype)
+        elif self.kernel != KERNEL_DEQUANT:
             try:
                 self._build_packed(qw, device, dtype)
                 self._run_packed(torch.zeros(1, self.in_features, device=device, dtype=self.compute_dtype))
@@ -170,6 +201,15 @@ class Int4Linear(nn.Module):
             packed = torch.ops.aten._convert_weight_to_int4pack(w_uint8, _inner_k_tiles(self.in_features))
         self.register_buffer("weight_int4pack", packed.to(device))
         self.register_buffer("scales_and_zeros", _scales_and_zeros(qw, self.compute_dtype, device))
+
+    def _build_triton(self, qw: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> None:
+        """int32 words of 8 codes along K, scales/zeros transposed (``int4_triton.repack``), computed in ``dtype``
+        (bfloat16 or float16 on CUDA)."""
+        from pipeline.engines import int4_triton
+
+        self.compute_dtype = dtype
+        for name, t in int4_triton.repack(qw.w_int, qw.scales, qw.zeros, device).items():
+            self.register_buffer(name, t)
 
     def _build_dequant(self, qw: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> None:
         """Codes two per byte (column 2j in the low nibble; one per byte above 4 bits), scales float32, zeros uint8,
@@ -206,6 +246,12 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.kernel == KERNEL_DEQUANT:
             y = x2 @ self.dequantized_weight().to(x.dtype).t()
+        elif self.kernel == KERNEL_TRITON:
+            from pipeline.engines import int4_triton
+
+            op = int4_triton.custom_op()
+            y = op(x2.to(self.compute_dtype).contiguous(), self.qweight, self.scales_t, self.zeros_t,
+                   self.group_size).to(x.dtype)
         elif x2.shape[0] == 0:
             y = x2.new_zeros(0, self.out_features)
         else:

@@ -1,0 +1,332 @@
+"""Decode speed (tokens/s) of the embedded runtime for the reference and each quantized format, eager vs CUDA graphs.
+
+A Llama model of a named shape with random weights is built directly on the device (no checkpoint), its seven
+decoder linears per layer replaced by our runtime modules built from random codes in each format:
+
+- ``ref``: the float model (bfloat16 on CUDA, float32 on the CPU);
+- ``int4-awq`` / ``int4-gptq``: group-wise 4-bit g128, packed in that checkpoint layout and read back through
+  its runtime builder (``qlinear.awq_linear`` / ``gptq_linear``) into ``Int4Linear`` (CPU rows); ``int4``: the
+  same codes straight into ``Int4Linear`` (GPU rows: both layouts unpack to these codes at load, so the kernel
+  and its speed are the same; kernel "auto" = our Triton kernels on CUDA); ``int4-tinygemm``: the same weights
+  on PyTorch's ``_weight_int4pack_mm`` (CUDA only);
+- ``int8``: W8A8 ``Int8Linear``; ``fp8``: per-channel e4m3 ``Fp8Linear``.
+
+Modes: ``eager`` (our static cache, kernels launched from Python, as the server decodes today with its own
+cache), ``graphs`` (``serve.cuda_graphs.GraphedDecoder``: the step captured per batch bucket),
+``graphs+compile`` (also ``torch.compile`` per decoder layer before capture). Each row: prefill a P-token
+prompt per slot, then time T decode steps; tokens/s = batch x T / seconds. On CUDA also the device-to-device
+copy bandwidth (bytes read + written), the weight bytes read per token, and the bandwidth bound
+(bytes / copy bandwidth) with the share of it reached; ``--micro`` adds a per-linear kernel table.
+
+    python bench/decode_speed.py --shape tiny                          # CPU, runs anywhere
+    python bench/decode_speed.py --shape llama3-8b --device cuda --micro --out bench/results_decode_gpu_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
+    "tiny": (256, 768, 2, 4, 2, 1024),
+    "small": (1024, 2816, 4, 16, 4, 32000),
+    "llama3-8b": (4096, 14336, 32, 32, 8, 128256),
+}
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RESULTS: dict = {}
+
+
+def build_model(shape: str, device: str, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    h, i, layers, heads, kv, vocab = SHAPES[shape]
+    cfg = LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=8192, rope_theta=500000.0)
+    with torch.device(device):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM._from_config(cfg, torch_dtype=dtype)
+    return model.eval()
+
+
+def _random_qweight(n: int, k: int, device, group: int = 128):
+    from pipeline.quant.primitives import QuantizedWeight
+
+    g = torch.Generator(device=device).manual_seed(n * 7 + k)
+    return QuantizedWeight(
+        w_int=torch.randint(0, 16, (n, k), device=device, dtype=torch.int32, generator=g),
+        scales=(torch.rand(n, k // group, device=device, generator=g) * 2e-3 + 1e-3).half().float(),
+        zeros=torch.randint(4, 12, (n, k // group), device=device, dtype=torch.int32, generator=g),
+        bits=4, group_size=group)
+
+
+def quantized_linear(fmt: str, lin: torch.nn.Linear, device, dtype):
+    """A runtime module of format ``fmt`` with random codes of ``lin``'s shape."""
+    from pipeline.engines import qlinear
+    from pipeline.engines.fp8_linear import Fp8Linear
+    from pipeline.engines.int8_linear import Int8Linear
+
+    n, k = lin.weight.shape
+    if fmt.startswith("int4"):
+        qw = _random_qweight(n, k, device)
+        if fmt in ("int4", "int4-tinygemm"):  # the codes straight in: on the GPU, packing 7B codes on the host is slow
+            kernel = qlinear.KERNEL_CUDA if fmt == "int4-tinygemm" else "auto"
+            return qlinear.Int4Linear(qw, device=device, dtype=dtype, kernel=kernel)
+        if fmt == "int4-awq":
+            from pipeline.formats import awq_gemm
+
+            cpu = qlinear.QuantizedWeight(qw.w_int.cpu(), qw.scales.cpu(), qw.zeros.cpu(), 4, 128)
+            return qlinear.awq_linear(awq_gemm.pack(cpu), {"bits": 4, "group_size": 128, "version": "gemm"},
+                                      torch.device(device), dtype)
+        from pipeline.formats import gptq
+
+        cpu = qlinear.QuantizedWeight(qw.w_int.cpu(), qw.scales.cpu(), qw.zeros.cpu(), 4, 128)
+        return qlinear.gptq_linear(gptq.pack(cpu), {"bits": 4, "group_size": 128}, torch.device(device), dtype)
+    if fmt == "int8":
+        w = torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8)
+        return Int8Linear(w, torch.rand(n, device=device) * 1e-3 + 1e-4)
+    if fmt == "fp8":
+        w = (torch.randn(n, k, device=device) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        return Fp8Linear(w, torch.rand(n, 1, device=device) * 1e-4 + 1e-5, None, device=device, dtype=dtype)
+    raise ValueError(fmt)
+
+
+def convert(model, fmt: str, device, dtype):
+    if fmt == "ref":
+        return model
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in LINEARS:
+                lin = getattr(parent, name, None)
+                if isinstance(lin, torch.nn.Linear):
+                    setattr(parent, name, quantized_linear(fmt, lin, device, dtype))
+                    del lin
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return model
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of every parameter and buffer a decode step reads (all but the embedding table, of which one row)."""
+    emb = model.model.embed_tokens.weight
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() != emb.data_ptr() and t.dtype != torch.int64:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 2 GiB, bytes read + written per second (median of 10)."""
+    a = torch.empty(2**30, dtype=torch.bfloat16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(12):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return 2 * 2**31 / sorted(times[2:])[len(times[2:]) // 2]
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_speed(model, device, batch, mode, prompt, steps) -> dict:
+    from pipeline.serve.cuda_graphs import GraphedDecoder
+
+    t0 = time.perf_counter()
+    dec = GraphedDecoder(model, max_batch=batch, max_len=prompt + steps + 8, buckets=[batch],
+                         graphs=mode != "eager" and device == "cuda", compile_layers=mode == "graphs+compile")
+    g = torch.Generator().manual_seed(1)
+    vocab = model.config.vocab_size
+    for slot in range(batch):
+        dec.prefill(slot, torch.randint(0, vocab, (prompt,), generator=g))
+    tokens = torch.randint(0, vocab, (batch,), generator=g).to(device)
+    logits = dec.step(tokens)  # first step: capture / compile / tune
+    _sync(device)
+    setup = time.perf_counter() - t0
+    start = time.perf_counter()
+    for _ in range(steps - 1):
+        tokens = logits.argmax(-1)
+        logits = dec.step(tokens)
+    _sync(device)
+    sec = time.perf_counter() - start
+    finite = bool(torch.isfinite(logits.float()).all())
+    del dec
+    return dict(tok_s=batch * (steps - 1) / sec, ms_per_step=1e3 * sec / (steps - 1), setup_s=setup, finite=finite)
+
+
+def micro(out: dict) -> None:
+    """Per-linear kernel times on the 8B shapes (median of event-timed loops over rotating weights)."""
+    from pipeline.engines import qlinear
+
+    shapes = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)}
+    rows = []
+    for label, (n, k) in shapes.items():
+        reps = max(2, int(4e8 // (n * k * 2)))  # > 400 MB of bf16 weights in rotation: no L2 reuse
+        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+        mods = {"bf16": [torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16) for _ in range(reps)]}
+        for fmt in ("int4-tinygemm", "int4-triton", "int8", "fp8"):
+            f = "int4" if fmt == "int4-triton" else fmt
+            mods[fmt] = [quantized_linear(f, lin, "cuda", torch.bfloat16) for _ in range(reps)]
+        try:
+            mods["int4-gemlite"] = [_gemlite(n, k) for _ in range(reps)]
+        except Exception as e:  # noqa: BLE001 - optional comparison
+            out.setdefault("gemlite_error", repr(e)[:300])
+        for m in (1, 8):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            for fmt, ms in mods.items():
+                try:
+                    t = _bench_mods(ms, x)
+                except Exception as e:  # noqa: BLE001
+                    rows.append(dict(shape=label, n=n, k=k, m=m, fmt=fmt, error=repr(e)[:200]))
+                    continue
+                nbytes = sum(b.numel() * b.element_size() for b in list(ms[0].parameters()) + list(ms[0].buffers()))
+                if fmt == "int4-gemlite":
+                    nbytes = n * k // 2 + 2 * (n * k // 128) * 2
+                rows.append(dict(shape=label, n=n, k=k, m=m, fmt=fmt, us=t * 1e6, gb_s=nbytes / t / 1e9))
+        del mods
+        torch.cuda.empty_cache()
+    from pipeline.engines import int4_triton
+
+    out["micro"] = rows
+    out["int4_triton_configs"] = int4_triton.tuned_configs()
+    print("\nper-linear kernels, us (GB/s of weight bytes)")
+    for r in rows:
+        print(f"  {r['shape']:8s} M={r['m']} {r['fmt']:14s} " + (f"{r['us']:8.1f} us {r['gb_s']:7.0f} GB/s" if "us"
+                                                                   in r else r["error"]))
+    _ = qlinear
+
+
+def _gemlite(n: int, k: int):
+    import gemlite
+    from gemlite.helper import A16Wn
+
+    cfg = Path(gemlite.__file__).parent / "configs" / "h100.json"
+    gemlite.core.GemLiteLinearTriton.load_config(str(cfg))
+    qw = _random_qweight(n, k, "cuda")
+    return A16Wn(device="cuda:0", dtype=torch.bfloat16).from_weights(
+        qw.w_int.to(torch.uint8), qw.scales.to(torch.bfloat16), qw.zeros.to(torch.bfloat16), 4, 128)
+
+
+def _bench_mods(mods, x, iters: int = 200) -> float:
+    for m in mods:
+        m(x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()  # launch gaps out: what the decode graphs see
+    with torch.cuda.graph(graph):
+        for i in range(iters):
+            mods[i % len(mods)](x)
+    times = []
+    for _ in range(5):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3 / iters)
+    return sorted(times)[2]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--formats", default=None, help="comma list (default: all for the device)")
+    ap.add_argument("--modes", default=None, help="comma list of eager,graphs,graphs+compile")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--micro", action="store_true")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    cuda = a.device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    formats = (a.formats or ("ref,int4,int4-tinygemm,int8,fp8" if cuda else
+                             "ref,int4-gptq,int4-awq,int8,fp8")).split(",")
+    modes = (a.modes or ("eager,graphs" if cuda else "eager")).split(",")
+    batches = [int(b) for b in a.batches.split(",")]
+    out = RESULTS
+    out.update(shape=a.shape, dims=SHAPES[a.shape], device=a.device, torch=torch.__version__, python=platform.python_version(),
+               prompt=a.prompt, steps=a.steps, rows=[])
+    import transformers
+
+    out["transformers"] = transformers.__version__
+    if cuda:
+        out["gpu"] = torch.cuda.get_device_name(0)
+        out["copy_bw_GBs"] = copy_bandwidth() / 1e9
+        print(f"{out['gpu']}: device-to-device copy {out['copy_bw_GBs']:.0f} GB/s (read + write)", flush=True)
+    else:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    if a.micro and cuda:
+        micro(out)
+        _save(a.out)
+    for fmt in formats:
+        model = convert(build_model(a.shape, a.device, dtype), fmt, a.device, dtype)
+        nbytes = weight_bytes_per_token(model)
+        for batch in batches:
+            for mode in modes:
+                try:
+                    r = decode_speed(model, a.device, batch, mode, a.prompt, a.steps)
+                except Exception as e:  # noqa: BLE001 - one failed row must not lose the others
+                    r = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                r.update(format=fmt, batch=batch, mode=mode, weight_bytes=nbytes)
+                if cuda and "tok_s" in r:
+                    bound_ms = 1e3 * nbytes / (out["copy_bw_GBs"] * 1e9)
+                    r.update(bound_ms=bound_ms, bound_pct=100 * bound_ms / r["ms_per_step"])
+                out["rows"].append(r)
+                print(_row(r), flush=True)
+                _save(a.out)
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+    _table(out)
+    _save(a.out)
+    return 0
+
+
+def _row(r: dict) -> str:
+    head = f"{r['format']:14s} b={r['batch']} {r['mode']:15s}"
+    if "error" in r:
+        return f"{head} ERROR {r['error']}"
+    bound = f"  {r['bound_pct']:5.1f}% of bw bound" if "bound_pct" in r else ""
+    return (f"{head} {r['tok_s']:9.1f} tok/s  {r['ms_per_step']:8.2f} ms/step  weights {r['weight_bytes'] / 1e9:6.2f} GB"
+            f"{bound}  (setup {r['setup_s']:.1f} s)")
+
+
+def _table(out: dict) -> None:
+    ref = {(r["batch"], r["mode"]): r["tok_s"] for r in out["rows"] if r["format"] == "ref" and "tok_s" in r}
+    print("\n| format | batch | mode | tok/s | ms/step | weight GB/token | vs ref (same mode) | % of bw bound |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in out["rows"]:
+        if "tok_s" not in r:
+            print(f"| {r['format']} | {r['batch']} | {r['mode']} | error: {r['error'][:80]} | | | | |")
+            continue
+        base = ref.get((r["batch"], r["mode"]))
+        vs = f"{r['tok_s'] / base:.2f}x" if base else ""
+        pct = f"{r['bound_pct']:.0f}%" if "bound_pct" in r else ""
+        print(f"| {r['format']} | {r['batch']} | {r['mode']} | {r['tok_s']:.1f} | {r['ms_per_step']:.2f} | "
+              f"{r['weight_bytes'] / 1e9:.3f} | {vs} | {pct} |")
+
+
+def _save(path):
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(RESULTS, indent=1))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

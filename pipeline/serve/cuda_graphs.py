@@ -1,0 +1,181 @@
+"""Static KV cache + CUDA graphs for the one-token decode step of a Hugging Face decoder (Llama, Qwen2, Mistral:
+``model.model.{embed_tokens, rotary_emb, layers, norm}`` and ``model.lm_head``).
+
+Eager decode of an 8B model at batch 1 waits on Python: ~50 small kernels a layer launched one by one. Here
+the step for each batch-size bucket (1, 2, 4, 8, ... up to ``max_batch``) is captured once into a CUDA graph
+over static buffers (token ids, per-slot positions, a KV cache of ``max_batch`` slots x ``max_len`` positions
+per layer) and replayed; with ``compile_layers=True`` each decoder layer also goes through ``torch.compile``
+(one compiled region shared by all layers, so the ~20 elementwise kernels of norms, rotary and SwiGLU fuse
+into a few) before capture. Quantized linears must be graph-safe: ``Int4Linear`` (Triton kernels, tuned before
+capture by the warm-up), ``Int8Linear`` and ``Fp8Linear`` are.
+
+The cache is ours, not transformers' ``StaticCache``: its API moved between the transformers of this repo
+(5.24: ``cumulative_length``, no ``cache_position``) and of the GPU machine (5.17), and a single shared write
+position cannot hold sequences of different lengths. Each layer gets a ``_LayerKV`` that the attention module
+calls as ``cache.update(k, v, layer_idx, ...)`` (the one method transformers' Llama attention uses); slot ``b``
+holds its sequence at positions ``0 .. pos[b]``, and the 4D boolean mask ``key <= pos[b]`` (passed as
+``attention_mask``, which transformers' ``create_causal_mask`` returns as is) hides the rest. We run the
+model's layer loop ourselves (embed, rotary, layers, norm, lm_head: the body of ``LlamaModel.forward``).
+
+Integration seam for the server's continuous-batching scheduler (serve/batching.py, not wired here):
+
+- a new request: ``slot = free slot``; ``logits = dec.prefill(slot, prompt_ids)`` (eager, batch 1, writes the
+  slot's cache rows ``0 .. len-1``);
+- every step: keep the running sequences in slots ``0 .. n-1`` (``dec.move_slot(src, dst)`` compacts after a
+  sequence leaves), then ``logits = dec.step(next_tokens[:n])`` replays the graph of the smallest bucket >= n;
+- a finished or disconnected sequence: ``dec.release(slot)``; the scheduler must cap a sequence at
+  ``max_len`` positions (``dec.max_len``).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from pipeline.errors import StageError
+
+
+class _LayerKV:
+    """One layer's slice of the static cache; ``rows``/``pos`` say where ``update`` writes."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, start: int | None):
+        self.k, self.v, self.rows, self.pos, self.start = k, v, rows, pos, start
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.start is None:  # decode: one token per row, row b at pos[b]
+            self.k[self.rows, :, self.pos] = key_states[:, :, 0]
+            self.v[self.rows, :, self.pos] = value_states[:, :, 0]
+            n = key_states.shape[0]
+            return self.k[:n], self.v[:n]
+        slot, t = int(self.rows), key_states.shape[2]  # prefill of one slot
+        self.k[slot, :, self.start:self.start + t] = key_states[0]
+        self.v[slot, :, self.start:self.start + t] = value_states[0]
+        return self.k[slot:slot + 1], self.v[slot:slot + 1]
+
+    def get_seq_length(self, *args) -> int:
+        return 0
+
+
+def _run_layer(layer, h, mask, cos, sin, position_ids, kv, kv_name):
+    kw = {kv_name: kv}
+    out = layer(h, attention_mask=mask, position_embeddings=(cos, sin), position_ids=position_ids, use_cache=True,
+                **kw)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _cache_kwarg(layer) -> str:
+    """transformers 5.24 renamed the decoder layer's ``past_key_values`` to ``cache`` (the old name is warned)."""
+    return "cache" if "cache" in inspect.signature(type(layer).forward).parameters else "past_key_values"
+
+
+class GraphedDecoder:
+    """Decode steps of ``model`` over a static cache of ``max_batch`` slots x ``max_len`` positions; CUDA graphs
+    per bucket when the model is on CUDA (``graphs=None``: on CUDA), else the same step eagerly."""
+
+    def __init__(self, model: nn.Module, max_batch: int = 8, max_len: int = 2048, buckets=None,
+                 compile_layers: bool = False, graphs: bool | None = None):
+        inner = getattr(model, "model", None)
+        if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+            raise StageError(
+                f"GraphedDecoder needs a Llama-style decoder (model.model.embed_tokens/layers/norm/rotary_emb), got "
+                f"{type(model).__name__}. Serve this model without CUDA graphs (the plain generate path)."
+            )
+        self.model, self.inner = model, inner
+        cfg = model.config
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        if self.dtype == torch.float32 or not self.dtype.is_floating_point:
+            self.dtype = next((b.dtype for b in model.buffers() if b.dtype.is_floating_point), torch.float32)
+        self.max_batch, self.max_len = max_batch, max_len
+        self.buckets = sorted(set(buckets or [b for b in (1, 2, 4, 8, 16, 32, 64) if b < max_batch] + [max_batch]))
+        heads = cfg.num_key_value_heads or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        act_dtype = inner.embed_tokens.weight.dtype
+        shape = (max_batch, heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=self.device, dtype=act_dtype) for _ in inner.layers]
+        self.v = [torch.zeros(shape, device=self.device, dtype=act_dtype) for _ in inner.layers]
+        self.pos = torch.zeros(max_batch, device=self.device, dtype=torch.long)  # next write position per slot
+        self.tokens = torch.zeros(max_batch, 1, device=self.device, dtype=torch.long)
+        self.rows = torch.arange(max_batch, device=self.device)
+        self.keys = torch.arange(max_len, device=self.device)
+        self.graphs_enabled = self.device.type == "cuda" if graphs is None else graphs
+        self._layer = _run_layer
+        if compile_layers:
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            self._layer = torch.compile(_run_layer, dynamic=False)
+        self._kv_name = _cache_kwarg(inner.layers[0])
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    # -- the forward over our cache -----------------------------------------------------------------------------
+    def _forward(self, ids, position_ids, mask, rows, start):
+        h = self.inner.embed_tokens(ids)
+        cos, sin = self.inner.rotary_emb(h, position_ids=position_ids)
+        run = self._layer if start is None else _run_layer  # prefill stays eager (one compile per prompt length)
+        for i, layer in enumerate(self.inner.layers):
+            h = run(layer, h, mask, cos, sin, position_ids, _LayerKV(self.k[i], self.v[i], rows, self.pos[
+                :ids.shape[0]] if start is None else None, start), self._kv_name)
+        return self.model.lm_head(self.inner.norm(h[:, -1]))
+
+    def _decode(self, n: int) -> torch.Tensor:
+        pos = self.pos[:n]
+        mask = (self.keys[None, :] <= pos[:, None])[:, None, None, :]  # [n, 1, 1, L]
+        logits = self._forward(self.tokens[:n], pos[:, None], mask, self.rows[:n], None)
+        pos.add_(1).clamp_(max=self.max_len - 1)
+        return logits
+
+    # -- the scheduler's API ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, slot: int, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run ``input_ids`` [T] (one sequence) into ``slot``'s cache; the last position's logits [vocab]."""
+        ids = input_ids.reshape(1, -1).to(self.device)
+        t = ids.shape[1]
+        if not 0 <= slot < self.max_batch or t == 0 or t >= self.max_len:
+            raise StageError(f"prefill needs a slot in [0, {self.max_batch}) and 1..{self.max_len - 1} tokens, got "
+                             f"slot {slot} and {t} tokens. Cap prompts at the decoder's max_len.")
+        q = torch.arange(t, device=self.device)
+        mask = (self.keys[None, :] <= q[:, None])[None, None]  # [1, 1, T, L]
+        logits = self._forward(ids, q[None], mask, torch.tensor(slot), 0)
+        self.pos[slot] = t
+        return logits[0]
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One token for each of slots ``0 .. n-1`` -> their next-token logits [n, vocab]; positions advance."""
+        n = tokens.numel()
+        bucket = next((b for b in self.buckets if b >= n), None)
+        if bucket is None or n == 0:
+            raise StageError(f"step takes 1..{self.max_batch} tokens, got {n}. Raise max_batch or split the batch.")
+        self.tokens[:n, 0] = tokens.reshape(-1).to(self.device)
+        if not self.graphs_enabled:
+            return self._decode(n).clone()
+        if bucket not in self._graphs:
+            self._capture(bucket)
+        graph, out = self._graphs[bucket]
+        graph.replay()
+        return out[:n].clone()
+
+    def release(self, slot: int) -> None:
+        self.pos[slot] = 0
+
+    def move_slot(self, src: int, dst: int) -> None:
+        """Copy slot ``src``'s cache and position to ``dst`` (compaction after a sequence leaves)."""
+        for k, v in zip(self.k, self.v):
+            k[dst].copy_(k[src])
+            v[dst].copy_(v[src])
+        self.pos[dst] = self.pos[src]
+
+    def _capture(self, bucket: int) -> None:
+        saved = self.pos.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # warm-up: compiles, tunes the int4 kernels, creates cuBLAS handles
+                self._decode(bucket)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self._decode(bucket)
+        self.pos.copy_(saved)  # the warm-up and capture advanced the positions; the replays own them from here
+        self._graphs[bucket] = (graph, out)
