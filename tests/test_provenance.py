@@ -194,3 +194,21 @@ def test_commit_dir_masks_a_secret_a_stage_put_in_its_metrics(tmp_path, monkeypa
     m = read_manifest(final)
     assert m["metrics"] == {"log": f"used {MASK}", "time_to_first_token": 0.5}
     assert HF_SECRET not in (final / MANIFEST).read_text() and m["files"][0]["path"] == "x.txt"
+
+
+def test_a_hub_revision_resolves_to_the_snapshot_commit(tmp_path, tiny_llama_dir, monkeypatch):
+    """Through the download stage and a hub cache laid out as huggingface_hub writes it (stand-in for the hub,
+    unreachable here): the branch 'main' resolves, through refs/main, to the commit the snapshot holds."""
+    import huggingface_hub.constants as c
+
+    from tests.test_download_calibrate import make_hub_cache, run_download
+
+    rev = "89abcdef0123456789abcdef0123456789abcdef"
+    make_hub_cache(tmp_path / "hub", "quantship-test/tiny", rev, tiny_llama_dir)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    out, metrics = run_download(tmp_path, "quantship-test/tiny", revision="main")
+    source = json.loads((out / MODEL_LINK).read_text())["source"]
+    assert (source["id"], source["kind"], source["revision"], source["commit"]) == \
+        ("quantship-test/tiny", "hub", "main", rev)
+    assert metrics["commit"] == rev
