@@ -7,6 +7,7 @@ manifest are the local executor's. Each task asks for what its stage uses: one G
 engine stages) when the stage's device is CUDA (calibrated quantization, bitsandbytes, compile, evaluate and
 serve on a CUDA target; ``auto`` counts as CUDA when the cluster has GPUs, as it resolves on a GPU worker),
 one CPU otherwise. Ray hides the GPUs from a task that asks for none, so a stage that would pick CUDA must ask.
+On a cluster without GPUs no task asks for one, and each stage does what it does on a machine without one.
 
 Storage: every worker writes its artifact into the output root and reads its inputs (upstream artifacts, the
 model folder, calibration and eval text) from the same absolute paths. On one machine that holds as is; on a
@@ -60,7 +61,8 @@ def import_ray() -> Any:
 
 
 def gpus_for(plan: Plan, run: StageRun, cluster_gpus: float) -> int:
-    """GPUs a stage run's task asks for: its stage's device is CUDA (``auto``: when the cluster has GPUs)."""
+    """GPUs a stage run's task asks for: its stage's device is CUDA (``auto``: when the cluster has GPUs, or the
+    target runs on CUDA only)."""
     from pipeline.targets import METHODS_NEEDING_CALIBRATION, TARGETS
 
     recipe = variant_recipe(plan, run)
@@ -174,7 +176,7 @@ class RayExecutor:
         self._owns = False
         self._running: dict[Any, str] = {}  # ObjectRef -> run id
         self._plan_ref: Any = None
-        self._gpus = 0.0
+        self._gpus = 0.0  # the most GPUs one node has: a task's GPUs must all be on one node
         self._failed_now: list[Any] = []
 
     def start(self, plan: Plan) -> None:
@@ -193,7 +195,7 @@ class RayExecutor:
                     "--address, or leave --address out to start a local one."
                 ) from None
             self._owns = True
-        self._gpus = ray.cluster_resources().get("GPU", 0.0)
+        self._gpus = max((n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
         self._check_shared_storage(plan)
         # Workers may start elsewhere: the recipe's relative paths resolve against its absolute location.
         shipped = dataclasses.replace(plan, recipe=plan.recipe.model_copy(update={"path": plan.recipe.path.resolve()}))
@@ -233,11 +235,12 @@ class RayExecutor:
     def submit(self, plan: Plan, run: StageRun, progress: Callable[..., Any] | None) -> None:
         from pipeline.runner import StageResult
 
-        gpus = gpus_for(plan, run, self._gpus)
+        # No GPU anywhere: ask for none, and the stage does what it does on a machine without one (as locally).
+        gpus = gpus_for(plan, run, self._gpus) if self._gpus else 0
         if gpus > self._gpus:
             error = StageError(
-                f"{run.id} runs on CUDA and needs {gpus} GPU(s), but the Ray cluster has {self._gpus:g}. Add a "
-                "GPU node to the cluster, or set the stage's device to cpu in the recipe."
+                f"{run.id} runs on CUDA and needs {gpus} GPU(s) on one node (compile.tp), but the largest node of the "
+                f"Ray cluster has {self._gpus:g}. Lower compile.tp, or add a node with {gpus} GPUs to the cluster."
             )
             self._failed_now.append(StageResult(run.id, "failed", error=error))
             return

@@ -1,0 +1,272 @@
+"""The Ray executor against the local one on a none + rtn matrix of the shipped tiny model (CPU).
+
+Ray registers its node under the machine's own address even when told 127.0.0.1, and tests here send traffic to
+loopback only, so the Ray part runs in a subprocess inside a network namespace that has only the loopback
+interface (``unshare -rn``), with one local Ray cluster for the whole scenario: the local executor's run, the
+Ray executor's run of the same plan (one worker killed mid-stage on its first attempt), then a forced rerun whose
+compile stages fail (a typed error, a crash). The tests read what the scenario recorded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.artifacts import MANIFEST, RUN_LOG, TMP_PREFIX
+from tests.conftest import ROOT, write_recipe
+
+MATRIX = """\
+name: matrix
+model: {{source: {model}}}
+quantize: {{method: rtn}}
+compile: {{target: transformers, device: cpu}}
+eval: {{text: {eval}, seq_len: 64, max_tokens: 512}}
+matrix:
+  quantize.method: [none, rtn]
+"""
+
+HAS_RAY = importlib.util.find_spec("ray") is not None
+
+
+def _netns_works() -> bool:
+    if not shutil.which("unshare") or not shutil.which("ip"):
+        return False
+    try:
+        res = subprocess.run(["unshare", "-rn", "sh", "-c", "ip link set lo up"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return res.returncode == 0
+
+
+# --- the scenario, run as `python tests/test_executor_ray.py WORK` inside the network namespace --------------
+
+
+def _hook(marker: str, fail_flag: str):
+    """Ray's worker_process_setup_hook: quantize@rtn's worker dies mid-stage on its first attempt (a half-written
+    file left in its temporary folder); while ``fail_flag`` exists, compile@rtn raises a typed error and every other
+    compile crashes."""
+
+    def hook() -> None:
+        import os
+        from pathlib import Path
+
+        import pipeline.stages.compile as compile_stage
+        import pipeline.stages.quantize as quantize_stage
+        from pipeline.errors import TargetUnavailable
+
+        quantize_run, compile_run = quantize_stage.run, compile_stage.run
+
+        def quantize_dies_once(ctx):
+            if ctx.run_id == "quantize@rtn" and not Path(marker).exists():
+                (ctx.out / "model").mkdir(exist_ok=True)
+                (ctx.out / "model" / "model.safetensors").write_bytes(b"half-written")
+                Path(marker).write_text(str(os.getpid()))
+                os._exit(1)
+            return quantize_run(ctx)
+
+        def compile_fails(ctx):
+            if Path(fail_flag).exists():
+                if ctx.run_id == "compile@rtn":
+                    raise TargetUnavailable("compile@rtn: a stand-in typed error (what, why, how to fix).")
+                raise ZeroDivisionError("a stand-in crash")
+            return compile_run(ctx)
+
+        quantize_stage.run, compile_stage.run = quantize_dies_once, compile_fails
+
+    return hook
+
+
+def _files(root: Path) -> dict[str, dict[str, str]]:
+    """Artifact folder -> {file: sha256}, from the manifests (which checksum every file)."""
+    out = {}
+    for m in sorted(root.glob(f"*/{MANIFEST}")):
+        out[m.parent.name] = {f["path"]: f["sha256"] for f in json.loads(m.read_text())["files"]}
+    return out
+
+
+def _scenario(work: Path) -> None:
+    import ray
+
+    from pipeline.executors.ray_executor import RayExecutor
+    from pipeline.plan import make_plan
+    from pipeline.recipe import load_recipe
+    from pipeline.runner import execute
+
+    recipe = load_recipe(work / "recipe.yaml")
+    record: dict = {}
+
+    t0 = time.perf_counter()
+    local = execute(make_plan(recipe, work / "local"))
+    record["local"] = {"statuses": local.statuses, "seconds": time.perf_counter() - t0,
+                       "keys": {r.id: r.key for r in make_plan(recipe, work / "local").runs}}
+
+    marker, fail_flag = work / "worker-died", work / "compile-fails"
+    t0 = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": _hook(str(marker), str(fail_flag))})
+    record["ray_init_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plan = make_plan(recipe, work / "ray")
+    out = execute(plan, executor=RayExecutor())
+    record["ray"] = {"statuses": out.statuses, "errors": {k: str(e) for k, e in out.errors.items()},
+                     "seconds": time.perf_counter() - t0, "keys": {r.id: r.key for r in plan.runs},
+                     "files": _files(plan.root), "worker_died": marker.exists(),
+                     "leftovers": sorted(p.name for p in plan.root.iterdir() if p.name.startswith((TMP_PREFIX, ".probe")))}
+
+    fail_flag.write_text("1")
+    out = execute(make_plan(recipe, work / "ray"), force={"compile"}, executor=RayExecutor())
+    record["failing"] = {"statuses": out.statuses, "exit_code": out.exit_code,
+                         "errors": {k: [type(e).__name__, str(e), e.exit_code] for k, e in out.errors.items()},
+                         "files": _files(plan.root)}
+    record["ray_still_up"] = ray.is_initialized()  # the executor leaves a cluster it did not start alone
+    ray.shutdown()
+    (work / "record.json").write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    _scenario(Path(sys.argv[1]))
+    sys.exit(0)
+
+
+# --- the tests ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory) -> dict:
+    if not HAS_RAY:
+        pytest.skip("ray is not installed (pip install 'quantship[ray]')")
+    if not _netns_works():
+        pytest.skip("cannot make a loopback-only network namespace here (unshare -rn)")
+    work = tmp_path_factory.mktemp("ray-executor")
+    write_recipe(work, MATRIX)
+    ray_tmp = tempfile.mkdtemp(prefix="qsray-", dir="/tmp")  # Ray's unix sockets need a short path
+    env = {**os.environ, "HOME": str(work), "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(ROOT),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = f"ip link set lo up && exec {sys.executable} {Path(__file__).resolve()} {work}"
+    try:
+        res = subprocess.run(["unshare", "-rn", "sh", "-c", cmd], cwd=work, env=env, capture_output=True, text=True,
+                             timeout=900)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-8000:]
+    record = json.loads((work / "record.json").read_text())
+    record["work"] = work
+    return record
+
+
+def test_both_executors_write_the_same_artifacts(scenario):
+    local, ray = scenario["local"], scenario["ray"]
+    assert ray["keys"] == local["keys"]
+    assert set(local["statuses"].values()) == {"done"} and ray["statuses"] == local["statuses"]
+    assert ray["errors"] == {}
+    local_files = _files(scenario["work"] / "local" / "matrix")
+    assert sorted(local_files) == sorted(f"{k.split('@')[0]}-{v[:12]}" for k, v in local["keys"].items())
+    assert ray["files"] == local_files  # every file of every artifact, byte for byte (sha256)
+
+
+def test_a_worker_that_dies_mid_stage_leaves_nothing_and_the_retry_completes(scenario):
+    ray = scenario["ray"]
+    assert ray["worker_died"]  # quantize@rtn's first worker did exit mid-stage
+    assert ray["statuses"]["quantize@rtn"] == "done"
+    assert ray["leftovers"] == []  # no temporary folder of the dead attempt, no probe file
+    log = (scenario["work"] / "ray" / "matrix" / RUN_LOG).read_text()
+    assert "quantize@rtn: removed .tmp-quantize-" in log and "left by an attempt whose worker died" in log
+
+
+def test_stage_errors_come_back_typed_and_crashes_keep_their_traceback(scenario):
+    failing = scenario["failing"]
+    assert failing["statuses"]["compile@rtn"] == failing["statuses"]["compile@none"] == "failed"
+    assert failing["statuses"]["evaluate@rtn"] == failing["statuses"]["evaluate@none"] == "skipped"
+    assert failing["statuses"]["quantize@rtn"] == "cached"
+    name, message, code = failing["errors"]["compile@rtn"]
+    assert (name, message, code) == ("TargetUnavailable", "compile@rtn: a stand-in typed error (what, why, how to "
+                                     "fix).", 1)
+    name, message, _ = failing["errors"]["compile@none"]
+    root = scenario["work"] / "ray" / "matrix"
+    assert name == "StageError"
+    assert message == (f"compile@none failed unexpectedly: ZeroDivisionError: a stand-in crash. The traceback is in "
+                       f"{root / RUN_LOG}.")
+    log = (root / RUN_LOG).read_text()
+    assert "Traceback (most recent call last)" in log and "ZeroDivisionError: a stand-in crash" in log
+    assert failing["files"] == scenario["ray"]["files"]  # a failed rerun keeps the complete artifacts as they were
+    assert scenario["ray_still_up"]
+
+
+# --- without a cluster -------------------------------------------------------------------------------------
+
+
+def test_without_ray_the_error_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    recipe = write_recipe(tmp_path, MATRIX)
+    res = CliRunner().invoke(__import__("pipeline.cli", fromlist=["main"]).main,
+                             ["run", str(recipe), "-o", str(tmp_path / "out"), "--executor", "ray"])
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error: --executor ray needs Ray, which is not installed in this Python environment (")
+    assert res.output.endswith("). Ray runs the plan's independent stage runs as tasks on a local or remote Ray "
+                               "cluster; it is an optional extra. Install it with `pip install 'quantship[ray]'` (it "
+                               "leaves torch alone), or leave --executor out to run the stages one after another "
+                               "here.\n")
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_address_needs_the_ray_executor(tmp_path):
+    from pipeline.cli import main
+
+    recipe = write_recipe(tmp_path, MATRIX)
+    res = CliRunner().invoke(main, ["run", str(recipe), "-o", str(tmp_path / "out"), "--address", "10.0.0.1:6379"])
+    assert res.exit_code == 2
+    assert res.output == ("error: --address 10.0.0.1:6379: only the Ray executor uses a cluster address. Add "
+                          "--executor ray, or leave --address out.\n")
+
+
+GPU_RECIPE = """\
+name: gpus
+model: {{source: {model}}}
+calibration: {{source: {calib}, samples: 4, seq_len: 64}}
+quantize: {{method: awq, device: auto}}
+compile: {{target: transformers, device: auto}}
+eval: {{text: {eval}, seq_len: 64, max_tokens: 512}}
+matrix:
+  quantize.method: [rtn, awq]
+"""
+
+
+def test_a_stage_asks_for_a_gpu_when_its_device_is_cuda(tmp_path):
+    from pipeline.executors.ray_executor import gpus_for
+    from pipeline.plan import make_plan
+    from pipeline.recipe import load_recipe
+
+    auto = make_plan(load_recipe(write_recipe(tmp_path, GPU_RECIPE)), tmp_path / "out")
+    asks = {r.id: (gpus_for(auto, r, 0), gpus_for(auto, r, 2)) for r in auto.runs}
+    assert asks == {"download": (0, 0), "calibrate": (0, 0), "quantize@rtn": (0, 0), "quantize@awq": (0, 1),
+                    "compile@rtn": (0, 1), "compile@awq": (0, 1), "evaluate@rtn": (0, 1), "evaluate@awq": (0, 1)}
+    text = GPU_RECIPE.replace("device: auto}}\neval", "device: cuda, tp: 2}}\neval").replace("device: auto", "device: cpu")
+    fixed = make_plan(load_recipe(write_recipe(tmp_path, text, "fixed.yaml")), tmp_path / "out")
+    asks = {r.id: gpus_for(fixed, r, 0) for r in fixed.runs}
+    assert asks == {"download": 0, "calibrate": 0, "quantize@rtn": 0, "quantize@awq": 0,
+                    "compile@rtn": 2, "compile@awq": 2, "evaluate@rtn": 2, "evaluate@awq": 2}
+
+
+def test_the_storage_probe_names_what_a_node_cannot_see(tmp_path):
+    from pipeline.executors.ray_executor import probe_storage
+
+    probe = tmp_path / ".probe-abc"
+    assert probe_storage(str(probe), "abc", [])["problem"].startswith(f"cannot read {probe} (")
+    probe.write_text("other")
+    assert probe_storage(str(probe), "abc", [])["problem"] == f"{probe} holds another file of that name (not the driver's)"
+    probe.write_text("abc")
+    missing = str(tmp_path / "model")
+    assert probe_storage(str(probe), "abc", [missing])["problem"] == f"cannot see {missing}, which the recipe reads"
+    assert probe_storage(str(probe), "abc", [str(probe)])["problem"] is None
+    assert len(list(tmp_path.glob(".probe-abc-*"))) == 2  # the two answers that read the right token wrote back
