@@ -4,6 +4,9 @@ Each run writes into a temporary sibling folder; the manifest is written last an
 place, so a run killed at any point leaves nothing that is ever read (stale temp folders are removed at the
 next start). A failed run marks its downstream runs skipped; other variants go on. Quality gates are checked
 from the evaluate manifests on every run, cached or not, so a cached failing variant still fails.
+
+``execute`` walks the plan and hands each run whose inputs have finished to an executor (pipeline/executors/):
+the local one runs it here at once, the Ray one as a Ray task that calls the same ``run_stage`` in a worker.
 """
 
 from __future__ import annotations
