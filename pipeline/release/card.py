@@ -180,7 +180,8 @@ def render_card(facts: CardFacts) -> str:
     lines += ["## Serving", ""]
     if facts.fetch:
         lines += ["Get the folder:", "", "```sh", facts.fetch, "```", ""]
-    lines += [f"`{facts.local_dir}` below is that folder. Every command serves the OpenAI API "
+    lines += [f"`{facts.local_dir}` below is {'that folder' if facts.fetch else 'the folder holding this README'}. "
+              "Every command serves the OpenAI API "
               "(`/v1/completions`, `/v1/chat/completions`).", ""]
     built_for = facts.engine.get("target")
     others = [e for e in facts.serve if e.command is None and e.target != built_for]

@@ -187,10 +187,10 @@ def card_text(release: Release, folder: Path) -> str:
     base = release.config.get("base_model")
     if not base and (source or {}).get("kind") == "hub":
         base = source.get("id")
-    local_dir = (dest.repo_id.split("/")[-1] if dest.kind == "hf" else str(dest.path))
-    fetch = f"hf download {dest.repo_id} --local-dir {local_dir}" + (
-        f" --revision {release.config['revision']}" if release.config.get("revision") else "") \
-        if dest.kind == "hf" else f"ls {dest.path}"
+    # Relative to wherever the folder lands: no path of the publishing machine in the card.
+    local_dir = dest.repo_id.split("/")[-1] if dest.kind == "hf" else f"./{dest.path.name}"
+    revision = f" --revision {release.config['revision']}" if release.config.get("revision") else ""
+    fetch = f"hf download {dest.repo_id} --local-dir {local_dir}{revision}" if dest.kind == "hf" else ""
     facts = CardFacts(
         name=dest.repo_id if dest.kind == "hf" else dest.path.name, variant=release.variant, recipe=release.recipe,
         row=release.row, quantize=release.quantize, engine=engine, base_model=base, source=source,
@@ -292,12 +292,23 @@ def assemble(release: Release, folder: Path) -> Path:
         "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     manifest = portable(redact(manifest))
+    manifest["destination"] = _portable_url(manifest["destination"])
+    publish = (manifest.get("recipe") or {}).get("publish") or {}
+    if publish.get("to"):
+        publish["to"] = _portable_url(publish["to"])
     write_json(folder / MANIFEST, {**manifest, "files": file_entries(folder)})
     problems = verify_folder(folder)
     if problems:
         raise PublishError(f"the publishable folder of {release.variant!r} does not verify: "
                            f"{explain({folder: problems})} Nothing was published.")
     return folder
+
+
+def _portable_url(url: str) -> str:
+    """A file:// destination with its folder shown as ``<local>/<name>`` (hub URLs unchanged)."""
+    from pipeline.provenance import portable
+
+    return f"file://{portable(url.removeprefix('file://'))}" if url.startswith("file://") else url
 
 
 def publish_folder(folder: Path, dest: Destination, config: dict[str, Any], message: str) -> dict[str, Any]:
