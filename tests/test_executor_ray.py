@@ -51,10 +51,10 @@ def _netns_works() -> bool:
 # --- the scenario, run as `python tests/test_executor_ray.py WORK` inside the network namespace --------------
 
 
-def _hook(marker: str, fail_flag: str):
+def _hook(marker: str, fail_flag: str, die_flag: str):
     """Ray's worker_process_setup_hook: quantize@rtn's worker dies mid-stage on its first attempt (a half-written
-    file left in its temporary folder); while ``fail_flag`` exists, compile@rtn raises a typed error and every other
-    compile crashes."""
+    file left in its temporary folder), and on every attempt while ``die_flag`` exists; while ``fail_flag`` exists,
+    compile@rtn raises a typed error and every other compile crashes."""
 
     def hook() -> None:
         import os
@@ -67,7 +67,7 @@ def _hook(marker: str, fail_flag: str):
         quantize_run, compile_run = quantize_stage.run, compile_stage.run
 
         def quantize_dies_once(ctx):
-            if ctx.run_id == "quantize@rtn" and not Path(marker).exists():
+            if ctx.run_id == "quantize@rtn" and (not Path(marker).exists() or Path(die_flag).exists()):
                 (ctx.out / "model").mkdir(exist_ok=True)
                 (ctx.out / "model" / "model.safetensors").write_bytes(b"half-written")
                 Path(marker).write_text(str(os.getpid()))
@@ -110,10 +110,10 @@ def _scenario(work: Path) -> None:
     record["local"] = {"statuses": local.statuses, "seconds": time.perf_counter() - t0,
                        "keys": {r.id: r.key for r in make_plan(recipe, work / "local").runs}}
 
-    marker, fail_flag = work / "worker-died", work / "compile-fails"
+    marker, fail_flag, die_flag = work / "worker-died", work / "compile-fails", work / "always-dies"
     t0 = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"worker_process_setup_hook": _hook(str(marker), str(fail_flag))})
+             runtime_env={"worker_process_setup_hook": _hook(str(marker), str(fail_flag), str(die_flag))})
     record["ray_init_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     plan = make_plan(recipe, work / "ray")
@@ -121,13 +121,21 @@ def _scenario(work: Path) -> None:
     record["ray"] = {"statuses": out.statuses, "errors": {k: str(e) for k, e in out.errors.items()},
                      "seconds": time.perf_counter() - t0, "keys": {r.id: r.key for r in plan.runs},
                      "files": _files(plan.root), "worker_died": marker.exists(),
-                     "leftovers": sorted(p.name for p in plan.root.iterdir() if p.name.startswith((TMP_PREFIX, ".probe")))}
+                     "leftovers": sorted(p.name for p in plan.root.iterdir()
+                                         if p.name.startswith((TMP_PREFIX, ".probe")))}
 
     fail_flag.write_text("1")
     out = execute(make_plan(recipe, work / "ray"), force={"compile"}, executor=RayExecutor())
     record["failing"] = {"statuses": out.statuses, "exit_code": out.exit_code,
                          "errors": {k: [type(e).__name__, str(e), e.exit_code] for k, e in out.errors.items()},
                          "files": _files(plan.root)}
+
+    fail_flag.unlink()
+    die_flag.write_text("1")
+    out = execute(make_plan(recipe, work / "ray"), force={"quantize@rtn"}, executor=RayExecutor(max_retries=1))
+    record["dying"] = {"statuses": out.statuses, "errors": {k: str(e) for k, e in out.errors.items()},
+                       "files": _files(plan.root), "leftovers": sorted(p.name for p in plan.root.iterdir()
+                                                                       if p.name.startswith(TMP_PREFIX))}
     record["ray_still_up"] = ray.is_initialized()  # the executor leaves a cluster it did not start alone
     ray.shutdown()
     (work / "record.json").write_text(json.dumps(record, indent=1))
@@ -207,10 +215,11 @@ def test_stage_errors_come_back_typed_and_crashes_keep_their_traceback(scenario)
 
 
 def test_without_ray_the_error_says_how_to_install_it(tmp_path, monkeypatch):
+    from pipeline.cli import main
+
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     recipe = write_recipe(tmp_path, MATRIX)
-    res = CliRunner().invoke(__import__("pipeline.cli", fromlist=["main"]).main,
-                             ["run", str(recipe), "-o", str(tmp_path / "out"), "--executor", "ray"])
+    res = CliRunner().invoke(main, ["run", str(recipe), "-o", str(tmp_path / "out"), "--executor", "ray"])
     assert res.exit_code == 2, res.output
     assert res.output.startswith("error: --executor ray needs Ray, which is not installed in this Python environment (")
     assert res.output.endswith("). Ray runs the plan's independent stage runs as tasks on a local or remote Ray "
@@ -251,7 +260,8 @@ def test_a_stage_asks_for_a_gpu_when_its_device_is_cuda(tmp_path):
     asks = {r.id: (gpus_for(auto, r, 0), gpus_for(auto, r, 2)) for r in auto.runs}
     assert asks == {"download": (0, 0), "calibrate": (0, 0), "quantize@rtn": (0, 0), "quantize@awq": (0, 1),
                     "compile@rtn": (0, 1), "compile@awq": (0, 1), "evaluate@rtn": (0, 1), "evaluate@awq": (0, 1)}
-    text = GPU_RECIPE.replace("device: auto}}\neval", "device: cuda, tp: 2}}\neval").replace("device: auto", "device: cpu")
+    text = GPU_RECIPE.replace("device: auto}}\neval", "device: cuda, tp: 2}}\neval")
+    text = text.replace("device: auto", "device: cpu")
     fixed = make_plan(load_recipe(write_recipe(tmp_path, text, "fixed.yaml")), tmp_path / "out")
     asks = {r.id: gpus_for(fixed, r, 0) for r in fixed.runs}
     assert asks == {"download": 0, "calibrate": 0, "quantize@rtn": 0, "quantize@awq": 0,
@@ -264,9 +274,20 @@ def test_the_storage_probe_names_what_a_node_cannot_see(tmp_path):
     probe = tmp_path / ".probe-abc"
     assert probe_storage(str(probe), "abc", [])["problem"].startswith(f"cannot read {probe} (")
     probe.write_text("other")
-    assert probe_storage(str(probe), "abc", [])["problem"] == f"{probe} holds another file of that name (not the driver's)"
+    wrong = f"{probe} holds another file of that name (not the driver's)"
+    assert probe_storage(str(probe), "abc", [])["problem"] == wrong
     probe.write_text("abc")
     missing = str(tmp_path / "model")
     assert probe_storage(str(probe), "abc", [missing])["problem"] == f"cannot see {missing}, which the recipe reads"
     assert probe_storage(str(probe), "abc", [str(probe)])["problem"] is None
     assert len(list(tmp_path.glob(".probe-abc-*"))) == 2  # the two answers that read the right token wrote back
+
+
+def test_a_worker_that_dies_on_every_attempt_fails_its_run_and_leaves_nothing(scenario):
+    dying = scenario["dying"]
+    assert dying["statuses"]["quantize@rtn"] == "failed"
+    assert dying["statuses"]["compile@rtn"] == dying["statuses"]["evaluate@rtn"] == "skipped"
+    assert dying["statuses"]["evaluate@none"] == "cached"
+    assert dying["errors"]["quantize@rtn"].startswith("quantize@rtn: its Ray worker died on every one of 2 attempts (")
+    assert dying["leftovers"] == []
+    assert dying["files"] == scenario["ray"]["files"]  # the complete artifact of the earlier run is untouched

@@ -262,6 +262,15 @@ class RayExecutor:
             run_id = self._running.pop(ref)
             try:
                 wire = self.ray.get(ref)
+            except self.ray.exceptions.RayTaskError as e:  # raised outside the stage (a stage's own errors return)
+                cause = getattr(e, "cause", None) or e
+                out.append(StageResult(run_id, "failed", error=StageError(
+                    f"{run_id} failed in its Ray worker before or after the stage ran: {type(cause).__name__}: "
+                    f"{_first_line(cause)}. The traceback is in the worker's log (Ray's session folder, "
+                    "logs/worker-*); a worker whose quantship or ray version differs from the driver's is the usual "
+                    "cause."
+                )))
+                continue
             except self.ray.exceptions.RayError as e:  # the worker died on every attempt, or the task was lost
                 remove_attempt_leftovers(self._run(run_id))
                 out.append(StageResult(run_id, "failed", error=StageError(
