@@ -337,7 +337,7 @@ def test_max_completion_tokens_text_parts_and_unknown_fields(server):
         ({"stop": [""]}, "stop", "invalid_value"),
         ({"model": None}, "model", "invalid_value"),
         ({"n": 17}, "n", "invalid_value"),
-        ({"logprobs": True, "stream": True}, "logprobs", "unsupported_parameter"),
+        ({"top_logprobs": 21, "logprobs": True}, "top_logprobs", "invalid_value"),  # stream + logprobs: 200 now
         ({"top_logprobs": 2}, "top_logprobs", "invalid_value"),
         ({"tools": [{"type": "function"}]}, "tools", "unsupported_parameter"),
     ],

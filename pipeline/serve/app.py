@@ -10,7 +10,10 @@ Generation: each choice is a sequence submitted to the engine's continuous batch
 (:mod:`pipeline.serve.batching`); its tokens come back to the event loop through an ``asyncio.Queue``
 (``loop.call_soon_threadsafe``), so the loop never waits on the model. ``stream: true`` answers with server-sent
 events in OpenAI's chunk format ending with ``data: [DONE]`` (``stream_options.include_usage``: a last chunk
-with the usage and no choices). A client that disconnects, streaming or not, has its sequences cancelled: they
+with the usage and no choices); with ``logprobs`` each chunk carries its tokens' log-probs (chat:
+``choices[].logprobs.content``; completions: ``tokens`` / ``token_logprobs`` / ``top_logprobs`` /
+``text_offset``), together the same as the non-streamed reply's. Past the queue caps (``max_queued``,
+``max_queued_tokens`` of the engine) a request is refused whole with a 429 and ``Retry-After``. A client that disconnects, streaming or not, has its sequences cancelled: they
 leave the batch at the next step.
 """
 
@@ -90,7 +93,9 @@ def create_app(
     app.state.model_name = model_name
     sched = lambda: getattr(engine, "scheduler", None)  # noqa: E731
     metrics = ServerMetrics(
-        queue_depth=lambda: getattr(sched(), "queue_depth", 0), batch_size=lambda: getattr(sched(), "batch_size", 0)
+        queue_depth=lambda: getattr(sched(), "queue_depth", 0),
+        batch_size=lambda: getattr(sched(), "batch_size", 0),
+        queued_tokens=lambda: getattr(sched(), "queued_tokens", 0),
     )
     app.state.metrics = metrics
     app.add_middleware(RequestGuard, metrics=metrics, max_body_bytes=max_body_bytes)
@@ -98,8 +103,8 @@ def create_app(
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
-        return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else {}
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers={**headers, **(exc.headers or {})})
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -143,6 +148,15 @@ def create_app(
     # -- generation plumbing
 
     def submit(jobs: list[tuple[list[int], SamplingParams]]) -> tuple[asyncio.Queue, list[Any]]:
+        """Queue every choice on the batch, or none: past the queue caps the request is a 429. The check and the
+        submissions run on the event loop with no await between them, so no other request slips in."""
+        check = getattr(engine, "check_capacity", None)
+        if check is not None:
+            try:
+                check(len(jobs), sum(len(prompt) + params.max_tokens for prompt, params in jobs))
+            except RequestError as e:
+                metrics.rejected.labels(e.code or str(e.status_code)).inc()
+                raise
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         seqs = []
@@ -185,23 +199,42 @@ def create_app(
         return [out[i] for i in range(len(seqs))]
 
     async def sse(
-        q: asyncio.Queue, seqs: list[Any], chunk: Any, first: list[dict[str, Any]], usage: Any, route: str, t0: float
+        q: asyncio.Queue,
+        seqs: list[Any],
+        chunk: Any,
+        first: list[dict[str, Any]],
+        usage: Any,
+        route: str,
+        t0: float,
+        echo_chunk: Any = None,
     ) -> AsyncIterator[str]:
-        """Server-sent events: ``first`` chunks, a chunk per delta and per finish, the usage chunk, ``[DONE]``."""
+        """Server-sent events: ``first`` chunks, a chunk per delta and per finish, the usage chunk, ``[DONE]``.
+
+        ``chunk(i, text, finish_reason, logprobs)``: a delta carries the log-probs of the tokens chosen since the
+        previous delta (they arrive as a ``logprobs`` event just before it); those of tokens that showed no text
+        (EOS, a stop string) ride on the finish chunk, so the chunks' log-probs together are the non-streamed
+        ones. ``echo_chunk(i, prompt_logprobs)``: the echoed prompt with its log-probs, once the prefill made them.
+        """
         completion_tokens, finished = 0, 0
+        pending: dict[int, list[TokenLogprob]] = {}
         try:
             for c in first:
                 yield f"data: {json.dumps(c)}\n\n"
             while finished < len(seqs):
                 i, ev, payload = await q.get()
-                if ev == "token":
-                    yield f"data: {json.dumps(chunk(i, payload, None))}\n\n"
+                if ev == "logprobs":
+                    pending.setdefault(i, []).extend(payload)
+                elif ev == "prompt_logprobs":
+                    if echo_chunk is not None:
+                        yield f"data: {json.dumps(echo_chunk(i, payload))}\n\n"
+                elif ev == "token":
+                    yield f"data: {json.dumps(chunk(i, payload, None, pending.pop(i, None)))}\n\n"
                 elif ev == "done":
                     finished += 1
                     completion_tokens += len(payload.token_ids)
                     record(route, payload, 0, 0.0)
-                    yield f"data: {json.dumps(chunk(i, None, payload.finish_reason))}\n\n"
-                else:
+                    yield f"data: {json.dumps(chunk(i, None, payload.finish_reason, pending.pop(i, None)))}\n\n"
+                elif ev == "error":
                     log.error("generation failed: %r", payload)
                     yield f"data: {json.dumps(_server_error('generating').body())}\n\n"
                     break
@@ -253,9 +286,10 @@ def create_app(
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             base = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name}
 
-            def chunk(i: int, delta: str | None, reason: str | None) -> dict[str, Any]:
+            def chunk(i: int, delta: str | None, reason: str | None, lps: Any = None) -> dict[str, Any]:
                 d = {} if delta is None else {"content": delta}
-                return {**base, "choices": [{"index": i, "delta": d, "logprobs": None, "finish_reason": reason}]}
+                lp = None if k is None or not lps else {"content": [chat_logprob(t, k) for t in lps]}
+                return {**base, "choices": [{"index": i, "delta": d, "logprobs": lp, "finish_reason": reason}]}
 
             first = [{**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                            "logprobs": None, "finish_reason": None}]} for i in range(n)]  # fmt: skip
@@ -294,7 +328,8 @@ def create_app(
                                param="prompt", code="invalid_value")  # fmt: skip
         return p
 
-    def completion_logprobs(tokens: list[TokenLogprob], base: int) -> dict[str, Any]:
+    def completion_logprobs(tokens: list[TokenLogprob], base: int) -> tuple[dict[str, Any], int]:
+        """OpenAI's legacy logprobs object for ``tokens``, offsets counted from ``base``; and the offset after."""
         texts = [engine.token_text(t.token_id) for t in tokens]
         offsets, at = [], base
         for text in texts:
@@ -302,7 +337,7 @@ def create_app(
             at += len(text)
         top = [None if t.logprob is None else {engine.token_text(i): lp for i, lp in t.top} for t in tokens]
         return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens], "top_logprobs": top,
-                "text_offset": offsets}  # fmt: skip
+                "text_offset": offsets}, at  # fmt: skip
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -323,15 +358,23 @@ def create_app(
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             base = {"id": rid, "object": "text_completion", "created": now, "model": model_name}
 
-            def chunk(i: int, delta: str | None, reason: str | None) -> dict[str, Any]:
-                choice = {"index": i, "text": delta or "", "logprobs": None, "finish_reason": reason}
+            at = [0 if echo else len(texts[i // n]) for i in range(len(jobs))]  # text_offset of the next token
+
+            def chunk(i: int, delta: str | None, reason: str | None, lps: Any = None) -> dict[str, Any]:
+                lp = None
+                if k is not None and lps:
+                    lp, at[i] = completion_logprobs(lps, at[i])
+                choice = {"index": i, "text": delta or "", "logprobs": lp, "finish_reason": reason}
                 return {**base, "choices": [choice]}
 
-            first = [chunk(i, texts[i // n], None) for i in range(len(jobs)) if echo and texts[i // n]]
+            # echo: the prompt first; with logprobs, once the prefill has scored it (echo_chunk)
+            scored = echo and k is not None
+            first = [chunk(i, texts[i // n], None) for i in range(len(jobs)) if echo and not scored and texts[i // n]]
+            echo_chunk = (lambda i, lps: chunk(i, texts[i // n], None, lps)) if scored else None
             usage = None
             if include_usage:
                 usage = lambda c: {**base, "choices": [], "usage": usage_of(prompt_tokens, c).model_dump()}  # noqa
-            return streaming(sse(q, seqs, chunk, first, usage, route, t0))
+            return streaming(sse(q, seqs, chunk, first, usage, route, t0, echo_chunk))
         results = await collect(request, q, seqs, route)
         record(route, None, 0, t0)
         choices = []
@@ -339,7 +382,7 @@ def create_app(
             lps = None
             if k is not None:
                 tokens = (r.prompt_logprobs or []) + (r.logprobs or []) if echo else (r.logprobs or [])
-                lps = completion_logprobs(tokens, 0 if echo else len(texts[i // n]))
+                lps = completion_logprobs(tokens, 0 if echo else len(texts[i // n]))[0]
             text = (texts[i // n] if echo else "") + r.text
             choices.append(CompletionChoice(index=i, text=text, finish_reason=r.finish_reason, logprobs=lps))
         usage = usage_of(prompt_tokens, sum(len(r.token_ids) for r in results))

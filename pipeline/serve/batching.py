@@ -154,7 +154,8 @@ class BatchState:
     (zeros left of them). The scheduler sets ``input_ids`` ``[batch, 1]`` (each row's last token),
     ``position_ids`` ``[batch, 1]`` (= ``lengths``) and ``attention_mask`` ``[batch, past + 1]`` before each step;
     a step appends one column per layer to ``cache`` and returns the logits ``[batch, vocab]``.
-    ``regroups`` counts membership changes (a static-cache step copies the cache in again when it changes)."""
+    ``regroups`` numbers the scheduler's membership changes (a static-cache step copies the cache in again when
+    it changes)."""
 
     seqs: list[Any]
     cache: Any
@@ -261,7 +262,7 @@ class Scheduler:
         self._count_lock = threading.Lock()
         self._queued, self._queued_tokens = 0, 0  # sequences / reserved tokens submitted, not yet admitted
         self._stop = threading.Event()
-        self.steps = 0
+        self.steps, self.regroups = 0, 0  # decode steps; batch caches built (one per membership change)
         self._cache_kw = cache_kwarg(model)
 
     # -- public
@@ -419,7 +420,8 @@ class Scheduler:
             s.cache = []  # its columns now live in the batch's cache
         self.active = kept + joining
         cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
-        self.state = BatchState(self.active, cache, lengths, past, regroups=(state.regroups + 1 if state else 1))
+        self.regroups += 1
+        self.state = BatchState(self.active, cache, lengths, past, regroups=self.regroups)
         return self.state
 
     def _decode_step(self) -> None:

@@ -27,6 +27,9 @@ from pipeline.serve.protocol import RequestError
 
 log = logging.getLogger(__name__)
 
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily (sample_next_token)
+RETRY_AFTER_S = 1  # what a 429 at the queue cap tells the client to wait
+
 
 @dataclass(frozen=True)
 class GenerationResult:
@@ -60,7 +63,12 @@ def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 def sample_next_token(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
 ) -> torch.Tensor:
-    """One token id per row of ``logits`` [batch, vocab], drawn from softmax(logits / temperature) within top-p."""
+    """One token id per row of ``logits`` [batch, vocab], drawn from softmax(logits / temperature) within top-p.
+
+    A temperature below ``GREEDY_BELOW`` decodes greedily (logits / 1e-107 overflow to inf and the softmax to
+    NaN); vLLM does the same below its ``_SAMPLING_EPS`` (1e-5, vllm/sampling_params.py)."""
+    if temperature < GREEDY_BELOW:
+        return logits.argmax(dim=-1)
     scaled = top_p_mask(logits.float() / temperature, top_p)
     probs = torch.softmax(scaled, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
@@ -128,7 +136,11 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
 class GenerationEngine:
     """Turns OpenAI chat messages into a reply with a Hugging Face causal LM and its tokenizer.
 
-    ``max_context`` caps prompt + reply tokens; by default the model's ``max_position_embeddings``.
+    ``max_context`` caps prompt + reply tokens; by default the model's ``max_position_embeddings``. The batch
+    holds at most ``max_batch_size`` sequences reserving ``max_batch_tokens`` (prompt + max_tokens each); at
+    most ``max_queued`` more sequences (None: no cap), reserving ``max_queued_tokens``, wait to join it, and a
+    request past those caps is refused with a 429 (:meth:`check_capacity`). ``step`` replaces the decode step
+    (:class:`pipeline.serve.batching.DynamicCacheStep`, the contract in :class:`~pipeline.serve.batching.BatchState`).
     """
 
     def __init__(
@@ -140,6 +152,9 @@ class GenerationEngine:
         batching: bool = True,
         max_batch_size: int = 16,
         max_batch_tokens: int = 65536,
+        max_queued: int | None = 256,
+        max_queued_tokens: int | None = None,
+        step: Any = None,
     ) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise ModelFolderError(
@@ -181,8 +196,9 @@ class GenerationEngine:
 
         cleans_spaces = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
         self.scheduler = Scheduler(
-            self.model, self.decode, self.eos_token_ids, max_batch_size, max_batch_tokens, hold_space=cleans_spaces
-        )
+            self.model, self.decode, self.eos_token_ids, max_batch_size, max_batch_tokens, hold_space=cleans_spaces,
+            max_queued=max_queued, max_queued_tokens=max_queued_tokens, step=step,
+        )  # fmt: skip
 
     # -- prompt
 
@@ -266,6 +282,20 @@ class GenerationEngine:
                 code="context_length_exceeded",
             )
         return max_tokens
+
+    def check_capacity(self, n: int, tokens: int) -> None:
+        """A 429 (OpenAI's rate-limit error, with ``Retry-After``) when ``n`` more sequences reserving ``tokens``
+        would pass the queue caps (``max_queued``, ``max_queued_tokens``); the client's retry comes later."""
+        why = self.scheduler.capacity_error(n, tokens)
+        if why is not None:
+            raise RequestError(
+                f"The server is at capacity: {why}. Retry after {RETRY_AFTER_S} s (the openai client retries "
+                "429s by itself), or start the server with a larger max_queued / max_queued_tokens.",
+                status_code=429,
+                type="requests",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
 
     def encode_text(self, text: str) -> list[int]:
         """A completions prompt's ids: the tokenizer's own special tokens (e.g. BOS) added, as vLLM does."""

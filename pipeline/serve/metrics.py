@@ -2,7 +2,8 @@
 
 :class:`ServerMetrics` holds one ``prometheus_client`` registry per app (two apps in one process, as in the
 tests, do not collide): requests by route and status, prompt and generated tokens, time to first token and
-request latency histograms, and the scheduler's queue depth and batch size as gauges read at scrape time.
+request latency histograms, requests refused at the queue caps, and the scheduler's queue depth, queued tokens
+and batch size as gauges read at scrape time.
 
 :class:`RequestGuard` is a plain ASGI middleware (no ``BaseHTTPMiddleware``, which would buffer streamed
 responses and hide client disconnects): it refuses a body over ``max_body_bytes`` with a 413 before the app
@@ -25,7 +26,12 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 
 
 class ServerMetrics:
-    def __init__(self, queue_depth: Callable[[], float], batch_size: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        queue_depth: Callable[[], float],
+        batch_size: Callable[[], float],
+        queued_tokens: Callable[[], float] = lambda: 0,
+    ) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
@@ -40,6 +46,10 @@ class ServerMetrics:
                                  ["route"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         Gauge("quantship_queue_depth", "Sequences waiting to join the batch.", registry=r).set_function(queue_depth)
         Gauge("quantship_batch_size", "Sequences in the running batch.", registry=r).set_function(batch_size)
+        Gauge("quantship_queued_tokens", "Tokens (prompt + max_tokens) reserved by waiting sequences.",
+              registry=r).set_function(queued_tokens)  # fmt: skip
+        self.rejected = Counter("quantship_rejected_requests", "Requests refused at the queue caps (429), by code.",
+                                ["code"], registry=r)  # fmt: skip
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

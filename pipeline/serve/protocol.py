@@ -2,8 +2,7 @@
 
 Only what the server implements is modelled. Fields a client sends that are not modelled here are ignored,
 as vLLM's and lmdeploy's OpenAI servers do (the app logs their names); the few known OpenAI fields that would
-change the answer if silently ignored (``tools``; ``logprobs`` together with ``stream``; ``suffix``;
-``best_of`` other than ``n``) are refused with a 400 by the requests' ``unsupported()``.
+change the answer if silently ignored (``tools``; ``suffix``; ``best_of`` other than ``n``) are refused with a 400 by the requests' ``unsupported()``.
 
 ``POST /v1/completions`` (:class:`CompletionRequest`) follows OpenAI's legacy completions API as lm-eval's
 ``local-completions`` model uses it: ``prompt`` as a string, a list of strings, a list of token ids or a list of
@@ -45,8 +44,10 @@ class RequestError(QuantshipError):
         type: str = "invalid_request_error",  # noqa: A002 - the OpenAI field's name
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        self.headers = headers
         self.message = message
         self.status_code = status_code
         self.type = type
@@ -221,8 +222,6 @@ class ChatCompletionRequest(_GenerationRequest):
 
     def unsupported(self) -> RequestError | None:
         """The first option this server cannot honour (so it must not silently ignore), as a 400; else None."""
-        if self.logprobs and self.stream:
-            return _no_stream_logprobs()
         if self.top_logprobs is not None and not self.logprobs:
             return RequestError(
                 "top_logprobs needs logprobs=true (as in OpenAI's API).", param="top_logprobs", code="invalid_value"
@@ -234,14 +233,6 @@ class ChatCompletionRequest(_GenerationRequest):
                 code="unsupported_parameter",
             )
         return None
-
-
-def _no_stream_logprobs() -> RequestError:
-    return RequestError(
-        "logprobs are not returned in streamed responses by this server; send stream=false to get them.",
-        param="logprobs",
-        code="unsupported_parameter",
-    )
 
 
 # ---------------------------------------------------------------------------------------------- completions
@@ -295,8 +286,6 @@ class CompletionRequest(_GenerationRequest):
         return list(p)  # type: ignore[arg-type]
 
     def unsupported(self) -> RequestError | None:
-        if self.logprobs is not None and self.stream:
-            return _no_stream_logprobs()
         if self.suffix:
             return RequestError("suffix (insertion) is not supported by this server.", param="suffix",
                                 code="unsupported_parameter")  # fmt: skip
