@@ -178,8 +178,8 @@ def run(recipe: str, output_dir: Path, force: tuple[str, ...], executor: str, ad
             click.echo(f"published {', '.join(r.variants)}: {r.config['to']}"
                        f"{' (cached: published earlier)' if outcome.statuses[r.id] == 'cached' else ''}")
     if outcome.gate_failures and not outcome.errors:
-        click.echo(f"{len(outcome.gate_failures)} variant(s) failed a quality gate: exit 3; nothing of "
-                   f"{', '.join(outcome.gate_failures)} is published.", err=True)
+        click.echo(f"{len(outcome.gate_failures)} variant(s) failed a quality gate: exit 3; nothing is published "
+                   f"for {', '.join(outcome.gate_failures)}.", err=True)
     if outcome.exit_code:
         sys.exit(outcome.exit_code)
     keep = [v for v, r in p.recipe.variants.items() if r.serve and r.serve.keep_running]

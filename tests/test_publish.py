@@ -50,7 +50,7 @@ def run(tmp_path_factory):
 def test_run_publishes_only_the_variant_whose_gates_passed(run):
     res, root, dest = run
     assert res.exit_code == 3, res.output
-    assert "nothing of rtn is published" in res.output
+    assert "nothing is published for rtn." in res.output
     assert f"published none: file://{dest}/pub-none" in res.output
     assert sorted(p.name for p in dest.iterdir()) == ["pub-none"]  # rtn failed max_kl: nothing of it left
     folder = dest / "pub-none"
