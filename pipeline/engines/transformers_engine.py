@@ -74,14 +74,52 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
 
 
 def _load_plain(model_dir: Path, device: torch.device, dtype, allow_pickle: bool, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM
+    """An unquantized folder, streamed: the skeleton is built with its parameters on the meta device and each
+    checkpoint tensor is read on its own and put straight on ``device`` (through pinned memory on a GPU), so host
+    memory never holds the model (issue 10: ``from_pretrained`` + ``.to(device)`` held all of it, 2x with the
+    mapped shards). Pickled folders and checkpoints whose names are not the model's own (renamed keys that
+    transformers converts on load) go through ``from_pretrained``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    open_checkpoint(model_dir, allow_pickle=allow_pickle).close()  # our error for a pickle-only folder, not theirs
+    with open_checkpoint(model_dir, allow_pickle=allow_pickle) as ck:  # our error for a pickle-only folder
+        names = ck.keys() if ck.is_safetensors else None
+        if names is not None:
+            config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+            with _parameters_on_meta():
+                model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            if _streamable(model, config, names):
+                for name in names:
+                    t = ck.get(name, device)
+                    _set_tensor(model, name, t.to(dtype) if t.is_floating_point() else t)
+                _tie_output_embeddings(model, config)
+                model.to(device)
+                model.config.dtype = dtype
+                if (model_dir / "generation_config.json").is_file():
+                    model.generation_config = GenerationConfig.from_pretrained(model_dir)
+                return model
+            log.info("%s: checkpoint names differ from the model's; loading through from_pretrained", model_dir)
     # use_safetensors=True refuses pickles; None (with allow_pickle) prefers safetensors and falls back to .bin.
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtype, use_safetensors=True if not allow_pickle else None, trust_remote_code=trust_remote_code
     )
     return model.to(device)
+
+
+def _streamable(model: nn.Module, config, names: list[str]) -> bool:
+    """Every checkpoint name is a parameter or buffer of ``model`` and every parameter is in the checkpoint (the
+    output embedding may be tied instead)."""
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    buffers = {n for n, _ in model.named_buffers()}
+    have = set(names)
+    if have - params - buffers:
+        return False
+    missing = params - have
+    out = model.get_output_embeddings()
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    tied = getattr(config, "tie_word_embeddings", False) or getattr(text_config, "tie_word_embeddings", False)
+    if tied and out is not None:
+        missing = {n for n in missing if model.get_submodule(n.rpartition(".")[0]) is not out}
+    return not missing
 
 
 @contextmanager
@@ -151,7 +189,7 @@ def _load_quantized(
             except AttributeError:
                 unexpected.extend(names)
                 continue
-            tensors = {n.rpartition(".")[2]: ck.get(n) for n in names}
+            tensors = {n.rpartition(".")[2]: ck.get(n, device) for n in names}  # unpacked on device
             if isinstance(module, nn.Linear) and not _is_plain_linear(tensors):
                 parent, _, child = module_name.rpartition(".")
                 runtime = build_linear(method, tensors, quant_config, device, dtype, int4_kernel=int4_kernel)

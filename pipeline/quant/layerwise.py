@@ -14,13 +14,23 @@ ties it to its own model wrappers):
 Peak memory is one layer, the method's statistics for it, and two copies of the hidden states, whatever the
 number of layers. The weight source is anything with ``keys()`` and ``get(name)`` (a checkpoint reader, or a
 generator of random weights for benchmarks), so a model never has to exist in full anywhere.
+
+Overlap (``overlap=True``, the default; ``QUANTSHIP_LAYERWISE_OVERLAP=0`` turns it off): while the device works
+on layer i, a reader thread reads layer i+1's tensors (positioned reads into pinned memory, copied to the GPU on
+a side stream; one layer ahead at most) and a writer thread hands layer i-1's tensors to ``write`` (the copy to
+host memory and the shard writes), in the same order as without overlap, so the checkpoint is byte-identical.
+Peak host memory grows by one layer's tensors; GPU memory by one layer ahead and the packed tensors in flight.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
+import queue
+import threading
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -80,17 +90,131 @@ def _sdpa(config):
     return config
 
 
-def _load_layer(layer: nn.Module, source: WeightSource, prefix: str, dtype: torch.dtype) -> None:
-    state = {}
-    for name, param in layer.state_dict().items():
-        full = prefix + name
+def _read(source: WeightSource, name: str, device: torch.device) -> torch.Tensor:
+    """``source.get(name)``, on ``device`` directly when the source can read there (``CheckpointReader``)."""
+    try:
+        if "device" in inspect.signature(source.get).parameters:
+            return source.get(name, device=device)
+        return source.get(name)
+    except KeyError:
+        raise QuantizationError(f"{name} is missing from the checkpoint: its layer does not match its config.json.") from None
+
+
+def _read_layer(source: WeightSource, names: list[str], prefix: str, device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: _read(source, prefix + name, device) for name in names}
+
+
+def _load_layer(layer: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    params = layer.state_dict()
+    layer.load_state_dict({k: v.to(device=params[k].device, dtype=dtype) for k, v in state.items()}, strict=True)
+
+
+def overlap_default() -> bool:
+    return os.environ.get("QUANTSHIP_LAYERWISE_OVERLAP", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class _Prefetch:
+    """Layer by layer ``{name: tensor}`` dicts, read by a background thread at most ``ahead`` layers in advance.
+    On CUDA the host-to-device copies run on a side stream; ``next()`` makes the caller's stream wait for them."""
+
+    def __init__(self, read: Callable[[int], dict[str, torch.Tensor]], n: int, device: torch.device, ahead: int = 1):
+        self._read, self._n, self._device = read, n, device
+        self._queue: queue.Queue = queue.Queue(maxsize=ahead)
+        self._stop = threading.Event()
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._thread = threading.Thread(target=self._run, name="layerwise-read", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
         try:
-            state[name] = source.get(full).to(device=param.device, dtype=dtype)
-        except KeyError:
-            raise QuantizationError(
-                f"{full} is missing from the checkpoint: its layer does not match its config.json."
-            ) from None
-    layer.load_state_dict(state, strict=True)
+            for i in range(self._n):
+                if self._stream is not None:
+                    with torch.cuda.stream(self._stream):
+                        item = self._read(i)
+                        event = torch.cuda.Event()
+                        event.record(self._stream)
+                else:
+                    item, event = self._read(i), None
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put((item, event), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as e:  # noqa: BLE001 -- re-raised in the caller's thread by next()
+            self._queue.put((e, None))
+
+    def next(self) -> dict[str, torch.Tensor]:
+        item, event = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        if event is not None:
+            current = torch.cuda.current_stream(self._device)
+            current.wait_event(event)
+            for t in item.values():
+                if t.is_cuda:
+                    t.record_stream(current)  # allocated on the side stream, used and freed on this one
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join()
+
+
+class _Writer:
+    """Hands batches of ``(name, tensor)`` to ``write`` in order, in a background thread (at most ``depth``
+    batches queued); ``close()`` waits for the last and re-raises the first error."""
+
+    def __init__(self, write: Callable[[str, torch.Tensor], None], depth: int = 2):
+        self._write = write
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="layerwise-write", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            if self._error is None:
+                try:
+                    for name, tensor in batch:
+                        self._write(name, tensor)
+                except BaseException as e:  # noqa: BLE001 -- re-raised by put()/close() in the caller's thread
+                    self._error = e
+
+    def put(self, batch: list[tuple[str, torch.Tensor]]) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(batch)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def _iter_layers(read: Callable[[int], dict[str, torch.Tensor]], n: int, device: torch.device,
+                 overlap: bool) -> Iterator[dict[str, torch.Tensor]]:
+    if not overlap:
+        for i in range(n):
+            yield read(i)
+        return
+    prefetch = _Prefetch(read, n, device)
+    try:
+        for _ in range(n):
+            yield prefetch.next()
+    finally:
+        prefetch.close()
 
 
 def _layer_forward(layer: nn.Module, h: torch.Tensor, rotary: nn.Module) -> torch.Tensor:
@@ -113,13 +237,17 @@ def quantize_layerwise(
     batch_size: int = 8,
     progress: Callable[..., None] | None = None,
     emit_dequantized: bool = False,
+    overlap: bool | None = None,
 ) -> dict[str, Any]:
     """Quantize every decoder layer of ``source`` with ``method``; ``write(name, tensor)`` receives the
     checkpoint's tensors (quantized linears packed by the method, everything else as read).
 
     ``emit_dequantized`` writes the quantized layer's float weights instead of packed tensors: a fake-quant
-    checkpoint any transformers loader reads, for measuring settings no packed format holds (3-bit AWQ)."""
+    checkpoint any transformers loader reads, for measuring settings no packed format holds (3-bit AWQ).
+    ``overlap`` (default: on unless ``QUANTSHIP_LAYERWISE_OVERLAP=0``) reads the next layer and writes the previous
+    one in background threads while the device works (module docstring); the output is the same either way."""
     device = torch.device(device)
+    overlap = overlap_default() if overlap is None else overlap
     progress = progress or (lambda *a, **k: None)
     n_layers = config.num_hidden_layers
     started = time.perf_counter()
@@ -131,49 +259,68 @@ def quantize_layerwise(
     hidden = torch.cat([nn.functional.embedding(ids[i : i + batch_size], embed) for i in range(0, len(ids), batch_size)])
     del embed
     layer_prefix = spec.layers + "."
-    for name in source.keys():  # everything outside the decoder layers is written unchanged
-        if not name.startswith(layer_prefix):
-            write(name, source.get(name))
+    writer = _Writer(write) if overlap else None
+    emit = writer.put if writer else (lambda batch: [write(n, t) for n, t in batch])
+    # everything outside the decoder layers is written unchanged
+    emit([(name, source.get(name)) for name in source.keys() if not name.startswith(layer_prefix)])
 
     config = _sdpa(config)
     classes = _layer_classes(config)
+    with torch.device("meta"):
+        layer_names = list(classes[0](config, 0).state_dict())
     timings: list[float] = []
-    for index in range(n_layers):
-        t0 = time.perf_counter()
-        layer, rotary = _decoder_layer(config, classes, index, device, dtype)
-        prefix = f"{spec.layers}.{index}."
-        _load_layer(layer, source, prefix, dtype)
-        method.begin_layer(index)
-        hooks = [
-            get_module(layer, group.linears[0]).register_forward_pre_hook(
-                lambda mod, args, g=group: method.observe(g, args[0].reshape(-1, args[0].shape[-1]))
-            )
-            for group in spec.groups
-        ]
-        for i in range(0, len(hidden), batch_size):
-            _layer_forward(layer, hidden[i : i + batch_size], rotary)
-        for hook in hooks:
-            hook.remove()
-        packed = method.quantize(layer, spec)
-        for i in range(0, len(hidden), batch_size):  # in place: the next layer's input, through the quantized layer
-            hidden[i : i + batch_size] = _layer_forward(layer, hidden[i : i + batch_size], rotary)
-        linear_params = set() if emit_dequantized else {f"{n}.{p}" for n in spec.linears for p in ("weight", "bias")}
-        for name, tensor in layer.state_dict().items():
-            if name not in linear_params:
-                write(prefix + name, tensor)
-        for name, tensor in ({} if emit_dequantized else packed).items():
-            write(prefix + name, tensor)
-        del layer, packed
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        timings.append(time.perf_counter() - t0)
-        progress(index + 1, n_layers, f"layer {index + 1}/{n_layers}")
-    stats = {
+    read_wait = 0.0
+    layers = _iter_layers(lambda i: _read_layer(source, layer_names, f"{spec.layers}.{i}.", device), n_layers,
+                          device, overlap)
+    try:
+        for index in range(n_layers):
+            t0 = time.perf_counter()
+            layer, rotary = _decoder_layer(config, classes, index, device, dtype)
+            prefix = f"{spec.layers}.{index}."
+            tr = time.perf_counter()
+            state = next(layers)
+            read_wait += time.perf_counter() - tr
+            _load_layer(layer, state, dtype)
+            del state
+            method.begin_layer(index)
+            hooks = [
+                get_module(layer, group.linears[0]).register_forward_pre_hook(
+                    lambda mod, args, g=group: method.observe(g, args[0].reshape(-1, args[0].shape[-1]))
+                )
+                for group in spec.groups
+            ]
+            for i in range(0, len(hidden), batch_size):
+                _layer_forward(layer, hidden[i : i + batch_size], rotary)
+            for hook in hooks:
+                hook.remove()
+            packed = method.quantize(layer, spec)
+            for i in range(0, len(hidden), batch_size):  # in place: the next layer's input, through the quantized layer
+                hidden[i : i + batch_size] = _layer_forward(layer, hidden[i : i + batch_size], rotary)
+            linear_params = set() if emit_dequantized else {f"{n}.{p}" for n in spec.linears for p in ("weight", "bias")}
+            batch = [(prefix + name, tensor) for name, tensor in layer.state_dict().items() if name not in linear_params]
+            batch += [(prefix + name, tensor) for name, tensor in ({} if emit_dequantized else packed).items()]
+            emit(batch)
+            del layer, packed, batch
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            timings.append(time.perf_counter() - t0)
+            progress(index + 1, n_layers, f"layer {index + 1}/{n_layers}")
+    finally:
+        layers.close()
+        if writer is not None:
+            tw = time.perf_counter()
+            writer.close()
+            write_tail = time.perf_counter() - tw
+        stats = {
         "layers": n_layers,
         "calib_tokens": int(calib_ids.numel()),
         "seconds_per_layer": round(sum(timings) / max(1, len(timings)), 4),
         "quantize_seconds": round(time.perf_counter() - started, 3),
+        "overlap": overlap,
+        "read_wait_seconds": round(read_wait, 3),  # time the walk waited for layer weights
     }
+    if writer is not None:
+        stats["write_tail_seconds"] = round(write_tail, 3)  # writes still queued when the last layer was done
     if device.type == "cuda":
         stats["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(device))
     return stats
