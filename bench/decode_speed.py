@@ -76,8 +76,8 @@ def quantized_linear(fmt: str, lin: torch.nn.Linear, device, dtype):
     n, k = lin.weight.shape
     if fmt.startswith("int4"):
         qw = _random_qweight(n, k, device)
-        if fmt in ("int4", "int4-tinygemm"):  # the codes straight in: on the GPU, packing 7B codes on the host is slow
-            kernel = qlinear.KERNEL_CUDA if fmt == "int4-tinygemm" else "auto"
+        if fmt in ("int4", "int4-tinygemm", "int4-triton"):  # codes straight in: packing 7B codes on the host is slow
+            kernel = {"int4": "auto", "int4-tinygemm": qlinear.KERNEL_CUDA, "int4-triton": qlinear.KERNEL_TRITON}[fmt]
             return qlinear.Int4Linear(qw, device=device, dtype=dtype, kernel=kernel)
         if fmt == "int4-awq":
             from pipeline.formats import awq_gemm
@@ -89,6 +89,8 @@ def quantized_linear(fmt: str, lin: torch.nn.Linear, device, dtype):
 
         cpu = qlinear.QuantizedWeight(qw.w_int.cpu(), qw.scales.cpu(), qw.zeros.cpu(), 4, 128)
         return qlinear.gptq_linear(gptq.pack(cpu), {"bits": 4, "group_size": 128}, torch.device(device), dtype)
+    if fmt == "int4-gemlite":  # comparison only (pip gemlite, Apache-2.0): not a runtime path
+        return _gemlite(n, k)
     if fmt == "int8":
         w = torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8)
         return Int8Linear(w, torch.rand(n, device=device) * 1e-3 + 1e-4)
@@ -152,8 +154,14 @@ def decode_speed(model, device, batch, mode, prompt, steps) -> dict:
                          graphs=mode != "eager" and device == "cuda", compile_layers=mode == "graphs+compile")
     g = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
+    prefill_s = []
     for slot in range(batch):
-        dec.prefill(slot, torch.randint(0, vocab, (prompt,), generator=g))
+        ids = torch.randint(0, vocab, (prompt,), generator=g)
+        _sync(device)
+        t1 = time.perf_counter()
+        dec.prefill(slot, ids)
+        _sync(device)
+        prefill_s.append(time.perf_counter() - t1)
     tokens = torch.randint(0, vocab, (batch,), generator=g).to(device)
     logits = dec.step(tokens)  # first step: capture / compile / tune
     _sync(device)
@@ -166,10 +174,11 @@ def decode_speed(model, device, batch, mode, prompt, steps) -> dict:
     sec = time.perf_counter() - start
     finite = bool(torch.isfinite(logits.float()).all())
     del dec
-    return dict(tok_s=batch * (steps - 1) / sec, ms_per_step=1e3 * sec / (steps - 1), setup_s=setup, finite=finite)
+    return dict(tok_s=batch * (steps - 1) / sec, ms_per_step=1e3 * sec / (steps - 1), setup_s=setup, finite=finite,
+                prefill_ms=1e3 * min(prefill_s))  # the best of the slots' prefills (the first one warms up)
 
 
-def micro(out: dict) -> None:
+def micro(out: dict, formats=("int4-tinygemm", "int4-triton", "int8", "fp8")) -> None:
     """Per-linear kernel times on the 8B shapes (median of event-timed loops over rotating weights)."""
     from pipeline.engines import qlinear
 
@@ -179,9 +188,8 @@ def micro(out: dict) -> None:
         reps = max(2, int(4e8 // (n * k * 2)))  # > 400 MB of bf16 weights in rotation: no L2 reuse
         lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
         mods = {"bf16": [torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16) for _ in range(reps)]}
-        for fmt in ("int4-tinygemm", "int4-triton", "int8", "fp8"):
-            f = "int4" if fmt == "int4-triton" else fmt
-            mods[fmt] = [quantized_linear(f, lin, "cuda", torch.bfloat16) for _ in range(reps)]
+        for fmt in formats:
+            mods[fmt] = [quantized_linear(fmt, lin, "cuda", torch.bfloat16) for _ in range(reps)]
         try:
             mods["int4-gemlite"] = [_gemlite(n, k) for _ in range(reps)]
         except Exception as e:  # noqa: BLE001 - optional comparison
@@ -209,6 +217,26 @@ def micro(out: dict) -> None:
         print(f"  {r['shape']:8s} M={r['m']} {r['fmt']:14s} " + (f"{r['us']:8.1f} us {r['gb_s']:7.0f} GB/s" if "us"
                                                                    in r else r["error"]))
     _ = qlinear
+
+
+def micro_prefill(out: dict, m: int = 2048) -> None:
+    """Prefill-sized products (M = 2048 tokens): bf16 cuBLAS, tinygemm, and Int4Linear's CUDA path (dequantize
+    into a bf16 scratch + cuBLAS)."""
+    from pipeline.engines import qlinear
+
+    rows = []
+    for label, (n, k) in {"q/o": (4096, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)}.items():
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+        q4 = quantized_linear("int4", lin, "cuda", torch.bfloat16)
+        fns = {"bf16": lin, "int4 dequant+cuBLAS": q4, "int4 tinygemm": lambda x, q4=q4: q4._run_packed(x)}
+        for name, fn in fns.items():
+            t = _bench_mods([fn], x, iters=20)
+            rows.append(dict(shape=label, m=m, path=name, ms=t * 1e3, tflops=2 * m * n * k / t / 1e12))
+    out["micro_prefill"] = rows
+    print(f"\nprefill products, M={m}")
+    for r in rows:
+        print(f"  {r['shape']:8s} {r['path']:22s} {r['ms']:7.3f} ms {r['tflops']:6.0f} TFLOP/s")
 
 
 def _gemlite(n: int, k: int):
@@ -251,11 +279,13 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--micro", action="store_true")
+    ap.add_argument("--micro-prefill", action="store_true")
+    ap.add_argument("--micro-formats", default="int4-tinygemm,int4-triton,int8,fp8")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     cuda = a.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    formats = (a.formats or ("ref,int4,int4-tinygemm,int8,fp8" if cuda else
+    formats = (a.formats or ("ref,int4,int4-triton,int8,fp8" if cuda else
                              "ref,int4-gptq,int4-awq,int8,fp8")).split(",")
     modes = (a.modes or ("eager,graphs" if cuda else "eager")).split(",")
     batches = [int(b) for b in a.batches.split(",")]
@@ -272,7 +302,10 @@ def main(argv=None) -> int:
     else:
         torch.set_num_threads(max(1, torch.get_num_threads()))
     if a.micro and cuda:
-        micro(out)
+        micro(out, a.micro_formats.split(","))
+        _save(a.out)
+    if a.micro_prefill and cuda:
+        micro_prefill(out)
         _save(a.out)
     for fmt in formats:
         model = convert(build_model(a.shape, a.device, dtype), fmt, a.device, dtype)
@@ -304,7 +337,7 @@ def _row(r: dict) -> str:
         return f"{head} ERROR {r['error']}"
     bound = f"  {r['bound_pct']:5.1f}% of bw bound" if "bound_pct" in r else ""
     return (f"{head} {r['tok_s']:9.1f} tok/s  {r['ms_per_step']:8.2f} ms/step  weights {r['weight_bytes'] / 1e9:6.2f} GB"
-            f"{bound}  (setup {r['setup_s']:.1f} s)")
+            f"{bound}  (setup {r['setup_s']:.1f} s, prefill {r['prefill_ms']:.1f} ms)")
 
 
 def _table(out: dict) -> None:

@@ -147,20 +147,22 @@ def test_decoder_rejects_bad_slots_batches_and_models(tiny_model):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_int4_triton_linear_and_graphed_decoder_on_gpu(tiny_model):
-    from pipeline.engines.qlinear import KERNEL_TRITON, Int4Linear
+    from pipeline.engines.qlinear import KERNEL_CUDA, KERNEL_TRITON, Int4Linear
     from pipeline.quant.primitives import QuantizedWeight
     from pipeline.serve.cuda_graphs import GraphedDecoder
 
     for n, k, group in [(256, 512, 128), (1024, 4096, 128), (96, 256, 32)]:
         qw = QuantizedWeight(torch.randint(0, 16, (n, k), dtype=torch.int32), (torch.rand(n, k // group) + .5) / 64,
                              torch.randint(0, 16, (n, k // group), dtype=torch.int32), 4, group)
-        lin = Int4Linear(qw, device="cuda", dtype=torch.bfloat16)
-        assert lin.kernel == KERNEL_TRITON
-        for m in (1, 3, 8, 40):  # GEMV up to 8 rows, dequantize + cuBLAS above
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            ref = x.double() @ qw.dequantize().cuda().double().t()
-            y = lin(x).double()
-            assert ((y - ref).norm() / ref.norm()).item() < 1e-2
+        auto = Int4Linear(qw, device="cuda", dtype=torch.bfloat16)
+        assert auto.kernel == KERNEL_CUDA and auto.prefill_dequant  # tinygemm decode, dequantize + cuBLAS prefill
+        triton = Int4Linear(qw, device="cuda", dtype=torch.bfloat16, kernel=KERNEL_TRITON)
+        for lin in (auto, triton):
+            for m in (1, 3, 8, 40):  # packed GEMV up to 8 rows, dequantize + cuBLAS above
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                ref = x.double() @ qw.dequantize().cuda().double().t()
+                y = lin(x).double()
+                assert ((y - ref).norm() / ref.norm()).item() < 1e-2, (lin.kernel, m)
     model = tiny_model.to("cuda", torch.bfloat16)
     prompts = [torch.tensor([1, 5, 9, 22, 40]), torch.tensor([1, 7, 3])]
     eager = _graphed_greedy(GraphedDecoder(model, max_batch=2, max_len=32, graphs=False), prompts, 6)

@@ -10,8 +10,9 @@ compressed-tensors INT4 all unpack to it):
 - ``scales`` [K / G, N] (float16 where the scales are exactly float16, as every AWQ/GPTQ checkpoint stores them,
   else float32) and ``zeros`` uint8 [K / G, N]: transposed, so a tile's scales are one coalesced row.
 
-The GEMV computes, per output ``n`` and group ``g``, ``s[g, n] * (sum_k q[n, k] x[k] - z[g, n] sum_k x[k])``
-in float32 (which equals ``sum_k (q - z) s x`` up to float rounding); ``BLOCK_M`` rows of ``x`` share every
+The GEMV dequantizes each [BLOCK_N, BLOCK_K] tile to float32 ``(q - z) * s`` in registers and accumulates
+``x * w`` elementwise into a [BLOCK_M, BLOCK_N, BLOCK_K] float32 accumulator, reduced once after the K loop
+(a first version reduced every tile and reached only ~140 GB/s on the H200; see bench/RESULTS.md); ``BLOCK_M`` rows of ``x`` share every
 weight tile, so one pass over the 4-bit weights serves up to 8 tokens. ``SPLIT_K > 1`` cuts K into slices
 accumulated with float32 atomics (for the narrow k/v projections, whose N alone gives too few programs).
 Configurations are picked per (M bucket, N, K) by timing a few candidates once on first use
@@ -31,7 +32,7 @@ import os
 import torch
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-_HEURISTIC = dict(BLOCK_N=32, BLOCK_K=128, SPLIT_K=1, num_warps=4)
+_HEURISTIC = dict(BLOCK_N=16, BLOCK_K=128, SPLIT_K=1, num_warps=4)
 
 
 def available() -> str:
@@ -67,18 +68,20 @@ def _kernels():
     @triton.jit
     def _gemv_step(x_ptr, w_ptr, s_ptr, z_ptr, acc, k0, offs_m, offs_n, m_mask, n_mask, N, K, G,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        offs_k = tl.arange(0, BLOCK_K)
-        # Each code loads its own word (8 neighbours share one address: one transaction) and shifts out its nibble.
-        w = tl.load(w_ptr + offs_n[:, None] * (K // 8) + ((k0 + offs_k) // 8)[None, :], mask=n_mask[:, None], other=0)
-        q = ((w >> ((offs_k % 8) * 4)[None, :]) & 15).to(tl.float32)
-        x = tl.load(x_ptr + offs_m[:, None] * K + (k0 + offs_k)[None, :], mask=m_mask[:, None], other=0.0)
-        x = x.to(tl.float32)
-        dot = tl.sum(x[:, None, :] * q[None, :, :], axis=2)  # [BLOCK_M, BLOCK_N]
-        xs = tl.sum(x, axis=1)  # [BLOCK_M]
+        # [BLOCK_N, BLOCK_K / 8] words, contiguous along K per row; unpacked by broadcast shifts to
+        # [BLOCK_N, BLOCK_K / 8, 8], dequantized, and multiplied into the [M, N, K/8, 8] accumulator: no reduction
+        # inside the loop (one at the end), no reshape.
+        offs_w = tl.arange(0, BLOCK_K // 8)
+        offs_j = tl.arange(0, 8)
+        w = tl.load(w_ptr + offs_n[:, None] * (K // 8) + (k0 // 8 + offs_w)[None, :], mask=n_mask[:, None], other=0)
+        q = ((w[:, :, None] >> (offs_j * 4)[None, None, :]) & 15).to(tl.float32)
         g = k0 // G
         s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
-        return acc + s[None, :] * (dot - z[None, :] * xs[:, None])
+        wq = (q - z[:, None, None]) * s[:, None, None]
+        k_offs = k0 + offs_w[:, None] * 8 + offs_j[None, :]  # [BLOCK_K / 8, 8]
+        x = tl.load(x_ptr + offs_m[:, None, None] * K + k_offs[None, :, :], mask=m_mask[:, None, None], other=0.0)
+        return acc + x.to(tl.float32)[:, None, :, :] * wq[None, :, :, :]
 
     # A @triton.jit kernel resolves the functions it calls in its module's globals, not in this closure.
     globals()["_gemv_step"] = _gemv_step
@@ -93,7 +96,7 @@ def _kernels():
         offs_m = tl.arange(0, BLOCK_M)
         n_mask = offs_n < N
         m_mask = offs_m < M
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 8, 8), dtype=tl.float32)
         k_per_split = K // SPLIT_K
         k_start = pid_k * k_per_split
         if LOOP_WHILE:  # Triton's interpreter (numpy 2.x) cannot index a range with a run-time bound
@@ -106,12 +109,13 @@ def _kernels():
             for kk in range(0, k_per_split, BLOCK_K):
                 acc = _gemv_step(x_ptr, w_ptr, s_ptr, z_ptr, acc, k_start + kk, offs_m, offs_n, m_mask, n_mask, N, K, G,
                                  BLOCK_N, BLOCK_K)
+        res = tl.sum(tl.sum(acc, axis=3), axis=2)  # [BLOCK_M, BLOCK_N]
         out_offs = offs_m[:, None] * N + offs_n[None, :]
         mask = m_mask[:, None] & n_mask[None, :]
         if SPLIT_K == 1:
-            tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + out_offs, res.to(out_ptr.dtype.element_ty), mask=mask)
         else:
-            tl.atomic_add(out_ptr + out_offs, acc, mask=mask)
+            tl.atomic_add(out_ptr + out_offs, res, mask=mask)
 
     @triton.jit
     def dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, G, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -174,16 +178,20 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def _candidates(m: int, n: int, k: int, group: int) -> list[dict]:
-    """A few block shapes per M bucket (each distinct one is a Triton compile, so the list stays short)."""
-    if _block_m(m) == 1:
-        shapes = [(bn, bk, 4) for bn in (16, 32, 64) for bk in (128, 256)]
+    """A few block shapes per M bucket (each distinct one is a Triton compile, so the list stays short); the
+    accumulator holds BLOCK_M x BLOCK_N x BLOCK_K floats, spread over the program's threads."""
+    bm = _block_m(m)
+    if bm == 1:
+        shapes = [(16, 128, 4), (32, 128, 4), (16, 256, 4), (32, 256, 8), (64, 128, 8), (8, 128, 4)]
+    elif bm <= 4:
+        shapes = [(16, 64, 4), (16, 128, 8), (32, 64, 8), (8, 128, 4)]
     else:
-        shapes = [(16, 64, 4), (16, 128, 4), (32, 64, 4), (32, 128, 8), (64, 64, 8)]
+        shapes = [(8, 64, 4), (16, 64, 8), (8, 128, 8), (16, 32, 4)]
     out = []
     for bn, bk, warps in shapes:
-        for split in (1, 2, 4):
+        for split in (1, 2, 4, 8):
             cfg = dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps)
-            if config_ok(cfg, k, group):
+            if config_ok(cfg, k, group) and (split == 1 or triton_cdiv(n, bn) * split <= 8192):
                 out.append(cfg)
     return out
 

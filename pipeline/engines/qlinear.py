@@ -7,11 +7,13 @@ int4 kernels (the "tinygemm" ops gpt-fast and torchao use):
   [N, K / 2]; ``aten._weight_int4pack_mm_for_cpu(x [M, K], packed, group, scales_and_zeros [K / group, N, 2])``
   with ``x`` and ``scales_and_zeros`` of one dtype (float32, bfloat16 or float16), N % 16 == 0, group in
   {32, 64, 128, 256} (checked on torch 2.13; same op since 2.6, cf. torchao ``Int4CPULayout.from_plain``).
-- CUDA, "cuda-triton" (what "auto" takes on CUDA): our Triton kernels (``int4_triton``): a GEMV reading the
-  4-bit words once for up to 8 tokens (decode), and for more tokens (prefill) a dequantize into a per-call
-  bf16 scratch followed by one cuBLAS GEMM. On the H200 PyTorch's tinygemm kernel below read its weights at
-  ~1.4 TB/s at batch 1 against bf16's 3.0 TB/s (issue 8), hence our own; bench/decode_speed.py has the table.
-- CUDA (sm80+), "cuda-int4pack" (kept as an explicit choice): ``aten._convert_weight_to_int4pack(uint8 [N, K / 2] with column 2j in the *high* nibble,
+- CUDA (sm80+), "cuda-int4pack" (what "auto" takes on CUDA): decode (M <= 8 tokens) on PyTorch's tinygemm kernel
+  below, the fastest 4-bit GEMV measured on the H200 (bench/RESULTS.md, "Fast low-bit decode": ~1.4-1.7 TB/s of
+  weight reads at M = 1, against gemlite 0.6's 1.1-1.5 TB/s and our own Triton GEMV's 0.06-0.74 TB/s); prefill
+  (M > 8, where tinygemm is slower than bf16) dequantizes into a per-call bf16 scratch with our Triton kernel
+  (``int4_triton``, from a second 4-bit copy in its layout) and runs one cuBLAS GEMM.
+- CUDA, "cuda-triton" (explicit only): our Triton GEMV for M <= 8, dequantize + cuBLAS above.
+- the tinygemm ops: ``aten._convert_weight_to_int4pack(uint8 [N, K / 2] with column 2j in the *high* nibble,
   innerKTiles)`` and ``aten._weight_int4pack_mm(x bf16 [M, K], packed, group, scales_and_zeros bf16)``
   (torchao / torchchat: ``(w[:, ::2] << 4 | w[:, 1::2]).to(torch.uint8)``).
 
@@ -47,6 +49,7 @@ KERNEL_DEQUANT = "dequantize"
 KERNEL_TRITON = "cuda-triton"
 KERNELS = ("auto", KERNEL_CPU, KERNEL_CUDA, KERNEL_TRITON, KERNEL_DEQUANT)
 _KERNEL_GROUPS = (32, 64, 128, 256)
+_GEMV_ROWS = 8  # up to this many tokens a packed int4 kernel; above, dequantize + cuBLAS (CUDA)
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -128,14 +131,13 @@ def _choose_kernel(qw: QuantizedWeight, device: torch.device, dtype: torch.dtype
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel == KERNEL_DEQUANT:
         return KERNEL_DEQUANT, "asked for"
-    if kernel in ("auto", KERNEL_TRITON) and device.type == "cuda":
+    if kernel == KERNEL_TRITON:  # explicit only: measured slower than tinygemm at decode (bench/RESULTS.md)
+        if device.type != "cuda":
+            raise ValueError(f"kernel {KERNEL_TRITON!r} needs a CUDA device, got {device.type}")
         problem = _triton_problem(qw)
-        if not problem:
-            return KERNEL_TRITON, ""
-        if kernel == KERNEL_TRITON:
+        if problem:
             raise ValueError(f"kernel {KERNEL_TRITON!r} cannot run this weight: {problem}")
-    elif kernel == KERNEL_TRITON:
-        raise ValueError(f"kernel {KERNEL_TRITON!r} needs a CUDA device, got {device.type}")
+        return KERNEL_TRITON, ""
     packed, problem = _packed_kernel_problem(qw, device, dtype)
     if problem:
         return KERNEL_DEQUANT, problem
@@ -182,6 +184,11 @@ class Int4Linear(nn.Module):
                 self.kernel, reason = KERNEL_DEQUANT, f"kernel raised: {str(e).splitlines()[0]}"
                 for name in ("weight_int4pack", "scales_and_zeros"):
                     self._buffers.pop(name, None)
+        self.prefill_dequant = False
+        if self.kernel == KERNEL_CUDA and not _triton_problem(qw):
+            # prefill (M > 8): dequantize into a bf16 scratch + one cuBLAS GEMM; keeps a second 4-bit copy
+            self._build_triton(qw, device, torch.bfloat16)
+            self.compute_dtype, self.prefill_dequant = torch.bfloat16, True
         if self.kernel == KERNEL_DEQUANT:
             self._build_dequant(qw, device, dtype)
             log.debug("Int4Linear [%d, %d]: dequantize on the fly (%s)", self.out_features, self.in_features, reason)
@@ -246,14 +253,14 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.kernel == KERNEL_DEQUANT:
             y = x2 @ self.dequantized_weight().to(x.dtype).t()
-        elif self.kernel == KERNEL_TRITON:
+        elif x2.shape[0] == 0:
+            y = x2.new_zeros(0, self.out_features)
+        elif self.kernel == KERNEL_TRITON or (self.prefill_dequant and x2.shape[0] > _GEMV_ROWS):
             from pipeline.engines import int4_triton
 
             op = int4_triton.custom_op()
             y = op(x2.to(self.compute_dtype).contiguous(), self.qweight, self.scales_t, self.zeros_t,
                    self.group_size).to(x.dtype)
-        elif x2.shape[0] == 0:
-            y = x2.new_zeros(0, self.out_features)
         else:
             y = self._run_packed(x2.to(self.compute_dtype).contiguous()).to(x.dtype)
         if self.bias is not None:
