@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.artifacts import MANIFEST, TMP_PREFIX, sha256_file
+from pipeline.artifacts import MANIFEST, TMP_PREFIX
 from pipeline.cli import main
 from pipeline.verify import verify_folder
 from tests.conftest import write_recipe
@@ -164,7 +164,7 @@ def test_hub_publish_through_the_stand_in(run, monkeypatch, tmp_path):
 def test_hub_revision_branch_and_public_repo(tmp_path, monkeypatch):
     import huggingface_hub.constants as hf_constants
 
-    from pipeline.release.publish import upload_folder
+    from pipeline.release.transport import upload_folder
 
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
@@ -179,7 +179,7 @@ def test_hub_revision_branch_and_public_repo(tmp_path, monkeypatch):
 
 
 def test_hub_offline_mode_is_a_clear_error(tmp_path):
-    from pipeline.release.publish import PublishError, upload_folder
+    from pipeline.release.transport import PublishError, upload_folder
 
     with pytest.raises(PublishError, match="offline mode \\(HF_HUB_OFFLINE is set\\)"):
         upload_folder(tmp_path, "acme/x", None, True, "msg")
@@ -188,7 +188,7 @@ def test_hub_offline_mode_is_a_clear_error(tmp_path):
 def test_hub_refusal_names_the_fix_without_the_token(tmp_path, monkeypatch):
     import huggingface_hub.constants as hf_constants
 
-    from pipeline.release.publish import PublishError, upload_folder
+    from pipeline.release.transport import PublishError, upload_folder
 
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
@@ -204,6 +204,7 @@ def test_hub_refusal_names_the_fix_without_the_token(tmp_path, monkeypatch):
 
 def recipe_with(tmp_path: Path, publish_block: str) -> Path:
     """RECIPE in ``tmp_path`` with its publish line replaced by ``publish_block`` (written as is)."""
+    tmp_path.mkdir(exist_ok=True)
     path = write_recipe(tmp_path, RECIPE.replace("{dest}", str(tmp_path)))
     lines = [publish_block + "\n" if line.startswith("publish:") else line for line in path.read_text().splitlines(True)]
     path.write_text("".join(lines))
@@ -243,3 +244,60 @@ def test_plan_has_one_publish_run_per_chosen_variant_after_evaluate(tmp_path):
         ("publish@rtn", "hf://acme/pub-rtn", {"compile": "compile@rtn", "evaluate": "evaluate@rtn"})]
     assert plan.runs[-1].kind == "publish" and "publish" not in plan.variant_runs["rtn"]
     assert os.path.basename(runs[0].dir).startswith("publish-")
+
+
+def test_run_publishes_to_the_hub_stand_in_and_keeps_the_token_out(run, monkeypatch):
+    """The publish stage itself (not only `pipeline publish`) on the hub path: the same recipe with an hf:// target,
+    into the same output root, so only publish@none runs (rtn still fails its gate and is skipped)."""
+    import huggingface_hub.constants as hf_constants
+
+    _, root, dest = run
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    recipe = recipe_with(root.parent.parent / "hub-recipe",
+                         'publish: {to: "hf://acme/{recipe}-{variant}", revision: rc1, private: false}')
+    with FakeHubStandIn() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        res = invoke("run", str(recipe), "-o", str(root.parent), "-v")
+    assert res.exit_code == 3, res.output
+    assert "published none: hf://acme/pub-none" in res.output and "nothing is published for rtn." in res.output
+    assert [(c.repo_id, c.revision) for c in hub.commits] == [("acme/pub-none", "rc1")]
+    assert hub.repos["acme/pub-none"] == {"private": False, "branches": {"main", "rc1"}}
+    files = hub.commits[0].files
+    assert {"README.md", MANIFEST, "engine.json", "model/model.safetensors"} <= set(files)
+    assert "hf download acme/pub-none --local-dir pub-none --revision rc1" in files["README.md"].decode()
+    receipts = {json.loads(p.read_text())["destination"]: json.loads(p.read_text())
+                for p in root.glob("publish-*/publication.json")}
+    assert receipts["hf://acme/pub-none"]["commit"] == hub.commits[0].oid
+    assert TOKEN not in res.output and TOKEN not in (root / "run.log").read_text()
+    assert not any(TOKEN in p.read_text(errors="replace") for p in root.rglob("*.json"))
+    assert not any(TOKEN.encode() in data for data in files.values())
+
+
+def test_serve_commands_of_a_vllm_artifact_name_every_engine_that_loads_it(tmp_path):
+    """A folder built for vLLM (here: built, not run): the card gets vLLM's own command and SGLang's (it reads the same
+    launch settings), with paths relative to the downloaded folder; targets that need their own build say so."""
+    from pipeline.engines import vllm_engine
+    from pipeline.engines.base import BuildContext
+    from pipeline.formats.detect import detect_format
+    from pipeline.recipe import CompileSection
+    from pipeline.release.publish import Release, serve_entries
+    from tests.conftest import TINY_MODEL
+
+    art = tmp_path / "compile-x"
+    fmt = detect_format(TINY_MODEL)
+    vllm_engine.build(BuildContext(src=TINY_MODEL, fmt=fmt, cfg=CompileSection(target="vllm"), out=art,
+                                   device="cuda", model_name="tiny-none"))
+    (art / "engine.json").write_text(json.dumps({"target": "vllm", "format": fmt.__dict__, "model_dir": "model",
+                                                 "model_name": "tiny-none"}))
+    rel = Release(tmp_path, "tiny", "none", {}, {}, {"to": "hf://acme/tiny-none"}, art, {"method": "none"})
+    entries = {e.target: e for e in serve_entries(rel, art, "tiny-none")}
+    assert entries["pipeline"].command == "pipeline serve tiny-none --port 8000"
+    assert entries["vllm"].command == (
+        "vllm serve tiny-none/model --host 127.0.0.1 --port 8000 --served-model-name tiny-none "
+        "--tensor-parallel-size 1 --max-model-len 2048 --gpu-memory-utilization 0.8 --max-num-seqs 128 "
+        "--chat-template tiny-none/chat_template.jinja")
+    assert entries["sglang"].command.startswith("python -m sglang.launch_server --model-path tiny-none/model ")
+    assert str(tmp_path) not in entries["sglang"].command
+    assert entries["turbomind"].command is None and "compile.target: turbomind" in entries["turbomind"].note
+    assert "onnxruntime" not in entries  # no server of its own, and not the folder's target

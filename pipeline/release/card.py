@@ -156,8 +156,8 @@ def render_card(facts: CardFacts) -> str:
               f"quantship from recipe `{facts.recipe}`, variant `{facts.variant}`. "
               f"Verdict: **{row.get('verdict', '—')}** ({row.get('verdict_why', '')}).", ""]
     if not facts.base_model:
-        lines += [f"The source model was a local folder, not a hub repo, so the metadata names no `base_model` "
-                  f"(set `publish.base_model` in the recipe to name its hub id).", ""]
+        lines += ["The source model was a local folder, not a hub repo, so the metadata names no `base_model` "
+                  "(set `publish.base_model` in the recipe to name its hub id).", ""]
     if src:
         commit = src.get("commit") or f"not resolved ({src.get('commit_why', 'unknown')})"
         lines += [f"Source: `{src.get('id')}` ({src.get('kind')}), revision `{src.get('revision')}`, commit "
