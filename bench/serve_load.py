@@ -9,6 +9,7 @@ port) on a model folder or compile artifact (default: the shipped tiny model) an
 - ``concurrent``: ``--clients`` clients (default 8) sharing the same requests, non-streaming;
 - ``streaming``: the same with ``stream=True`` (time to first token = first content chunk);
 - ``sequential stream``: 1 streaming client, for the first-token time without queueing;
+- ``one sequence, no HTTP``: the scheduler's single-sequence decode against ``model.generate`` (alternated);
 - ``no-batching engine``: where ``GenerationEngine`` takes ``batching=False`` (one ``model.generate`` at a time
   under a lock), a second server with that engine under the same ``--clients`` load.
 
@@ -128,6 +129,30 @@ def drive(base_url: str, clients: int, requests: int, max_tokens: int, stream: b
     }
 
 
+def engine_decode(engine, max_tokens: int, repeats: int) -> dict:
+    """One sequence at a time without HTTP: tokens/s of the batching scheduler (``engine.run``) against the
+    plain ``model.generate`` path (``engine._generate``), alternated, medians (the scheduler's own overhead)."""
+    from pipeline.serve.batching import SamplingParams
+
+    ids = engine.encode_text("def add(a, b):")
+    sched, gen = [], []
+
+    def timed(f) -> float:
+        t0 = time.perf_counter()
+        n = f()
+        return n / (time.perf_counter() - t0)
+
+    for i in range(repeats + 1):
+        a = timed(lambda: len(engine.run(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0)).token_ids))
+        b = timed(lambda: len(engine._generate(ids, max_tokens, 0.0, 1.0, [], None)))
+        if i:  # the first pair warms up
+            sched.append(a)
+            gen.append(b)
+    s, g = statistics.median(sched), statistics.median(gen)
+    return {"max_tokens": max_tokens, "repeats": repeats, "scheduler_tokens_per_s": round(s, 1),
+            "generate_tokens_per_s": round(g, 1), "scheduler_over_generate": round(s / g, 3)}
+
+
 def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
@@ -157,6 +182,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--no-batching-engine", action="store_true",
                     help="Also run a batching=False engine (batched anyway through the API: see the comment).")
+    ap.add_argument("--decode-repeats", type=int, default=5,
+                    help="Alternated single-sequence decodes (scheduler vs model.generate, no HTTP; 0: skip).")
     ap.add_argument("--json", type=Path, default=None, help="Write the figures here.")
     args = ap.parse_args()
     if not 1 <= args.requests <= 512 or not 1 <= args.clients <= 64:
@@ -179,6 +206,11 @@ def main() -> None:
             print(f"{name}: {runs[name]['tokens_per_s']} tok/s", file=sys.stderr)
     finally:
         server.stop()
+    try:
+        decode = None
+        if args.decode_repeats > 0 and hasattr(engine, "_generate"):
+            decode = engine_decode(engine, 128, args.decode_repeats)
+    finally:
         stop_engine(app)
     # Off by default: the app submits every request to the scheduler, so a GenerationEngine(batching=False)
     # server is batched all the same through the API (only engine.chat() honours the flag). The baseline the
@@ -202,6 +234,7 @@ def main() -> None:
         "cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "git": _git_state(), "runs": runs,
         "speedup_concurrent_vs_sequential": round(conc / seq, 2) if seq else None,
+        "engine_single_sequence": decode,
     }
     print(table(result))
     if args.json:
@@ -234,6 +267,11 @@ def table(result: dict) -> str:
                      f"{f(r['latency_p95_s'])} | {r['loadavg_1min'][0]:.1f}→{r['loadavg_1min'][1]:.1f} |")
     lines.append(f"\nconcurrent / sequential throughput: **{result['speedup_concurrent_vs_sequential']}×** "
                  f"(engine batching: {result['engine_batching']})")
+    d = result.get("engine_single_sequence")
+    if d:
+        lines.append(f"one sequence, no HTTP, {d['max_tokens']} tokens, median of {d['repeats']}: scheduler "
+                     f"{d['scheduler_tokens_per_s']} tok/s, model.generate {d['generate_tokens_per_s']} tok/s "
+                     f"(**{d['scheduler_over_generate']}×**)")
     return "\n".join(lines)
 
 

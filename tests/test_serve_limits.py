@@ -137,6 +137,25 @@ def test_queued_token_cap(parts):
         engine.shutdown()
 
 
+def test_a_cancelled_waiting_sequence_frees_its_queue_place_at_once(parts):
+    engine = make_engine(parts, max_batch_size=1, max_queued=1)
+    sched = engine.scheduler
+    try:
+        running = engine.submit(engine.encode_text(CODE), SamplingParams(max_tokens=1500, temperature=0.0),
+                                lambda ev, payload: None)  # fmt: skip
+        assert wait_for(lambda: sched.batch_size == 1 and sched.queue_depth == 0)
+        waiting = engine.submit([5, 6, 7], SamplingParams(max_tokens=10, temperature=0.0), lambda ev, payload: None)
+        assert (sched.queue_depth, sched.queued_tokens) == (1, 13) and sched.capacity_error(1, 1) is not None
+        waiting.cancel()
+        waiting.cancel()  # twice: counted once
+        assert (sched.queue_depth, sched.queued_tokens) == (0, 0) and sched.capacity_error(1, 1) is None
+        running.cancel()
+        assert wait_for(lambda: sched.batch_size == 0 and sched.state is None)
+        assert (sched.queue_depth, sched.queued_tokens) == (0, 0)  # the cancelled one was skipped, not counted again
+    finally:
+        engine.shutdown()
+
+
 def test_capacity_rule(parts):
     engine = make_engine(parts, max_batch_size=2, max_queued=1, max_queued_tokens=50)
     sched = engine.scheduler

@@ -13,8 +13,8 @@ events in OpenAI's chunk format ending with ``data: [DONE]`` (``stream_options.i
 with the usage and no choices); with ``logprobs`` each chunk carries its tokens' log-probs (chat:
 ``choices[].logprobs.content``; completions: ``tokens`` / ``token_logprobs`` / ``top_logprobs`` /
 ``text_offset``), together the same as the non-streamed reply's. Past the queue caps (``max_queued``,
-``max_queued_tokens`` of the engine) a request is refused whole with a 429 and ``Retry-After``. A client that disconnects, streaming or not, has its sequences cancelled: they
-leave the batch at the next step.
+``max_queued_tokens`` of the engine) a request is refused whole with a 429 and ``Retry-After``. A client that
+disconnects, streaming or not, has its sequences cancelled: they leave the batch at the next step.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the route functions' annotations at runtime,

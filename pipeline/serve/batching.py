@@ -4,23 +4,27 @@ Requests are :class:`Sequence` objects put on a queue. Each step of the schedule
 sequences while the batch has room (``max_batch_size`` sequences, ``max_batch_tokens`` reserved tokens, a
 sequence reserving prompt + ``max_tokens``), (2) prefills each newcomer alone (batch of one, its own
 ``DynamicCache``) and samples its first token, (3) decodes every active sequence together: one forward of
-``[batch, 1]`` tokens over a left-padded cache built from the per-sequence caches (:func:`pad_left`), with a 2-D
-attention mask hiding the pads and per-row ``position_ids`` equal to each sequence's own length, so a row sees
-exactly the keys and positions it would see alone; the new key/value column of each row is appended to that
-sequence's own cache. Finished (EOS, stop string, ``max_tokens``) and cancelled sequences leave the batch at the
-next step, and their caches go with them. This is the padded-cache design of Hugging Face's own batched
-``generate`` with left padding (transformers 5.x ``LlamaModel`` builds the causal mask from the 2-D mask and
-``cache_position``), applied per step so a batch can change membership between steps. Its cost: every step
-copies the active caches into the padded tensor and appends one column per sequence (O(batch x length) bytes per
-step); vLLM's paged cache avoids that copy. Measured on the shipped tiny model (fp32, 2 shared CPU cores, one torch
-thread), 32 completions of 64 tokens: the copies are ~15% of a batch-of-8 step; 8 concurrent clients give
-532 tokens/s against 99.5 for one client at a time (5.3x; 4.2x against the old ``generate`` path's 127).
+``[batch, 1]`` tokens over the batch's left-padded cache (:mod:`pipeline.serve.batch_cache`), a 2-D attention
+mask hiding the pads and per-row ``position_ids`` equal to each sequence's own length, so a row sees exactly the
+keys and positions it would see alone. The batch's cache lives from step to step; it is rebuilt only when a
+sequence joins or leaves (:func:`~pipeline.serve.batch_cache.regroup`), and goes when the batch empties.
+Finished (EOS, stop string, ``max_tokens``) and cancelled sequences leave the batch at the next step. Until
+this design the cache was rebuilt from per-sequence caches every step (O(batch x length) copies per step); one
+sequence then decoded at 0.82-0.92x ``model.generate``'s tokens/s, and at ~1x since (``bench/serve_load.py``'s
+single-sequence row; bench/RESULTS.md). The decode step itself is swappable (``step=``, the contract in
+:class:`~pipeline.serve.batch_cache.BatchState`).
+
+Queue caps: :meth:`Scheduler.capacity_error` says when more sequences may not wait (``max_queued`` beyond the
+batch's free slots, ``max_queued_tokens`` reserved by waiting sequences); the app answers those with a 429.
 
 Sampling per sequence uses its own ``torch.Generator`` seeded from the request's ``seed``
 (:func:`pipeline.serve.generate.sample_next_token`), so a reply depends on the seed only, never on its batch.
 Results go to the sequence's ``sink(event, payload)`` callback from the scheduler thread: ``("token", delta)``
-with text safe to show (a possible stop-string prefix or an incomplete UTF-8 character is held back),
-``("done", FinishedSequence)``, or ``("error", exception)``.
+with text safe to show (a possible stop-string prefix or an incomplete UTF-8 character is held back);
+``("logprobs", [TokenLogprob])`` for the tokens chosen since the last one, just before the delta they made (and
+before ``done`` for tokens that showed no text); ``("prompt_logprobs", [TokenLogprob])`` after the prefill with
+``prompt_logprobs``; ``("done", FinishedSequence)``, or ``("error", exception)``. Sinks ignore events they do
+not know.
 """
 
 from __future__ import annotations
@@ -34,25 +38,20 @@ from typing import Any, Callable
 
 import torch
 
+from pipeline.serve.batch_cache import (  # noqa: F401  (pad_left, left_pad_mask, regroup: re-exported)
+    BatchState,
+    DecodeStep,
+    DynamicCacheStep,
+    cache_kwarg,
+    left_pad_mask,
+    pad_left,
+    regroup,
+)
+
 log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------- pure tensor functions
-
-
-def pad_left(tensors: list[torch.Tensor], length: int) -> torch.Tensor:
-    """Stack ``[1, heads, L_i, dim]`` tensors into ``[batch, heads, length, dim]``, each right-aligned (zeros left)."""
-    first = tensors[0]
-    out = first.new_zeros((len(tensors), first.shape[1], length, first.shape[3]))
-    for b, t in enumerate(tensors):
-        out[b, :, length - t.shape[2] :] = t[0]
-    return out
-
-
-def left_pad_mask(lengths: list[int], total: int) -> torch.Tensor:
-    """Attention mask ``[batch, total]`` (1 = attend) for left-padded rows whose real lengths are ``lengths``."""
-    pos = torch.arange(total)
-    return (pos[None, :] >= (total - torch.tensor(lengths))[:, None]).long()
 
 
 def top_logprobs(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
@@ -124,6 +123,7 @@ class Sequence:
         self.first_token_s: float | None = None
         self.shown = 0  # characters of the reply already sent as deltas
         self.lp_sent = 0  # log-probs already sent as events
+        self.queued_in: Scheduler | None = None  # the scheduler whose queue counts it (until admitted or cancelled)
         self.generator: torch.Generator | None = None
         if params.temperature > 0:
             self.generator = torch.Generator()
@@ -134,6 +134,8 @@ class Sequence:
 
     def cancel(self) -> None:
         self.cancelled.set()
+        if self.queued_in is not None:  # still waiting: its place in the queue is free at once
+            self.queued_in._dequeued(self)
 
     @property
     def length(self) -> int:
@@ -142,91 +144,6 @@ class Sequence:
     @property
     def reserved(self) -> int:
         return len(self.prompt) + self.params.max_tokens
-
-
-# ------------------------------------------------------------------------------------- the batch's cache
-
-
-@dataclass
-class BatchState:
-    """The running batch as a decode step sees it. Row ``b`` is ``seqs[b]``; ``cache`` holds, for every layer,
-    keys and values ``[batch, heads, past, dim]`` with row ``b``'s ``lengths[b]`` real columns right-aligned
-    (zeros left of them). The scheduler sets ``input_ids`` ``[batch, 1]`` (each row's last token),
-    ``position_ids`` ``[batch, 1]`` (= ``lengths``) and ``attention_mask`` ``[batch, past + 1]`` before each step;
-    a step appends one column per layer to ``cache`` and returns the logits ``[batch, vocab]``.
-    ``regroups`` numbers the scheduler's membership changes (a static-cache step copies the cache in again when
-    it changes)."""
-
-    seqs: list[Any]
-    cache: Any
-    lengths: list[int]
-    past: int
-    input_ids: torch.Tensor | None = None
-    position_ids: torch.Tensor | None = None
-    attention_mask: torch.Tensor | None = None
-    regroups: int = 0
-
-
-def cache_kwarg(model: Any) -> str:
-    """forward's cache argument: transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns
-    until 5.40)."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-DecodeStep = Callable[[Any, BatchState], torch.Tensor]
-
-
-class DynamicCacheStep:
-    """The default decode step: one eager forward over a transformers ``DynamicCache`` (its ``update``
-    appends the new column). Any ``step(model, state) -> logits`` with the same contract can replace it
-    (``Scheduler(..., step=...)``), e.g. a graph-captured static-cache step on CUDA."""
-
-    def __init__(self, model: Any) -> None:
-        self.cache_kw = cache_kwarg(model)
-
-    def __call__(self, model: Any, state: BatchState) -> torch.Tensor:
-        out = model(
-            input_ids=state.input_ids,
-            attention_mask=state.attention_mask,
-            position_ids=state.position_ids,
-            cache_position=torch.tensor([state.past], device=state.input_ids.device),
-            use_cache=True,
-            **{self.cache_kw: state.cache},
-        )
-        return out.logits[:, -1]
-
-
-def regroup(
-    layers: list[tuple[torch.Tensor, torch.Tensor]] | None,
-    past: int,
-    keep: list[int],
-    kept_lengths: list[int],
-    joining: list[list[tuple[torch.Tensor, torch.Tensor]]],
-) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
-    """The padded per-layer cache of a batch whose membership changed: rows ``keep`` of ``layers``
-    (``[B, heads, past, dim]``, right-aligned, real lengths ``kept_lengths``) then the ``joining`` sequences'
-    own caches (``[1, heads, L, dim]`` per layer), all right-aligned to the longest. Returns (layers, past)."""
-    new_past = max(kept_lengths + [c[0][0].shape[2] for c in joining])
-    n_layers = len(layers) if layers is not None else len(joining[0])
-    out = []
-    for i in range(n_layers):
-        kv = []
-        for j in (0, 1):
-            parts = []
-            if keep:
-                old = layers[i][j].index_select(0, torch.tensor(keep, device=layers[i][j].device))
-                if new_past <= past:
-                    old = old[:, :, past - new_past :]
-                else:
-                    old = torch.nn.functional.pad(old, (0, 0, new_past - past, 0))
-                parts.append(old)
-            if joining:
-                parts.append(pad_left([c[i][j] for c in joining], new_past))
-            kv.append(parts[0] if len(parts) == 1 else torch.cat(parts, 0))
-        out.append((kv[0], kv[1]))
-    return out, new_past
 
 
 # ------------------------------------------------------------------------------------- scheduler
@@ -300,6 +217,7 @@ class Scheduler:
                 self._thread = threading.Thread(target=self._loop, name="quantship-scheduler", daemon=True)
                 self._thread.start()
         with self._count_lock:
+            seq.queued_in = self
             self._queued += 1
             self._queued_tokens += seq.reserved
         self.waiting.put(seq)
@@ -347,9 +265,12 @@ class Scheduler:
         self.active, self._held, self.state = [], None, None
 
     def _dequeued(self, seq: Sequence) -> None:
+        """``seq`` no longer counts against the queue caps (admitted, or cancelled while waiting); once only."""
         with self._count_lock:
-            self._queued -= 1
-            self._queued_tokens -= seq.reserved
+            if seq.queued_in is self:
+                seq.queued_in = None
+                self._queued -= 1
+                self._queued_tokens -= seq.reserved
 
     def _admit(self) -> list[Sequence]:
         """Take waiting sequences that fit; block while nothing is active."""

@@ -2,7 +2,8 @@
 
 Only what the server implements is modelled. Fields a client sends that are not modelled here are ignored,
 as vLLM's and lmdeploy's OpenAI servers do (the app logs their names); the few known OpenAI fields that would
-change the answer if silently ignored (``tools``; ``suffix``; ``best_of`` other than ``n``) are refused with a 400 by the requests' ``unsupported()``.
+change the answer if silently ignored (``tools``; ``suffix``; ``best_of`` other than ``n``) are refused with a
+400 by the requests' ``unsupported()``.
 
 ``POST /v1/completions`` (:class:`CompletionRequest`) follows OpenAI's legacy completions API as lm-eval's
 ``local-completions`` model uses it: ``prompt`` as a string, a list of strings, a list of token ids or a list of
