@@ -139,6 +139,7 @@ eval:
   task_limit: 12
   sanity: true
   sanity_max_new_tokens: 12
+  through: in_process  # this test counts the in-process generations and task runs
   gates: {{max_repetition: REP}}
 matrix:
   quantize.method: [none, rtn]

@@ -5,7 +5,8 @@ and by ``pipeline compare`` over any finished run folder (which reads the gates 
 ``report.json``, or the recipe named in ``plan.json`` when that file still exists).
 
 A row holds the evaluate metrics as measured (``ppl``, ``ref_ppl``, ``kl_mean``, ``top1_agreement``,
-``tokens``, ``tasks``, ``sanity``, ``runtime``, ...) plus: ``variant``, ``method``, ``bits``,
+``tokens``, ``tasks``, ``sanity``, ``runtime``, ...; ``runtime`` says how each figure was measured when they
+went different ways, see ``evaluated_with``) plus: ``variant``, ``method``, ``bits``,
 ``group_size``, ``size_bytes`` (the quantized checkpoint), ``ref_bytes`` (the source model's weights, for
 the compression ratio), ``quantize_s`` (the quantize manifest's ``seconds``), ``decode_tps`` (the serve
 smoke test's completion tokens / request latency), ``target``, ``engine_status``, ``gate_failures``
@@ -137,6 +138,8 @@ def collect_rows(
             "engine_status": cm.get("status"),
             "stages": stages,
         }
+        if isinstance(ev.get("through"), dict):
+            row["runtime"] = evaluated_with(ev["through"], ev.get("runtime"))
         if ev.get("text") and "text_file" not in row:
             row["text_file"] = ev["text"]
         tokens, latency = sm.get("completion_tokens"), sm.get("smoke_latency_s")
@@ -156,6 +159,21 @@ def collect_rows(
         row["verdict"], row["verdict_why"] = verdict(stages, row.get("gate_failures"))
         rows.append(row)
     return rows
+
+
+_FIGURES = {"perplexity": "perplexity", "kl_top1": "KL, top-1", "sanity": "sanity", "tasks": "tasks"}
+
+
+def evaluated_with(through: Mapping[str, str], runtime: str | None = None) -> str | None:
+    """The report's "evaluated with" cell from metrics' ``through`` (figure -> how it was measured): the runtime
+    alone when every figure went the same way in process, else e.g. "perplexity, sanity, tasks: endpoint: embedded
+    server (transformers); KL, top-1: in process: transformers"."""
+    groups: dict[str, list[str]] = {}
+    for key in sorted(through, key=lambda k: list(_FIGURES).index(k) if k in _FIGURES else len(_FIGURES)):
+        groups.setdefault(str(through[key]), []).append(_FIGURES.get(key, key))
+    if len(groups) == 1 and runtime and next(iter(groups)) == f"in process: {runtime}":
+        return runtime
+    return "; ".join(f"{', '.join(names)}: {how}" for how, names in groups.items()) or runtime
 
 
 def verdict(stages: Mapping[str, str], gate_failures: list[str] | None) -> tuple[str, str]:

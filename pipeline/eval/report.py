@@ -223,6 +223,12 @@ def how_measured(rows: Sequence[Mapping[str, Any]], seq_len: Any, text_file: Any
         extra.append("Sanity: repetition is the share of repeated n-grams in greedy generations on the fixed prompt "
                      "set (lower is better), EOS rate the share of generations that stopped before the limit, "
                      "ref overlap the token overlap with the reference model's generations.")
+    if any(any(str(h).startswith("endpoint") for h in (r.get("through") or {}).values()) for r in rows):
+        extra.append("Evaluated with: figures measured through an endpoint went through the compile target's own "
+                     "OpenAI-compatible server (`eval.through`): perplexity from its prompt log-probs on the same "
+                     "token ids, sanity from its chat completions (the reply's text re-tokenized, the reference's "
+                     "too), tasks through lm-eval's local-completions; KL and top-1 need full logits and are always "
+                     "measured in process.")
     if any(r.get("quantize_s") is not None for r in rows):
         extra.append("Quantize s: the quantize stage's wall-clock seconds (its manifest's `seconds`), on the machine and "
                      "device that ran it.")

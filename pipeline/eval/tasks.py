@@ -192,6 +192,14 @@ def run_tasks(model: Any, tokenizer: Any, tasks: Sequence[str], limit: int | Non
               num_fewshot: int | None = None) -> dict[str, dict[str, Any]]:
     """Run lm-eval ``tasks`` on ``model``; ``{task: {metric: value, metric + "_stderr": ..., "n", "chance"}}``."""
     lm = make_lm(model, tokenizer, max_length=max_length, batch_size=batch_size)
+    return run_lm_tasks(lm, tasks, limit=limit, include_paths=include_paths, num_fewshot=num_fewshot)
+
+
+def run_lm_tasks(lm: Any, tasks: Sequence[str], limit: int | None = None, include_paths: Sequence[Path | str] = (),
+                 num_fewshot: int | None = None) -> dict[str, dict[str, Any]]:
+    """``run_tasks`` on any lm-eval ``LM``: ours in process (``make_lm``), or lm-eval's ``local-completions``
+    over a deployed endpoint (``pipeline.eval.endpoint.endpoint_lm``)."""
+    _lm_base()
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 

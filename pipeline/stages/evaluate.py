@@ -64,6 +64,10 @@ class _Reference:
                                         trust_remote_code=variant.model.trust_remote_code)
         return self._model
 
+    def release(self) -> None:
+        """Drop the loaded reference model (its figures are cached): memory for the evaluated server."""
+        self._model = None
+
     def vocab_size(self) -> int:
         try:
             config = json.loads((self.folder / "config.json").read_text())
@@ -128,10 +132,14 @@ def run(ctx: StageContext) -> dict:
     from pipeline.stages.compile import load_for_eval
 
     cfg = ctx.config
+    artifact = ctx.inputs["compile"]
+    served = _served(ctx, artifact)  # before any loading: eval.through: endpoint without a server fails here
     # The deployable model through its target's in-process runtime (transformers, ONNX Runtime, llama.cpp, ...):
     # anything ``model(input_ids) -> logits`` (pipeline.eval.perplexity.model_logits); for an engine that does not
-    # run here, the quantized checkpoint through the embedded runtime, labelled so in ``runtime``.
-    model, tokenizer, runtime = load_for_eval(ctx.inputs["compile"])
+    # run here, the quantized checkpoint through the embedded runtime, labelled so in ``runtime``. KL and top-1
+    # always come from it (they need full logits); with an endpoint, perplexity, sanity and tasks come from that.
+    model, tokenizer, runtime = load_for_eval(artifact)
+    in_process = f"in process: {runtime}"
     device = model_device(model)
     params = getattr(model, "parameters", None)
     half = next(params()).dtype if params is not None and device.type != "cpu" else torch.float32
@@ -155,43 +163,185 @@ def run(ctx: StageContext) -> dict:
     metrics["reference"] = ref_note
     metrics["text"] = str(text_path.name)
     metrics["seq_len"] = cfg.seq_len
+    through = {"perplexity": in_process, "kl_top1": in_process}
     ctx.progress(1, 3, f"ppl {metrics.get('ppl', float('nan')):.2f}")
-    if cfg.sanity:
-        metrics["sanity"] = _sanity(ctx, model, tokenizer, reference, runtime)
-    ctx.progress(2, 3, "sanity" if cfg.sanity else "")
-    if cfg.tasks:
-        from pipeline.eval.tasks import run_tasks
+    task_args = dict(limit=cfg.task_limit, include_paths=[str(ctx.recipe.resolve(p)) for p in cfg.task_paths],
+                     max_length=cfg.seq_len, batch_size=cfg.batch_size)
+    if served is None:
+        if cfg.sanity:
+            metrics["sanity"], through["sanity"] = _sanity(ctx, model, tokenizer, reference, runtime), in_process
+        ctx.progress(2, 3, "sanity" if cfg.sanity else "")
+        if cfg.tasks:
+            from pipeline.eval.tasks import run_tasks
 
-        task_args = dict(limit=cfg.task_limit, include_paths=[str(ctx.recipe.resolve(p)) for p in cfg.task_paths],
-                         max_length=cfg.seq_len, batch_size=cfg.batch_size)
-        metrics["tasks"] = run_tasks(model, tokenizer, cfg.tasks, **task_args)
+            metrics["tasks"], through["tasks"] = run_tasks(model, tokenizer, cfg.tasks, **task_args), in_process
+    else:
+        # The reference's figures first (computed once per plan, then read back): the reference model is not
+        # kept beside the server.
+        if cfg.sanity:
+            reference.generations(tokenizer, _prompts(ctx)[1], cfg.sanity_max_new_tokens)
+        if cfg.tasks:
+            metrics["ref_tasks"] = reference.tasks(tokenizer, list(cfg.tasks), **task_args)
+        reference.release()
+        _through_endpoint(ctx, served, artifact, model, tokenizer, reference, ids, metrics, through, task_args)
+    if cfg.tasks and "ref_tasks" not in metrics:
         metrics["ref_tasks"] = reference.tasks(tokenizer, list(cfg.tasks), **task_args)
+    metrics["through"] = through
     write_json(ctx.out / METRICS, metrics)
     ctx.progress(3, 3, f"ppl {metrics.get('ppl', float('nan')):.2f}")
     return metrics
 
 
-def _sanity(ctx: StageContext, model: Any, tokenizer: Any, reference: Any, runtime: str = "") -> dict[str, Any]:
-    """Sanity figures of the deployable model's greedy generations vs the reference's (``pipeline.eval.sanity``);
-    the generations themselves go to ``generations.json`` beside ``metrics.json``. If the deployable model's
-    runtime cannot decode, the figures are None with a ``not_measured`` reason (a sanity gate then fails on it)."""
+def _served(ctx: StageContext, artifact: Path) -> tuple[Any, str, str] | None:
+    """``(serve command or None for the embedded server, API key, label)`` when perplexity, sanity and tasks go
+    through the target's endpoint (``eval.through``), else None. ``endpoint`` with no server here: RecipeError."""
+    import secrets
+
+    from pipeline.errors import RecipeError, TargetUnavailable
+    from pipeline.stages.compile import read_engine
+    from pipeline.stages.serve import engine_server
+    from pipeline.targets import TARGETS
+
+    through = ctx.config.through
+    if through == "in_process":
+        return None
+    api_key = secrets.token_urlsafe(24)  # a fresh key per run: nothing else on the machine can use the server
+    try:
+        command, why_not = engine_server(artifact, "127.0.0.1", 0, api_key)
+    except TargetUnavailable as e:  # the engine runs here but its server's packages are missing
+        command, why_not = None, str(e)
+    if command is not None and command.health_path.startswith("/v1/"):
+        # Its health route is an API route that wants the key (llama-cpp-python's server polls /v1/models), and the
+        # health poll sends none: start it without a key (it listens on 127.0.0.1 only, on a free port, for this
+        # evaluation alone).
+        api_key = None
+        command, why_not = engine_server(artifact, "127.0.0.1", 0, None)
+    engine = read_engine(artifact)
+    if why_not:
+        if through == "endpoint":
+            raise RecipeError(
+                f"eval.through: endpoint, but compile.target {engine['target']!r} has no server that runs on this "
+                f"machine ({why_not}). Set eval.through: auto (the endpoint where the target's server runs, else "
+                "in process, labelled so) or in_process, or evaluate on a machine that runs the engine."
+            )
+        ctx.log.info("evaluating in process: the target's server does not run here (%s)", why_not)
+        return None
+    if command is None:
+        label = f"embedded server ({engine['target']})"
+    else:
+        prog = Path(command.argv[0]).name
+        if prog.startswith("python") and command.argv[1:2] == ["-m"]:
+            prog = f"python -m {command.argv[2]}"
+        label = f"{TARGETS[engine['target']].engine} server ({prog})"
+    return command, api_key, label
+
+
+def _through_endpoint(ctx: StageContext, served: tuple[Any, str, str], artifact: Path, model: Any, tokenizer: Any,
+                      reference: _Reference, ids: Any, metrics: dict, through: dict, task_args: dict) -> None:
+    """Start the target's server on 127.0.0.1 (a free port, a fresh key), measure perplexity, sanity and tasks
+    through its OpenAI endpoint (``pipeline.eval.endpoint``), stop it. A server that refuses token-id prompts or
+    prompt log-probs leaves perplexity and tasks in process under ``eval.through: auto`` (labelled with why) and
+    fails the stage under ``eval.through: endpoint``."""
+    from pipeline.eval import endpoint as ep_mod
+    from pipeline.stages.serve import SERVER_LOG, running_server
+
+    cfg = ctx.config
+    command, api_key, label = served
+    serve_cfg = getattr(ctx.recipe.variant, "serve", None)
+    timeout = serve_cfg.health_timeout_s if serve_cfg is not None else 600.0
+    with running_server(artifact, command, "127.0.0.1", 0, api_key, ctx.out / SERVER_LOG, timeout) as server:
+        ep = ep_mod.Endpoint(server.url, server.model_name, api_key, label)
+        ctx.log.info("evaluating through the %s at %s", label, server.url)
+        try:
+            ep_mod.check_prompt_logprobs(ep, ids[:8].tolist())
+            refused = None
+        except ep_mod.EndpointRefused as e:
+            if cfg.through == "endpoint":
+                raise
+            refused = e
+            ctx.log.warning("perplexity and tasks in process: %s", e.detail)
+        in_process = through["perplexity"]
+        if refused is None:
+            got = ep_mod.endpoint_perplexity(
+                ep, ids, cfg.seq_len, progress=lambda d, t: ctx.progress(1, 3, f"endpoint ppl {d}/{t} windows"))
+            metrics["ppl_in_process"] = metrics["ppl"]
+            for key in ("ppl", "nll_mean", "nll_sum"):
+                metrics[key] = round(got[key], 6)
+            metrics["ppl_increase_pct"] = round(100.0 * (got["ppl"] / metrics["ref_ppl"] - 1.0), 6)
+            through["perplexity"] = f"endpoint: {label}"
+        else:
+            through["perplexity"] = f"{in_process} (the {label} refused prompt log-probs: {refused.detail})"
+        if cfg.sanity:
+            metrics["sanity"] = _sanity(ctx, model, tokenizer, reference, label, endpoint=ep)
+            through["sanity"] = f"endpoint: {label}"
+        ctx.progress(2, 3, "sanity" if cfg.sanity else "")
+        if cfg.tasks and refused is None:
+            metrics["tasks"] = ep_mod.endpoint_tasks(ep, _tokenizer_dir(artifact, tokenizer), cfg.tasks, **task_args)
+            through["tasks"] = f"endpoint: {label}"
+    if cfg.tasks and refused is not None:
+        from pipeline.eval.tasks import run_tasks
+
+        metrics["tasks"] = run_tasks(model, tokenizer, cfg.tasks, **task_args)
+        through["tasks"] = through["perplexity"]
+
+
+def _tokenizer_dir(artifact: Path, tokenizer: Any) -> Path:
+    """A folder holding the tokenizer the in-process runtime uses (lm-eval loads it by path)."""
+    from pipeline.stages.compile import engine_model_dir, read_engine
+
+    for cand in (getattr(tokenizer, "name_or_path", None), engine_model_dir(artifact),
+                 read_engine(artifact).get("source_model_dir")):
+        if cand and (Path(cand) / "tokenizer_config.json").is_file():
+            return Path(cand)
+    return engine_model_dir(artifact)
+
+
+def _prompts(ctx: StageContext) -> tuple[Path, list[dict]]:
     from pipeline.eval import sanity
 
     cfg = ctx.config
     path = ctx.recipe.resolve(cfg.sanity_prompts) if cfg.sanity_prompts else sanity.SHIPPED_PROMPTS
-    prompts = sanity.load_prompts(path)
+    return path, sanity.load_prompts(path)
+
+
+def _sanity(ctx: StageContext, model: Any, tokenizer: Any, reference: Any, runtime: str = "",
+            endpoint: Any = None) -> dict[str, Any]:
+    """Sanity figures of the deployable model's greedy generations vs the reference's (``pipeline.eval.sanity``);
+    the generations themselves go to ``generations.json`` beside ``metrics.json``. With ``endpoint``
+    (``pipeline.eval.endpoint.Endpoint``) the generations are the server's chat replies, and both sides are scored
+    on their re-tokenized text (``endpoint.as_text_tokens``). If the runtime cannot decode, the figures are None with
+    a ``not_measured`` reason (a sanity gate then fails on it)."""
+    from pipeline.eval import sanity
+
+    cfg = ctx.config
+    path, prompts = _prompts(ctx)
     ref = reference.generations(tokenizer, prompts, cfg.sanity_max_new_tokens)
     eos = sorted(set(ref["eos_ids"]) | set(sanity.eos_token_ids(tokenizer, model)))
+    progress = lambda done, total: ctx.progress(1, 3, f"sanity {done}/{total}")  # noqa: E731
+    ref_outputs = ref["outputs"]
     try:
-        outputs = sanity.generate_all(model, tokenizer, prompts, cfg.sanity_max_new_tokens, eos,
-                                      progress=lambda done, total: ctx.progress(1, 3, f"sanity {done}/{total}"))
+        if endpoint is None:
+            outputs = sanity.generate_all(model, tokenizer, prompts, cfg.sanity_max_new_tokens, eos, progress=progress)
+        else:
+            from pipeline.eval.endpoint import as_text_tokens, chat_generations
+
+            outputs = chat_generations(endpoint, tokenizer, prompts, cfg.sanity_max_new_tokens, eos, progress)
+            ref_outputs = as_text_tokens(ref_outputs, tokenizer, eos)
     except Exception as e:  # noqa: BLE001 -- any runtime failure: the other figures stand, the gates say why
-        reason = f"greedy decoding through {runtime or type(model).__name__} failed ({type(e).__name__}: {e})"
+        how = f"chat completions from the {runtime}" if endpoint is not None else \
+            f"greedy decoding through {runtime or type(model).__name__}"
+        reason = f"{how} failed ({type(e).__name__}: {e})"
         ctx.log.warning("sanity not measured: %s", reason)
         return {"repetition": None, "eos_rate": None, "reference_overlap": None, "not_measured": reason,
                 "prompt_set": path.name}
-    write_json(ctx.out / GENERATIONS, {"prompts": str(path.name), "outputs": outputs,
-                                       "reference_outputs": ref["outputs"]})
-    figures = sanity.score_generations(outputs, ref["outputs"], eos, cfg.sanity_max_new_tokens)
+    write_json(ctx.out / GENERATIONS, {"prompts": str(path.name), "outputs": outputs, "reference_outputs": ref_outputs})
+    figures = sanity.score_generations(outputs, ref_outputs, eos, cfg.sanity_max_new_tokens)
     figures["prompt_set"] = path.name
+    if endpoint is not None:
+        # The server's templated prompt vs the model's chat template, in tokens: a different count is a template
+        # (or tokenizer) mismatch in the deployment, whatever the generations then score.
+        counted = [o for o in outputs if o.get("prompt_tokens") is not None]
+        figures["prompt_token_mismatches"] = (
+            sum(o["prompt_tokens"] != o["prompt_tokens_expected"] for o in counted) if counted else None)
+        figures["tokens"] = "re-tokenized text of the served replies (and of the reference's)"
     return figures

@@ -6,14 +6,18 @@ vllm, llama-server) when this machine runs that engine; the embedded FastAPI ser
 target (and for a plain model folder). A target this machine cannot run is not served: smoke.json and the
 manifest say 'not run here' and why, and the run goes on (``compile.require_run`` already failed it if asked).
 
-``serve_artifact`` is what ``pipeline serve`` (and ``serve.keep_running``) use to keep one running;
+``running_server`` starts either one for the length of a ``with`` block (the serve stage's smoke test, the
+evaluate stage's ``eval.through: endpoint``); ``serve_artifact`` is what ``pipeline serve`` (and
+``serve.keep_running``) use to keep one running;
 ``recipe_artifact`` finds a finished run's compile artifact for ``pipeline serve RECIPE``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.artifacts import ENGINE, SMOKE, write_json
@@ -86,9 +90,51 @@ def engine_server(artifact: Path, host: str, port: int, api_key: str | None, mod
     return command, None
 
 
-def run(ctx: StageContext) -> dict:
+@dataclass(frozen=True)
+class RunningEndpoint:
+    """A healthy server of a compile artifact: where it answers, who serves it, how long it took to come up."""
+
+    url: str  # http://host:port (OpenAI routes under /v1)
+    model_name: str  # the model id it serves
+    served_by: str  # "embedded", or the engine server's program (argv[0])
+    waited_s: float
+
+
+@contextlib.contextmanager
+def running_server(artifact: Path, command, host: str, port: int, api_key: str | None, log_path: Path,
+                   health_timeout_s: float = 600.0, model_name: str | None = None) -> Iterator[RunningEndpoint]:
+    """The artifact's OpenAI-compatible server, healthy, for the duration of the block: the engine's own
+    (``command`` from ``engine_server``, its output in ``log_path``) or, with ``command`` None, the embedded one
+    in a background thread. Stopped on exit (the embedded engine's scheduler thread too). Used by the serve stage
+    (smoke test) and the evaluate stage (``eval.through: endpoint``)."""
     from pipeline.serve.external import ExternalServer
-    from pipeline.serve.server import smoke_test, start_server, wait_healthy
+    from pipeline.serve.server import start_server, wait_healthy
+
+    name = model_name or _model_name(artifact)
+    app = None
+    if command is not None:
+        server = ExternalServer(command, log_path).start()
+    else:
+        app = build_app(artifact, api_key, name)
+        try:
+            server = start_server(app, host=host, port=port)
+        except BaseException:
+            stop_engine(app)
+            raise
+    try:
+        if command is not None:
+            waited = server.wait_healthy(health_timeout_s)
+        else:
+            waited = wait_healthy(server.url, timeout_s=60)
+        yield RunningEndpoint(server.url, name, command.argv[0] if command is not None else "embedded", waited)
+    finally:
+        server.stop()
+        if app is not None:
+            stop_engine(app)
+
+
+def run(ctx: StageContext) -> dict:
+    from pipeline.serve.server import smoke_test
 
     cfg = ctx.config
     api_key = cfg.api_key.get_secret_value() if cfg.api_key else None
@@ -99,24 +145,11 @@ def run(ctx: StageContext) -> dict:
         ctx.log.warning("%s: %s", ctx.run_id, why_not)
         ctx.progress(2, 2, why_not)
         return {"status": why_not, "served_by": None}
-    if command is not None:
-        server = ExternalServer(command, ctx.out / SERVER_LOG).start()
-        served_by = command.argv[0]
-    else:
-        app = build_app(artifact, api_key)
-        server = start_server(app, host=cfg.host, port=cfg.port)
-        served_by = "embedded"
-    try:
-        if command is not None:
-            waited = server.wait_healthy(cfg.health_timeout_s)
-        else:
-            waited = wait_healthy(server.url, timeout_s=60)
-        ctx.progress(1, 2, f"healthy at {server.url} after {waited:.1f} s")
-        result = smoke_test(server.url, _model_name(artifact), api_key, cfg.smoke_prompt, cfg.max_tokens)
-    finally:
-        server.stop()
-        if command is None:
-            stop_engine(app)
+    with running_server(artifact, command, cfg.host, cfg.port, api_key, ctx.out / SERVER_LOG,
+                        cfg.health_timeout_s) as server:
+        ctx.progress(1, 2, f"healthy at {server.url} after {server.waited_s:.1f} s")
+        result = smoke_test(server.url, server.model_name, api_key, cfg.smoke_prompt, cfg.max_tokens)
+    served_by = server.served_by
     result["status"] = "passed"
     result["served_by"] = served_by
     write_json(ctx.out / SMOKE, result)
