@@ -158,7 +158,7 @@ def card_text(release: Release, folder: Path) -> str:
     revision = f" --revision {release.config['revision']}" if release.config.get("revision") else ""
     fetch = f"hf download {dest.repo_id} --local-dir {local_dir}{revision}" if dest.kind == "hf" else ""
     facts = CardFacts(
-        name=dest.repo_id if dest.kind == "hf" else dest.path.name, variant=release.variant, recipe=release.recipe,
+        name=dest.repo_id if dest.kind == "hf" else engine.get("model_name") or dest.path.name, variant=release.variant, recipe=release.recipe,
         row=release.row, quantize=release.quantize, engine=engine, base_model=base, source=source,
         license=source_license(release.download_dir), gates=release.gates, fetch=fetch, local_dir=local_dir,
     )
