@@ -270,7 +270,8 @@ def _through_endpoint(ctx: StageContext, served: tuple[Any, str, str], artifact:
             metrics["ppl_increase_pct"] = round(100.0 * (got["ppl"] / metrics["ref_ppl"] - 1.0), 6)
             through["perplexity"] = f"endpoint: {label}"
         else:
-            through["perplexity"] = f"{in_process} (the {label} refused prompt log-probs: {refused.detail})"
+            through["perplexity"] = f"{in_process} (the {label} refused token-id prompts with prompt log-probs)"
+            metrics["endpoint_refused"] = refused.detail
         if cfg.sanity:
             metrics["sanity"] = _sanity(ctx, model, tokenizer, reference, label, endpoint=ep)
             through["sanity"] = f"endpoint: {label}"
