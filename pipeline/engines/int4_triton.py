@@ -1,5 +1,8 @@
-"""Group-wise INT4 kernels in Triton for ``Int4Linear`` on CUDA: a GEMV for decode (M <= 8) and a dequantize
-kernel for prefill (M > 8: dequantize into a per-call bf16 scratch, then one cuBLAS GEMM).
+"""Group-wise INT4 kernels in Triton for ``Int4Linear`` on CUDA: a dequantize kernel for prefill (M > 8:
+dequantize into a per-call bf16 scratch, then one cuBLAS GEMM; what the "auto" CUDA path uses, measured at 1.2x
+bf16's time for 2048 tokens where tinygemm takes 27x) and a GEMV for decode (M <= 8; only behind the explicit
+``kernel="cuda-triton"``: on the H200 it read weights at 0.06-0.74 TB/s against tinygemm's 1.4-1.7 TB/s, so
+decode stays on tinygemm; bench/RESULTS.md "Fast low-bit decode" has both tables).
 
 Layout, built once at load by :func:`repack` from our unpacked codes (``QuantizedWeight``; AWQ, GPTQ and
 compressed-tensors INT4 all unpack to it):
