@@ -180,8 +180,6 @@ def decode_speed(model, device, batch, mode, prompt, steps) -> dict:
 
 def micro(out: dict, formats=("int4-tinygemm", "int4-triton", "int8", "fp8")) -> None:
     """Per-linear kernel times on the 8B shapes (median of event-timed loops over rotating weights)."""
-    from pipeline.engines import qlinear
-
     shapes = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)}
     rows = []
     for label, (n, k) in shapes.items():
@@ -216,14 +214,11 @@ def micro(out: dict, formats=("int4-tinygemm", "int4-triton", "int8", "fp8")) ->
     for r in rows:
         print(f"  {r['shape']:8s} M={r['m']} {r['fmt']:14s} " + (f"{r['us']:8.1f} us {r['gb_s']:7.0f} GB/s" if "us"
                                                                    in r else r["error"]))
-    _ = qlinear
 
 
 def micro_prefill(out: dict, m: int = 2048) -> None:
     """Prefill-sized products (M = 2048 tokens): bf16 cuBLAS, tinygemm, and Int4Linear's CUDA path (dequantize
     into a bf16 scratch + cuBLAS)."""
-    from pipeline.engines import qlinear
-
     rows = []
     for label, (n, k) in {"q/o": (4096, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)}.items():
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
