@@ -136,6 +136,16 @@ def _scenario(work: Path) -> None:
     record["dying"] = {"statuses": out.statuses, "errors": {k: str(e) for k, e in out.errors.items()},
                        "files": _files(plan.root), "leftovers": sorted(p.name for p in plan.root.iterdir()
                                                                        if p.name.startswith(TMP_PREFIX))}
+    import pipeline.executors.ray_executor as ray_executor
+    from pipeline.errors import StageError
+
+    real_probe = ray_executor.probe_storage  # a node that does not see the output root
+    ray_executor.probe_storage = lambda probe, token, inputs: {"node": "elsewhere", "problem": f"cannot read {probe}"}
+    try:
+        execute(make_plan(recipe, work / "unseen"), executor=RayExecutor())
+    except StageError as e:
+        record["unseen"] = {"error": str(e), "left": sorted(p.name for p in (work / "unseen" / "matrix").iterdir())}
+    ray_executor.probe_storage = real_probe
     record["ray_still_up"] = ray.is_initialized()  # the executor leaves a cluster it did not start alone
     ray.shutdown()
     (work / "record.json").write_text(json.dumps(record, indent=1))
@@ -291,3 +301,16 @@ def test_a_worker_that_dies_on_every_attempt_fails_its_run_and_leaves_nothing(sc
     assert dying["errors"]["quantize@rtn"].startswith("quantize@rtn: its Ray worker died on every one of 2 attempts (")
     assert dying["leftovers"] == []
     assert dying["files"] == scenario["ray"]["files"]  # the complete artifact of the earlier run is untouched
+
+
+def test_a_node_that_cannot_see_the_output_root_stops_the_run_before_any_work(scenario):
+    unseen = scenario["unseen"]
+    root = scenario["work"] / "unseen" / "matrix"
+    assert unseen["left"] == ["plan.json"]  # no stage ran, no probe file left behind
+    prefix = f"--executor ray: Ray node 127.0.0.1 (elsewhere) cannot read {root}/.probe-"
+    assert unseen["error"].startswith(prefix)
+    assert unseen["error"][len(prefix) + 32:] == (
+        f". Every Ray worker writes its stage's artifact into the output root ({root}) and reads its inputs from the "
+        "same paths, so on a cluster of several machines the output root (and the model, calibration and eval files) "
+        "must be on a shared filesystem mounted at the same path on every node: pass -o /shared/path/outputs, and "
+        "keep the inputs there too.")

@@ -94,16 +94,25 @@ def _inputs_to_see(plan: Plan) -> list[str]:
 # --- in the worker -----------------------------------------------------------------------------------------
 
 
+_worker_log: list[logging.FileHandler] = []  # this worker process's handler (Ray reuses a worker across runs)
+
+
 def _log_to(run_log: Path) -> None:
-    """Stage log lines (and a crash's traceback) go to the run's run.log, appended beside the driver's."""
+    """Stage log lines (and a crash's traceback) go to this plan's run.log, appended beside the driver's."""
     root = logging.getLogger("pipeline")
     root.setLevel(logging.DEBUG)
-    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(run_log) for h in root.handlers):
-        fh = logging.FileHandler(run_log, encoding="utf-8")
-        fh.setFormatter(logging.Formatter(
-            f"%(asctime)s %(levelname)s %(name)s [ray worker {socket.gethostname()}:{os.getpid()}]: %(message)s"))
-        fh.setLevel(logging.DEBUG)
-        root.addHandler(fh)
+    if _worker_log and _worker_log[0].baseFilename == os.path.abspath(run_log):
+        return
+    for old in _worker_log:  # the run.log of another plan this worker ran a stage of
+        root.removeHandler(old)
+        old.close()
+    _worker_log.clear()
+    fh = logging.FileHandler(run_log, encoding="utf-8")
+    fh.setFormatter(logging.Formatter(
+        f"%(asctime)s %(levelname)s %(name)s [ray worker {socket.gethostname()}:{os.getpid()}]: %(message)s"))
+    fh.setLevel(logging.DEBUG)
+    root.addHandler(fh)
+    _worker_log.append(fh)
 
 
 def remove_attempt_leftovers(run: StageRun) -> list[Path]:
@@ -196,7 +205,11 @@ class RayExecutor:
                 ) from None
             self._owns = True
         self._gpus = max((n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
-        self._check_shared_storage(plan)
+        try:
+            self._check_shared_storage(plan)
+        except BaseException:
+            self.close()
+            raise
         # Workers may start elsewhere: the recipe's relative paths resolve against its absolute location.
         shipped = dataclasses.replace(plan, recipe=plan.recipe.model_copy(update={"path": plan.recipe.path.resolve()}))
         self._plan_ref = ray.put(shipped)
