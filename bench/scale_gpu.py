@@ -1,6 +1,10 @@
 """Real sizes on one GPU (issue 10): an 8B-shaped checkpoint through the whole pipeline, overlap on/off, 70B-wide layers.
 
-One script, one run (``python3 bench/scale_gpu.py --out $OUT``; ``--small`` runs the same steps at CPU size):
+One script, one run (``python3 bench/scale_gpu.py --out $OUT``; ``--small`` runs the same steps at CPU size, a
+few minutes on 2 cores). On the lent GPU machine the pipeline's pydantic/fastapi/uvicorn/openai (+ jiter, distro,
+sniffio, annotated_types, pydantic_core, typing_inspection, typing_extensions, opentelemetry_api) travel as wheels
+(the ``.lmdcarry/whl`` folder of ../shared/gpu/lmdeploy-carry.sh), installed with ``pip install --target /tmp/site``
+and ``PYTHONPATH=/tmp/site:$PWD``; results in bench/RESULTS.md ("Real sizes on one GPU").
 
 1. **Checkpoint.** A Llama-3-8B-shaped folder (hidden 4096, intermediate 14336, 32 layers, GQA 32/8) written to disk
    as 4 safetensors shards of random bf16 weights, generated tensor by tensor on the GPU and appended to the shard
@@ -294,9 +298,12 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/quantship-scale")
     ap.add_argument("--small", action="store_true", help="CPU-size shapes and calibration (a check of the script)")
     ap.add_argument("--budget", type=float, default=400, help="seconds; later steps are skipped when short")
-    ap.add_argument("--big-layers", type=int, default=4, help="70B-wide layers to write and quantize (0: skip)")
+    ap.add_argument("--big-layers", type=int, default=None,
+                    help="70B-wide layers to write and quantize (default 4, 2 with --small; 0: skip)")
     ap.add_argument("--skip", default="", help="comma list of steps to skip: pipeline,overlap,big")
     args = ap.parse_args()
+    if args.big_layers is None:
+        args.big_layers = 2 if args.small else 4
     import torch
 
     started = time.perf_counter()
