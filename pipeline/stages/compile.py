@@ -189,7 +189,7 @@ def _relative(value, out: Path):
         return {k: _relative(v, out) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_relative(v, out) for v in value]
-    if isinstance(value, (str, Path)) and Path(value).is_absolute():
+    if isinstance(value, (str, Path)) and Path(value).is_absolute() and not any(c.isspace() for c in str(value)):
         try:
             return Path(value).relative_to(out).as_posix()
         except ValueError:
@@ -202,7 +202,7 @@ _TEXT_SUFFIXES = (".json", ".yaml", ".yml", ".txt", ".jinja", ".cfg", ".ini", ".
 
 
 def absolute_paths(folder: Path, roots: list[Path]) -> list[str]:
-    """``file: path`` for each text file under ``folder`` (1 MiB at most) that names one of ``roots``."""
+    """``file: which root`` for each text file under ``folder`` (1 MiB at most) that names one of ``roots``."""
     needles = sorted({str(r) for r in roots if str(r) not in ("", "/")}, key=len, reverse=True)
     found = []
     for p in sorted(Path(folder).rglob("*")):
@@ -211,5 +211,14 @@ def absolute_paths(folder: Path, roots: list[Path]) -> list[str]:
         text = p.read_text(encoding="utf-8", errors="replace")
         hit = next((n for n in needles if n in text), None)
         if hit:
-            found.append(f"{p.relative_to(folder).as_posix()}: {hit}")
+            found.append(f"{p.relative_to(folder).as_posix()}: {_root_name(Path(hit), folder)}")
     return found
+
+
+def _root_name(root: Path, folder: Path) -> str:
+    """Which local path a file names, said without naming it (engine.json must not carry it either)."""
+    if root == folder:
+        return "the artifact's own build folder"
+    if root == folder.parent:
+        return "the run's output folder"
+    return f"<local>/{root.name}"
