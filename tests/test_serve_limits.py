@@ -240,3 +240,65 @@ def test_a_vanishing_temperature_decodes_greedily():
     logits = torch.tensor([[1.0, 3.0, 2.0], [30.0, -5.0, 29.0]])
     token = sample_next_token(logits, 8.7e-107, 1.0, torch.Generator().manual_seed(0))  # was a NaN softmax (fuzz)
     assert token.tolist() == [1, 0]
+
+
+class PerSequenceStep:
+    """A step that owns its cache (``owns_cache``): per-sequence caches, padded together at every step (the
+    scheduler's design before the batch cache). Proves the seam: a step keeping its own storage gets each
+    joiner's columns once and decodes exactly what the default step decodes."""
+
+    owns_cache = True
+
+    def __init__(self, model):
+        self.inner, self.rows, self.seen, self.took = DynamicCacheStep(model), {}, None, 0
+
+    def __call__(self, model, state):
+        import dataclasses
+
+        from transformers import DynamicCache
+
+        if state.regroups != self.seen:
+            self.seen = state.regroups
+            self.rows = {id(s): self.rows[id(s)] for s in state.seqs if id(s) in self.rows}
+            if state.joined:
+                width = state.cache.layers[0].keys.shape[2]
+                assert state.cache.layers[0].keys.shape[0] == len(state.joined)  # the joiners only
+                for j, b in enumerate(state.joined):
+                    n = state.lengths[b]
+                    self.rows[id(state.seqs[b])] = [(layer.keys[j : j + 1, :, width - n :],
+                                                     layer.values[j : j + 1, :, width - n :])
+                                                    for layer in state.cache.layers]  # fmt: skip
+                    self.took += 1
+        per = [self.rows[id(s)] for s in state.seqs]
+        layers = [(pad_left([p[i][0] for p in per], state.past), pad_left([p[i][1] for p in per], state.past))
+                  for i in range(len(per[0]))]  # fmt: skip
+        cache = DynamicCache(ddp_cache_data=layers, config=model.config)
+        logits = self.inner(model, dataclasses.replace(state, cache=cache))
+        for b, s in enumerate(state.seqs):
+            self.rows[id(s)] = [(torch.cat([k, layer.keys[b : b + 1, :, -1:]], 2),
+                                 torch.cat([v, layer.values[b : b + 1, :, -1:]], 2))
+                                for (k, v), layer in zip(self.rows[id(s)], cache.layers)]  # fmt: skip
+        return logits
+
+
+def test_a_step_that_owns_its_cache_decodes_the_same(parts):
+    plain = make_engine(parts)
+    try:
+        alone = [greedy(plain, p, 20) for p in PROMPTS]
+    finally:
+        plain.shutdown()
+    step = PerSequenceStep(parts[0])
+    engine = make_engine(parts, step=step)
+    try:
+        results: dict[int, list[int]] = {}
+        threads = []
+        for i, p in enumerate(PROMPTS):
+            threads.append(threading.Thread(target=lambda i=i, p=p: results.__setitem__(i, greedy(engine, p, 20))))
+            threads[-1].start()
+            start = engine.scheduler.steps
+            wait_for(lambda: engine.scheduler.steps >= start + 3, 5)
+        for t in threads:
+            t.join(60)
+        assert [results[i] for i in range(len(PROMPTS))] == alone and step.took == len(PROMPTS)
+    finally:
+        engine.shutdown()

@@ -13,14 +13,13 @@ appended column.
 A decode step is any ``step(model, state: BatchState) -> logits [batch, vocab]`` that honours
 :class:`BatchState`'s contract; :class:`DynamicCacheStep` (one eager forward) is the default, and
 ``Scheduler(..., step=...)`` / ``GenerationEngine(..., step=...)`` take another (e.g. a graph-captured
-static-cache step on CUDA, which copies ``state.cache`` into its static buffers when ``state.regroups``
-changes and must leave the appended columns readable in ``state.cache``, since :func:`regroup` slices rows
-out of it).
+static-cache step on CUDA that declares ``owns_cache`` and takes each joining sequence's columns into its own
+slots when ``state.regroups`` changes; see :class:`BatchState`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -48,8 +47,12 @@ class BatchState:
     (zeros left of them). The scheduler sets ``input_ids`` ``[batch, 1]`` (each row's last token),
     ``position_ids`` ``[batch, 1]`` (= ``lengths``) and ``attention_mask`` ``[batch, past + 1]`` before each step;
     a step appends one column per layer to ``cache`` and returns the logits ``[batch, vocab]``.
-    ``regroups`` numbers the scheduler's membership changes (a static-cache step copies the cache in again when
-    it changes)."""
+    ``regroups`` numbers the scheduler's membership changes; ``joined`` lists the rows that joined at the last one.
+
+    A step with ``owns_cache = True`` keeps the cache itself (e.g. static slots for CUDA graphs): at a regroup
+    ``cache`` then holds only the ``joined`` rows (cache row ``j`` is ``seqs[joined[j]]``, right-aligned to the
+    longest of them), to be taken into the step's own storage; rows that stay are the step's to keep (it drops
+    sequences no longer in ``seqs``), and the scheduler never reads ``cache`` back."""
 
     seqs: list[Any]
     cache: Any
@@ -59,6 +62,7 @@ class BatchState:
     position_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
     regroups: int = 0
+    joined: list[int] = field(default_factory=list)
 
 
 def cache_kwarg(model: Any) -> str:

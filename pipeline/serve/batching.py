@@ -333,16 +333,22 @@ class Scheduler:
         rows = {id(s): b for b, s in enumerate(state.seqs)} if state is not None else {}
         kept = [s for s in self.active if id(s) in rows]
         joining = [s for s in self.active if id(s) not in rows]
-        old = [(layer.keys, layer.values) for layer in state.cache.layers] if state is not None and kept else None
-        layers, past = regroup(old, state.past if state else 0, [rows[id(s)] for s in kept],
-                               [state.lengths[rows[id(s)]] for s in kept], [s.cache for s in joining])  # fmt: skip
         lengths = [state.lengths[rows[id(s)]] for s in kept] + [s.length - 1 for s in joining]
+        # A step that owns its cache (owns_cache) keeps the rows that stay: the cache carries only the joiners.
+        owns = bool(getattr(self.step, "owns_cache", False))
+        keep = [] if owns else kept
+        cache = None
+        if keep or joining:
+            old = [(layer.keys, layer.values) for layer in state.cache.layers] if keep else None
+            layers, _ = regroup(old, state.past if state else 0, [rows[id(s)] for s in keep],
+                                [state.lengths[rows[id(s)]] for s in keep], [s.cache for s in joining])  # fmt: skip
+            cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
         for s in joining:
             s.cache = []  # its columns now live in the batch's cache
         self.active = kept + joining
-        cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
         self.regroups += 1
-        self.state = BatchState(self.active, cache, lengths, past, regroups=self.regroups)
+        joined = list(range(len(kept), len(self.active)))
+        self.state = BatchState(self.active, cache, lengths, max(lengths), regroups=self.regroups, joined=joined)
         return self.state
 
     def _decode_step(self) -> None:
