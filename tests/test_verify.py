@@ -155,3 +155,12 @@ def test_source_model_dir_reads_the_sibling(run_root):
 
     got = source_model_dir(_one(run_root, "compile"))
     assert got.resolve() == (_one(run_root, "quantize") / "model").resolve()
+
+
+def test_a_copied_compile_artifact_serves(compile_copy):
+    from pipeline.serve.server import smoke_test, start_server
+    from pipeline.stages.serve import build_app
+
+    with start_server(build_app(compile_copy, api_key=None, model_name="copied")) as running:
+        reply = smoke_test(running.url, "copied", max_tokens=4)
+    assert reply["usage"]["completion_tokens"] >= 1 and reply["reply"]
