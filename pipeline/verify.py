@@ -56,7 +56,8 @@ def verify_folder(path: Path) -> list[Problem]:
     folder = Path(path)
     manifest = read_manifest(folder)
     if manifest is None or not isinstance(manifest.get("files"), list):
-        why = "no manifest.json" if not (folder / MANIFEST).is_file() else "manifest.json unreadable or has no files list"
+        why = ("no manifest.json" if not (folder / MANIFEST).is_file()
+               else "manifest.json unreadable or has no files list")
         return [Problem("manifest", "", why)]
     listed = {f["path"]: f for f in manifest["files"]}
     present = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))

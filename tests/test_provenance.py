@@ -34,7 +34,8 @@ RECIPE = """\
 name: prov
 model: {{source: {model}}}
 calibration: {{source: {calib}, samples: 4, seq_len: 64}}
-quantize: {{method: awq, awq: {{n_grid: 2, clip: false}}}}  # the fewest AWQ steps: the facts, not the quality, are tested
+# the fewest AWQ steps: the facts, not the quality, are tested
+quantize: {{method: awq, awq: {{n_grid: 2, clip: false}}}}
 compile: {{target: transformers, device: cpu}}
 serve: {{max_tokens: 4, api_key: "${{QS_PROV_TEST_KEY}}"}}
 """
