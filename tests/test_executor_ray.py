@@ -124,6 +124,11 @@ def _scenario(work: Path) -> None:
                      "leftovers": sorted(p.name for p in plan.root.iterdir()
                                          if p.name.startswith((TMP_PREFIX, ".probe")))}
 
+    from pipeline.cli import main  # the command line, all cached: the flags reach the executor
+
+    res = CliRunner().invoke(main, ["run", str(work / "recipe.yaml"), "-o", str(work / "ray"), "--executor", "ray"])
+    record["cli"] = {"exit_code": res.exit_code, "output": res.output}
+
     fail_flag.write_text("1")
     out = execute(make_plan(recipe, work / "ray"), force={"compile"}, executor=RayExecutor())
     record["failing"] = {"statuses": out.statuses, "exit_code": out.exit_code,
@@ -191,6 +196,13 @@ def test_both_executors_write_the_same_artifacts(scenario):
     local_files = _files(scenario["work"] / "local" / "matrix")
     assert sorted(local_files) == sorted(f"{k.split('@')[0]}-{v[:12]}" for k, v in local["keys"].items())
     assert ray["files"] == local_files  # every file of every artifact, byte for byte (sha256)
+
+
+def test_pipeline_run_executor_ray_reuses_what_the_ray_run_wrote(scenario):
+    cli = scenario["cli"]
+    assert cli["exit_code"] == 0, cli["output"]
+    root = scenario["work"] / "ray" / "matrix"
+    assert f"matrix: 0 stage run(s) executed, 7 cached; outputs in {root}\n" in cli["output"]
 
 
 def test_a_worker_that_dies_mid_stage_leaves_nothing_and_the_retry_completes(scenario):
@@ -314,3 +326,20 @@ def test_a_node_that_cannot_see_the_output_root_stops_the_run_before_any_work(sc
         "same paths, so on a cluster of several machines the output root (and the model, calibration and eval files) "
         "must be on a shared filesystem mounted at the same path on every node: pass -o /shared/path/outputs, and "
         "keep the inputs there too.")
+
+
+@pytest.mark.skipif(not HAS_RAY, reason="ray is not installed (pip install 'quantship[ray]')")
+def test_an_address_where_nothing_answers_fails_at_once(tmp_path):
+    from pipeline.cli import main
+
+    recipe = write_recipe(tmp_path, MATRIX)
+    t0 = time.perf_counter()
+    res = CliRunner().invoke(main, ["run", str(recipe), "-o", str(tmp_path / "out"), "--executor", "ray",
+                                    "--address", "127.0.0.1:1"])
+    assert res.exit_code == 1
+    assert res.output.rstrip("\n") == (  # the progress display ends with a blank line
+        "error: --executor ray: nothing answers at 127.0.0.1:1 (Connection refused). Pass the address of a running "
+        "Ray cluster's head node (`ray start --head` prints it; port 6379 by default), or leave --address out to "
+        "start a local cluster.")
+    assert time.perf_counter() - t0 < 30
+    assert not list((tmp_path / "out" / "matrix").glob("*-*"))  # no stage ran

@@ -184,6 +184,7 @@ class RayExecutor:
         self.max_retries = max_retries
         self._owns = False
         self._running: dict[Any, str] = {}  # ObjectRef -> run id
+        self._plan: Plan | None = None
         self._plan_ref: Any = None
         self._gpus = 0.0  # the most GPUs one node has: a task's GPUs must all be on one node
         self._failed_now: list[Any] = []
@@ -194,9 +195,11 @@ class RayExecutor:
             kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
             if self.address is None and not os.environ.get("RAY_ADDRESS"):
                 kwargs["include_dashboard"] = False
+            if self.address:
+                _check_reachable(self.address)
             try:
                 ray.init(address=self.address, **kwargs)
-            except (ConnectionError, RuntimeError, ValueError) as e:
+            except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as e:
                 where = f"the Ray cluster at {self.address}" if self.address else "a local Ray cluster"
                 raise StageError(
                     f"--executor ray: cannot connect to {where}: {e}. Start one with `ray start --head` on the "
@@ -212,7 +215,7 @@ class RayExecutor:
             raise
         # Workers may start elsewhere: the recipe's relative paths resolve against its absolute location.
         shipped = dataclasses.replace(plan, recipe=plan.recipe.model_copy(update={"path": plan.recipe.path.resolve()}))
-        self._plan_ref = ray.put(shipped)
+        self._plan, self._plan_ref = plan, ray.put(shipped)
         self._task = ray.remote(run_in_worker)
         log.info("ray executor: %s, resources %s", self.address or "local cluster", ray.cluster_resources())
 
@@ -231,6 +234,12 @@ class RayExecutor:
             refs = [task.options(num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
                 n["NodeID"], soft=False)).remote(str(probe), token, inputs) for n in nodes]
             answers = ray.get(refs, timeout=PROBE_TIMEOUT_S)
+        except ray.exceptions.RayError as e:
+            raise StageError(
+                f"--executor ray: the storage probe did not finish on every Ray node within {PROBE_TIMEOUT_S} s "
+                f"({type(e).__name__}: {_first_line(e)}). Each node must run a small task that reads a file in the "
+                f"output root ({plan.root}); check that every node is up (`ray status`) and has quantship installed."
+            ) from None
         finally:
             for p in plan.root.glob(f".probe-{token}*"):
                 p.unlink(missing_ok=True)
@@ -285,7 +294,7 @@ class RayExecutor:
                 )))
                 continue
             except self.ray.exceptions.RayError as e:  # the worker died on every attempt, or the task was lost
-                remove_attempt_leftovers(self._run(run_id))
+                remove_attempt_leftovers(self._plan.run(run_id))
                 out.append(StageResult(run_id, "failed", error=StageError(
                     f"{run_id}: its Ray worker died on every one of {self.max_retries + 1} attempts "
                     f"({type(e).__name__}: {_first_line(e)}). Nothing of it was kept. Look at the workers' logs "
@@ -295,9 +304,6 @@ class RayExecutor:
             error = _error_from(wire["error"]) if wire["error"] else None
             out.append(StageResult(run_id, wire["status"], wire["seconds"], error))
         return out
-
-    def _run(self, run_id: str) -> StageRun:
-        return self.ray.get(self._plan_ref).run(run_id)
 
     def busy(self) -> bool:
         return bool(self._running or self._failed_now)
@@ -309,6 +315,21 @@ class RayExecutor:
         if self._owns:
             self.ray.shutdown()
             self._owns = False
+
+
+def _check_reachable(address: str) -> None:
+    """A host:port address answers (Ray itself would retry a dead one for minutes); 'auto' and such pass."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as e:
+        raise StageError(
+            f"--executor ray: nothing answers at {address} ({e.strerror or e}). Pass the address of a running Ray "
+            "cluster's head node (`ray start --head` prints it; port 6379 by default), or leave --address out to "
+            "start a local cluster."
+        ) from None
 
 
 def _first_line(e: BaseException) -> str:
