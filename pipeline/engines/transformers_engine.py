@@ -5,6 +5,10 @@ A quantized folder is loaded without transformers' own quantizers (they would de
 model skeleton is built from its config with ``quantization_config`` removed and its parameters on the meta device,
 each quantized linear is replaced by the runtime module its format builds, and every other tensor is read from the
 checkpoint into place. Buffers are built for real (see ``_parameters_on_meta``), so rotary ``inv_freq`` is correct.
+An unquantized safetensors folder is loaded the same way (``_load_plain``): tensor by tensor from the shards straight
+to the device (pinned memory on a GPU), never the whole model in host memory first (issue 10: an 8B model's load
+held 2x the model in host RAM through ``from_pretrained`` + ``.to(device)``); quantized tensors are read onto the
+device before they are unpacked, so the unpacking runs there.
 """
 
 from __future__ import annotations
