@@ -103,7 +103,7 @@ def pointer_note(path: Path) -> str | None:
     link = _read_link(path)
     if link is None:
         return None
-    name = Path(str(link.get("path", ""))).name
+    name = link.get("repo_id") or Path(str(link.get("path", ""))).name  # a hub snapshot: its repo, not its hash
     what = f"the unquantized reference {name}" if link.get("kind") == "reference" else f"the model folder {name}"
     return (f"{Path(path).name} is a pointer ({MODEL_LINK}) to {what}, kept where it is by design (never a needless "
             "copy); its weights are not inside it, so it is not a publishable artifact: publish a compile artifact.")
