@@ -13,6 +13,7 @@ import torch
 
 from pipeline.formats import awq_gemm, gptq, matmulnbits
 from pipeline.quant.primitives import QuantizedWeight
+from pipeline.stages.compile import source_model_dir
 from tests.conftest import write_recipe
 
 onnx = pytest.importorskip("onnx")
@@ -176,7 +177,7 @@ def test_exported_matmulnbits_hold_our_integers(ortq, method):
     engine = json.loads((compile_dir / "engine.json").read_text())
     assert engine["status"] == "ran here" and engine["build"]["matmulnbits_checked"] == 28  # 4 layers x 7
     assert engine["build"]["accuracy_level"] == 1
-    src = Path(engine["source_model_dir"])  # the quantized folder it was exported from
+    src = source_model_dir(compile_dir)  # the quantized folder it was exported from
     model_dir = compile_dir / "model"
     model = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
     ops = {n.op_type for n in model.graph.node}
@@ -206,8 +207,7 @@ def test_a_changed_nibble_fails_verification(ortq, tmp_path):
     from pipeline.formats.checkpoint import read_config
 
     compile_dir, _ = _variant(ortq, "rtn", "onnxruntime")["compile"]
-    engine = json.loads((compile_dir / "engine.json").read_text())
-    src = Path(engine["source_model_dir"])
+    src = source_model_dir(compile_dir)
     copy = tmp_path / "model"
     shutil.copytree(compile_dir / "model", copy)
     assert verify_codes(copy / "model.onnx", src, "awq", read_config(src)["quantization_config"]) == 28

@@ -126,6 +126,8 @@ def run_builder(src: Path, out: Path, precision: str, execution_provider: str, o
             builder.create_model(None, str(src), str(out), precision, execution_provider, cache, **extra)
         except Exception as e:  # the builder raises bare Exception/NotImplementedError/AssertionError
             failure = e
+    _relative_log(log_file, {str(out): "<artifact>/model", str(out.parent): "<artifact>", str(src): "<source model>",
+                             cache: "<builder cache>"})
     if failure is not None:
         tail = log_file.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
         raise QuantizationError(
@@ -133,6 +135,15 @@ def run_builder(src: Path, out: Path, precision: str, execution_provider: str, o
             "architecture it does not know, or a quantized layout it does not read, ends here. Use another compile "
             "target for this model. The end of its log:\n" + "\n".join(tail)
         ) from failure
+
+
+def _relative_log(log_file: Path, names: dict[str, str]) -> None:
+    """The builder prints the absolute folders it worked in; the artifact names them by role instead, so a copied
+    or published folder points at no local path."""
+    text = log_file.read_text(encoding="utf-8", errors="replace")
+    for path, role in sorted(names.items(), key=lambda kv: -len(kv[0])):
+        text = text.replace(path, role)
+    log_file.write_text(text, encoding="utf-8")
 
 
 @contextlib.contextmanager
