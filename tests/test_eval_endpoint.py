@@ -170,7 +170,8 @@ def _run(tmp_path: Path, through: str, *args: str, tasks: bool = False) -> tuple
                                catch_exceptions=False)
     plan = json.loads((tmp_path / "out" / "ep" / "plan.json").read_text())
     (run,) = [r for r in plan["runs"] if r["id"] == plan["variants"]["none"]["evaluate"]]
-    return res, json.loads((Path(run["dir"]) / "metrics.json").read_text())
+    metrics = Path(run["dir"]) / "metrics.json"
+    return res, json.loads(metrics.read_text()) if metrics.is_file() else {}
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +232,31 @@ def test_a_server_with_another_chat_template_fails_the_sanity_gate(plan_dir, mon
             "0.8000") in res.output
     # Perplexity goes through token ids, which no template touches: it still equals the in-process figure.
     assert m["ppl"] == pytest.approx(m["ppl_in_process"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_refusing_server_leaves_perplexity_in_process_under_auto_and_fails_endpoint(plan_dir, monkeypatch):
+    """The server's refusal of token-id prompts (what llama-cpp-python's does, here simulated on the probe):
+    ``auto`` measures perplexity in process and says why; ``endpoint`` fails the evaluation naming the server."""
+    def refuse(ep, ids):
+        raise ep_mod.EndpointRefused(ep.engine, "prompt log-probs of a token-id prompt (echo with logprobs)",
+                                     "HTTP 422 from /completions: prompt must be a string")
+
+    monkeypatch.setattr(ep_mod, "check_prompt_logprobs", refuse)
+    res, m = _run(plan_dir, "auto", "--force", "evaluate")
+    assert res.exit_code == 0, res.output
+    assert m["through"]["perplexity"] == (f"in process: transformers (the {EMBEDDED} refused token-id prompts with "
+                                          "prompt log-probs)")
+    assert m["endpoint_refused"] == "HTTP 422 from /completions: prompt must be a string"
+    assert m["through"]["sanity"] == f"endpoint: {EMBEDDED}" and "ppl_in_process" not in m
+    res, m = _run(plan_dir, "endpoint", "--force", "evaluate")
+    assert res.exit_code == 1 and m == {}
+    assert f"The {EMBEDDED} at the evaluated endpoint does not support prompt log-probs" in " ".join(res.output.split())
+
+
+def test_evaluated_with_groups_the_figures_by_how_they_were_measured():
+    from pipeline.eval.collect import evaluated_with
+
+    assert evaluated_with({"perplexity": "in process: gguf", "kl_top1": "in process: gguf"}, "gguf") == "gguf"
+    assert evaluated_with({"kl_top1": "in process: t", "tasks": "endpoint: e", "perplexity": "endpoint: e"}, "t") == (
+        "perplexity, tasks: endpoint: e; KL, top-1: in process: t")
