@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline import __version__
-from pipeline.artifacts import REPORT_MD, clean_stale, commit_dir, new_tmp_dir, read_manifest
+from pipeline.artifacts import clean_stale, commit_dir, new_tmp_dir, read_manifest
 from pipeline.errors import GateFailed, QuantshipError, StageError
 from pipeline.plan import STAGE_ORDER, Plan, StageRun, downstream, tool_versions, variant_recipe
 from pipeline.provenance import manifest_facts, portable
@@ -74,12 +74,19 @@ def execute(plan: Plan, force: set[str] | None = None, progress: Any = None, exe
     try:
         pending = list(plan.runs)
         while pending or executor.busy():
-            for run in list(pending):
-                if all(w in outcome.statuses for w in _waits_on(plan, run)):
-                    pending.remove(run)
-                    _visit(plan, run, outcome, forced, progress, executor)
-                    for result in executor.results(block=False):
-                        _record(plan, result, outcome, progress)
+            # Visit every ready run, again after any result came in: a result recorded late in one pass (a
+            # failure, say) can make a run earlier in the list ready, with nothing left running to wake the walk.
+            progressed = True
+            while progressed:
+                progressed = False
+                for run in list(pending):
+                    if all(w in outcome.statuses for w in _waits_on(plan, run)):
+                        pending.remove(run)
+                        _visit(plan, run, outcome, forced, progress, executor)
+                        progressed = True
+                for result in executor.results(block=False):
+                    _record(plan, result, outcome, progress)
+                    progressed = True
             if executor.busy():
                 for result in executor.results(block=True):
                     _record(plan, result, outcome, progress)
