@@ -104,3 +104,29 @@ def measure() -> Iterator[Measure]:
         yield m
     finally:
         m.stop()
+
+
+def free_memory() -> None:
+    """Collect unreachable objects (reference cycles keep models alive past their last use) and hand the CUDA
+    caching allocator's free blocks back to the driver where CUDA is initialised, so the next stage of a long-lived
+    process (``pipeline run``) starts from what is really still in use. Stages call it once their models are out
+    of scope (``pipeline.stages.evaluate``, ``serve``, ``compile``)."""
+    import gc
+
+    gc.collect()
+    torch = _cuda()
+    if torch is not None:
+        torch.cuda.empty_cache()
+
+
+def drop_frames(exc: BaseException) -> None:
+    """Clear the local variables of the finished frames in ``exc``'s traceback (their line numbers stay, so it
+    still prints): an exception kept by the caller (the runner records each stage's error) must not keep the
+    failed stage's models alive through its frames."""
+    import traceback
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:  # and the exceptions it was raised from or during
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__

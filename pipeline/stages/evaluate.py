@@ -125,6 +125,21 @@ class _Reference:
 
 
 def run(ctx: StageContext) -> dict:
+    """The evaluate stage; when it returns (or raises) no model it loaded is referenced any more and the freed
+    memory is handed back (``pipeline.resources.free_memory``): the next stage of ``pipeline run`` runs in this
+    process."""
+    from pipeline.resources import drop_frames, free_memory
+
+    try:
+        return _evaluate(ctx)
+    except BaseException as e:
+        drop_frames(e)  # the runner keeps the error: its frames must not keep the models
+        raise
+    finally:
+        free_memory()
+
+
+def _evaluate(ctx: StageContext) -> dict:
     import torch
 
     from pipeline.eval.divergence import compare_to_reference, compare_to_reference_logprobs
@@ -150,6 +165,7 @@ def run(ctx: StageContext) -> dict:
         ids = ids[: cfg.max_tokens]
     ctx.progress(0, 1, f"{ids.numel()} tokens")
     cache_bytes = ids.numel() * reference.vocab_size() * 4
+    ref_lp = None
     if cache_bytes <= REFERENCE_CACHE_BYTES:
         ref_lp = reference.logprobs(ids, cfg.seq_len, cfg.batch_size)
         metrics = compare_to_reference_logprobs(ref_lp, model, batch_size=cfg.batch_size)
@@ -176,14 +192,21 @@ def run(ctx: StageContext) -> dict:
 
             metrics["tasks"], through["tasks"] = run_tasks(model, tokenizer, cfg.tasks, **task_args), in_process
     else:
-        # The reference's figures first (computed once per plan, then read back): the reference model is not
-        # kept beside the server.
+        # The reference's figures first (computed once per plan, then read back), and the in-process figures are
+        # done: neither the reference nor the candidate stays loaded beside the server (weights twice in memory).
+        # The candidate is loaded again only if the server refuses prompt log-probs and tasks must run in process.
         if cfg.sanity:
             reference.generations(tokenizer, _prompts(ctx)[1], cfg.sanity_max_new_tokens)
         if cfg.tasks:
             metrics["ref_tasks"] = reference.tasks(tokenizer, list(cfg.tasks), **task_args)
         reference.release()
-        _through_endpoint(ctx, served, artifact, model, tokenizer, reference, ids, metrics, through, task_args)
+        from pipeline.eval.sanity import eos_token_ids
+        from pipeline.resources import free_memory
+
+        model_eos = eos_token_ids(tokenizer, model)
+        model = ref_lp = params = None  # noqa: F841 -- the last references to the weights and reference log-probs
+        free_memory()
+        _through_endpoint(ctx, served, artifact, model_eos, tokenizer, reference, ids, metrics, through, task_args)
     if cfg.tasks and "ref_tasks" not in metrics:
         metrics["ref_tasks"] = reference.tasks(tokenizer, list(cfg.tasks), **task_args)
     metrics["through"] = through
@@ -236,12 +259,14 @@ def _served(ctx: StageContext, artifact: Path) -> tuple[Any, str, str] | None:
     return command, api_key, label
 
 
-def _through_endpoint(ctx: StageContext, served: tuple[Any, str, str], artifact: Path, model: Any, tokenizer: Any,
-                      reference: _Reference, ids: Any, metrics: dict, through: dict, task_args: dict) -> None:
+def _through_endpoint(ctx: StageContext, served: tuple[Any, str, str], artifact: Path, model_eos: list[int],
+                      tokenizer: Any, reference: _Reference, ids: Any, metrics: dict, through: dict,
+                      task_args: dict) -> None:
     """Start the target's server on 127.0.0.1 (a free port, a fresh key), measure perplexity, sanity and tasks
     through its OpenAI endpoint (``pipeline.eval.endpoint``), stop it. A server that refuses token-id prompts or
-    prompt log-probs leaves perplexity and tasks in process under ``eval.through: auto`` (labelled with why) and
-    fails the stage under ``eval.through: endpoint``."""
+    prompt log-probs leaves perplexity and tasks in process under ``eval.through: auto`` (labelled with why; the
+    in-process model is loaded again for the tasks, after the server stopped) and fails the stage under
+    ``eval.through: endpoint``. ``model_eos``: the deployable model's own EOS ids (its generation config)."""
     from pipeline.eval import endpoint as ep_mod
     from pipeline.stages.serve import SERVER_LOG, running_server
 
@@ -273,7 +298,7 @@ def _through_endpoint(ctx: StageContext, served: tuple[Any, str, str], artifact:
             through["perplexity"] = f"{in_process} (the {label} refused token-id prompts with prompt log-probs)"
             metrics["endpoint_refused"] = refused.detail
         if cfg.sanity:
-            metrics["sanity"] = _sanity(ctx, model, tokenizer, reference, label, endpoint=ep)
+            metrics["sanity"] = _sanity(ctx, None, tokenizer, reference, label, endpoint=ep, model_eos=model_eos)
             through["sanity"] = f"endpoint: {label}"
         ctx.progress(2, 3, "sanity" if cfg.sanity else "")
         if cfg.tasks and refused is None:
@@ -281,7 +306,9 @@ def _through_endpoint(ctx: StageContext, served: tuple[Any, str, str], artifact:
             through["tasks"] = f"endpoint: {label}"
     if cfg.tasks and refused is not None:
         from pipeline.eval.tasks import run_tasks
+        from pipeline.stages.compile import load_for_eval
 
+        model, tokenizer, _ = load_for_eval(artifact)
         metrics["tasks"] = run_tasks(model, tokenizer, cfg.tasks, **task_args)
         through["tasks"] = through["perplexity"]
 
@@ -306,7 +333,7 @@ def _prompts(ctx: StageContext) -> tuple[Path, list[dict]]:
 
 
 def _sanity(ctx: StageContext, model: Any, tokenizer: Any, reference: Any, runtime: str = "",
-            endpoint: Any = None) -> dict[str, Any]:
+            endpoint: Any = None, model_eos: list[int] | None = None) -> dict[str, Any]:
     """Sanity figures of the deployable model's greedy generations vs the reference's (``pipeline.eval.sanity``);
     the generations themselves go to ``generations.json`` beside ``metrics.json``. With ``endpoint``
     (``pipeline.eval.endpoint.Endpoint``) the generations are the server's chat replies, and both sides are scored
@@ -317,7 +344,8 @@ def _sanity(ctx: StageContext, model: Any, tokenizer: Any, reference: Any, runti
     cfg = ctx.config
     path, prompts = _prompts(ctx)
     ref = reference.generations(tokenizer, prompts, cfg.sanity_max_new_tokens)
-    eos = sorted(set(ref["eos_ids"]) | set(sanity.eos_token_ids(tokenizer, model)))
+    model_eos = sanity.eos_token_ids(tokenizer, model) if model_eos is None else model_eos
+    eos = sorted(set(ref["eos_ids"]) | set(model_eos))
     progress = lambda done, total: ctx.progress(1, 3, f"sanity {done}/{total}")  # noqa: E731
     ref_outputs = ref["outputs"]
     try:

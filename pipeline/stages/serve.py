@@ -62,10 +62,20 @@ def build_app(artifact: Path, api_key: str | None, model_name: str | None = None
 
 
 def stop_engine(app) -> None:
-    """Stop the embedded engine's scheduler thread (after its server stopped): nothing keeps running."""
-    engine = getattr(getattr(app, "state", None), "engine", None)
+    """Stop the embedded engine's scheduler thread (after its server stopped) and let go of its model: nothing
+    keeps running, and nothing keeps the weights alive. FastAPI keeps the app's route functions in module-level
+    caches (``fastapi.dependencies.models``, an ``lru_cache`` of 4096 callables per process), and those functions
+    close over the engine; so the stopped engine drops its model, tokenizer and scheduler here, or every server a
+    long-lived process (``pipeline run``'s evaluate and serve stages) ever started would keep its weights."""
+    state = getattr(app, "state", None)
+    engine = getattr(state, "engine", None)
     if hasattr(engine, "shutdown"):
         engine.shutdown()
+    for name in ("model", "scheduler", "tokenizer"):
+        if getattr(engine, name, None) is not None:
+            setattr(engine, name, None)
+    if engine is not None:
+        state.engine = None
 
 
 def engine_server(artifact: Path, host: str, port: int, api_key: str | None, model_name: str | None = None):
@@ -134,6 +144,20 @@ def running_server(artifact: Path, command, host: str, port: int, api_key: str |
 
 
 def run(ctx: StageContext) -> dict:
+    """The serve stage; when it returns (or raises) no model it loaded is referenced any more and the freed memory is handed
+    back (``pipeline.resources.free_memory``): the next stage of ``pipeline run`` runs in this process."""
+    from pipeline.resources import drop_frames, free_memory
+
+    try:
+        return _serve(ctx)
+    except BaseException as e:
+        drop_frames(e)  # the runner keeps the error: its frames must not keep the models
+        raise
+    finally:
+        free_memory()
+
+
+def _serve(ctx: StageContext) -> dict:
     from pipeline.serve.server import smoke_test
 
     cfg = ctx.config
