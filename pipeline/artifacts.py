@@ -11,7 +11,10 @@ import hashlib
 import json
 import os
 import shutil
+import stat
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +32,109 @@ TMP_PREFIX = ".tmp-"
 MANIFEST_VERSION = 1
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    """The sha256 of a file, read for real (pipeline/verify.py's check; never cached)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
-            h.update(block)
+            h.update(block)  # hashlib releases the GIL for large buffers: threads hash files in parallel
     return h.hexdigest()
+
+
+# sha256 of files this process hashed, or that a complete artifact's manifest lists, by what identifies the file's
+# content without reading it: (st_dev, st_ino, st_size, st_mtime_ns). A hard link of a hashed file (compile links
+# the quantized or reference folder in) has the same inode and is not read again; a rewritten file has a new
+# mtime (or inode) and is. Only files whose mtime is older than the hash (or the manifest) by RACY_NS are kept: a
+# write in the same clock tick as the reading could leave the mtime unchanged.
+_HASHES: dict[tuple[int, int, int, int], str] = {}
+_HASHES_LOCK = threading.Lock()
+_HASHES_MAX = 200_000
+_REMEMBERED: set[tuple[str, int, int]] = set()  # manifests already read into _HASHES: (folder, inode, mtime_ns)
+RACY_NS = 1_000_000_000
+HASH_THREADS = 4
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _keep(st: os.stat_result, digest: str, before_ns: int) -> None:
+    if stat.S_ISREG(st.st_mode) and st.st_mtime_ns < before_ns - RACY_NS:
+        with _HASHES_LOCK:
+            if len(_HASHES) >= _HASHES_MAX:
+                _HASHES.clear()
+            _HASHES[_identity(st)] = digest
+
+
+def _hash_one(path: Path) -> tuple[int, str]:
+    """(size, sha256) of one file: from the cache when the same file (inode, size, mtime) was hashed, else read."""
+    st = os.stat(path)
+    with _HASHES_LOCK:
+        known = _HASHES.get(_identity(st))
+    if known is not None:
+        return st.st_size, known
+    started = time.time_ns()
+    digest = sha256_file(path)
+    after = os.stat(path)
+    if _identity(after) == _identity(st):  # unchanged while it was read
+        _keep(st, digest, started)
+    return st.st_size, digest
+
+
+def sha256_files(paths: list[Path]) -> list[tuple[int, str]]:
+    """(size, sha256) of each path, in order: known files from the cache, the rest read in a few threads."""
+    paths = list(paths)
+    if len(paths) < 2:
+        return [_hash_one(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(HASH_THREADS, len(paths)), thread_name_prefix="sha256") as pool:
+        return list(pool.map(_hash_one, paths))
+
+
+def remember_hashes(folder: Path, _seen_depth: int = 0) -> None:
+    """Put the sha256 of the files a complete artifact's manifest lists (and those its ``model.json`` pointer
+    recorded, and its input artifacts', siblings named in ``inputs``) into the cache, for files still as they were:
+    same size and an mtime older than the manifest's. Cheap: a stat per file, each manifest read once."""
+    folder = Path(folder)
+    try:
+        mst = (folder / MANIFEST).stat()
+    except OSError:
+        return
+    memo = (str(folder.resolve()), mst.st_ino, mst.st_mtime_ns)
+    if memo in _REMEMBERED or _seen_depth > 16:
+        return
+    _REMEMBERED.add(memo)
+    manifest = read_manifest(folder)
+    if not isinstance(manifest, dict):
+        return
+    listed = manifest.get("files") if isinstance(manifest.get("files"), list) else []
+    _remember_entries(folder, listed, mst.st_mtime_ns)
+    if any(isinstance(e, dict) and e.get("path") == MODEL_LINK for e in listed):
+        try:
+            link = json.loads((folder / MODEL_LINK).read_text())
+            if isinstance(link, dict) and isinstance(link.get("files"), list) and link.get("path"):
+                _remember_entries(Path(link["path"]), link["files"], (folder / MODEL_LINK).stat().st_mtime_ns)
+        except (OSError, ValueError):
+            pass
+    for entry in (manifest.get("inputs") or {}).values():
+        if isinstance(entry, dict) and isinstance(entry.get("dir"), str) and "/" not in entry["dir"]:
+            remember_hashes(folder.parent / entry["dir"], _seen_depth + 1)
+
+
+def _remember_entries(root: Path, entries: list, before_ns: int) -> None:
+    for e in entries:
+        try:
+            st = os.stat(root / e["path"])
+            if st.st_size == e["bytes"] and isinstance(e["sha256"], str):
+                _keep(st, e["sha256"], before_ns)
+        except (OSError, KeyError, TypeError):
+            continue
 
 
 def file_entries(root: Path) -> list[dict[str, Any]]:
     """Every file under ``root`` (manifest excluded) with its size and sha256, sorted by path."""
-    out = []
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            out.append({"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size, "sha256": sha256_file(p)})
-    return out
+    paths = [p for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    return [{"path": p.relative_to(root).as_posix(), "bytes": size, "sha256": digest}
+            for p, (size, digest) in zip(paths, sha256_files(paths))]
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -78,6 +169,9 @@ def commit_dir(tmp: Path, final: Path, manifest: dict[str, Any]) -> None:
     (``HF_TOKEN``, ``*_API_KEY``...) are masked wherever a stage's metrics or config might have carried them."""
     from pipeline.provenance import scrub_values
 
+    for entry in (manifest.get("inputs") or {}).values():  # files linked in from the inputs are not read again
+        if isinstance(entry, dict) and isinstance(entry.get("dir"), str) and "/" not in entry["dir"]:
+            remember_hashes(final.parent / entry["dir"])
     manifest = scrub_values({**manifest, "files": file_entries(tmp)})
     write_json(tmp / MANIFEST, manifest)
     if final.exists():  # an earlier incomplete or stale folder of the same name: never read, now replaced
