@@ -52,7 +52,10 @@ class BatchState:
     A step with ``owns_cache = True`` keeps the cache itself (e.g. static slots for CUDA graphs): at a regroup
     ``cache`` then holds only the ``joined`` rows (cache row ``j`` is ``seqs[joined[j]]``, right-aligned to the
     longest of them), to be taken into the step's own storage; rows that stay are the step's to keep (it drops
-    sequences no longer in ``seqs``), and the scheduler never reads ``cache`` back."""
+    sequences no longer in ``seqs``), and the scheduler never reads ``cache`` back. Such a step may define
+    ``leave(seq)`` (the scheduler calls it when ``seq`` finishes or is cancelled, so its storage is free at once)
+    and ``reset()`` (a failed step or shutdown dropped the whole batch); :class:`pipeline.serve.graph_step.GraphedStep`
+    does."""
 
     seqs: list[Any]
     cache: Any

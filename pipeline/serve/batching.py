@@ -12,7 +12,9 @@ Finished (EOS, stop string, ``max_tokens``) and cancelled sequences leave the ba
 this design the cache was rebuilt from per-sequence caches every step (O(batch x length) copies per step); one
 sequence then decoded at 0.82-0.92x ``model.generate``'s tokens/s, and at ~1x since (``bench/serve_load.py``'s
 single-sequence row; bench/RESULTS.md). The decode step itself is swappable (``step=``, the contract in
-:class:`~pipeline.serve.batch_cache.BatchState`).
+:class:`~pipeline.serve.batch_cache.BatchState`; a step may also define ``leave(seq)``, called when a sequence
+leaves the batch, and ``reset()``, called when a failed step drops the whole batch), e.g. the static-cache CUDA
+graph step of :mod:`pipeline.serve.graph_step`.
 
 Queue caps: :meth:`Scheduler.capacity_error` says when more sequences may not wait (``max_queued`` beyond the
 batch's free slots, ``max_queued_tokens`` reserved by waiting sequences); the app answers those with a 429.
@@ -254,6 +256,8 @@ class Scheduler:
                     seq.sink("error", e)
                     seq.cache = []
                 self.active, self.state = [], None
+                if hasattr(self.step, "reset"):  # a step that owns its cache forgets the failed batch
+                    self.step.reset()
         stopping = RuntimeError("The server is shutting down; the request was not finished.")
         waiting = self.active + ([self._held] if self._held is not None else [])
         while not self.waiting.empty():
@@ -263,6 +267,8 @@ class Scheduler:
                 seq.sink("error", stopping)
                 seq.cancel()
         self.active, self._held, self.state = [], None, None
+        if hasattr(self.step, "reset"):
+            self.step.reset()
 
     def _dequeued(self, seq: Sequence) -> None:
         """``seq`` no longer counts against the queue caps (admitted, or cancelled while waiting); once only."""
@@ -417,9 +423,12 @@ class Scheduler:
 
     def _drop_finished(self) -> None:
         keep = []
+        leave = getattr(self.step, "leave", None)  # a step that owns its cache frees the sequence's slot
         for s in self.active:
             if s.cancelled.is_set():
                 s.cache = []  # freed now, not when the request object goes
+                if leave is not None:
+                    leave(s)
             else:
                 keep.append(s)
         self.active = keep

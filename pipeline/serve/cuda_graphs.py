@@ -19,7 +19,9 @@ holds its sequence at positions ``0 .. pos[b]``, and the 4D boolean mask ``key <
 ``attention_mask``, which transformers' ``create_causal_mask`` returns as is) hides the rest. We run the
 model's layer loop ourselves (embed, rotary, layers, norm, lm_head: the body of ``LlamaModel.forward``).
 
-Integration seam for the server's continuous-batching scheduler (serve/batching.py, not wired here):
+Integration seam for the server's continuous-batching scheduler (serve/batching.py; wired by
+:class:`pipeline.serve.graph_step.GraphedStep`, which takes the scheduler's eager prefill columns into the slots
+instead of calling ``prefill``, and uses ``compact`` for the moves):
 
 - a new request: ``slot = free slot``; ``logits = dec.prefill(slot, prompt_ids)`` (eager, batch 1, writes the
   slot's cache rows ``0 .. len-1``);
@@ -172,6 +174,22 @@ class GraphedDecoder:
             k[dst].copy_(k[src])
             v[dst].copy_(v[src])
         self.pos[dst] = self.pos[src]
+
+    def compact(self, src: list[int]) -> None:
+        """Move slot ``src[b]`` to slot ``b`` for every ``b`` (the rows that stay after others left). In order
+        (``src`` increasing, as the scheduler keeps them) one ``move_slot`` per moved slot; else one gather."""
+        if all(s == b for b, s in enumerate(src)):
+            return
+        if all(a < b for a, b in zip(src, src[1:])):
+            for b, s in enumerate(src):
+                if s != b:
+                    self.move_slot(s, b)
+            return
+        idx = torch.tensor(src, device=self.device)
+        for k, v in zip(self.k, self.v):
+            k[: len(src)] = k[idx]
+            v[: len(src)] = v[idx]
+        self.pos[: len(src)] = self.pos[idx]
 
     def _capture(self, bucket: int) -> None:
         saved = self.pos.clone()

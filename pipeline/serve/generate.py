@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 GREEDY_BELOW = 1e-5  # temperatures below this decode greedily (sample_next_token)
 RETRY_AFTER_S = 1  # what a 429 at the queue cap tells the client to wait
+DEFAULT_DECODE_MAX_LEN = 4096  # positions per slot of the static KV cache (decode="graphs"), unless given
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,14 @@ class GenerationEngine:
     most ``max_queued`` more sequences (None: no cap), reserving ``max_queued_tokens``, wait to join it, and a
     request past those caps is refused with a 429 (:meth:`check_capacity`). ``step`` replaces the decode step
     (:class:`pipeline.serve.batching.DynamicCacheStep`, the contract in :class:`~pipeline.serve.batching.BatchState`).
+
+    ``decode`` picks the step when ``step`` is not given: ``"eager"`` (the default step), ``"graphs"`` (a static
+    KV cache of ``max_batch_size`` slots x ``decode_max_len`` positions, default
+    ``min(max_context, DEFAULT_DECODE_MAX_LEN)``, replayed through one CUDA graph per batch bucket on CUDA and run
+    eagerly elsewhere), ``"graphs+compile"`` (also ``torch.compile`` per layer, CUDA only); ``max_context`` is
+    then lowered to that length. ``"auto"`` is ``"eager"``: the graphed step matches the eager one token for
+    token on the CPU (tests/test_graph_step.py) but has not yet been measured through this server on a GPU
+    (:mod:`pipeline.serve.graph_step`).
     """
 
     def __init__(
@@ -155,6 +164,8 @@ class GenerationEngine:
         max_queued: int | None = 256,
         max_queued_tokens: int | None = None,
         step: Any = None,
+        decode: str = "auto",
+        decode_max_len: int | None = None,
     ) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise ModelFolderError(
@@ -194,11 +205,38 @@ class GenerationEngine:
         self.batching = batching
         from pipeline.serve.batching import Scheduler
 
+        step = self._decode_step(step, decode, decode_max_len, max_batch_size)
         cleans_spaces = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
         self.scheduler = Scheduler(
             self.model, self.decode, self.eos_token_ids, max_batch_size, max_batch_tokens, hold_space=cleans_spaces,
             max_queued=max_queued, max_queued_tokens=max_queued_tokens, step=step,
         )  # fmt: skip
+
+    def _decode_step(self, step: Any, decode: str, max_len: int | None, max_batch: int) -> Any:
+        """The scheduler's decode step for ``decode`` (class docstring); lowers ``max_context`` to a static
+        cache's ``max_len`` so check_budget refuses (400) what the cache cannot hold."""
+        from pipeline.serve.graph_step import make_step
+
+        self.decode_mode = "custom" if step is not None else ("eager" if decode == "auto" else decode)
+        if step is not None:
+            return step
+        if decode not in ("auto", "eager") and not self.batching:
+            raise RecipeError(
+                f"decode={decode!r} needs the continuous-batching scheduler (its decode step is the static-cache "
+                "one), but batching is off. Turn batching on, or use decode='eager' for the sequential baseline."
+            )
+        max_len = min(self.max_context, max_len or DEFAULT_DECODE_MAX_LEN)
+        step = make_step(decode, self.model, max_batch, max_len)
+        if step is None:
+            return None
+        if max_len < self.max_context:
+            log.warning("decode=%s: max_context lowered from %d to the static KV cache's %d positions",
+                        decode, self.max_context, max_len)  # fmt: skip
+            self.max_context = max_len
+        step.warmup()  # captures every bucket's graph now (CUDA), not during the first requests
+        log.info("decode=%s: static KV cache of %d slots x %d positions, CUDA graphs %s", decode, max_batch,
+                 max_len, "on" if step.graphs_enabled else "off (not on CUDA)")  # fmt: skip
+        return step
 
     # -- prompt
 

@@ -1,0 +1,224 @@
+"""The static-cache decode step (pipeline/serve/graph_step.py) wired into the server's scheduler.
+
+On the CPU the step runs GraphedDecoder's static KV cache without graph capture: greedy ids through the
+scheduler must be IDENTICAL to the default eager step's, for staggered requests that join and leave mid-batch
+(slot compaction), a cancelled sequence must free its slot, and a request past the cache's ``max_len`` is
+refused with a 400 before it queues. The ``gpu`` tests repeat the equality with CUDA graph capture on (and with
+per-layer torch.compile); they skip here.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from pipeline.errors import RecipeError
+from pipeline.serve.app import create_app
+from pipeline.serve.batching import SamplingParams
+from pipeline.serve.generate import GenerationEngine
+from pipeline.serve.graph_step import GraphedStep
+from pipeline.serve.protocol import RequestError
+from pipeline.serve.server import start_server
+from tests.conftest import TINY_MODEL
+
+PROMPTS = [
+    "def add(a, b):",
+    "The list type is a mutable sequence",
+    "import os\nimport sys\n\n",
+    "class Stack:\n    def push(self, item):",
+    "A dictionary maps keys to values; its keys must be hashable, so",
+]
+LENGTHS = [12, 40, 8, 30, 20]  # max_tokens: the short ones leave while the long ones decode on (compaction)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def load(device: str = "cpu"):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(TINY_MODEL)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return load()
+
+
+def wait_for(cond, timeout_s=20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return cond()
+
+
+def greedy(engine, i):
+    ids = engine.encode_text(PROMPTS[i])
+    return engine.run(ids, SamplingParams(max_tokens=LENGTHS[i], temperature=0.0))
+
+
+def alone(engine):
+    return [greedy(engine, i).token_ids for i in range(len(PROMPTS))]
+
+
+def staggered(engine):
+    """Each request joins the running batch a few steps after the previous one."""
+    results: dict[int, list[int]] = {}
+    threads = []
+    for i in range(len(PROMPTS)):
+        threads.append(threading.Thread(target=lambda i=i: results.__setitem__(i, greedy(engine, i).token_ids)))
+        start = engine.scheduler.steps
+        threads[-1].start()
+        wait_for(lambda: engine.scheduler.steps >= start + 3, 10)
+    for t in threads:
+        t.join(120)
+    return [results.get(i) for i in range(len(PROMPTS))]
+
+
+class Spy:
+    """Records the slot moves GraphedDecoder.compact is asked for."""
+
+    def __init__(self, step: GraphedStep):
+        self.moves: list[list[int]] = []
+        compact = step.dec.compact
+
+        def spy_compact(src):
+            self.moves.append(list(src))
+            compact(src)
+
+        step.dec.compact = spy_compact
+
+
+def check_equal_through_scheduler(model, tokenizer, decode: str):
+    plain = GenerationEngine(model, tokenizer, decode="eager")
+    try:
+        ref = alone(plain)
+        ref_batched = staggered(plain)
+    finally:
+        plain.shutdown()
+    assert ref_batched == ref  # the default step itself: batch-invariant
+    eng = GenerationEngine(model, tokenizer, decode=decode, decode_max_len=256, max_batch_size=8)
+    try:
+        step = eng.scheduler.step
+        assert isinstance(step, GraphedStep) and eng.decode_mode == decode
+        spy = Spy(step)
+        assert alone(eng) == ref
+        assert staggered(eng) == ref
+        assert step.took == 2 * len(PROMPTS)  # every sequence's prefill went into a slot once
+        assert any(src != list(range(len(src))) for src in spy.moves)  # a sequence left from below others
+        assert wait_for(lambda: eng.scheduler.state is None) and step.slots == {}
+        return step
+    finally:
+        eng.shutdown()
+
+
+# ------------------------------------------------------------------------------------- CPU: no capture
+
+
+def test_graphed_step_decodes_exactly_the_default_steps_ids(parts):
+    step = check_equal_through_scheduler(*parts, "graphs")
+    assert not step.graphs_enabled  # the CPU: static cache, no capture
+
+
+def test_cancel_frees_the_slot(parts):
+    eng = GenerationEngine(*parts, decode="graphs", decode_max_len=2048, max_batch_size=4)
+    try:
+        step = eng.scheduler.step
+        seen = threading.Event()
+        seq = eng.submit(eng.encode_text(PROMPTS[2]), SamplingParams(max_tokens=1500, temperature=0.0),
+                         lambda event, payload: seen.set())  # fmt: skip
+        assert seen.wait(20) and wait_for(lambda: seq in step.slots)
+        seq.cancel()
+        assert wait_for(lambda: eng.scheduler.batch_size == 0) and step.slots == {}
+        assert len(seq.ids) < 1500
+        ref = GenerationEngine(*parts, decode="eager")
+        try:
+            assert greedy(eng, 1).token_ids == greedy(ref, 1).token_ids  # the freed slot serves the next one
+        finally:
+            ref.shutdown()
+    finally:
+        eng.shutdown()
+
+
+def test_requests_past_the_static_cache_are_refused_and_the_cache_fills_exactly(parts):
+    eng = GenerationEngine(*parts, decode="graphs", decode_max_len=48, max_batch_size=2)
+    try:
+        assert eng.max_context == 48 and eng.scheduler.step.max_len == 48
+        prompt = eng.encode_text(PROMPTS[4])
+        room = 48 - len(prompt)
+        with pytest.raises(RequestError) as e:
+            eng.check_budget(prompt, room + 1, "prompt")
+        assert (e.value.status_code, e.value.code) == (400, "context_length_exceeded")
+        # A reply that fills the cache to its last position decodes as the eager step does.
+        ref = GenerationEngine(*parts, decode="eager", max_context=48)
+        try:
+            params = dict(max_tokens=eng.check_budget(prompt, None, "prompt"), temperature=0.0)
+            expect = ref.run(prompt, SamplingParams(**params))
+        finally:
+            ref.shutdown()
+        got = eng.run(prompt, SamplingParams(**params))
+        assert got.token_ids == expect.token_ids and got.finish_reason == expect.finish_reason
+        assert got.finish_reason == "stop" or len(prompt) + len(got.token_ids) == 48
+        with start_server(create_app(eng, "tiny-graphs")) as server:  # the same refusal over HTTP
+            r = httpx.post(f"{server.url}/v1/completions", timeout=30,
+                           json={"model": "tiny-graphs", "prompt": PROMPTS[4], "max_tokens": room + 1})  # fmt: skip
+            assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+            r = httpx.post(f"{server.url}/v1/completions", timeout=30,
+                           json={"model": "tiny-graphs", "prompt": PROMPTS[4], "max_tokens": 3, "temperature": 0})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+    finally:
+        eng.shutdown()
+
+
+def test_decode_settings_are_checked(parts):
+    with pytest.raises(RecipeError, match="decode mode"):
+        GenerationEngine(*parts, decode="fast")
+    with pytest.raises(RecipeError, match="batching"):
+        GenerationEngine(*parts, decode="graphs", batching=False)
+    eng = GenerationEngine(*parts)  # auto: eager until measured through the server on a GPU
+    try:
+        assert eng.decode_mode == "eager" and not isinstance(eng.scheduler.step, GraphedStep)
+    finally:
+        eng.shutdown()
+
+
+def test_compact_moves_slots_in_any_order(parts):
+    from pipeline.serve.cuda_graphs import GraphedDecoder
+
+    dec = GraphedDecoder(parts[0], max_batch=4, max_len=8)
+    for i, k in enumerate(dec.k):
+        k.copy_(torch.arange(k.numel(), dtype=k.dtype).reshape(k.shape) + i)
+    dec.pos.copy_(torch.tensor([1, 2, 3, 4]))
+    before = [k.clone() for k in dec.k]
+    dec.compact([3, 1])  # out of order: one gather
+    assert all(torch.equal(k[0], b[3]) and torch.equal(k[1], b[1]) for k, b in zip(dec.k, before))
+    assert dec.pos[:2].tolist() == [4, 2]
+    dec.compact([1])  # in order: a move
+    assert all(torch.equal(k[0], b[1]) for k, b in zip(dec.k, before)) and dec.pos[0] == 2
+
+
+# ------------------------------------------------------------------------------------- GPU: CUDA graphs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_through_the_scheduler_decode_the_default_steps_ids():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model, tok = load("cuda")
+    step = check_equal_through_scheduler(model, tok, "graphs")
+    assert step.graphs_enabled and set(step.dec._graphs) == set(step.dec.buckets)  # captured at start-up
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_with_compiled_layers_through_the_scheduler():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model, tok = load("cuda")
+    step = check_equal_through_scheduler(model, tok, "graphs+compile")
+    from pipeline.serve.cuda_graphs import _run_layer
+
+    assert step.graphs_enabled and step.dec._layer is not _run_layer  # compiled
