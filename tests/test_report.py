@@ -57,7 +57,10 @@ def test_markdown_lists_failed_gates_failed_runs_plots_and_how_measured():
     assert "- **rtn**: gate max_kl failed: KL divergence 0.0412 > 0.0300" in md
     assert "## Failed runs\n\n- **gptq**: quantize failed" in md
     assert "![quality_vs_size.png](quality_vs_size.png)" in md
-    assert "completion tokens divided by the request's latency" in md and "no publish stage yet" in md
+    assert "completion tokens divided by the request's latency" in md and "no publish stage" not in md
+    assert ("Publishing: only where the recipe has a `publish` section, and only a variant whose verdict is pass "
+            "(its gates and, where the recipe serves, its smoke test passed) goes to `publish.to`; a regression or "
+            "a failed run is never published.") in md
 
 
 def test_html_is_self_contained_with_verdict_badges_and_inline_plots():

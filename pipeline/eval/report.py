@@ -238,8 +238,10 @@ def how_measured(rows: Sequence[Mapping[str, Any]], seq_len: Any, text_file: Any
                      "few tokens), so it ranks variants only roughly and understates steady decode speed.")
     if any(r.get("verdict") for r in rows):
         extra.append("Verdict: pass (every gate passed, or none was set), regression (a quality gate failed; the "
-                     "run exits 3), failed run (a stage failed, was skipped or never finished). Nothing is "
-                     "published: quantship has no publish stage yet.")
+                     "run exits 3), failed run (a stage failed, was skipped or never finished). Publishing: "
+                     "only where the recipe has a `publish` section, and only a variant whose verdict is pass "
+                     "(its gates and, where the recipe serves, its smoke test passed) goes to `publish.to`; a "
+                     "regression or a failed run is never published.")
     if extra:
         out.append(" ".join(extra))
     return out

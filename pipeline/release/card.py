@@ -172,8 +172,7 @@ def render_card(facts: CardFacts) -> str:
     lines += ["## Evaluation", ""] + _eval_table(facts) + [""]
     if row.get("runtime"):
         lines += [f"Evaluated with: {row['runtime']}.", ""]
-    for para in how_measured([{k: v for k, v in row.items() if k != "verdict"}], row.get("seq_len"),
-                             row.get("text_file")):
+    for para in how_measured([row], row.get("seq_len"), row.get("text_file")):
         lines += [para, ""]
     lines += ["### Quality gates", ""] + _gates(facts) + [""]
 
