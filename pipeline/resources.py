@@ -6,8 +6,9 @@ set size"), so a stage's figure is its own and not the process's history. Where 
 samples ``VmRSS`` every 20 ms instead and the figure says ``sampled``. GPU: torch's caching allocator's peak
 (``max_memory_allocated``) and reserved peak, reset at the start; absent when CUDA was never initialised.
 
-A stage can add ``m.figures`` to its metrics (``peak_rss_bytes``, ``peak_gpu_bytes``); the benchmarks wrap
-stage functions with it (bench/scale_gpu.py).
+The runner wraps every stage function with it and writes ``peak_rss_bytes`` and ``peak_gpu_bytes`` into the
+stage's manifest (runner.run_stage; not part of the cache key); the benchmarks wrap stage functions with it too
+(bench/scale_gpu.py).
 """
 
 from __future__ import annotations

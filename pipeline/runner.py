@@ -25,6 +25,7 @@ from pipeline.artifacts import clean_stale, commit_dir, new_tmp_dir, read_manife
 from pipeline.errors import GateFailed, QuantshipError, StageError
 from pipeline.plan import STAGE_ORDER, Plan, StageRun, downstream, tool_versions, variant_recipe
 from pipeline.provenance import manifest_facts, portable
+from pipeline.resources import measure
 from pipeline.stages import StageContext
 
 log = logging.getLogger("pipeline")
@@ -181,7 +182,8 @@ def run_stage(plan: Plan, run: StageRun, progress: Callable[..., None] | None = 
     started = time.time()
     t0 = time.perf_counter()
     try:
-        metrics = stage_function(run.kind)(ctx) or {}
+        with measure() as used:  # this stage's own peaks (host RSS high-water mark reset; GPU if CUDA is in use)
+            metrics = stage_function(run.kind)(ctx) or {}
     except QuantshipError as e:
         return _failed(run, tmp, e)
     except Exception as e:  # a bug or an unexpected library failure: keep the traceback in the log
@@ -203,6 +205,8 @@ def run_stage(plan: Plan, run: StageRun, progress: Callable[..., None] | None = 
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(seconds, 3),
         "metrics": metrics,
+        "peak_rss_bytes": used.figures.get("peak_rss_bytes"),  # the process's resident set during the stage
+        "peak_gpu_bytes": used.figures.get("peak_gpu_bytes"),  # torch's allocator peak; None: CUDA not in use
         **manifest_facts(plan, run, tmp),  # recipe (secrets removed), source commit, calibration hash, tools, CUDA
     }
     commit_dir(tmp, run.dir, manifest)

@@ -7,15 +7,20 @@ the local executor, and with an in-process executor that hands results back late
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 import pipeline.runner as runner
+from pipeline.artifacts import MANIFEST
 from pipeline.errors import TargetUnavailable
 from pipeline.executors.local import LocalExecutor
 from pipeline.plan import make_plan
 from pipeline.recipe import load_recipe
 from pipeline.runner import StageResult, execute, run_stage
-from tests.conftest import write_recipe
+from tests.conftest import ROOT, write_recipe
 
 MATRIX = """\
 name: walk
@@ -112,3 +117,46 @@ def test_a_run_waiting_on_a_run_outside_the_plan_is_an_error_not_a_hang(tmp_path
     plan.run("evaluate@rtn").deps["compile"] = "compile@elsewhere"
     with pytest.raises(RuntimeError, match=r"plan walk stuck: \['evaluate@rtn'\]"):
         execute(plan)
+
+
+# --- per-stage resources in the manifest ---------------------------------------------------------------------
+
+
+def test_each_manifest_records_its_stage_peak_memory_outside_the_key(tmp_path, monkeypatch):
+    """quantize@rtn holds 256 MiB of written bytes for a moment, quantize@none nothing: the first's peak is higher
+    by about that much (the high-water mark is reset per stage, not the process's history)."""
+    import time
+
+    def stage(kind):
+        def run(ctx):
+            if ctx.run_id == "quantize@rtn":
+                block = b"\x01" * (256 << 20)
+                time.sleep(0.1)  # the sampler's 20 ms period, where the kernel refuses the reset
+                del block
+            (ctx.out / "out.txt").write_text(ctx.run_id)
+            return {}
+        return run
+
+    monkeypatch.setattr(runner, "stage_function", stage)
+    plan = make_plan(load_recipe(write_recipe(tmp_path, MATRIX)), tmp_path / "out")
+    execute(plan)
+    keys = {r.id: r.key for r in plan.runs}
+    peaks = {}
+    for r in plan.runs:
+        m = json.loads((r.dir / MANIFEST).read_text())
+        assert m["peak_gpu_bytes"] is None  # no CUDA here
+        assert isinstance(m["peak_rss_bytes"], int) and 20 << 20 < m["peak_rss_bytes"] < 64 << 30
+        peaks[r.id] = m["peak_rss_bytes"]
+    assert peaks["quantize@rtn"] - peaks["quantize@none"] > 200 << 20
+    assert {r.id: r.key for r in make_plan(load_recipe(write_recipe(tmp_path, MATRIX)), tmp_path / "out").runs} == keys
+    assert execute(make_plan(load_recipe(write_recipe(tmp_path, MATRIX)), tmp_path / "out")).worked() == []
+
+
+def test_measuring_a_stage_does_not_import_torch():
+    code = ("import sys; from pipeline.resources import measure\n"
+            "with measure() as m: x = b'1' * (1 << 20)\n"
+            "assert 'torch' not in sys.modules and m.figures['peak_rss_bytes'] > 0\n"
+            "assert 'peak_gpu_bytes' not in m.figures\n"
+            "print('ok')")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == "ok", res.stderr
