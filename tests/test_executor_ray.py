@@ -51,10 +51,11 @@ def _netns_works() -> bool:
 # --- the scenario, run as `python tests/test_executor_ray.py WORK` inside the network namespace --------------
 
 
-def _hook(marker: str, fail_flag: str, die_flag: str):
+def _hook(marker: str, fail_flag: str, die_flag: str, pids: str):
     """Ray's worker_process_setup_hook: quantize@rtn's worker dies mid-stage on its first attempt (a half-written
     file left in its temporary folder), and on every attempt while ``die_flag`` exists; while ``fail_flag`` exists,
-    compile@rtn raises a typed error and every other compile crashes."""
+    compile@rtn raises a typed error and every other compile crashes. Every compile appends its run id and its
+    worker's pid to ``pids``."""
 
     def hook() -> None:
         import os
@@ -75,6 +76,8 @@ def _hook(marker: str, fail_flag: str, die_flag: str):
             return quantize_run(ctx)
 
         def compile_fails(ctx):
+            with open(pids, "a") as f:
+                f.write(f"{ctx.run_id} {os.getpid()}\n")
             if Path(fail_flag).exists():
                 if ctx.run_id == "compile@rtn":
                     raise TargetUnavailable("compile@rtn: a stand-in typed error (what, why, how to fix).")
@@ -111,9 +114,12 @@ def _scenario(work: Path) -> None:
                        "keys": {r.id: r.key for r in make_plan(recipe, work / "local").runs}}
 
     marker, fail_flag, die_flag = work / "worker-died", work / "compile-fails", work / "always-dies"
+    pids = work / "compile-pids"
     t0 = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"worker_process_setup_hook": _hook(str(marker), str(fail_flag), str(die_flag))})
+    # One GPU as a logical resource (no device behind it): the recipe's stages run on the CPU and ask for none,
+    # except where the GPU-task step below makes compile ask for it.
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": _hook(str(marker), str(fail_flag), str(die_flag), str(pids))})
     record["ray_init_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     plan = make_plan(recipe, work / "ray")
@@ -129,6 +135,22 @@ def _scenario(work: Path) -> None:
     res = CliRunner().invoke(main, ["run", str(work / "recipe.yaml"), "-o", str(work / "ray"), "--executor", "ray"])
     record["cli"] = {"exit_code": res.exit_code, "output": res.output}
 
+    import pipeline.executors.ray_executor as ray_executor
+
+    pids.unlink(missing_ok=True)  # compile asks for the GPU: each run in a worker that exits when it returns
+    real_gpus_for = ray_executor.gpus_for
+    ray_executor.gpus_for = lambda plan, run, cluster_gpus: 1 if run.kind == "compile" else 0
+    try:
+        out = execute(make_plan(recipe, work / "ray"), force={"compile"}, executor=RayExecutor())
+    finally:
+        ray_executor.gpus_for = real_gpus_for
+    ran = [line.split() for line in pids.read_text().splitlines()]
+    deadline = time.perf_counter() + 30
+    while time.perf_counter() < deadline and any(Path(f"/proc/{pid}").exists() for _, pid in ran):
+        time.sleep(0.2)
+    record["gpu_tasks"] = {"statuses": out.statuses, "files": _files(plan.root), "ran": ran,
+                           "alive": [pid for _, pid in ran if Path(f"/proc/{pid}").exists()]}
+
     fail_flag.write_text("1")
     out = execute(make_plan(recipe, work / "ray"), force={"compile"}, executor=RayExecutor())
     record["failing"] = {"statuses": out.statuses, "exit_code": out.exit_code,
@@ -141,7 +163,6 @@ def _scenario(work: Path) -> None:
     record["dying"] = {"statuses": out.statuses, "errors": {k: str(e) for k, e in out.errors.items()},
                        "files": _files(plan.root), "leftovers": sorted(p.name for p in plan.root.iterdir()
                                                                        if p.name.startswith(TMP_PREFIX))}
-    import pipeline.executors.ray_executor as ray_executor
     from pipeline.errors import StageError
 
     real_probe = ray_executor.probe_storage  # a node that does not see the output root
@@ -343,3 +364,15 @@ def test_an_address_where_nothing_answers_fails_at_once(tmp_path):
         "start a local cluster.")
     assert time.perf_counter() - t0 < 30
     assert not list((tmp_path / "out" / "matrix").glob("*-*"))  # no stage ran
+
+
+def test_a_gpu_task_runs_in_a_worker_that_exits_when_it_returns(scenario):
+    """Ray reuses worker processes; one that ran a GPU stage would keep what the stage left on the GPU (and CUDA's
+    view of the GPU it was given) into the next task. Each GPU task runs in its own process, gone once it returns."""
+    gpu = scenario["gpu_tasks"]
+    assert {k: v for k, v in gpu["statuses"].items() if k.startswith("compile@")} == {"compile@none": "done",
+                                                                                      "compile@rtn": "done"}
+    assert sorted(run for run, _ in gpu["ran"]) == ["compile@none", "compile@rtn"]
+    assert len({pid for _, pid in gpu["ran"]}) == 2  # not one reused worker
+    assert gpu["alive"] == []
+    assert gpu["files"] == scenario["ray"]["files"]  # the forced compiles wrote the same artifacts

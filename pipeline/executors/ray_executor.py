@@ -20,7 +20,11 @@ folder with a manifest; Ray runs the task again (``max_retries``), and the new a
 temporary folders that earlier attempts of the same run left. Typed errors (``QuantshipError``) come back as
 their class name and message; a crash's traceback is in ``<root>/run.log``, which workers append to.
 
-Read against ray 2.60.0 (``ray.init``, ``ray.remote(...).options(num_cpus, num_gpus, max_retries)``,
+GPU memory: a task that asks for GPUs runs in a fresh worker process that exits when the task returns
+(``max_calls=1``), so a stage's CUDA memory is freed before the next GPU task starts on that GPU; CPU tasks reuse
+workers.
+
+Read against ray 2.60.0 (``ray.init``, ``ray.remote(max_calls=...)``, ``.options(num_cpus, num_gpus, max_retries)``,
 ``ray.wait``, ``ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy``, ``ray.nodes``).
 """
 
@@ -217,6 +221,12 @@ class RayExecutor:
         shipped = dataclasses.replace(plan, recipe=plan.recipe.model_copy(update={"path": plan.recipe.path.resolve()}))
         self._plan, self._plan_ref = plan, ray.put(shipped)
         self._task = ray.remote(run_in_worker)
+        # A task that asks for GPUs runs in a worker that exits when it returns (max_calls=1): what the stage left on
+        # the GPU (the caching allocator's blocks, a model a module still references) is freed with the process, and
+        # no later task runs in a process whose CUDA was initialised for another task's GPU (CUDA reads
+        # CUDA_VISIBLE_DEVICES once). Ray 2.60 sets max_calls=1 itself only for a function declared with num_gpus
+        # (remote_function.py), and .options() cannot set it, so GPU runs go through a second remote function.
+        self._gpu_task = ray.remote(max_calls=1)(run_in_worker)
         log.info("ray executor: %s, resources %s", self.address or "local cluster", ray.cluster_resources())
 
     def _check_shared_storage(self, plan: Plan) -> None:
@@ -266,7 +276,8 @@ class RayExecutor:
             )
             self._failed_now.append(StageResult(run.id, "failed", error=error))
             return
-        ref = self._task.options(num_cpus=1, num_gpus=gpus, max_retries=self.max_retries, retry_exceptions=False,
+        task = self._gpu_task if gpus else self._task
+        ref = task.options(num_cpus=1, num_gpus=gpus, max_retries=self.max_retries, retry_exceptions=False,
                                  name=run.id).remote(self._plan_ref, run.id)
         self._running[ref] = run.id
 
