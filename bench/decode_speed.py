@@ -18,7 +18,15 @@ prompt per slot, then time T decode steps; tokens/s = batch x T / seconds. On CU
 copy bandwidth (bytes read + written), the weight bytes read per token, and the bandwidth bound
 (bytes / copy bandwidth) with the share of it reached; ``--micro`` adds a per-linear kernel table.
 
+``--server`` times the same rows through the embedded server's continuous-batching scheduler instead
+(``serve.batching.Scheduler``, the loop ``GenerationEngine`` runs, minus HTTP and the tokenizer: its text callback
+returns "" and no EOS is set): ``eager`` = the server's default step (transformers' forward over its padded
+``DynamicCache``), ``graphs`` / ``graphs+compile`` = ``serve.graph_step.GraphedStep`` with a static cache of
+``batch`` slots x (P + T + 8) positions, captured at start-up. ``batch`` requests are submitted at once; tokens/s
+counts the steps at which all ``batch`` decode together, start to start (sampling and bookkeeping included).
+
     python bench/decode_speed.py --shape tiny                          # CPU, runs anywhere
+    python bench/decode_speed.py --shape llama3-8b --device cuda --server --formats ref,int4 --modes eager,graphs
     python bench/decode_speed.py --shape llama3-8b --device cuda --micro --out bench/results_decode_gpu_h200.json
 """
 
@@ -264,6 +272,65 @@ def _bench_mods(mods, x, iters: int = 200) -> float:
     return sorted(times)[2]
 
 
+class _TimedStep:
+    """A scheduler decode step that records (start time, batch size) of each call; everything else is the step's."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, model, state):
+        self.calls.append((time.perf_counter(), len(state.seqs)))
+        return self.inner(model, state)
+
+
+def server_speed(model, device, batch, mode, prompt, steps) -> dict:
+    """Tokens/s of ``batch`` concurrent greedy requests through the server's scheduler (module docstring)."""
+    import threading
+
+    from pipeline.serve.batching import DynamicCacheStep, SamplingParams, Scheduler, Sequence
+    from pipeline.serve.graph_step import make_step
+
+    t0 = time.perf_counter()
+    inner = make_step(mode, model, batch, prompt + steps + 8) or DynamicCacheStep(model)
+    if hasattr(inner, "warmup"):
+        inner.warmup()
+    step = _TimedStep(inner)
+    sched = Scheduler(model, lambda ids: "", [], max_batch_size=batch, max_batch_tokens=10**9, step=step)
+    g = torch.Generator().manual_seed(1)
+    try:
+        for n_tokens in (4, steps):  # a short warm-up round (kernels, allocator), then the timed one
+            done, lock, finished = threading.Event(), threading.Lock(), []
+
+            def sink(event, payload):
+                if event in ("done", "error"):
+                    with lock:
+                        finished.append(payload)
+                        if len(finished) == batch:
+                            done.set()
+
+            step.calls.clear()
+            for _ in range(batch):
+                ids = torch.randint(0, model.config.vocab_size, (prompt,), generator=g).tolist()
+                sched.submit(Sequence(ids, SamplingParams(max_tokens=n_tokens, temperature=0.0), sink))
+            done.wait(600)
+            if n_tokens == 4:
+                setup = time.perf_counter() - t0
+        errors = [f for f in finished if isinstance(f, Exception)]
+        if errors:
+            raise errors[0]
+    finally:
+        sched.shutdown()
+    full = [t for t, n in step.calls if n == batch]
+    if len(full) < 2:
+        raise RuntimeError(f"only {len(full)} steps ran the whole batch of {batch}")
+    sec = full[-1] - full[0]
+    return dict(tok_s=batch * (len(full) - 1) / sec, ms_per_step=1e3 * sec / (len(full) - 1), setup_s=setup,
+                finite=True, prefill_ms=float("nan"), full_steps=len(full))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
@@ -276,6 +343,7 @@ def main(argv=None) -> int:
     ap.add_argument("--micro", action="store_true")
     ap.add_argument("--micro-prefill", action="store_true")
     ap.add_argument("--micro-formats", default="int4-tinygemm,int4-triton,int8,fp8")
+    ap.add_argument("--server", action="store_true", help="time through the server's scheduler (docstring)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     cuda = a.device == "cuda"
@@ -286,7 +354,7 @@ def main(argv=None) -> int:
     batches = [int(b) for b in a.batches.split(",")]
     out = RESULTS
     out.update(shape=a.shape, dims=SHAPES[a.shape], device=a.device, torch=torch.__version__, python=platform.python_version(),
-               prompt=a.prompt, steps=a.steps, rows=[])
+               prompt=a.prompt, steps=a.steps, server=a.server, rows=[])
     import transformers
 
     out["transformers"] = transformers.__version__
@@ -308,7 +376,7 @@ def main(argv=None) -> int:
         for batch in batches:
             for mode in modes:
                 try:
-                    r = decode_speed(model, a.device, batch, mode, a.prompt, a.steps)
+                    r = (server_speed if a.server else decode_speed)(model, a.device, batch, mode, a.prompt, a.steps)
                 except Exception as e:  # noqa: BLE001 - one failed row must not lose the others
                     r = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
                 r.update(format=fmt, batch=batch, mode=mode, weight_bytes=nbytes)
