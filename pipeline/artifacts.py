@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import stat
 import threading
 import time
@@ -157,11 +159,24 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _host() -> str:
+    """This machine's name as it goes into a temporary folder's name (no '@', '/' or other odd characters)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
+
+
 def new_tmp_dir(final: Path) -> Path:
-    """A fresh temporary sibling of ``final``; leftovers of killed runs are removed by ``clean_stale``."""
-    tmp = final.with_name(f"{TMP_PREFIX}{final.name}-{os.getpid()}-{time.monotonic_ns()}")
+    """A fresh temporary sibling of ``final``, ``.tmp-<name>@<host>-<pid>-<ns>``: the host and pid say whose it
+    is, so ``clean_stale`` removes it only on that host once that process is gone (the output root may be shared
+    by several machines: a Ray cluster)."""
+    tmp = final.with_name(f"{TMP_PREFIX}{final.name}@{_host()}-{os.getpid()}-{time.monotonic_ns()}")
     tmp.mkdir(parents=True)
     return tmp
+
+
+def tmp_dirs_of(final: Path) -> list[Path]:
+    """Every temporary folder of ``final``, whichever host or process made it (either name format)."""
+    return sorted(p for pattern in (f"{TMP_PREFIX}{final.name}@*", f"{TMP_PREFIX}{final.name}-*")
+                  for p in final.parent.glob(pattern))
 
 
 def commit_dir(tmp: Path, final: Path, manifest: dict[str, Any]) -> None:
@@ -180,22 +195,32 @@ def commit_dir(tmp: Path, final: Path, manifest: dict[str, Any]) -> None:
 
 
 def clean_stale(root: Path) -> list[Path]:
-    """Remove temporary folders left by runs that were killed. Returns what was removed."""
+    """Remove temporary folders left by runs that were killed: those this host made whose process is gone (or is
+    this one), and those in the older name without a host (``.tmp-<name>-<pid>-<ns>``), judged by their pid here.
+    Another host's folders stay: its process may still be writing them (a shared output root). Returns what was
+    removed."""
     removed = []
     if root.is_dir():
+        host = _host()
         for p in root.glob(f"{TMP_PREFIX}*"):
-            pid = _pid_of(p.name)
+            owner, pid = _owner_of(p.name)
+            if owner is not None and owner != host:
+                continue
             if pid is None or not _alive(pid) or pid == os.getpid():
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
 
 
-def _pid_of(name: str) -> int | None:
+def _owner_of(name: str) -> tuple[str | None, int | None]:
+    """(host, pid) of a temporary folder's name; host None in the older format without one."""
+    head, at, tail = name.rpartition("@")
+    parts = (tail if at else name).rsplit("-", 2)
     try:
-        return int(name.rsplit("-", 2)[-2])
-    except (ValueError, IndexError):
-        return None
+        pid = int(parts[-2]) if len(parts) == 3 else None
+    except ValueError:
+        pid = None
+    return (parts[0] if at and len(parts) == 3 else None), pid
 
 
 def _alive(pid: int) -> bool:

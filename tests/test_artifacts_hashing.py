@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -158,3 +160,53 @@ def test_verify_reads_every_file_even_when_the_cache_would_answer(tmp_path, read
     target.write_bytes(b'{"x": 9}')  # same size; the mtime put back: only reading the bytes can tell
     os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert [p.kind for p in verify_folder(quant)] == ["changed"]
+
+
+# --- temporary folders on an output root several machines share ----------------------------------------------
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_temporary_folder_names_its_host_and_process(tmp_path):
+    tmp = new_tmp_dir(tmp_path / "quantize-0123456789ab")
+    assert tmp.name.startswith(f".tmp-quantize-0123456789ab@{artifacts._host()}-{os.getpid()}-")
+    assert artifacts._owner_of(tmp.name) == (artifacts._host(), os.getpid())
+
+
+def test_clean_stale_removes_only_this_hosts_dead_folders_and_old_style_dead_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(artifacts, "_host", lambda: "node-a.local")
+    dead, alive = _dead_pid(), os.getppid()
+    names = {
+        f".tmp-compile-0123456789ab@node-a.local-{dead}-1": True,  # this host, process gone
+        f".tmp-compile-0123456789ab@node-a.local-{os.getpid()}-2": True,  # this process: not running it now
+        f".tmp-compile-0123456789ab@node-a.local-{alive}-3": False,  # this host, still running
+        f".tmp-compile-0123456789ab@node-b-7-{dead}-4": False,  # another host (a '-' in its name): may be running
+        f".tmp-compile-0123456789ab@node-b-7-{alive}-5": False,
+        f".tmp-quantize-0123456789ab-{dead}-6": True,  # the older name, without a host: judged here, as before
+        f".tmp-quantize-0123456789ab-{alive}-7": False,
+        ".tmp-unparseable": True,
+    }
+    for name in names:
+        (tmp_path / name).mkdir()
+    removed = {p.name for p in artifacts.clean_stale(tmp_path)}
+    assert removed == {n for n, gone in names.items() if gone}
+    assert {p.name for p in tmp_path.iterdir()} == {n for n, gone in names.items() if not gone}
+
+
+def test_a_retried_ray_task_removes_its_earlier_attempts_from_any_host(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.executors.ray_executor import remove_attempt_leftovers
+
+    final = tmp_path / "quantize-0123456789ab"
+    mine = [new_tmp_dir(final), tmp_path / ".tmp-quantize-0123456789ab@node-b-12-5",
+            tmp_path / ".tmp-quantize-0123456789ab-12-6"]  # this host, another host, the older name
+    others = [tmp_path / ".tmp-quantize-ba9876543210@node-b-12-5", tmp_path / ".tmp-compile-0123456789ab-12-6"]
+    for p in mine + others:
+        p.mkdir(exist_ok=True)
+    assert sorted(remove_attempt_leftovers(SimpleNamespace(dir=final))) == sorted(mine)
+    assert sorted(tmp_path.iterdir()) == sorted(others)

@@ -39,7 +39,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.artifacts import RUN_LOG, TMP_PREFIX
+from pipeline.artifacts import RUN_LOG, tmp_dirs_of
 from pipeline.errors import QuantshipError, RecipeError, StageError
 from pipeline.plan import Plan, StageRun, variant_recipe
 
@@ -121,9 +121,10 @@ def _log_to(run_log: Path) -> None:
 
 def remove_attempt_leftovers(run: StageRun) -> list[Path]:
     """Temporary folders of earlier attempts of this run (a worker that died mid-stage). Only one attempt of a
-    task runs at a time, so any such folder is dead, whichever machine wrote it (a pid would not say)."""
+    task runs at a time, so any such folder is dead, whichever machine wrote it (``clean_stale`` leaves another
+    host's alone)."""
     removed = []
-    for p in run.dir.parent.glob(f"{TMP_PREFIX}{run.dir.name}-*"):
+    for p in tmp_dirs_of(run.dir):
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
     return removed
