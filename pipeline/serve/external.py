@@ -30,9 +30,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ExternalServer:
     """A server process started from a ``ServeCommand`` (pipeline/engines/base.py)."""
 
-    def __init__(self, command, log_path: Path) -> None:
+    def __init__(self, command, log_path: Path, api_key: str | None = None) -> None:
         self.command = command
         self.log_path = Path(log_path)
+        self._api_key = api_key  # the key the server was started with: the health poll sends it (never logged)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -64,7 +65,8 @@ class ExternalServer:
         return "\n".join(lines[-n:])
 
     def wait_healthy(self, timeout_s: float, interval_s: float = 0.5) -> float:
-        """Poll ``base_url + health_path`` until 200; fail fast if the process exits. Returns seconds waited."""
+        """Poll ``base_url + health_path`` until 200 (with ``Authorization: Bearer <key>`` when the server was
+        given a key); fail fast if the process exits. Returns seconds waited."""
         from pipeline.serve.server import wait_healthy
 
         def still_running() -> None:
@@ -77,6 +79,7 @@ class ExternalServer:
             self.command.base_url, timeout_s, interval_s, health_path=self.command.health_path, check=still_running,
             hint=lambda: f"Raise serve.health_timeout_s for a large model. Last lines of {self.log_path}:\n"
                          f"{self.log_tail()}",
+            api_key=self._api_key,
         )
 
     def stop(self, timeout_s: float = 15.0) -> None:

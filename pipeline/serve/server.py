@@ -240,16 +240,22 @@ def wait_healthy(
     health_path: str = "/health",
     check: Callable[[], None] | None = None,
     hint: Callable[[], str] = lambda: "Check the server's log; a large model may need a longer timeout.",
+    api_key: str | None = None,
 ) -> float:
     """Poll ``GET {base_url}{health_path}`` until it answers 200; return the seconds waited. ``check`` runs before
     every poll and may raise to stop waiting (a server process that died). Raises StageError on timeout, with
-    ``hint()`` (read then, so a log tail is current) at its end."""
+    ``hint()`` (read then, so a log tail is current) at its end.
+
+    ``api_key``: sent as ``Authorization: Bearer <key>`` with every poll, for servers whose health route is an API
+    route that wants the key (llama-cpp-python's server is polled on ``/v1/models``); a server with an open
+    ``/health`` ignores it. The key is never logged nor put in an error (a 401 reads "HTTP 401")."""
     import httpx
 
     t0 = time.monotonic()
     last = "no answer yet"
     url = f"{base_url.rstrip('/')}{health_path}"
-    with httpx.Client(timeout=max(interval_s, 2.0)) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    with httpx.Client(timeout=max(interval_s, 2.0), headers=headers) as client:
         while True:
             if check is not None:
                 check()
@@ -257,7 +263,9 @@ def wait_healthy(
                 r = client.get(url)
                 if r.status_code == 200:
                     return time.monotonic() - t0
-                last = f"HTTP {r.status_code}"
+                last = f"HTTP {r.status_code}" + (
+                    " (the health route wants an API key: start the server with one, the poll sends it)"
+                    if r.status_code == 401 and not api_key else "")
             except httpx.HTTPError as e:
                 last = f"{type(e).__name__}: {e}"
             if time.monotonic() - t0 > timeout_s:

@@ -233,12 +233,6 @@ def _served(ctx: StageContext, artifact: Path) -> tuple[Any, str, str] | None:
         command, why_not = engine_server(artifact, "127.0.0.1", 0, api_key)
     except TargetUnavailable as e:  # the engine runs here but its server's packages are missing
         command, why_not = None, str(e)
-    if command is not None and command.health_path.startswith("/v1/"):
-        # Its health route is an API route that wants the key (llama-cpp-python's server polls /v1/models), and the
-        # health poll sends none: start it without a key (it listens on 127.0.0.1 only, on a free port, for this
-        # evaluation alone).
-        api_key = None
-        command, why_not = engine_server(artifact, "127.0.0.1", 0, None)
     engine = read_engine(artifact)
     if why_not:
         if through == "endpoint":

@@ -123,7 +123,7 @@ def running_server(artifact: Path, command, host: str, port: int, api_key: str |
     name = model_name or _model_name(artifact)
     app = None
     if command is not None:
-        server = ExternalServer(command, log_path).start()
+        server = ExternalServer(command, log_path, api_key).start()
     else:
         app = build_app(artifact, api_key, name)
         try:
@@ -135,7 +135,7 @@ def running_server(artifact: Path, command, host: str, port: int, api_key: str |
         if command is not None:
             waited = server.wait_healthy(health_timeout_s)
         else:
-            waited = wait_healthy(server.url, timeout_s=60)
+            waited = wait_healthy(server.url, timeout_s=60, api_key=api_key)
         yield RunningEndpoint(server.url, name, command.argv[0] if command is not None else "embedded", waited)
     finally:
         server.stop()
@@ -245,7 +245,7 @@ def serve_artifact(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _interrupt)
-    server = ExternalServer(command, artifact.parent / f"{artifact.name}.{SERVER_LOG}").start()
+    server = ExternalServer(command, artifact.parent / f"{artifact.name}.{SERVER_LOG}", api_key).start()
     try:
         server.wait_healthy(3600)
         logging.getLogger("pipeline").info("serving %s at %s/v1 (%s)", name, server.url, command.shell())
