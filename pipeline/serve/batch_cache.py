@@ -54,8 +54,8 @@ class BatchState:
     longest of them), to be taken into the step's own storage; rows that stay are the step's to keep (it drops
     sequences no longer in ``seqs``), and the scheduler never reads ``cache`` back. Such a step may define
     ``leave(seq)`` (the scheduler calls it when ``seq`` finishes or is cancelled, so its storage is free at once)
-    and ``reset()`` (a failed step or shutdown dropped the whole batch); :class:`pipeline.serve.graph_step.GraphedStep`
-    does."""
+    and ``reset()`` (a failed step or shutdown dropped the whole batch), and ``uses_attention_mask = False`` (the
+    scheduler then leaves ``attention_mask`` None); :class:`pipeline.serve.graph_step.GraphedStep` does all three."""
 
     seqs: list[Any]
     cache: Any

@@ -363,7 +363,8 @@ class Scheduler:
         device = self.model.device
         state.input_ids = torch.tensor([[s.ids[-1]] for s in batch], dtype=torch.long, device=device)
         state.position_ids = torch.tensor([[n] for n in state.lengths], device=device)
-        state.attention_mask = left_pad_mask([n + 1 for n in state.lengths], state.past + 1).to(device)
+        if getattr(self.step, "uses_attention_mask", True):  # a static-cache step masks by position itself
+            state.attention_mask = left_pad_mask([n + 1 for n in state.lengths], state.past + 1).to(device)
         logits = self.step(self.model, state).float()
         state.past += 1
         state.lengths = [n + 1 for n in state.lengths]

@@ -25,7 +25,10 @@ with a :class:`~pipeline.errors.StageError` rather than writing out of bounds.
 exact greedy equality on the CPU (the static-cache path without capture, tests/test_graph_step.py) but NOT yet
 measured through the server on a GPU. The bench's figures (bench/RESULTS.md: Llama-3-8B shape, H200, batch 1,
 bf16 36 -> 137 tok/s with graphs, INT4 30 -> 187; 179 / 283 with per-layer compile) are the decoder's alone,
-not the server's. On the CPU, ``graphs`` runs the same static-cache step eagerly (no capture) and
+not the server's, and were taken with a cache of P + T + 8 positions: attention here reads every slot's
+``max_len`` positions each step (masked, not skipped), e.g. 0.5 GiB per sequence and token for Llama-3-8B at
+``max_len`` 4096 (the engine's default, ``DEFAULT_DECODE_MAX_LEN``), about 3% of bf16's and 11% of INT4's weight
+bytes at batch 1, and 8 times that at batch 8; graphs per length bucket would remove it. On the CPU, ``graphs`` runs the same static-cache step eagerly (no capture) and
 ``graphs+compile`` does not compile (inductor on the CPU needs a C compiler and minutes per shape).
 """
 
@@ -47,6 +50,7 @@ class GraphedStep:
     """A decode step over a :class:`GraphedDecoder` (module docstring). ``graphs=None``: capture on CUDA only."""
 
     owns_cache = True
+    uses_attention_mask = False  # the decoder masks each slot by its position (keys <= pos)
 
     def __init__(self, model: Any, max_batch: int = 16, max_len: int = 2048, *, compile_layers: bool = False,
                  graphs: bool | None = None, buckets: list[int] | None = None) -> None:  # fmt: skip
