@@ -246,3 +246,23 @@ def test_cuda_graphs_with_compiled_layers_through_the_scheduler():
     step.warmup()
     check_equal_through_scheduler(model, tok, tie=1e-3, step=step, max_context=256)
     assert step.graphs_enabled and step.dec._layer is not _run_layer and set(step.dec._graphs) == {8}
+
+
+def test_families_the_static_loop_would_decode_wrong_are_refused(parts):
+    from pipeline.errors import StageError
+
+    model = parts[0]
+    saved = model.config.model_type
+    try:
+        model.config.model_type = "gemma"  # scales its embeddings outside the layer loop
+        with pytest.raises(StageError, match="gemma"):
+            GraphedStep(model, 2, 64)
+    finally:
+        model.config.model_type = saved
+    model.config.sliding_window = 32
+    try:
+        with pytest.raises(StageError, match="sliding window"):
+            GraphedStep(model, 2, 64)
+        assert GraphedStep(model, 2, 32).max_len == 32  # within the window
+    finally:
+        del model.config.sliding_window

@@ -56,6 +56,7 @@ class GraphedStep:
                  graphs: bool | None = None, buckets: list[int] | None = None) -> None:  # fmt: skip
         from pipeline.serve.cuda_graphs import GraphedDecoder
 
+        _check_family(model, max_len)
         self.dec = GraphedDecoder(model, max_batch=max_batch, max_len=max_len, buckets=buckets,
                                   compile_layers=compile_layers, graphs=graphs)  # fmt: skip
         self.max_len, self.max_batch = max_len, max_batch
@@ -135,6 +136,27 @@ class GraphedStep:
                 self.slots[state.seqs[b]] = b
                 self.took += 1
         state.cache = None  # the joiners' padded columns now live in the slots: free them
+
+
+SAME_LOOP = ("llama", "mistral", "qwen2", "qwen3")  # families whose model forward is GraphedDecoder's layer loop
+
+
+def _check_family(model: Any, max_len: int) -> None:
+    """Refuse families whose forward does more than embed -> layers -> norm -> lm_head (e.g. Gemma scales its
+    embeddings, Gemma 2/3 soft-cap logits): the static-cache loop would decode them silently wrong."""
+    cfg = getattr(model, "config", None)
+    family = getattr(cfg, "model_type", None)
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    why = None
+    if family not in SAME_LOOP:
+        why = f"its family {family!r} is not one whose forward the static-cache loop reproduces ({', '.join(SAME_LOOP)})"
+    elif isinstance(window, int) and window < max_len:
+        why = f"it attends through a sliding window of {window} tokens, and the static cache attends to all {max_len}"
+    if why:
+        raise StageError(
+            f"The graphed decode step cannot serve {type(model).__name__}: {why}. Serve it with decode='eager' "
+            "(serve.decode / --decode eager), or, for a sliding window, a decode max_len within the window."
+        )
 
 
 def make_step(decode: str, model: Any, max_batch: int, max_len: int) -> GraphedStep | None:
