@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING
 
 from pipeline.errors import RecipeError
 from pipeline.recipe import METHOD_BITS, line_of
-from pipeline.targets import METHODS_NEEDING_CALIBRATION, FormatSettings, check_target_loads, check_target_option
+from pipeline.targets import (
+    METHODS_NEEDING_CALIBRATION,
+    TARGETS,
+    FormatSettings,
+    check_target_loads,
+    check_target_option,
+)
 
 if TYPE_CHECKING:
     from pipeline.recipe import LoadedRecipe, Recipe
@@ -60,8 +66,55 @@ def check_rules(loaded: LoadedRecipe, lines: dict[tuple, int]) -> None:
         if why:
             field = "device" if why.startswith("compile.device") else "kv_cache"
             problems.append(f"{where}:{line_of(lines, ('compile', field))}: field 'compile.{field}'{tag}: {why}")
+        if r.eval is not None and r.eval.through == "endpoint" and not why:
+            why = _no_server_here(r.compile.target, r.compile.device)
+            if why:
+                valid = [t for t in _targets_serving_here(settings, r.compile.device) if t != r.compile.target]
+                problems.append(
+                    f"{where}:{line_of(lines, ('eval', 'through'))}: field 'eval.through'{tag}: endpoint, but "
+                    f"compile.target {r.compile.target!r} has no server that runs on this machine ({why}), so the "
+                    f"evaluate stage could not start one; valid: eval.through auto (the endpoint where the target's "
+                    f"server runs, else in process, labelled so) or in_process, or a compile.target whose server "
+                    f"runs here for this format ({', '.join(valid) or 'none'}), or run the recipe on a machine that "
+                    f"runs {TARGETS[r.compile.target].engine}"
+                )
     if problems:
         raise RecipeError("; ".join(dict.fromkeys(problems)) + ".")
+
+
+# Targets whose engine ships no OpenAI-compatible server (their module's ``serve_command`` returns None whatever
+# the artifact): pipeline/engines/onnxruntime_engine.py serve_command.
+_WITHOUT_SERVER = {"onnxruntime": "ONNX Runtime and onnxruntime-genai ship no OpenAI-compatible server"}
+
+
+def _no_server_here(target: str, device: str) -> str | None:
+    """Why ``target``'s server (its engine's own, or the embedded one for a target without ``serve_command``)
+    cannot run on this machine at ``compile.device``, or None. The same facts the evaluate and serve stages use
+    (``pipeline.stages.serve.engine_server``): the target's ``available(device)``."""
+    from pipeline.stages.compile import resolve_target_device
+    from pipeline.targets import engine_module
+
+    if target in _WITHOUT_SERVER:
+        return f"not served: {_WITHOUT_SERVER[target]}"
+    if not TARGETS[target].built:
+        return f"not built: quantship's {TARGETS[target].engine} target is not written yet"
+    resolved = resolve_target_device(target, device)
+    availability = engine_module(target).available(resolved)
+    if not availability.runs:
+        return f"not run here on {resolved}: {availability.why}"
+    return None
+
+
+def _targets_serving_here(settings: FormatSettings, device: str) -> list[str]:
+    """The targets that load ``settings`` and whose server runs here (at ``device`` where they take it)."""
+    out = []
+    for target, spec in TARGETS.items():
+        if check_target_loads(target, settings):
+            continue
+        at = device if device in spec.devices else "auto"
+        if _no_server_here(target, at) is None:
+            out.append(target)
+    return out
 
 
 def _source_format(loaded: LoadedRecipe, r: Recipe) -> FormatSettings:
