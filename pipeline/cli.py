@@ -376,12 +376,22 @@ def _announce(api_key: str | None):
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--api-key", envvar="QUANTSHIP_API_KEY", default=None, show_envvar=True,
               help="Require this bearer key (or set QUANTSHIP_API_KEY).")
+@click.option("--max-batch-size", type=click.IntRange(1, 4096), default=None,
+              help="Embedded server: sequences decoded together (default: the recipe's serve.max_batch_size, 16).")
+@click.option("--max-queued", type=click.IntRange(0), default=None,
+              help="Embedded server: sequences that may wait for the batch before requests get a 429 (default: the "
+              "recipe's serve.max_queued, 256).")
+@click.option("--max-queued-tokens", type=click.IntRange(0), default=None,
+              help="Embedded server: tokens waiting sequences may reserve before requests get a 429 (default: the "
+              "recipe's serve.max_queued_tokens, no cap).")
 def serve(target: Path, variant: str | None, output_dir: Path, model_name: str | None, host: str, port: int,
-          api_key: str | None) -> None:
+          api_key: str | None, max_batch_size: int | None, max_queued: int | None,
+          max_queued_tokens: int | None) -> None:
     """Serve a finished run's compiled variant (RECIPE_OR_DIR a recipe file), or a compile artifact
     (outputs/<recipe>/compile-<key>/) or model folder, until SIGINT/SIGTERM."""
     from pipeline.stages.serve import recipe_artifact, serve_artifact
 
+    limits: dict = {}
     try:
         if target.is_dir():
             if variant is not None:
@@ -389,13 +399,18 @@ def serve(target: Path, variant: str | None, output_dir: Path, model_name: str |
                                   "variant of a recipe file. Pass the recipe, or leave --variant out.")
             artifact = target
         else:
-            artifact, recipe_model = recipe_artifact(_load(str(target)), output_dir, variant)
+            loaded = _load(str(target))
+            artifact, recipe_model = recipe_artifact(loaded, output_dir, variant)
+            served = loaded.variants[recipe_model[len(loaded.name) + 1:]].serve  # the id is <recipe>-<variant>
+            limits = served.engine_limits() if served is not None else {}
             model_name = model_name or recipe_model
     except QuantshipError as e:
         _fail(e)
+    flags = {"max_batch_size": max_batch_size, "max_queued": max_queued, "max_queued_tokens": max_queued_tokens}
+    limits.update({k: v for k, v in flags.items() if v is not None})
     _setup_logging(1)
     try:
-        serve_artifact(artifact, host, port, api_key, model_name, on_ready=_announce(api_key))
+        serve_artifact(artifact, host, port, api_key, model_name, on_ready=_announce(api_key), limits=limits)
     except QuantshipError as e:
         _fail(e)
 

@@ -267,6 +267,9 @@ class EvalSection(_Section):
     gates: GatesSection = Field(default_factory=GatesSection, description="Quality gates.")
 
 
+ENGINE_LIMITS = ("max_batch_size", "max_batch_tokens", "max_queued", "max_queued_tokens")
+
+
 class ServeSection(_Section):
     """The compiled target's OpenAI-compatible server (the engine's own where it runs here, else the embedded one
     for the transformers target): started, health-checked, smoke-tested with the official openai client."""
@@ -282,6 +285,20 @@ class ServeSection(_Section):
         600, gt=0, le=7200, description="How long an engine's own server may take to become healthy (it loads the "
         "model first).",
     )
+    # The embedded server's caps (pipeline.serve.generate.GenerationEngine); an engine's own server takes its
+    # batch settings from the compile section.
+    max_batch_size: int = Field(16, ge=1, le=4096, description="Embedded server: sequences decoded together.")
+    max_batch_tokens: int = Field(
+        65536, ge=2, description="Embedded server: tokens (prompt + max_tokens) the running batch may reserve.")
+    max_queued: int | None = Field(
+        256, ge=0, description="Embedded server: sequences that may wait for the batch; past it a 429 "
+        "(null: no cap).")
+    max_queued_tokens: int | None = Field(
+        None, ge=0, description="Embedded server: tokens waiting sequences may reserve; past it a 429 (null: no cap).")
+
+    def engine_limits(self) -> dict[str, int | None]:
+        """The caps as ``GenerationEngine`` keyword arguments."""
+        return {k: getattr(self, k) for k in ENGINE_LIMITS}
 
 
 _PUBLISH_TO = re.compile(r"hf://(?P<org>[A-Za-z0-9{][A-Za-z0-9._{}-]*)/(?P<name>[A-Za-z0-9{][A-Za-z0-9._{}-]*)|file:///.+")

@@ -38,12 +38,19 @@ def _model_name(engine_dir: Path) -> str:
     return engine_dir.name
 
 
-def build_app(artifact: Path, api_key: str | None, model_name: str | None = None):
+def build_app(artifact: Path, api_key: str | None, model_name: str | None = None, **limits: int | None):
     """A FastAPI app serving a compile artifact (engine.json) or a plain model folder (config.json) as
-    ``model_name`` (default: the artifact's own, see ``_model_name``)."""
+    ``model_name`` (default: the artifact's own, see ``_model_name``). ``limits``: the engine's caps
+    (``max_batch_size``, ``max_batch_tokens``, ``max_queued``, ``max_queued_tokens``, as in the recipe's ``serve:``
+    section); those not given keep ``GenerationEngine``'s defaults."""
+    from pipeline.recipe import ENGINE_LIMITS
+
     from pipeline.serve.app import create_app
     from pipeline.serve.generate import GenerationEngine
 
+    unknown = set(limits) - set(ENGINE_LIMITS)
+    if unknown:
+        raise TypeError(f"build_app: unknown limit(s) {', '.join(sorted(unknown))}; known: {', '.join(ENGINE_LIMITS)}")
     if (artifact / ENGINE).is_file():
         from pipeline.stages.compile import load_engine
 
@@ -58,7 +65,7 @@ def build_app(artifact: Path, api_key: str | None, model_name: str | None = None
             "pass outputs/<recipe>/compile-<key>/ or a model folder."
         )
     name = model_name or _model_name(artifact)
-    return create_app(GenerationEngine(model, tokenizer), model_name=name, api_key=api_key)
+    return create_app(GenerationEngine(model, tokenizer, **limits), model_name=name, api_key=api_key)
 
 
 def stop_engine(app) -> None:
@@ -112,11 +119,13 @@ class RunningEndpoint:
 
 @contextlib.contextmanager
 def running_server(artifact: Path, command, host: str, port: int, api_key: str | None, log_path: Path,
-                   health_timeout_s: float = 600.0, model_name: str | None = None) -> Iterator[RunningEndpoint]:
+                   health_timeout_s: float = 600.0, model_name: str | None = None,
+                   limits: dict | None = None) -> Iterator[RunningEndpoint]:
     """The artifact's OpenAI-compatible server, healthy, for the duration of the block: the engine's own
     (``command`` from ``engine_server``, its output in ``log_path``) or, with ``command`` None, the embedded one
-    in a background thread. Stopped on exit (the embedded engine's scheduler thread too). Used by the serve stage
-    (smoke test) and the evaluate stage (``eval.through: endpoint``)."""
+    in a background thread, with the engine's caps ``limits`` (``build_app``). Stopped on exit (the embedded
+    engine's scheduler thread too). Used by the serve stage (smoke test) and the evaluate stage
+    (``eval.through: endpoint``)."""
     from pipeline.serve.external import ExternalServer
     from pipeline.serve.server import start_server, wait_healthy
 
@@ -125,7 +134,7 @@ def running_server(artifact: Path, command, host: str, port: int, api_key: str |
     if command is not None:
         server = ExternalServer(command, log_path, api_key).start()
     else:
-        app = build_app(artifact, api_key, name)
+        app = build_app(artifact, api_key, name, **(limits or {}))
         try:
             server = start_server(app, host=host, port=port)
         except BaseException:
@@ -170,7 +179,7 @@ def _serve(ctx: StageContext) -> dict:
         ctx.progress(2, 2, why_not)
         return {"status": why_not, "served_by": None}
     with running_server(artifact, command, cfg.host, cfg.port, api_key, ctx.out / SERVER_LOG,
-                        cfg.health_timeout_s) as server:
+                        cfg.health_timeout_s, limits=cfg.engine_limits()) as server:
         ctx.progress(1, 2, f"healthy at {server.url} after {server.waited_s:.1f} s")
         result = smoke_test(server.url, server.model_name, api_key, cfg.smoke_prompt, cfg.max_tokens)
     served_by = server.served_by
@@ -220,9 +229,11 @@ def serve_artifact(
     api_key: str | None,
     model_name: str | None = None,
     on_ready: Callable[[str, str], None] | None = None,
+    limits: dict | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM (``pipeline serve``): the engine's own server where it runs here, else the
-    embedded one. ``on_ready(url, model_name)`` is called once it answers."""
+    embedded one with the caps ``limits`` (``build_app``). ``on_ready(url, model_name)`` is called once it
+    answers."""
     import signal
 
     from pipeline.serve.external import ExternalServer
@@ -234,7 +245,7 @@ def serve_artifact(
         raise TargetUnavailable(f"{artifact}: {why_not}. Serve it on a machine that runs its engine.")
     if command is None:
         ready = (lambda url: on_ready(url, name)) if on_ready else None
-        app = build_app(artifact, api_key, name)
+        app = build_app(artifact, api_key, name, **(limits or {}))
         try:
             serve_forever(app, host=host, port=port, on_ready=ready)
         finally:
