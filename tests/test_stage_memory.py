@@ -20,7 +20,7 @@ RECIPE = """\
 name: mem
 model: {{source: {model}}}
 quantize: {{method: none}}
-compile: {{target: transformers, device: cpu}}
+compile: {{target: transformers, device: DEVICE}}
 eval:
   text: {eval}
   seq_len: 128
@@ -34,9 +34,15 @@ serve: {{max_tokens: 4}}
 """
 
 
-@pytest.mark.parametrize("through", ["in_process", "endpoint"])
-def test_evaluate_and_serve_leave_no_model_alive(tmp_path, monkeypatch, through):
+@pytest.mark.parametrize("through,device", [
+    ("in_process", "cpu"), ("endpoint", "cpu"),
+    pytest.param("in_process", "cuda", marks=pytest.mark.gpu), pytest.param("endpoint", "cuda", marks=pytest.mark.gpu),
+])
+def test_evaluate_and_serve_leave_no_model_alive(tmp_path, monkeypatch, through, device):
+    """On CUDA also: the caching allocator holds no more after each stage than before it (what bench/RESULTS.md's
+    8B run showed climbing by 5.6-7.9 GiB per evaluate and serve stage)."""
     pytest.importorskip("lm_eval")
+    import torch
     from click.testing import CliRunner
 
     from pipeline.cli import main
@@ -62,16 +68,19 @@ def test_evaluate_and_serve_leave_no_model_alive(tmp_path, monkeypatch, through)
     def checked(kind, real):
         def run(ctx):
             before = len(loaded)
+            gpu_before = torch.cuda.memory_allocated() if device == "cuda" else 0
             result = real(ctx)
             after[kind] = [where for where, ref in loaded[before:] if ref() is not None]
             after[kind + "_loaded"] = len(loaded) - before
+            if device == "cuda":
+                after[kind + "_gpu_growth"] = torch.cuda.memory_allocated() - gpu_before
             return result
         return run
 
     monkeypatch.setattr(evaluate, "run", checked("evaluate", evaluate.run))
     monkeypatch.setattr(serve, "run", checked("serve", serve.run))
     tasks = "tasks: [pydocs_cloze]\n  task_limit: 4" if through == "in_process" else ""  # lm-eval holds the model
-    recipe = write_recipe(tmp_path, RECIPE.replace("THROUGH", through).replace("TASKS", tasks))
+    recipe = write_recipe(tmp_path, RECIPE.replace("THROUGH", through).replace("TASKS", tasks).replace("DEVICE", device))
     res = CliRunner().invoke(main, ["run", str(recipe), "-o", str(tmp_path / "out")], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     # evaluate loads the candidate and the reference; endpoint mode the embedded server's copy too; serve its own
@@ -83,10 +92,12 @@ def test_evaluate_and_serve_leave_no_model_alive(tmp_path, monkeypatch, through)
     else:
         assert alive_before[:2] == [0, 1]
     assert alive_before[-1] == 0  # the serve stage's
+    if device == "cuda":  # nothing of the stages' models stays allocated (1 MiB for what torch keeps per device)
+        assert after["evaluate_gpu_growth"] <= 1 << 20 and after["serve_gpu_growth"] <= 1 << 20, after
     plan = json.loads((tmp_path / "out" / "mem" / "plan.json").read_text())
     (run,) = [r for r in plan["runs"] if r["id"] == plan["variants"]["none"]["evaluate"]]
     metrics = json.loads((Path(run["dir"]) / "metrics.json").read_text())
-    assert metrics["kl_mean"] < 1e-9 and metrics["sanity"]["prompts"] == 2
+    assert metrics["kl_mean"] < (1e-9 if device == "cpu" else 1e-3) and metrics["sanity"]["prompts"] == 2
     assert metrics["through"]["perplexity"] == ("endpoint: embedded server (transformers)" if through == "endpoint"
                                                 else "in process: transformers")
     if through == "in_process":
