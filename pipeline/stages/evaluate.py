@@ -217,7 +217,9 @@ def _evaluate(ctx: StageContext) -> dict:
 
 def _served(ctx: StageContext, artifact: Path) -> tuple[Any, str, str] | None:
     """``(serve command or None for the embedded server, API key, label)`` when perplexity, sanity and tasks go
-    through the target's endpoint (``eval.through``), else None. ``endpoint`` with no server here: RecipeError."""
+    through the target's endpoint (``eval.through``), else None. ``endpoint`` with no server here: RecipeError
+    (recipe validation, ``pipeline.rules``, refuses most such recipes before any stage; this catches what only the
+    artifact tells, e.g. a server whose packages are missing)."""
     import secrets
 
     from pipeline.errors import RecipeError, TargetUnavailable
