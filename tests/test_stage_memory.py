@@ -80,7 +80,8 @@ def test_evaluate_and_serve_leave_no_model_alive(tmp_path, monkeypatch, through,
     monkeypatch.setattr(evaluate, "run", checked("evaluate", evaluate.run))
     monkeypatch.setattr(serve, "run", checked("serve", serve.run))
     tasks = "tasks: [pydocs_cloze]\n  task_limit: 4" if through == "in_process" else ""  # lm-eval holds the model
-    recipe = write_recipe(tmp_path, RECIPE.replace("THROUGH", through).replace("TASKS", tasks).replace("DEVICE", device))
+    text = RECIPE.replace("THROUGH", through).replace("TASKS", tasks).replace("DEVICE", device)
+    recipe = write_recipe(tmp_path, text)
     res = CliRunner().invoke(main, ["run", str(recipe), "-o", str(tmp_path / "out")], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     # evaluate loads the candidate and the reference; endpoint mode the embedded server's copy too; serve its own
