@@ -77,7 +77,7 @@ def _hook(marker: str, fail_flag: str, die_flag: str, pids: str):
 
         def compile_fails(ctx):
             with open(pids, "a") as f:
-                f.write(f"{ctx.run_id} {os.getpid()}\n")
+                f.write(f"{ctx.run_id} {os.getpid()} {os.environ.get('OMP_NUM_THREADS')}\n")
             if Path(fail_flag).exists():
                 if ctx.run_id == "compile@rtn":
                     raise TargetUnavailable("compile@rtn: a stand-in typed error (what, why, how to fix).")
@@ -146,10 +146,11 @@ def _scenario(work: Path) -> None:
         ray_executor.gpus_for = real_gpus_for
     ran = [line.split() for line in pids.read_text().splitlines()]
     deadline = time.perf_counter() + 30
-    while time.perf_counter() < deadline and any(Path(f"/proc/{pid}").exists() for _, pid in ran):
+    while time.perf_counter() < deadline and any(Path(f"/proc/{pid}").exists() for _, pid, _ in ran):
         time.sleep(0.2)
-    record["gpu_tasks"] = {"statuses": out.statuses, "files": _files(plan.root), "ran": ran,
-                           "alive": [pid for _, pid in ran if Path(f"/proc/{pid}").exists()]}
+    record["gpu_tasks"] = {"statuses": out.statuses, "files": _files(plan.root), "ran": [r[:2] for r in ran],
+                           "threads": [r[2] for r in ran],
+                           "alive": [pid for _, pid, _ in ran if Path(f"/proc/{pid}").exists()]}
 
     fail_flag.write_text("1")
     out = execute(make_plan(recipe, work / "ray"), force={"compile"}, executor=RayExecutor())
@@ -375,4 +376,6 @@ def test_a_gpu_task_runs_in_a_worker_that_exits_when_it_returns(scenario):
     assert sorted(run for run, _ in gpu["ran"]) == ["compile@none", "compile@rtn"]
     assert len({pid for _, pid in gpu["ran"]}) == 2  # not one reused worker
     assert gpu["alive"] == []
+    # Ray would set OMP_NUM_THREADS to the task's num_cpus (1); a GPU task gets its node's CPUs per GPU (2 / 1)
+    assert gpu["threads"] == ["2", "2"]
     assert gpu["files"] == scenario["ray"]["files"]  # the forced compiles wrote the same artifacts

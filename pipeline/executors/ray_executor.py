@@ -35,6 +35,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -130,8 +131,16 @@ def remove_attempt_leftovers(run: StageRun) -> list[Path]:
     return removed
 
 
-def run_in_worker(plan: Plan, run_id: str) -> dict[str, Any]:
-    """The Ray task: one stage run through ``runner.run_stage``; plain data back (status, seconds, error)."""
+def run_in_worker(plan: Plan, run_id: str, threads: int | None = None) -> dict[str, Any]:
+    """The Ray task: one stage run through ``runner.run_stage``; plain data back (status, seconds, error).
+
+    ``threads``: the CPU threads the stage's torch may use. Ray sets ``OMP_NUM_THREADS`` to a task's ``num_cpus``
+    (1), which made the CPU side of GPU stages (packing, the checkpoint writer, tokenising) 1.4-2x slower on the
+    lent 2 x H200 machine (bench/RESULTS.md, "Ray over two GPUs"); a GPU task gets its node's CPUs per GPU."""
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        if "torch" in sys.modules:  # a reused worker: the variable is read once, at torch's import
+            sys.modules["torch"].set_num_threads(threads)
     from pipeline.runner import run_stage
 
     run = plan.run(run_id)
@@ -192,6 +201,7 @@ class RayExecutor:
         self._plan: Plan | None = None
         self._plan_ref: Any = None
         self._gpus = 0.0  # the most GPUs one node has: a task's GPUs must all be on one node
+        self._cpus_per_gpu = 1.0  # the CPU threads a GPU task's torch may use, per GPU it holds
         self._failed_now: list[Any] = []
 
     def start(self, plan: Plan) -> None:
@@ -212,7 +222,9 @@ class RayExecutor:
                     "--address, or leave --address out to start a local one."
                 ) from None
             self._owns = True
-        self._gpus = max((n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+        alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        self._gpus = max((r.get("GPU", 0.0) for r in alive), default=0.0)
+        self._cpus_per_gpu = min((r.get("CPU", 1.0) / r["GPU"] for r in alive if r.get("GPU")), default=1.0)
         try:
             self._check_shared_storage(plan)
         except BaseException:
@@ -278,8 +290,9 @@ class RayExecutor:
             self._failed_now.append(StageResult(run.id, "failed", error=error))
             return
         task = self._gpu_task if gpus else self._task
+        threads = max(1, int(self._cpus_per_gpu * gpus)) if gpus else None
         ref = task.options(num_cpus=1, num_gpus=gpus, max_retries=self.max_retries, retry_exceptions=False,
-                                 name=run.id).remote(self._plan_ref, run.id)
+                           name=run.id).remote(self._plan_ref, run.id, threads)
         self._running[ref] = run.id
 
     def results(self, block: bool) -> list[Any]:
