@@ -191,7 +191,7 @@ def run(recipe: str, output_dir: Path, force: tuple[str, ...], executor: str, ad
         key = cfg.api_key.get_secret_value() if cfg.api_key else None
         try:
             serve_artifact(compile_dir, cfg.host, cfg.port or 8000, key, f"{p.recipe.name}-{keep[-1]}",
-                           on_ready=_announce(key))
+                           on_ready=_announce(key), limits=cfg.engine_limits())
         except QuantshipError as e:
             _fail(e)
 

@@ -20,12 +20,13 @@ from pydantic import BaseModel, SecretStr
 
 from pipeline import __version__
 from pipeline.artifacts import PLAN, is_complete, sha256_file, write_json
-from pipeline.recipe import LoadedRecipe, Recipe
+from pipeline.recipe import ENGINE_LIMITS, LoadedRecipe, Recipe
 from pipeline.targets import METHODS_NEEDING_CALIBRATION
 
 STAGE_ORDER = ("download", "calibrate", "quantize", "compile", "evaluate", "serve", "publish")
 # Fields that change how a stage is run or judged but not what it produces.
-_NOT_IN_KEY = {"evaluate": {"gates"}, "serve": {"keep_running", "host", "port", "api_key", "health_timeout_s"},
+_NOT_IN_KEY = {"evaluate": {"gates"},  # serve: how it listens and its load caps, not what the smoke test checks
+               "serve": {"keep_running", "host", "port", "api_key", "health_timeout_s", *ENGINE_LIMITS},
                "publish": {"variants", "overwrite"}}
 _TOOLS = ("torch", "transformers", "safetensors", "tokenizers")
 
