@@ -384,9 +384,12 @@ def _announce(api_key: str | None):
 @click.option("--max-queued-tokens", type=click.IntRange(0), default=None,
               help="Embedded server: tokens waiting sequences may reserve before requests get a 429 (default: the "
               "recipe's serve.max_queued_tokens, no cap).")
+@click.option("--decode", type=click.Choice(["auto", "eager", "graphs", "graphs+compile"]), default=None,
+              help="Embedded server's decode step: graphs = static KV cache + CUDA graphs (default: the recipe's "
+              "serve.decode, auto = eager).")
 def serve(target: Path, variant: str | None, output_dir: Path, model_name: str | None, host: str, port: int,
           api_key: str | None, max_batch_size: int | None, max_queued: int | None,
-          max_queued_tokens: int | None) -> None:
+          max_queued_tokens: int | None, decode: str | None) -> None:
     """Serve a finished run's compiled variant (RECIPE_OR_DIR a recipe file), or a compile artifact
     (outputs/<recipe>/compile-<key>/) or model folder, until SIGINT/SIGTERM."""
     from pipeline.stages.serve import recipe_artifact, serve_artifact
@@ -406,7 +409,8 @@ def serve(target: Path, variant: str | None, output_dir: Path, model_name: str |
             model_name = model_name or recipe_model
     except QuantshipError as e:
         _fail(e)
-    flags = {"max_batch_size": max_batch_size, "max_queued": max_queued, "max_queued_tokens": max_queued_tokens}
+    flags = {"max_batch_size": max_batch_size, "max_queued": max_queued, "max_queued_tokens": max_queued_tokens,
+             "decode": decode}
     limits.update({k: v for k, v in flags.items() if v is not None})
     _setup_logging(1)
     try:

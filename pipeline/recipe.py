@@ -267,7 +267,7 @@ class EvalSection(_Section):
     gates: GatesSection = Field(default_factory=GatesSection, description="Quality gates.")
 
 
-ENGINE_LIMITS = ("max_batch_size", "max_batch_tokens", "max_queued", "max_queued_tokens")
+ENGINE_LIMITS = ("max_batch_size", "max_batch_tokens", "max_queued", "max_queued_tokens", "decode")
 
 
 class ServeSection(_Section):
@@ -295,6 +295,10 @@ class ServeSection(_Section):
         "(null: no cap).")
     max_queued_tokens: int | None = Field(
         None, ge=0, description="Embedded server: tokens waiting sequences may reserve; past it a 429 (null: no cap).")
+    decode: Literal["auto", "eager", "graphs", "graphs+compile"] = Field(
+        "auto", description="Embedded server's decode step (pipeline.serve.graph_step): eager, graphs (static KV "
+        "cache + a CUDA graph per batch bucket on CUDA), graphs+compile (also torch.compile per layer); auto = eager "
+        "until graphs are measured through the server on a GPU.")
 
     def engine_limits(self) -> dict[str, int | None]:
         """The caps as ``GenerationEngine`` keyword arguments."""

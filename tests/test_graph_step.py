@@ -266,3 +266,31 @@ def test_families_the_static_loop_would_decode_wrong_are_refused(parts):
         assert GraphedStep(model, 2, 32).max_len == 32  # within the window
     finally:
         del model.config.sliding_window
+
+
+# ------------------------------------------------------------------------------------- settings: recipe, CLI
+
+
+def test_serve_decode_setting_reaches_the_engine(monkeypatch):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from pipeline.recipe import ServeSection
+    from pipeline.serve import server
+    from pipeline.stages.serve import build_app, stop_engine
+
+    assert ServeSection().decode == "auto" and ServeSection(decode="graphs").engine_limits()["decode"] == "graphs"
+    with pytest.raises(ValueError):
+        ServeSection(decode="fast")
+    app = build_app(TINY_MODEL, None, "tiny", decode="graphs", max_batch_size=2)
+    try:
+        assert app.state.engine.decode_mode == "graphs" and isinstance(app.state.engine.scheduler.step, GraphedStep)
+    finally:
+        stop_engine(app)
+    seen = {}
+    monkeypatch.setattr(server, "serve_forever", lambda app, *a, **kw: seen.update(mode=app.state.engine.decode_mode))
+    res = CliRunner().invoke(main, ["serve", str(TINY_MODEL), "--port", "0", "--decode", "graphs"],
+                             catch_exceptions=False)  # fmt: skip
+    assert res.exit_code == 0 and seen == {"mode": "graphs"}, res.output
+    res = CliRunner().invoke(main, ["serve", str(TINY_MODEL), "--port", "0"], catch_exceptions=False)
+    assert seen == {"mode": "eager"}  # auto
