@@ -386,7 +386,7 @@ def _announce(api_key: str | None):
               "recipe's serve.max_queued_tokens, no cap).")
 @click.option("--decode", type=click.Choice(["auto", "eager", "graphs", "graphs+compile"]), default=None,
               help="Embedded server's decode step: graphs = static KV cache + CUDA graphs (default: the recipe's "
-              "serve.decode, auto = eager).")
+              "serve.decode; auto = graphs+compile on CUDA, eager elsewhere).")
 def serve(target: Path, variant: str | None, output_dir: Path, model_name: str | None, host: str, port: int,
           api_key: str | None, max_batch_size: int | None, max_queued: int | None,
           max_queued_tokens: int | None, decode: str | None) -> None:

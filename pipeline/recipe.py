@@ -297,8 +297,8 @@ class ServeSection(_Section):
         None, ge=0, description="Embedded server: tokens waiting sequences may reserve; past it a 429 (null: no cap).")
     decode: Literal["auto", "eager", "graphs", "graphs+compile"] = Field(
         "auto", description="Embedded server's decode step (pipeline.serve.graph_step): eager, graphs (static KV "
-        "cache + a CUDA graph per batch bucket on CUDA), graphs+compile (also torch.compile per layer); auto = eager "
-        "until graphs are measured through the server on a GPU.")
+        "cache + a CUDA graph per batch bucket on CUDA), graphs+compile (also torch.compile per layer); auto = graphs+compile "
+        "on CUDA (eager where the model is refused or does not compile), eager elsewhere.")
 
     def engine_limits(self) -> dict[str, int | None]:
         """The caps as ``GenerationEngine`` keyword arguments."""

@@ -197,9 +197,37 @@ def test_decode_settings_are_checked(parts):
         GenerationEngine(*parts, decode="fast")
     with pytest.raises(RecipeError, match="batching"):
         GenerationEngine(*parts, decode="graphs", batching=False)
-    eng = GenerationEngine(*parts)  # auto: eager until measured through the server on a GPU
+    eng = GenerationEngine(*parts)  # auto on the CPU: the eager step
     try:
         assert eng.decode_mode == "eager" and not isinstance(eng.scheduler.step, GraphedStep)
+    finally:
+        eng.shutdown()
+
+
+def test_auto_takes_the_graphed_step_on_cuda_and_falls_back_when_it_is_refused(parts, monkeypatch):
+    import pipeline.serve.generate as generate
+    import pipeline.serve.graph_step as graph_step
+    from pipeline.errors import StageError
+
+    monkeypatch.setattr(generate, "_on_cuda", lambda model: True)  # the choice alone; the step runs on the CPU
+    eng = GenerationEngine(*parts, decode_max_len=64)
+    try:
+        assert eng.decode_mode == "graphs+compile" and isinstance(eng.scheduler.step, GraphedStep)
+        assert eng.max_context == 64
+    finally:
+        eng.shutdown()
+
+    def refuse(*args, **kwargs):
+        raise StageError("a stand-in refusal (another model family)")
+
+    plain = GenerationEngine(*parts, decode="eager")
+    full = plain.max_context
+    plain.shutdown()
+    monkeypatch.setattr(graph_step, "make_step", refuse)
+    eng = GenerationEngine(*parts, decode_max_len=64)
+    try:
+        assert eng.decode_mode == "eager" and not isinstance(eng.scheduler.step, GraphedStep)
+        assert eng.max_context == full  # not left lowered by the refused attempt
     finally:
         eng.shutdown()
 

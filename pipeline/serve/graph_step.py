@@ -21,11 +21,13 @@ before it queues, as with any other context cap. A row that nevertheless reaches
 with a :class:`~pipeline.errors.StageError` rather than writing out of bounds.
 
 ``GenerationEngine(decode=...)`` picks the step: ``"eager"`` (the default :class:`DynamicCacheStep`),
-``"graphs"``, ``"graphs+compile"``; ``"auto"`` is ``"eager"`` for now, because this step has been checked for
-exact greedy equality on the CPU (the static-cache path without capture, tests/test_graph_step.py) but NOT yet
-measured through the server on a GPU. The bench's figures (bench/RESULTS.md: Llama-3-8B shape, H200, batch 1,
-bf16 36 -> 137 tok/s with graphs, INT4 30 -> 187; 179 / 283 with per-layer compile) are the decoder's alone,
-not the server's, and were taken with a cache of P + T + 8 positions: attention here reads every slot's
+``"graphs"``, ``"graphs+compile"``; ``"auto"`` is ``"graphs+compile"`` on CUDA (eager elsewhere, and eager with a
+warning where this step refuses the model or it does not compile). Checked for exact greedy equality on the CPU
+(the static-cache path without capture, tests/test_graph_step.py) and, with capture and compile, against the
+eager step on an H200 (the ``gpu`` tests there); measured through this scheduler on the H200 for the Llama-3-8B
+shape (``bench/decode_speed.py --server``): batch 1, bf16 19.4 -> 170.7 tok/s, INT4 15.5 -> 269.7 tok/s. The
+decoder-only figures of the same bench (bf16 36 -> 137 with graphs, 179 with compile) were taken with a cache of
+P + T + 8 positions: attention here reads every slot's
 ``max_len`` positions each step (masked, not skipped), e.g. 0.5 GiB per sequence and token for Llama-3-8B at
 ``max_len`` 4096 (the engine's default, ``DEFAULT_DECODE_MAX_LEN``), about 3% of bf16's and 11% of INT4's weight
 bytes at batch 1, and 8 times that at batch 8; graphs per length bucket would remove it. On the CPU, ``graphs`` runs the same static-cache step eagerly (no capture) and
@@ -160,7 +162,8 @@ def _check_family(model: Any, max_len: int) -> None:
 
 
 def make_step(decode: str, model: Any, max_batch: int, max_len: int) -> GraphedStep | None:
-    """The step for ``decode`` (:data:`DECODE_MODES`): None for the default eager step (``auto`` included)."""
+    """The step for ``decode`` (:data:`DECODE_MODES`): None for the default eager step (``auto`` is resolved by
+    ``GenerationEngine`` first)."""
     if decode not in DECODE_MODES:
         raise RecipeError(
             f"Unknown decode mode {decode!r}. The embedded server decodes with one of {', '.join(DECODE_MODES)} "
