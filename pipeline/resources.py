@@ -13,11 +13,12 @@ stage's manifest (runner.run_stage; not part of the cache key); the benchmarks w
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 _STATUS = Path("/proc/self/status")
 
@@ -131,3 +132,21 @@ def drop_frames(exc: BaseException) -> None:
         seen.add(id(exc))
         traceback.clear_frames(exc.__traceback__)
         exc = exc.__cause__ or exc.__context__
+
+
+def releases_models(stage: Callable[[Any], dict]) -> Callable[[Any], dict]:
+    """A stage function that, when it returns or raises, references no model it loaded any more and hands the
+    freed memory back (:func:`free_memory`): the next stage of ``pipeline run`` runs in this process. Its error's
+    frames are cleared first (:func:`drop_frames`), because the runner keeps the error."""
+
+    @functools.wraps(stage)
+    def run(ctx: Any) -> dict:
+        try:
+            return stage(ctx)
+        except BaseException as e:
+            drop_frames(e)
+            raise
+        finally:
+            free_memory()
+
+    return run

@@ -24,25 +24,14 @@ from pipeline.artifacts import ENGINE, model_path, write_json
 from pipeline.errors import ModelFolderError, QuantizationError, TargetUnavailable
 from pipeline.stages import StageContext
 from pipeline.targets import TARGETS, check_target_loads, engine_module
+from pipeline.resources import releases_models
 
 ENGINE_JSON_VERSION = 3  # 3: relative paths only (source_artifact replaces the absolute source_model_dir)
 
 
+@releases_models
 def run(ctx: StageContext) -> dict:
-    """The compile stage; when it returns (or raises) no model it loaded is referenced any more and the freed memory is handed
-    back (``pipeline.resources.free_memory``): the next stage of ``pipeline run`` runs in this process."""
-    from pipeline.resources import drop_frames, free_memory
-
-    try:
-        return _compile(ctx)
-    except BaseException as e:
-        drop_frames(e)  # the runner keeps the error: its frames must not keep the models
-        raise
-    finally:
-        free_memory()
-
-
-def _compile(ctx: StageContext) -> dict:
+    """The compile stage: the quantized folder built into the target engine's artifact (``engine.json``)."""
     from pipeline.engines.base import ARTIFACT_MODEL, BuildContext, link_model_folder, serving_files
     from pipeline.formats.detect import detect_format
 

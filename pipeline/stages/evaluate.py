@@ -28,6 +28,7 @@ from typing import Any
 from pipeline.artifacts import METRICS, clean_stale, model_path, new_tmp_dir, write_json
 from pipeline.stages import StageContext
 from pipeline.textdata import join_documents, read_documents
+from pipeline.resources import releases_models
 
 REFERENCE_CACHE_BYTES = 4 << 30
 GENERATIONS = "generations.json"
@@ -124,22 +125,9 @@ class _Reference:
         return scores
 
 
+@releases_models
 def run(ctx: StageContext) -> dict:
-    """The evaluate stage; when it returns (or raises) no model it loaded is referenced any more and the freed
-    memory is handed back (``pipeline.resources.free_memory``): the next stage of ``pipeline run`` runs in this
-    process."""
-    from pipeline.resources import drop_frames, free_memory
-
-    try:
-        return _evaluate(ctx)
-    except BaseException as e:
-        drop_frames(e)  # the runner keeps the error: its frames must not keep the models
-        raise
-    finally:
-        free_memory()
-
-
-def _evaluate(ctx: StageContext) -> dict:
+    """The evaluate stage: perplexity, KL and top-1 against the reference, sanity and tasks, gates' inputs."""
     import torch
 
     from pipeline.eval.divergence import compare_to_reference, compare_to_reference_logprobs

@@ -23,6 +23,7 @@ from pathlib import Path
 from pipeline.artifacts import ENGINE, SMOKE, write_json
 from pipeline.errors import ModelFolderError, TargetUnavailable
 from pipeline.stages import StageContext
+from pipeline.resources import releases_models
 
 SERVER_LOG = "server.log"
 
@@ -152,21 +153,9 @@ def running_server(artifact: Path, command, host: str, port: int, api_key: str |
             stop_engine(app)
 
 
+@releases_models
 def run(ctx: StageContext) -> dict:
-    """The serve stage; when it returns (or raises) no model it loaded is referenced any more and the freed memory is handed
-    back (``pipeline.resources.free_memory``): the next stage of ``pipeline run`` runs in this process."""
-    from pipeline.resources import drop_frames, free_memory
-
-    try:
-        return _serve(ctx)
-    except BaseException as e:
-        drop_frames(e)  # the runner keeps the error: its frames must not keep the models
-        raise
-    finally:
-        free_memory()
-
-
-def _serve(ctx: StageContext) -> dict:
+    """The serve stage: the compiled artifact served on loopback and smoke-tested with the ``openai`` client."""
     from pipeline.serve.server import smoke_test
 
     cfg = ctx.config
