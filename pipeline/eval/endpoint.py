@@ -28,10 +28,9 @@ which no OpenAI endpoint returns (``logprobs`` is capped at 20 and keyed by toke
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,26 +227,6 @@ def lm_eval_model_args(ep: Endpoint, tokenizer_dir: Path | str, max_length: int,
     return args
 
 
-@contextlib.contextmanager
-def _quiet_api() -> Iterator[None]:
-    """lm-eval's API model logs its settings and draws a "Requesting API" bar: both stay out of our terminal."""
-    import functools
-
-    import lm_eval.models.api_models as api_models
-
-    logger = logging.getLogger("lm_eval")
-    level, bar = logger.level, getattr(api_models, "tqdm", None)
-    logger.setLevel(logging.ERROR)
-    if bar is not None:
-        api_models.tqdm = functools.partial(bar, disable=True)
-    try:
-        yield
-    finally:
-        if bar is not None:
-            api_models.tqdm = bar
-        logger.setLevel(level)
-
-
 def endpoint_lm(ep: Endpoint, tokenizer_dir: Path | str, max_length: int, batch_size: int) -> Any:
     """lm-eval's ``local-completions`` LM over ``ep``, with the prefix token (BOS, else EOS) in front of every
     context, as ``pipeline.eval.tasks.make_lm`` and the perplexity stream put it (lm-eval's own adds it only to
@@ -268,13 +247,15 @@ def endpoint_lm(ep: Endpoint, tokenizer_dir: Path | str, max_length: int, batch_
         )
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
+    from pipeline.eval.tasks import quiet_lm_eval
+
     class PrefixedLocalCompletions(LocalCompletionsAPI):
         def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
             ctx, cont = super()._encode_pair(context, continuation)
             prefix = self.prefix_token_id
             return ([prefix] if prefix is not None else []) + list(ctx), list(cont)
 
-    with _quiet_api():
+    with quiet_lm_eval("lm_eval.models.api_models"):
         return PrefixedLocalCompletions(**lm_eval_model_args(ep, tokenizer_dir, max_length, batch_size))
 
 
@@ -282,8 +263,8 @@ def endpoint_tasks(ep: Endpoint, tokenizer_dir: Path | str, tasks: Sequence[str]
                    include_paths: Sequence[Path | str] = (), max_length: int = 2048,
                    batch_size: int = 8) -> dict[str, dict[str, Any]]:
     """``pipeline.eval.tasks.run_tasks``'s scores, through the endpoint (``endpoint_lm``)."""
-    from pipeline.eval.tasks import run_lm_tasks
+    from pipeline.eval.tasks import quiet_lm_eval, run_lm_tasks
 
     lm = endpoint_lm(ep, tokenizer_dir, max_length, batch_size)
-    with _quiet_api():
+    with quiet_lm_eval("lm_eval.models.api_models"):
         return run_lm_tasks(lm, tasks, limit=limit, include_paths=include_paths)

@@ -159,24 +159,28 @@ def score_continuations(model: Any, pairs: Sequence[tuple[list[int], list[int]]]
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """lm-eval's info logs, per-task warnings and tqdm bars stay out of our terminal (they go to debug)."""
+def quiet_lm_eval(*bar_modules: str) -> Iterator[None]:
+    """lm-eval's info logs, per-task warnings and tqdm bars stay out of our terminal (they go to debug): the bar
+    lm-eval 0.4.13 draws building requests (``lm_eval.api.task``) and those of ``bar_modules`` (e.g. the API
+    model's "Requesting API" bar in ``lm_eval.models.api_models``)."""
+    import functools
+    import importlib
+
     loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval", "datasets", "evaluate")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
-    import functools
-
-    import lm_eval.api.task as task_module
-
-    bar = getattr(task_module, "tqdm", None)  # lm-eval 0.4.13 draws one building requests (api/task.py)
-    if bar is not None:
-        task_module.tqdm = functools.partial(bar, disable=True)
+    modules = [importlib.import_module(n) for n in ("lm_eval.api.task", *bar_modules)]
+    bars = [getattr(m, "tqdm", None) for m in modules]
+    for m, bar in zip(modules, bars):
+        if bar is not None:
+            m.tqdm = functools.partial(bar, disable=True)
     try:
         yield
     finally:
-        if bar is not None:
-            task_module.tqdm = bar
+        for m, bar in zip(modules, bars):
+            if bar is not None:
+                m.tqdm = bar
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
 
@@ -203,7 +207,7 @@ def run_lm_tasks(lm: Any, tasks: Sequence[str], limit: int | None = None, includ
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    with _quiet():
+    with quiet_lm_eval():
         manager = TaskManager(include_path=[str(SHIPPED_TASKS), *map(str, include_paths)])
         unknown = [t for t in tasks if t not in manager.all_tasks]
         if unknown:
