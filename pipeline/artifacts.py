@@ -241,6 +241,16 @@ def model_path(artifact: Path) -> Path:
     return artifact / MODEL_DIR
 
 
+def link_or_copy(src: Path, target: Path) -> None:
+    """``target`` becomes a hard link of ``src`` (no bytes copied, the same inode: its sha256 is reused), or a
+    copy where the two are on different file systems."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src.resolve(), target)
+    except OSError:
+        shutil.copy2(src, target)
+
+
 def folder_bytes(folder: Path) -> int:
     """Total size of the files under ``folder``."""
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.artifacts import link_or_copy
 from pipeline.targets import FormatSettings
 
 ARTIFACT_MODEL = "model"  # the folder the engine reads, inside a compile artifact
@@ -94,12 +93,7 @@ def link_model_folder(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> list[
         rel = p.relative_to(src)
         if not p.is_file() or rel.parts[0].startswith(".") or rel.name in skip:
             continue
-        target = dst / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(p.resolve(), target)
-        except OSError:
-            shutil.copy2(p, target)
+        link_or_copy(p, dst / rel)
         names.append(rel.as_posix())
     return names
 

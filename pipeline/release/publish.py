@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import ENGINE, MANIFEST, file_entries, model_path, read_manifest, write_json
+from pipeline.artifacts import (ENGINE, MANIFEST, file_entries, link_or_copy, model_path, read_manifest,
+                                write_json)
 from pipeline.release.transport import Destination, PublishError, parse_destination, publish_folder
 
 README = "README.md"
@@ -228,12 +229,7 @@ def assemble(release: Release, folder: Path) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     for rel, src in release.files.items():
-        target = folder / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src.resolve(), target)
-        except OSError:
-            shutil.copy2(src, target)
+        link_or_copy(src, folder / rel)
     for rel, text in release.generated.items():
         (folder / rel).write_text(text, encoding="utf-8")
     (folder / README).write_text(card_text(release, folder), encoding="utf-8")
