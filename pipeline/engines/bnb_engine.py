@@ -24,7 +24,7 @@ from typing import Callable, Literal
 from pipeline.engines.transformers_engine import load_tokenizer
 from pipeline.errors import ModelFolderError, QuantizationError, TargetUnavailable
 from pipeline.formats.bnb import QUANT_METHOD, is_bnb_checkpoint
-from pipeline.formats.checkpoint import copy_side_files, open_checkpoint, read_config
+from pipeline.formats.checkpoint import copy_side_files, open_checkpoint, read_config, read_unquantized_config
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +80,7 @@ def quantize_checkpoint_bnb(
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     progress = progress or (lambda done, total=None, what="": None)
     bnb = _require_bnb(QuantizationError)
-    config = read_config(src_dir)
-    if "quantization_config" in config:
-        raise QuantizationError(
-            f"{src_dir} is already quantized (config.json has quantization_config "
-            f"{config['quantization_config'].get('quant_method')!r}); quantize the unquantized model instead."
-        )
+    config = read_unquantized_config(src_dir)
     dev = _resolve_device(device, bnb, QuantizationError)
     open_checkpoint(src_dir, allow_pickle=allow_pickle).close()  # our error for a pickle-only or empty folder
     qconfig = bnb_config(mode, compute_dtype, double_quant)

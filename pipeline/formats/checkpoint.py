@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from pipeline.errors import ModelFolderError
+from pipeline.errors import ModelFolderError, QuantizationError
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,17 @@ def read_config(model_dir: Path) -> dict[str, Any]:
         raise ModelFolderError(
             f"{path} is not valid JSON ({e}); the download may be incomplete: fetch it again."
         ) from e
+
+
+def read_unquantized_config(model_dir: Path) -> dict[str, Any]:
+    """``config.json`` of a folder a quantizer may start from; raises for one that is already quantized."""
+    config = read_config(model_dir)
+    if "quantization_config" in config:
+        raise QuantizationError(
+            f"{model_dir} is already quantized (config.json has quantization_config "
+            f"{config['quantization_config'].get('quant_method')!r}); quantize the unquantized model instead."
+        )
+    return config
 
 
 class CheckpointReader:

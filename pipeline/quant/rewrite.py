@@ -19,7 +19,7 @@ from pipeline.formats.checkpoint import (
     CheckpointWriter,
     copy_side_files,
     open_checkpoint,
-    read_config,
+    read_unquantized_config,
     write_config,
 )
 from pipeline.quant.arch import ArchSpec, arch_spec
@@ -43,12 +43,7 @@ class Walk:
 def plan_walk(src_dir: Path) -> Walk:
     """The walk over an unquantized model folder; raises for a quantized folder or an unknown layout."""
     src_dir = Path(src_dir)
-    config = read_config(src_dir)
-    if "quantization_config" in config:
-        raise QuantizationError(
-            f"{src_dir} is already quantized (config.json has quantization_config "
-            f"{config['quantization_config'].get('quant_method')!r}); quantize the unquantized model instead."
-        )
+    config = read_unquantized_config(src_dir)
     spec = arch_spec((config.get("architectures") or [None])[0])
     n_layers = config.get("num_hidden_layers")
     if not isinstance(n_layers, int):
