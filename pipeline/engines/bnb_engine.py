@@ -80,7 +80,7 @@ def quantize_checkpoint_bnb(
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     progress = progress or (lambda done, total=None, what="": None)
     bnb = _require_bnb(QuantizationError)
-    config = read_unquantized_config(src_dir)
+    read_unquantized_config(src_dir)  # refuses a folder that is already quantized
     dev = _resolve_device(device, bnb, QuantizationError)
     open_checkpoint(src_dir, allow_pickle=allow_pickle).close()  # our error for a pickle-only or empty folder
     qconfig = bnb_config(mode, compute_dtype, double_quant)
