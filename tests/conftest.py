@@ -62,6 +62,15 @@ def write_recipe(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
     return path
 
 
+def load_tiny(device: str = "cpu"):
+    """The shipped tiny model (float32, eval mode, on ``device``) and its tokenizer, as the serving tests use them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(TINY_MODEL)
+
+
 @pytest.fixture
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A random 2-layer Llama folder (safetensors + the shipped tokenizer) whose widths suit group size 128."""

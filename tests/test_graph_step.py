@@ -23,7 +23,7 @@ from pipeline.serve.generate import GenerationEngine
 from pipeline.serve.graph_step import GraphedStep
 from pipeline.serve.protocol import RequestError
 from pipeline.serve.server import start_server
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, load_tiny
 
 PROMPTS = [
     "def add(a, b):",
@@ -38,10 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def load(device: str = "cpu"):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(TINY_MODEL)
+    return load_tiny(device)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from pipeline.eval.perplexity import model_logits
 from pipeline.serve.app import create_app
 from pipeline.serve.generate import GenerationEngine
 from pipeline.serve.server import start_server
-from tests.conftest import TINY_MODEL
+from tests.conftest import load_tiny
 
 NAME = "tiny-pydocs"
 KEY = "sk-api-test-51c2"
@@ -32,10 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def engine():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32)
-    eng = GenerationEngine(model, AutoTokenizer.from_pretrained(TINY_MODEL))
+    eng = GenerationEngine(*load_tiny())
     yield eng
     eng.scheduler.shutdown()
 

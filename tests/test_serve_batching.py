@@ -14,7 +14,7 @@ import torch
 
 from pipeline.serve.batching import SamplingParams, left_pad_mask, pad_left, safe_text_end, top_logprobs
 from pipeline.serve.generate import GenerationEngine
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, load_tiny
 
 PROMPTS = [
     "def add(a, b):",
@@ -30,11 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def engine():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
-    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32)
-    eng = GenerationEngine(model, tok)
+    eng = GenerationEngine(*load_tiny())
     yield eng
     eng.scheduler.shutdown()
 

@@ -13,13 +13,12 @@ import json
 import httpx
 import openai
 import pytest
-import torch
 
 from pipeline.serve.app import create_app
 from pipeline.serve.batching import SamplingParams
 from pipeline.serve.generate import GenerationEngine
 from pipeline.serve.server import start_server
-from tests.conftest import TINY_MODEL
+from tests.conftest import load_tiny
 
 NAME = "tiny-pydocs"
 CODE = "def fibonacci(n):\n    "
@@ -30,10 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def engine():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32)
-    eng = GenerationEngine(model, AutoTokenizer.from_pretrained(TINY_MODEL))
+    eng = GenerationEngine(*load_tiny())
     yield eng
     eng.shutdown()
 
