@@ -186,6 +186,39 @@ def decode_speed(model, device, batch, mode, prompt, steps) -> dict:
                 prefill_ms=1e3 * min(prefill_s))  # the best of the slots' prefills (the first one warms up)
 
 
+def profile_step(model, fmt: str, out: dict, prompt: int = 32, steps: int = 8) -> None:
+    """GPU time per decode step at batch 1 by kernel (torch.profiler over the compiled static-cache step run
+    without graph capture, so every kernel is seen; durations are the kernels', launch gaps excluded)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pipeline.serve.cuda_graphs import GraphedDecoder
+
+    dec = GraphedDecoder(model, max_batch=1, max_len=prompt + steps + 16, buckets=[1], graphs=False,
+                         compile_layers=True)
+    dec.prefill(0, torch.randint(0, model.config.vocab_size, (prompt,)))
+    tok = torch.zeros(1, dtype=torch.long, device="cuda")
+    for _ in range(3):
+        tok = dec.step(tok).argmax(-1)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            tok = dec.step(tok).argmax(-1)
+        torch.cuda.synchronize()
+    totals: dict[str, list] = {}
+    for ev in prof.events():
+        if ev.device_type.name == "CUDA":
+            t = totals.setdefault(ev.name[:90], [0.0, 0])
+            t[0] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            t[1] += 1
+    rows = sorted(({"kernel": k, "us_per_step": v[0] / steps, "calls_per_step": v[1] / steps}
+                   for k, v in totals.items()), key=lambda r: -r["us_per_step"])
+    out.setdefault("profile", {})[fmt] = dict(gpu_us_per_step=sum(r["us_per_step"] for r in rows), kernels=rows[:25])
+    print(f"\nprofile {fmt}: GPU busy {out['profile'][fmt]['gpu_us_per_step']:.0f} us/step (batch 1), top kernels:")
+    for r in rows[:25]:
+        print(f"  {r['us_per_step']:8.1f} us  x{r['calls_per_step']:5.1f}  {r['kernel']}")
+    del dec
+
+
 def micro(out: dict, formats=("int4-tinygemm", "int4-triton", "int8", "fp8")) -> None:
     """Per-linear kernel times on the 8B shapes (median of event-timed loops over rotating weights)."""
     shapes = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)}
@@ -344,6 +377,7 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-prefill", action="store_true")
     ap.add_argument("--micro-formats", default="int4-tinygemm,int4-triton,int8,fp8")
     ap.add_argument("--server", action="store_true", help="time through the server's scheduler (docstring)")
+    ap.add_argument("--profile", action="store_true", help="also a per-kernel GPU time profile of each format")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     cuda = a.device == "cuda"
@@ -373,6 +407,11 @@ def main(argv=None) -> int:
     for fmt in formats:
         model = convert(build_model(a.shape, a.device, dtype), fmt, a.device, dtype)
         nbytes = weight_bytes_per_token(model)
+        if a.profile and cuda:
+            try:
+                profile_step(model, fmt, out)
+            except Exception as e:  # noqa: BLE001 - the timing rows matter more
+                out.setdefault("profile", {})[fmt] = dict(error=repr(e)[:300])
         for batch in batches:
             for mode in modes:
                 try:

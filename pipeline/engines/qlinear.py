@@ -12,6 +12,8 @@ int4 kernels (the "tinygemm" ops gpt-fast and torchao use):
   weight reads at M = 1, against gemlite 0.6's 1.1-1.5 TB/s and our own Triton GEMV's 0.06-0.74 TB/s); prefill
   (M > 8, where tinygemm is slower than bf16) dequantizes into a per-call bf16 scratch with our Triton kernel
   (``int4_triton``, from a second 4-bit copy in its layout) and runs one cuBLAS GEMM.
+  Under "auto", a single token (M = 1, batch-1 decode) runs our CUDA GEMV (``int4_cuda``, compiled with NVRTC
+  at load; tinygemm where it does not compile) over the Triton copy, so it costs only a 32-bit word per group.
 - CUDA, "cuda-triton" (explicit only): our Triton GEMV for M <= 8, dequantize + cuBLAS above.
 - the tinygemm ops: ``aten._convert_weight_to_int4pack(uint8 [N, K / 2] with column 2j in the *high* nibble,
   innerKTiles)`` and ``aten._weight_int4pack_mm(x bf16 [M, K], packed, group, scales_and_zeros bf16)``
@@ -184,11 +186,13 @@ class Int4Linear(nn.Module):
                 self.kernel, reason = KERNEL_DEQUANT, f"kernel raised: {str(e).splitlines()[0]}"
                 for name in ("weight_int4pack", "scales_and_zeros"):
                     self._buffers.pop(name, None)
-        self.prefill_dequant = False
+        self.prefill_dequant, self.gemv_cuda = False, False
         if self.kernel == KERNEL_CUDA and not _triton_problem(qw):
             # prefill (M > 8): dequantize into a bf16 scratch + one cuBLAS GEMM; keeps a second 4-bit copy
             self._build_triton(qw, device, torch.bfloat16)
             self.compute_dtype, self.prefill_dequant = torch.bfloat16, True
+            if kernel == "auto":  # one token: our CUDA GEMV over that same copy (int4_cuda), where it compiles
+                self._build_gemv(qw, device)
         if self.kernel == KERNEL_DEQUANT:
             self._build_dequant(qw, device, dtype)
             log.debug("Int4Linear [%d, %d]: dequantize on the fly (%s)", self.out_features, self.in_features, reason)
@@ -217,6 +221,18 @@ class Int4Linear(nn.Module):
         self.compute_dtype = dtype
         for name, t in int4_triton.repack(qw.w_int, qw.scales, qw.zeros, device).items():
             self.register_buffer(name, t)
+
+    def _build_gemv(self, qw: QuantizedWeight, device: torch.device) -> None:
+        from pipeline.engines import int4_cuda
+
+        n, k = qw.w_int.shape
+        why = int4_cuda.problem(n, k, qw.group_size, device, self.compute_dtype) or int4_cuda.compile_problem(
+            self.compute_dtype, k)
+        if why:
+            log.debug("Int4Linear [%d, %d]: one-token GEMV on tinygemm (%s)", n, k, why)
+            return
+        self.register_buffer("scale_zero", int4_cuda.pack_scale_zero(qw.scales, qw.zeros).to(device))
+        self.gemv_cuda = True
 
     def _build_dequant(self, qw: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> None:
         """Codes two per byte (column 2j in the low nibble; one per byte above 4 bits), scales float32, zeros uint8,
@@ -255,6 +271,11 @@ class Int4Linear(nn.Module):
             y = x2 @ self.dequantized_weight().to(x.dtype).t()
         elif x2.shape[0] == 0:
             y = x2.new_zeros(0, self.out_features)
+        elif self.gemv_cuda and x2.shape[0] == 1:
+            from pipeline.engines import int4_cuda
+
+            y = int4_cuda.custom_op()(x2.to(self.compute_dtype), self.qweight, self.scale_zero,
+                                      self.group_size).to(x.dtype)
         elif self.kernel == KERNEL_TRITON or (self.prefill_dequant and x2.shape[0] > _GEMV_ROWS):
             from pipeline.engines import int4_triton
 

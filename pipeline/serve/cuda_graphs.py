@@ -92,6 +92,9 @@ class GraphedDecoder:
                 f"{type(model).__name__}. Serve this model without CUDA graphs (the plain generate path)."
             )
         self.model, self.inner = model, inner
+        from pipeline.serve import decode_attention
+
+        decode_attention.install(model)  # grouped-query decode without repeat_kv's copy of the cache
         cfg = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype

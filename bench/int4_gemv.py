@@ -1,0 +1,133 @@
+"""One-token INT4 GEMV on CUDA: our NVRTC kernel (``pipeline.engines.int4_cuda``) against PyTorch's tinygemm and
+bf16 cuBLAS, per Llama-3-8B / 70B linear shape (and the fused q|k|v and gate|up shapes), with its rows-per-block
+choices, plus an exactness check against the float64 product. Prints a table, writes JSON.
+
+Timing as in ``decode_speed.py --micro``: calls captured in one CUDA graph rotating over > 400 MB of weights (no
+L2 reuse), median of 5 replays; GB/s counts the weight bytes the call reads (codes + one 32-bit word per group
+for ours; tinygemm's packed codes + its bf16 scale/zero pairs).
+
+    python3 bench/int4_gemv.py --out bench/results_int4_gemv_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SHAPES = {  # label: (N, K)
+    "8b q/o": (4096, 4096), "8b k/v": (1024, 4096), "8b qkv fused": (6144, 4096), "8b gate/up": (14336, 4096),
+    "8b gate|up fused": (28672, 4096), "8b down": (4096, 14336), "70b q/o": (8192, 8192),
+    "70b gate|up fused": (57344, 8192), "70b down": (8192, 28672), "odd 11008": (4096, 11008),
+}
+
+
+def _graph_time(fns, iters: int = 200) -> float:
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(iters):
+            fns[i % len(fns)]()
+    times = []
+    for _ in range(5):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3 / iters)
+    return sorted(times)[2]
+
+
+def exactness() -> list[dict]:
+    from pipeline.engines import int4_cuda, int4_triton
+
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n, k, group, dtype in [(48, 256, 64, torch.bfloat16), (40, 512, 128, torch.float16), (37, 1024, 32, torch.bfloat16),
+                               (300, 11008, 128, torch.bfloat16), (64, 28672, 128, torch.float16),
+                               (16, 4096, 4096, torch.bfloat16)]:
+        q = torch.randint(0, 16, (n, k), device="cuda", generator=g)
+        s = (torch.rand(n, k // group, device="cuda", generator=g) * 0.02 + 0.01).to(dtype).float()
+        z = torch.randint(0, 16, (n, k // group), device="cuda", generator=g)
+        w = ((q.reshape(n, -1, group) - z[..., None]).double() * s[..., None].double()).reshape(n, k)
+        t = int4_triton.repack(q, s, z, "cuda")
+        sz = int4_cuda.pack_scale_zero(s, z)
+        x = torch.randn(1, k, device="cuda", generator=g).to(dtype)
+        ref = x.double() @ w.t()
+        for r in (1, 3, 16):
+            y = int4_cuda.gemv(x, t["qweight"], sz, group, rows=r)
+            rel = ((y.double() - ref).norm() / ref.norm()).item()
+            rows.append(dict(n=n, k=k, group=group, dtype=str(dtype), rows=r, rel_err=rel, shape=list(y.shape)))
+    return rows
+
+
+def speed(shapes: dict) -> list[dict]:
+    from pipeline.engines import int4_cuda, qlinear
+    from pipeline.quant.primitives import QuantizedWeight
+
+    out = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for label, (n, k) in shapes.items():
+        reps = max(2, int(4e8 // (n * k * 2)))
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        lins = [torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16) for _ in range(min(reps, 8))]
+        res = {"bf16": _graph_time([lambda m=m: m(x) for m in lins])}
+        del lins
+        mods = []
+        for i in range(reps):
+            gen = torch.Generator(device="cuda").manual_seed(i)
+            qw = QuantizedWeight(torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int32, generator=gen),
+                                 (torch.rand(n, k // 128, device="cuda", generator=gen) * 2e-3 + 1e-3).half().float(),
+                                 torch.randint(4, 12, (n, k // 128), device="cuda", dtype=torch.int32, generator=gen),
+                                 4, 128)
+            mods.append(qlinear.Int4Linear(qw, device="cuda", dtype=torch.bfloat16, kernel="auto"))
+        if not mods[0].gemv_cuda:
+            out.append(dict(shape=label, n=n, k=k, error="int4_cuda unavailable: see the log"))
+            continue
+        res["tinygemm"] = _graph_time([lambda m=m: m._run_packed(x) for m in mods])
+        default_r = int4_cuda.rows_per_block(n, k, sms)
+        for r in (1, 2, 4, 8, 16):
+            res[f"ours R={r}"] = _graph_time([lambda m=m, r=r: int4_cuda.gemv(x, m.qweight, m.scale_zero, 128, rows=r)
+                                              for m in mods])
+        q4_bytes = n * k // 2 + n * (k // 128) * 4
+        row = dict(shape=label, n=n, k=k, default_rows=default_r, bf16_bytes=n * k * 2, q4_bytes=q4_bytes)
+        for name, t in res.items():
+            nbytes = n * k * 2 if name == "bf16" else q4_bytes
+            row[name] = dict(us=t * 1e6, gb_s=nbytes / t / 1e9)
+        out.append(row)
+        print(f"{label:18s} " + "  ".join(f"{nm} {v['us']:6.1f}us/{v['gb_s']:5.0f}" for nm, v in row.items()
+                                          if isinstance(v, dict)) + f"  (default R={default_r})", flush=True)
+        del mods
+        torch.cuda.empty_cache()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to measure (this bench needs an NVIDIA GPU)")
+        return 0
+    res = dict(gpu=torch.cuda.get_device_name(0), torch=torch.__version__, python=platform.python_version())
+    res["exactness"] = exactness()
+    worst = max(r["rel_err"] for r in res["exactness"])
+    print(f"exactness: worst relative error against float64 {worst:.2e} over {len(res['exactness'])} cases")
+    res["speed"] = speed({s: SHAPES[s] for s in a.shapes.split(",")})
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

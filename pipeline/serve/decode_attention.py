@@ -1,0 +1,71 @@
+"""Grouped-query attention for one query token per sequence, without copying the cache per query head.
+
+transformers' ``sdpa`` attention runs a masked grouped-query decode by ``repeat_kv``: it expands the whole key
+and value cache to every query head before ``scaled_dot_product_attention`` (5.24 packs the query instead, but
+not under ``torch.compile``, which is how the static-cache step runs). With our static cache of ``max_len``
+positions that is, for Llama-3-8B at 4096 positions, 64 MB written and read again per layer and token, about
+4.6 GB a token: a third of bf16's weight bytes and more than INT4's. Here the query is reshaped instead,
+``[b, H, 1, d] -> [b, H_kv, H / H_kv, d]``, so each key/value head serves its group of query heads as a short
+query sequence, and the ``[b, 1, 1, L]`` mask broadcasts over both; the result is the same attention (head
+``h = kv * groups + r``, the order ``repeat_kv`` makes).
+
+:func:`install` registers it with transformers' ``AttentionInterface`` and sets it on the model's config; every
+other call (prefill, no grouping, a per-head mask) goes to the implementation the model had before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+NAME = "quantship_decode_gqa"
+_PREVIOUS: dict[int, str] = {}  # id(config) -> the attention implementation it had before install
+
+
+def decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     **kwargs) -> tuple[torch.Tensor, None]:
+    groups = getattr(module, "num_key_value_groups", 1)
+    b, heads, q_len, d = query.shape
+    mask_ok = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1)
+    if q_len != 1 or groups == 1 or not mask_ok or dropout or kwargs.get("softcap") is not None:
+        return _previous(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                 **kwargs)
+    q = query.reshape(b, key.shape[1], groups, d)
+    mask = None if attention_mask is None else attention_mask[..., : key.shape[2]]
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)  # [b, H_kv, groups, d]
+    return out.reshape(b, heads, 1, d).transpose(1, 2).contiguous(), None
+
+
+def _previous(module: Any):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = _PREVIOUS.get(id(getattr(module, "config", None)), "sdpa")
+    if name == "eager":
+        import importlib
+
+        modeling = importlib.import_module(type(module).__module__)
+        return modeling.eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def install(model: Any) -> bool:
+    """Route ``model``'s attention through :func:`decode_attention` (idempotent); False where the model's config
+    has no ``_attn_implementation`` to set, or its current one is not one we can fall back to."""
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    cfg = getattr(model, "config", None)
+    current = getattr(cfg, "_attn_implementation", None)
+    if cfg is None or current is None:
+        return False
+    if current == NAME:
+        return True
+    if current != "eager" and current not in ALL_ATTENTION_FUNCTIONS:
+        return False
+    AttentionInterface.register(NAME, decode_attention)
+    _PREVIOUS[id(cfg)] = current
+    cfg._attn_implementation = NAME
+    return True

@@ -1,0 +1,136 @@
+"""The one-token CUDA INT4 GEMV (pipeline.engines.int4_cuda) and the grouped-query decode attention
+(pipeline.serve.decode_attention): the kernel's bit arithmetic mirrored in tensor ops on the CPU, against float64;
+the kernel itself on a GPU (marked gpu)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.engines import int4_cuda, int4_triton
+
+
+def _case(n, k, group, scale_dtype, gen):
+    q = torch.randint(0, 16, (n, k), generator=gen)
+    s = (torch.rand(n, k // group, generator=gen) * 0.02 + 0.001).to(scale_dtype).float()
+    z = torch.randint(0, 16, (n, k // group), generator=gen)
+    w = ((q.reshape(n, -1, group) - z[..., None]).double() * s[..., None].double()).reshape(n, k)
+    return q, s, z, w
+
+
+@pytest.mark.parametrize("n,k,group", [(48, 256, 64), (40, 512, 128), (24, 1024, 32), (9, 11008, 128),
+                                       (16, 4096, 4096)])
+def test_the_kernels_float_trick_matches_float64(n, k, group):
+    gen = torch.Generator().manual_seed(n + k)
+    q, s, z, w = _case(n, k, group, torch.float16, gen)
+    t = int4_triton.repack(q, s, z, "cpu")
+    x = torch.randn(k, generator=gen) * 4
+    x[::97] = 300.0  # a few large activations, as real models have
+    y = int4_cuda.reference_dot(x, t["qweight"], int4_cuda.pack_scale_zero(s, z), group)
+    ref = w @ x.double()
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-5
+
+
+def test_every_code_decodes_to_itself():
+    """Codes 0..15 in each of the 8 nibble positions: the masks and shifts pick exactly that nibble."""
+    for j in range(8):
+        q = torch.zeros(16, 32, dtype=torch.long)
+        q[:, j] = torch.arange(16)
+        t = int4_triton.repack(q, torch.ones(16, 1), torch.zeros(16, 1, dtype=torch.long), "cpu")
+        x = torch.zeros(32)
+        x[j] = 1.0
+        y = int4_cuda.reference_dot(x, t["qweight"], int4_cuda.pack_scale_zero(torch.ones(16, 1), torch.zeros(16, 1)),
+                                    32)
+        assert torch.equal(y, torch.arange(16, dtype=torch.float32)), j
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_scale_and_zero_share_one_word_exactly(dtype):
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(64, 32, generator=gen) * 1e-2
+    s[0, 0] = 6e-8 if dtype == torch.float16 else 1e-30  # subnormal fp16 / tiny bf16 still exact
+    s = s.to(dtype).float()
+    z = torch.randint(0, 256, (64, 32), generator=gen)
+    scale, zero = int4_cuda.unpack_scale_zero(int4_cuda.pack_scale_zero(s, z))
+    assert torch.equal(scale, s) and torch.equal(zero, z.int())
+
+
+def test_problems_are_named():
+    cpu = torch.device("cpu")
+    assert "device cpu" in int4_cuda.problem(64, 4096, 128, cpu, torch.bfloat16)
+    cuda = torch.device("cuda")
+    assert "float32" in int4_cuda.problem(64, 4096, 128, cuda, torch.float32)
+    assert "K = 4100" in int4_cuda.problem(64, 4100, 128, cuda, torch.bfloat16)
+    assert "K = 65536" in int4_cuda.problem(64, 65536, 128, cuda, torch.bfloat16)
+    assert "group 48" in int4_cuda.problem(64, 4608, 48, cuda, torch.bfloat16)
+
+
+def test_rows_per_block_grows_with_the_matrix():
+    assert int4_cuda.rows_per_block(4096, 4096, 132) == 1
+    assert int4_cuda.rows_per_block(28672, 8192, 132) > int4_cuda.rows_per_block(4096, 4096, 132)
+    assert int4_cuda.rows_per_block(10**7, 4096, 132) == int4_cuda.ROWS_MAX
+
+
+def _repeat_kv_sdpa(q, k, v, mask, groups):
+    k2 = k.repeat_interleave(groups, dim=1)
+    v2 = v.repeat_interleave(groups, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k2, v2, attn_mask=mask).transpose(1, 2)
+
+
+def test_grouped_decode_attention_equals_repeat_kv():
+    from pipeline.serve.decode_attention import decode_attention
+
+    gen = torch.Generator().manual_seed(0)
+    b, hkv, groups, length, d = 3, 2, 4, 40, 16
+    q = torch.randn(b, hkv * groups, 1, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(b, hkv, length, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, hkv, length, d, generator=gen, dtype=torch.float64)
+    pos = torch.tensor([5, 39, 17])
+    mask = (torch.arange(length)[None, :] <= pos[:, None])[:, None, None, :]
+    module = type("Attn", (), {"num_key_value_groups": groups})()
+    out, weights = decode_attention(module, q, k, v, mask, scaling=d ** -0.5)
+    assert weights is None and out.shape == (b, 1, hkv * groups, d)
+    assert torch.allclose(out, _repeat_kv_sdpa(q, k, v, mask, groups), atol=1e-12)
+
+
+def test_decode_attention_hands_prefill_to_the_models_own_implementation():
+    from conftest import load_tiny
+
+    from pipeline.serve import decode_attention
+
+    model, _ = load_tiny()
+    before = model.config._attn_implementation
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        ref = model(ids).logits
+        assert decode_attention.install(model) and decode_attention.install(model)  # idempotent
+        assert model.config._attn_implementation == decode_attention.NAME
+        got = model(ids).logits
+    model.config._attn_implementation = before
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.gpu
+def test_cuda_gemv_matches_float64_and_int4linear_takes_it():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from pipeline.engines.qlinear import Int4Linear
+    from pipeline.quant.primitives import QuantizedWeight
+
+    gen = torch.Generator().manual_seed(1)
+    for n, k, group, dtype in [(37, 1024, 32, torch.bfloat16), (300, 11008, 128, torch.float16),
+                               (64, 28672, 128, torch.bfloat16)]:
+        q, s, z, w = _case(n, k, group, dtype, gen)
+        t = int4_triton.repack(q, s, z, "cuda")
+        sz = int4_cuda.pack_scale_zero(s, z).cuda()
+        x = torch.randn(1, k, generator=gen).to(dtype).cuda()
+        ref = x.double().cpu() @ w.t()
+        for rows in (1, 3, 16):
+            y = int4_cuda.gemv(x, t["qweight"], sz, group, rows=rows)
+            assert y.dtype == dtype and y.shape == (1, n)
+            assert ((y.double().cpu() - ref).norm() / ref.norm()).item() < 4e-3  # the output's own rounding
+    qw = QuantizedWeight(q.int(), s, z.int(), 4, 128)
+    lin = Int4Linear(qw, device="cuda", dtype=torch.bfloat16)
+    assert lin.gemv_cuda, lin.fallback_reason
+    x = torch.randn(1, q.shape[1], device="cuda", dtype=torch.bfloat16)
+    assert torch.allclose(lin(x).float(), lin._run_packed(x).float(), rtol=2e-2, atol=2e-2)
