@@ -63,7 +63,7 @@ def exactness() -> list[dict]:
         sz = int4_cuda.pack_scale_zero(s, z)
         x = torch.randn(1, k, device="cuda", generator=g).to(dtype)
         ref = x.double() @ w.t()
-        for r in (1, 3, 16):
+        for r in int4_cuda.ROWS:
             y = int4_cuda.gemv(x, t["qweight"], sz, group, rows=r)
             rel = ((y.double() - ref).norm() / ref.norm()).item()
             rows.append(dict(n=n, k=k, group=group, dtype=str(dtype), rows=r, rel_err=rel, shape=list(y.shape)))
@@ -95,7 +95,7 @@ def speed(shapes: dict) -> list[dict]:
             continue
         res["tinygemm"] = _graph_time([lambda m=m: m._run_packed(x) for m in mods])
         default_r = int4_cuda.rows_per_block(n, k, sms)
-        for r in (1, 2, 4, 8, 16):
+        for r in int4_cuda.ROWS:
             res[f"ours R={r}"] = _graph_time([lambda m=m, r=r: int4_cuda.gemv(x, m.qweight, m.scale_zero, 128, rows=r)
                                               for m in mods])
         q4_bytes = n * k // 2 + n * (k // 128) * 4

@@ -65,10 +65,13 @@ def test_problems_are_named():
     assert "group 48" in int4_cuda.problem(64, 4608, 48, cuda, torch.bfloat16)
 
 
-def test_rows_per_block_grows_with_the_matrix():
-    assert int4_cuda.rows_per_block(4096, 4096, 132) == 1
-    assert int4_cuda.rows_per_block(28672, 8192, 132) > int4_cuda.rows_per_block(4096, 4096, 132)
-    assert int4_cuda.rows_per_block(10**7, 4096, 132) == int4_cuda.ROWS_MAX
+def test_rows_per_block_grows_with_the_matrix_and_is_a_compiled_variant():
+    assert int4_cuda.rows_per_block(1024, 4096, 132) == 4
+    assert int4_cuda.rows_per_block(4096, 4096, 132) == 8
+    assert int4_cuda.rows_per_block(57344, 8192, 132) == 16
+    assert int4_cuda.rows_per_block(8192, 28672, 132) == 4  # the 1024-thread variant
+    for n, k in [(1024, 4096), (4096, 4096), (57344, 8192), (8192, 28672)]:
+        assert int4_cuda.rows_per_block(n, k, 132) in int4_cuda.ROWS
 
 
 def _repeat_kv_sdpa(q, k, v, mask, groups):
@@ -125,7 +128,7 @@ def test_cuda_gemv_matches_float64_and_int4linear_takes_it():
         sz = int4_cuda.pack_scale_zero(s, z).cuda()
         x = torch.randn(1, k, generator=gen).to(dtype).cuda()
         ref = x.double().cpu() @ w.t()
-        for rows in (1, 3, 16):
+        for rows in int4_cuda.ROWS:
             y = int4_cuda.gemv(x, t["qweight"], sz, group, rows=rows)
             assert y.dtype == dtype and y.shape == (1, n)
             assert ((y.double().cpu() - ref).norm() / ref.norm()).item() < 4e-3  # the output's own rounding

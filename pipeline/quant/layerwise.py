@@ -76,10 +76,16 @@ def _layer_classes(config) -> tuple[type, type]:
 
 
 def _decoder_layer(config, classes, index: int, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
-    """A real (not meta) decoder layer and the model's rotary embedding, built from the config alone."""
+    """A decoder layer and the model's rotary embedding, built from the config alone. The layer is built on the meta
+    device (no memory, no random init: at 70B width the init alone would take 3.2 GiB of fp32 and a bf16 copy)
+    when it has no buffers, and gets its tensors from ``_load_layer``; otherwise it is built on ``device``."""
     layer_cls, rotary_cls = classes
+    with torch.device("meta"):
+        layer = layer_cls(config, index)
+    if any(True for _ in layer.buffers()):  # buffers are not in the checkpoint: they need a real init
+        with torch.device(device):
+            layer = layer_cls(config, index).to(dtype)
     with torch.device(device):
-        layer = layer_cls(config, index).to(dtype)
         rotary = rotary_cls(config=config)
     return layer, rotary
 
@@ -104,9 +110,11 @@ def _read_layer(source: WeightSource, names: list[str], prefix: str, device: tor
     return {name: _read(source, prefix + name, device) for name in names}
 
 
-def _load_layer(layer: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    params = layer.state_dict()
-    layer.load_state_dict({k: v.to(device=params[k].device, dtype=dtype) for k, v in state.items()}, strict=True)
+def _load_layer(layer: nn.Module, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> None:
+    """The checkpoint's tensors into ``layer``: assigned (no copy when already on ``device`` in ``dtype``) if the
+    layer was built on the meta device, else copied into its parameters."""
+    meta = any(p.is_meta for p in layer.parameters())
+    layer.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=meta)
 
 
 def overlap_default() -> bool:
@@ -115,26 +123,48 @@ def overlap_default() -> bool:
 
 class _Prefetch:
     """Layer by layer ``{name: tensor}`` dicts, read by a background thread at most ``ahead`` layers in advance.
-    On CUDA the host-to-device copies run on a side stream; ``next()`` makes the caller's stream wait for them."""
 
-    def __init__(self, read: Callable[[int], dict[str, torch.Tensor]], n: int, device: torch.device, ahead: int = 1):
+    The thread reads a layer into host memory as soon as there is room in the queue, but copies it to the device
+    only once ``release()`` says the device has room (the walker calls it when the current layer's method has
+    quantized, the layer's memory peak: GPTQ's Cholesky buffers, AWQ's searches): the copy then overlaps the
+    quantized layer's forward pass instead of adding a layer's weights to the peak. On CUDA the copies run on a
+    side stream; ``next()`` makes the caller's stream wait for them."""
+
+    def __init__(self, read: Callable[[int], dict[str, torch.Tensor]], n: int, device: torch.device, ahead: int = 1,
+                 to_device: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None):
         self._read, self._n, self._device = read, n, device
+        self._to_device = to_device or (lambda item: item)
         self._queue: queue.Queue = queue.Queue(maxsize=ahead)
         self._stop = threading.Event()
+        self._released = threading.Semaphore(1)  # the first layer may go to the device at once
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._thread = threading.Thread(target=self._run, name="layerwise-read", daemon=True)
         self._thread.start()
 
+    def release(self) -> None:
+        """The device has room for the next layer's weights."""
+        self._released.release()
+
+    def _wait_release(self) -> bool:
+        while not self._stop.is_set():
+            if self._released.acquire(timeout=0.1):
+                return True
+        return False
+
     def _run(self) -> None:
         try:
             for i in range(self._n):
+                host = self._read(i)
+                if not self._wait_release():
+                    return
                 if self._stream is not None:
                     with torch.cuda.stream(self._stream):
-                        item = self._read(i)
+                        item = self._to_device(host)
                         event = torch.cuda.Event()
                         event.record(self._stream)
                 else:
-                    item, event = self._read(i), None
+                    item, event = self._to_device(host), None
+                del host
                 while not self._stop.is_set():
                     try:
                         self._queue.put((item, event), timeout=0.1)
@@ -166,6 +196,23 @@ class _Prefetch:
             except queue.Empty:
                 pass
         self._thread.join()
+
+
+class _Sequential:
+    """The same interface without a thread: each layer is read when it is needed."""
+
+    def __init__(self, read: Callable[[int], dict[str, torch.Tensor]], n: int):
+        self._read, self._i = read, 0
+
+    def next(self) -> dict[str, torch.Tensor]:
+        self._i += 1
+        return self._read(self._i - 1)
+
+    def release(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
 
 
 class _Writer:
@@ -201,20 +248,6 @@ class _Writer:
         self._thread.join()
         if self._error is not None:
             raise self._error
-
-
-def _iter_layers(read: Callable[[int], dict[str, torch.Tensor]], n: int, device: torch.device,
-                 overlap: bool) -> Iterator[dict[str, torch.Tensor]]:
-    if not overlap:
-        for i in range(n):
-            yield read(i)
-        return
-    prefetch = _Prefetch(read, n, device)
-    try:
-        for _ in range(n):
-            yield prefetch.next()
-    finally:
-        prefetch.close()
 
 
 def _layer_forward(layer: nn.Module, h: torch.Tensor, rotary: nn.Module) -> torch.Tensor:
