@@ -11,15 +11,18 @@ ties it to its own model wrappers):
    (so later layers calibrate against the errors of earlier ones), write the layer, free it;
 3. copy the embeddings, final norm and lm_head unchanged.
 
-Peak memory is one layer, the method's statistics for it, and two copies of the hidden states, whatever the
-number of layers. The weight source is anything with ``keys()`` and ``get(name)`` (a checkpoint reader, or a
+Peak memory is one layer, the method's statistics for it, one copy of the hidden states (updated in place) and one
+calibration batch's activations, whatever the number of layers. The calibration pass stops each batch at its last
+observing hook (the rest of the layer's output is not used: on Llama, down_proj's GEMM is skipped). The weight source is anything with ``keys()`` and ``get(name)`` (a checkpoint reader, or a
 generator of random weights for benchmarks), so a model never has to exist in full anywhere.
 
 Overlap (``overlap=True``, the default; ``QUANTSHIP_LAYERWISE_OVERLAP=0`` turns it off): while the device works
-on layer i, a reader thread reads layer i+1's tensors (positioned reads into pinned memory, copied to the GPU on
-a side stream; one layer ahead at most) and a writer thread hands layer i-1's tensors to ``write`` (the copy to
-host memory and the shard writes), in the same order as without overlap, so the checkpoint is byte-identical.
-Peak host memory grows by one layer's tensors; GPU memory by one layer ahead and the packed tensors in flight.
+on layer i, a reader thread reads layer i+1's tensors into host memory (one layer ahead at most) and copies them
+to the GPU on a side stream once layer i's method has quantized (its memory peak), so the copy overlaps layer i's
+second forward pass without adding to the peak; a writer thread hands layer i-1's tensors to ``write`` (the copy
+to host memory and the shard writes), in the same order as without overlap, so the checkpoint is byte-identical.
+Peak host memory grows by one layer's tensors; GPU memory (outside the quantize peak) by one layer ahead and the
+packed tensors in flight.
 """
 
 from __future__ import annotations
@@ -97,7 +100,8 @@ def _sdpa(config):
 
 
 def _read(source: WeightSource, name: str, device: torch.device) -> torch.Tensor:
-    """``source.get(name)``, on ``device`` directly when the source can read there (``CheckpointReader``)."""
+    """``source.get(name)``, on ``device`` directly when the source can read there (``CheckpointReader``); a
+    source without a ``device`` argument returns its tensors wherever it keeps them (moved by the caller)."""
     try:
         if "device" in inspect.signature(source.get).parameters:
             return source.get(name, device=device)
@@ -257,6 +261,42 @@ def _layer_forward(layer: nn.Module, h: torch.Tensor, rotary: nn.Module) -> torc
     return out[0] if isinstance(out, tuple) else out
 
 
+class _ObservedAll(Exception):
+    """Raised by the last observing hook of a calibration batch: the rest of the layer's forward is not needed."""
+
+
+def _observe_layer(layer: nn.Module, rotary: nn.Module, hidden: torch.Tensor, batch_size: int, spec: ArchSpec,
+                   method: LayerMethod) -> None:
+    """Run the calibration batches through ``layer`` with hooks that hand each group's input to ``method.observe``.
+
+    The output of this pass is not used, so each batch stops at the last hook (before down_proj on Llama: its GEMM
+    and the residual add are skipped). Which hook is last is counted on the first batch, which runs whole; later
+    batches stop after that many hook calls, so a module called twice in one forward is still observed twice."""
+    calls = [0]
+    stop_after: list[int | None] = [None]
+
+    def hook(group: LinearGroup, x: torch.Tensor) -> None:
+        method.observe(group, x.reshape(-1, x.shape[-1]))
+        calls[0] += 1
+        if calls[0] == stop_after[0]:
+            raise _ObservedAll
+
+    hooks = [get_module(layer, group.linears[0]).register_forward_pre_hook(lambda mod, args, g=group: hook(g, args[0]))
+             for group in spec.groups]
+    try:
+        for i in range(0, len(hidden), batch_size):
+            calls[0] = 0
+            try:
+                _layer_forward(layer, hidden[i : i + batch_size], rotary)
+            except _ObservedAll:
+                pass
+            if stop_after[0] is None:
+                stop_after[0] = calls[0]
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @torch.no_grad()
 def quantize_layerwise(
     source: WeightSource,
@@ -289,7 +329,10 @@ def quantize_layerwise(
 
     embed = source.get(spec.embed + ".weight").to(device=device, dtype=dtype)
     ids = calib_ids.to(device)
-    hidden = torch.cat([nn.functional.embedding(ids[i : i + batch_size], embed) for i in range(0, len(ids), batch_size)])
+    # One buffer, filled batch by batch (a cat of the batches would hold the hidden states twice).
+    hidden = torch.empty(*ids.shape, embed.shape[1], device=device, dtype=dtype)
+    for i in range(0, len(ids), batch_size):
+        hidden[i : i + batch_size] = nn.functional.embedding(ids[i : i + batch_size], embed)
     del embed
     layer_prefix = spec.layers + "."
     writer = _Writer(write) if overlap else None
@@ -303,30 +346,25 @@ def quantize_layerwise(
         layer_names = list(classes[0](config, 0).state_dict())
     timings: list[float] = []
     read_wait = 0.0
-    layers = _iter_layers(lambda i: _read_layer(source, layer_names, f"{spec.layers}.{i}.", device), n_layers,
-                          device, overlap)
+    if overlap:  # read to host memory in the thread, copied to the device once release() lets it (_Prefetch)
+        layers = _Prefetch(lambda i: _read_layer(source, layer_names, f"{spec.layers}.{i}.", torch.device("cpu")),
+                           n_layers, device, to_device=lambda st: {k: v.to(device, non_blocking=True) for k, v in st.items()})
+    else:
+        layers = _Sequential(lambda i: _read_layer(source, layer_names, f"{spec.layers}.{i}.", device), n_layers)
     try:
         for index in range(n_layers):
             t0 = time.perf_counter()
             layer, rotary = _decoder_layer(config, classes, index, device, dtype)
             prefix = f"{spec.layers}.{index}."
             tr = time.perf_counter()
-            state = next(layers)
+            state = layers.next()
             read_wait += time.perf_counter() - tr
-            _load_layer(layer, state, dtype)
+            _load_layer(layer, state, device, dtype)
             del state
             method.begin_layer(index)
-            hooks = [
-                get_module(layer, group.linears[0]).register_forward_pre_hook(
-                    lambda mod, args, g=group: method.observe(g, args[0].reshape(-1, args[0].shape[-1]))
-                )
-                for group in spec.groups
-            ]
-            for i in range(0, len(hidden), batch_size):
-                _layer_forward(layer, hidden[i : i + batch_size], rotary)
-            for hook in hooks:
-                hook.remove()
+            _observe_layer(layer, rotary, hidden, batch_size, spec, method)
             packed = method.quantize(layer, spec)
+            layers.release()  # past this layer's peak: the next layer's weights may go to the device
             for i in range(0, len(hidden), batch_size):  # in place: the next layer's input, through the quantized layer
                 hidden[i : i + batch_size] = _layer_forward(layer, hidden[i : i + batch_size], rotary)
             linear_params = set() if emit_dequantized else {f"{n}.{p}" for n in spec.linears for p in ("weight", "bias")}
