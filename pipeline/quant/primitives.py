@@ -93,7 +93,15 @@ def dequantize_groupwise(
     group_size: int,
     g_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``(q - z) * s`` in float32, [out, in]. With ``g_idx``, column j uses group ``g_idx[j]``."""
+    """``(q - z) * s`` in float32, [out, in]. With ``g_idx``, column j uses group ``g_idx[j]``.
+
+    In-order groups (no ``g_idx``) are computed on the group view with broadcast scales and zeros: the same values
+    as the gather below, without its two [out, in] index copies (1.8 GiB on a 70B down_proj)."""
+    if g_idx is None and group_size > 0 and w_int.shape[1] % group_size == 0 and scales.shape[1] * group_size == w_int.shape[1]:
+        q = _group_view(w_int, group_size).float()
+        q -= zeros.float().unsqueeze(-1)
+        q *= scales.float().unsqueeze(-1)
+        return q.reshape(w_int.shape)
     if g_idx is None:
         g_idx = torch.arange(w_int.shape[1], device=w_int.device) // group_size
     g_idx = g_idx.long()
