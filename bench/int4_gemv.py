@@ -94,18 +94,20 @@ def speed(shapes: dict) -> list[dict]:
             out.append(dict(shape=label, n=n, k=k, error="int4_cuda unavailable: see the log"))
             continue
         res["tinygemm"] = _graph_time([lambda m=m: m._run_packed(x) for m in mods])
-        default_r = int4_cuda.rows_per_block(n, k, sms)
-        for r in int4_cuda.ROWS:
-            res[f"ours R={r}"] = _graph_time([lambda m=m, r=r: int4_cuda.gemv(x, m.qweight, m.scale_zero, 128, rows=r)
-                                              for m in mods])
+        default = int4_cuda.launch_shape(n, k, sms)
+        res[f"ours default"] = _graph_time([lambda m=m: int4_cuda.gemv(x, m.qweight, m.scale_zero, 128) for m in mods])
+        for r in (int4_cuda.ROWS if k <= int4_cuda.WIDE_K else (2,)):
+            for bps in (1, 2, 4, 8):
+                res[f"R{r}/b{bps}"] = _graph_time([lambda m=m, r=r, b=bps: int4_cuda.gemv(
+                    x, m.qweight, m.scale_zero, 128, rows=r, blocks_per_sm=b) for m in mods])
         q4_bytes = n * k // 2 + n * (k // 128) * 4
-        row = dict(shape=label, n=n, k=k, default_rows=default_r, bf16_bytes=n * k * 2, q4_bytes=q4_bytes)
+        row = dict(shape=label, n=n, k=k, default=default, bf16_bytes=n * k * 2, q4_bytes=q4_bytes)
         for name, t in res.items():
             nbytes = n * k * 2 if name == "bf16" else q4_bytes
             row[name] = dict(us=t * 1e6, gb_s=nbytes / t / 1e9)
         out.append(row)
         print(f"{label:18s} " + "  ".join(f"{nm} {v['us']:6.1f}us/{v['gb_s']:5.0f}" for nm, v in row.items()
-                                          if isinstance(v, dict)) + f"  (default R={default_r})", flush=True)
+                                          if isinstance(v, dict)) + f"  (default rows/blocks {default})", flush=True)
         del mods
         torch.cuda.empty_cache()
     return out

@@ -20,7 +20,7 @@ def _case(n, k, group, scale_dtype, gen):
 
 @pytest.mark.parametrize("n,k,group", [(48, 256, 64), (40, 512, 128), (24, 1024, 32), (9, 11008, 128),
                                        (16, 4096, 4096)])
-def test_the_kernels_float_trick_matches_float64(n, k, group):
+def test_the_kernels_fixed_point_integer_dot_matches_float64(n, k, group):
     gen = torch.Generator().manual_seed(n + k)
     q, s, z, w = _case(n, k, group, torch.float16, gen)
     t = int4_triton.repack(q, s, z, "cpu")
@@ -28,7 +28,13 @@ def test_the_kernels_float_trick_matches_float64(n, k, group):
     x[::97] = 300.0  # a few large activations, as real models have
     y = int4_cuda.reference_dot(x, t["qweight"], int4_cuda.pack_scale_zero(s, z), group)
     ref = w @ x.double()
-    assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-5
+    # 16-bit fixed point per 32 activations: with a 300 among values of ~4 the others keep ~2^-14 * 300 of
+    # absolute precision, so ~2e-4 relative here (bfloat16's own output step is ~4e-3); without outliers ~7e-5
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 5e-4
+    x2 = torch.randn(k, generator=gen)
+    ref2 = w @ x2.double()
+    y2 = int4_cuda.reference_dot(x2, t["qweight"], int4_cuda.pack_scale_zero(s, z), group)
+    assert ((y2.double() - ref2).norm() / ref2.norm()).item() < 2e-4
 
 
 def test_every_code_decodes_to_itself():
@@ -65,13 +71,13 @@ def test_problems_are_named():
     assert "group 48" in int4_cuda.problem(64, 4608, 48, cuda, torch.bfloat16)
 
 
-def test_rows_per_block_grows_with_the_matrix_and_is_a_compiled_variant():
-    assert int4_cuda.rows_per_block(1024, 4096, 132) == 4
-    assert int4_cuda.rows_per_block(4096, 4096, 132) == 8
-    assert int4_cuda.rows_per_block(57344, 8192, 132) == 16
-    assert int4_cuda.rows_per_block(8192, 28672, 132) == 4  # the 1024-thread variant
-    for n, k in [(1024, 4096), (4096, 4096), (57344, 8192), (8192, 28672)]:
-        assert int4_cuda.rows_per_block(n, k, 132) in int4_cuda.ROWS
+def test_launch_shape_picks_a_compiled_variant_and_never_more_blocks_than_chunks():
+    assert int4_cuda.launch_shape(1024, 4096, 132) == (4, 256)  # 1024 / 8 chunks would not fill 2 waves
+    assert int4_cuda.launch_shape(4096, 4096, 132) == (8, 512)
+    assert int4_cuda.launch_shape(57344, 8192, 132) == (8, 132 * 4)  # persistent: 4 blocks of 256 threads
+    assert int4_cuda.launch_shape(8192, 28672, 132) == (2, 132)  # the 1024-thread variant, 2 rows a chunk
+    assert int4_cuda.launch_shape(8192, 28672, 132, rows=8) == (2, 132)
+    assert int4_cuda.launch_shape(40, 4096, 132, blocks_per_sm=8) == (4, 10)
 
 
 def _repeat_kv_sdpa(q, k, v, mask, groups):
@@ -128,7 +134,7 @@ def test_cuda_gemv_matches_float64_and_int4linear_takes_it():
         sz = int4_cuda.pack_scale_zero(s, z).cuda()
         x = torch.randn(1, k, generator=gen).to(dtype).cuda()
         ref = x.double().cpu() @ w.t()
-        for rows in int4_cuda.ROWS:
+        for rows in (*int4_cuda.ROWS, None):
             y = int4_cuda.gemv(x, t["qweight"], sz, group, rows=rows)
             assert y.dtype == dtype and y.shape == (1, n)
             assert ((y.double().cpu() - ref).norm() / ref.norm()).item() < 4e-3  # the output's own rounding
@@ -136,4 +142,5 @@ def test_cuda_gemv_matches_float64_and_int4linear_takes_it():
     lin = Int4Linear(qw, device="cuda", dtype=torch.bfloat16)
     assert lin.gemv_cuda, lin.fallback_reason
     x = torch.randn(1, q.shape[1], device="cuda", dtype=torch.bfloat16)
-    assert torch.allclose(lin(x).float(), lin._run_packed(x).float(), rtol=2e-2, atol=2e-2)
+    y, ref = lin(x).double(), lin._run_packed(x).double()
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-2

@@ -13,23 +13,24 @@ as 16-byte vectors (32 codes), plus one 32-bit word per group (:func:`pack_scale
 its low 8 mantissa bits replaced by the integer zero point. Every float16 and bfloat16 scale survives that
 exactly (15 mantissa bits remain), so ``(q - z) * s`` is the checkpoint's own arithmetic.
 
-The kernel (one block per ``R`` output rows; thread ``t`` owns the 32 columns ``32 t .. 32 t + 31`` of the
-activation in registers, so a block spans the whole of K, up to 32 768):
+The kernel: thread ``t`` owns the 32 columns ``32 t .. 32 t + 31`` (so one block spans K, up to 32 768); blocks
+are persistent (about ``blocks_per_sm`` per SM) and walk chunks of ``R`` rows, the next chunk's 16-byte weight
+loads issued before the current chunk is computed (register double-buffering). The products are integer:
 
-- the block's ``R`` 16-byte weight loads per thread are issued first, then the activation is read and scaled
-  while they are in flight (a first version loaded 4 rows at a time after the activation and read at ~1.2-2.0
-  TB/s on the H200, no faster than tinygemm);
+- the thread's 32 activations become 16-bit fixed point with one power-of-two scale (largest magnitude mapped
+  below 2^14), split into a signed high byte and an unsigned low byte and packed four to a register in the
+  codes' order, once per block;
+- a word of 8 codes gives its even and odd codes as bytes with one shift and two masks, and four ``dp4a``
+  (4-way byte dot products into int32) take them against the high and low bytes: 7 integer instructions per 8
+  weights. A first version turned codes into floats by mantissa tricks (20 instructions per 8 weights) and
+  read at 1.4-2.3 TB/s on the H200, no better than tinygemm: the integer pipe was the bottleneck;
+- per row ``s * 2^-e * float(sum q x_fixed - z * sum x_fixed)``: exact integer sums (below 2^24), so the only
+  rounding beyond float32 is the activations' to 16 bits, at most 2^-15 of the 32 values' largest magnitude
+  (bfloat16's own step is 2^-8 of each value); then a warp shuffle reduction and a sum over the block's warps,
+  written in the activation dtype (bfloat16 or float16).
 
-- a code is turned into a float with no convert instruction: for a word shifted so that a pair of codes sits
-  at mantissa bits 15-18 and 19-22, ``float_bits(0x3F800000 | (w' & 0x00078000))`` is ``1 + q / 256`` (and
-  the other mask gives ``1 + q / 16``); with the activation pre-scaled by 256 (or 16) the product is
-  ``x' + q x``, and the thread subtracts the constant ``sum x'`` once per row. Four shifts, eight LOP3 and eight
-  FMAs per 8 weights; each product's rounding error is 2^-24 of ``512 |x|``, far below bfloat16's output step;
-- per row: ``s * (sum q x - z * sum x)``, a warp shuffle reduction, then a sum over the block's warps in shared
-  memory, written in the activation dtype (bfloat16 or float16).
-
-The arithmetic is mirrored in plain tensor ops by :func:`reference_dot` so the CPU tests check the bit tricks;
-the GPU tests (marked ``gpu``) compare the kernel with the float64 product.
+The arithmetic is mirrored in tensor ops by :func:`reference_dot` so the CPU tests check the packing, the byte
+order and the fixed point; the GPU tests (marked ``gpu``) compare the kernel with the float64 product.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ import torch
 log = logging.getLogger(__name__)
 
 MAX_K = 32 * 1024  # one block of 1024 threads x 32 columns
-WIDE_K = 16 * 1024  # above: the 1024-thread variant, 4 rows a block
-ROWS = (4, 8, 16)  # rows per block of the compiled variants
+WIDE_K = 16 * 1024  # above: the 1024-thread variant, 2 rows a chunk (64 registers a thread)
+ROWS = (4, 8)  # rows per chunk of the compiled variants up to WIDE_K
 
 _SOURCE = r"""
 typedef unsigned short u16;
@@ -65,20 +66,27 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
       : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
   return r;
 }
-#define ONE 0x3F800000u
-// sum_j (1 + q_j c_j) xs_j over the 8 codes of w; c_j = 2^-8 (even j) or 2^-4 (odd j), xs pre-scaled by 1/c_j:
-// each pair of codes is shifted to mantissa bits 15-18 and 19-22 (bit 23 is the exponent's)
-__device__ __forceinline__ float dot8(u32 w, const float* xs, float acc) {
-  const u32 a = w << 15, b = w << 7, c = w >> 1, d = w >> 9;
-  acc = fmaf(__uint_as_float((a & 0x00078000u) | ONE), xs[0], acc);
-  acc = fmaf(__uint_as_float((a & 0x00780000u) | ONE), xs[1], acc);
-  acc = fmaf(__uint_as_float((b & 0x00078000u) | ONE), xs[2], acc);
-  acc = fmaf(__uint_as_float((b & 0x00780000u) | ONE), xs[3], acc);
-  acc = fmaf(__uint_as_float((c & 0x00078000u) | ONE), xs[4], acc);
-  acc = fmaf(__uint_as_float((c & 0x00780000u) | ONE), xs[5], acc);
-  acc = fmaf(__uint_as_float((d & 0x00078000u) | ONE), xs[6], acc);
-  acc = fmaf(__uint_as_float((d & 0x00780000u) | ONE), xs[7], acc);
-  return acc;
+__device__ __forceinline__ int dp4a_us(u32 a, int b, int c) {  // unsigned bytes . signed bytes + c
+  int d; asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
+}
+__device__ __forceinline__ u32 dp4a_uu(u32 a, u32 b, u32 c) {  // unsigned bytes . unsigned bytes + c
+  u32 d; asm("dp4a.u32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
+}
+__device__ __forceinline__ u32 pack4(int a, int b, int c, int d) {
+  return (u32)(a & 0xFF) | ((u32)(b & 0xFF) << 8) | ((u32)(c & 0xFF) << 16) | ((u32)(d & 0xFF) << 24);
+}
+
+template <int R>
+__device__ __forceinline__ void load_chunk(uint4 (&w)[R], u32 (&s)[R], const uint4* __restrict__ qw,
+                                           const u32* __restrict__ sz, int chunk, int N, int kt, int gpr, int g,
+                                           int t, bool active) {
+#pragma unroll
+  for (int u = 0; u < R; ++u) {
+    const int n = chunk * R + u;
+    const bool ok = active && n < N;
+    w[u] = ok ? load_stream(qw + (size_t)n * kt + t) : make_uint4(0u, 0u, 0u, 0u);
+    s[u] = ok ? __ldg(sz + (size_t)n * gpr + g) : 0u;
+  }
 }
 
 template <int R>
@@ -88,20 +96,21 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const uint4* _
   __shared__ float red[32 * R];
   const int kt = K >> 5, t = threadIdx.x, lane = t & 31, warp = t >> 5, nwarps = blockDim.x >> 5;
   const bool active = t < kt;
-  const int gpr = K / G, g = (t * 32) / G, row0 = blockIdx.x * R;
-  // every weight load of the block first, so they are in flight while x is read and scaled
+  const int gpr = K / G, g = (t * 32) / G, chunks = (N + R - 1) / R;
+  int chunk = blockIdx.x;
   uint4 w[R];
   u32 s[R];
+  load_chunk<R>(w, s, qw, sz, chunk, N, kt, gpr, g, t, active);
+
+  // the activations as 16-bit fixed point, split in bytes, packed in the codes' order (once per block)
+  u32 xh[8], xl[8];  // [word j][even 0 / odd 1]
+  float xscale = 0.f;
+  int xsum = 0;
+  bool finite = true;
 #pragma unroll
-  for (int u = 0; u < R; ++u) {
-    const int n = row0 + u;
-    const bool ok = active && n < N;
-    w[u] = ok ? load_stream(qw + (size_t)n * kt + t) : make_uint4(0u, 0u, 0u, 0u);
-    s[u] = ok ? __ldg(sz + (size_t)n * gpr + g) : 0u;
-  }
-  float xs[32];
-  float C = 0.f, X = 0.f;
+  for (int i = 0; i < 8; ++i) { xh[i] = 0u; xl[i] = 0u; }
   if (active) {
+    float xv[32];
     const uint4* xp = reinterpret_cast<const uint4*>(x) + t * 4;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -109,35 +118,72 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const uint4* _
       const u32 parts[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
       for (int p = 0; p < 4; ++p) {
-        const float lo = act_to_f32((u16)(parts[p] & 0xFFFFu), bf16), hi = act_to_f32((u16)(parts[p] >> 16), bf16);
-        xs[i * 8 + p * 2] = lo * 256.f;
-        xs[i * 8 + p * 2 + 1] = hi * 16.f;
-        X += lo + hi;
+        xv[i * 8 + p * 2] = act_to_f32((u16)(parts[p] & 0xFFFFu), bf16);
+        xv[i * 8 + p * 2 + 1] = act_to_f32((u16)(parts[p] >> 16), bf16);
       }
     }
+    float m = 0.f;
 #pragma unroll
-    for (int j = 0; j < 32; ++j) C += xs[j];
-  } else {
+    for (int j = 0; j < 32; ++j) m = fmaxf(m, fabsf(xv[j]));
+    finite = m <= 3.402823466e38f;  // false for inf and NaN
+    int e = 0;
+    if (m > 0.f && finite) { frexpf(m, &e); }
+    const int sh = min(100, 14 - e);  // |x| * 2^sh < 2^14 (magnitudes below 2^-86 flush towards 0)
+    const float up = ldexpf(1.f, sh);
+    xscale = ldexpf(1.f, -sh);
+    int xi[32];
 #pragma unroll
-    for (int j = 0; j < 32; ++j) xs[j] = 0.f;
+    for (int j = 0; j < 32; ++j) {
+      xi[j] = finite ? __float2int_rn(xv[j] * up) : 0;
+      xsum += xi[j];
+    }
+#pragma unroll
+    for (int wj = 0; wj < 4; ++wj) {
+      const int b = wj * 8;
+      xh[wj * 2] = pack4(xi[b] >> 8, xi[b + 2] >> 8, xi[b + 4] >> 8, xi[b + 6] >> 8);
+      xh[wj * 2 + 1] = pack4(xi[b + 1] >> 8, xi[b + 3] >> 8, xi[b + 5] >> 8, xi[b + 7] >> 8);
+      xl[wj * 2] = pack4(xi[b], xi[b + 2], xi[b + 4], xi[b + 6]);
+      xl[wj * 2 + 1] = pack4(xi[b + 1], xi[b + 3], xi[b + 5], xi[b + 7]);
+    }
   }
+
+  for (; chunk < chunks; chunk += gridDim.x) {
+    uint4 wn[R];
+    u32 sn[R];
+    const int next = chunk + gridDim.x;
+    if (next < chunks) load_chunk<R>(wn, sn, qw, sz, next, N, kt, gpr, g, t, active);
 #pragma unroll
-  for (int u = 0; u < R; ++u) {
-    float acc = dot8(w[u].x, xs, 0.f);
-    acc = dot8(w[u].y, xs + 8, acc);
-    acc = dot8(w[u].z, xs + 16, acc);
-    acc = dot8(w[u].w, xs + 24, acc);
-    const float scale = __uint_as_float(s[u] & 0xFFFFFF00u), zero = (float)(s[u] & 0xFFu);
-    float v = s[u] ? scale * ((acc - C) - zero * X) : 0.f;
+    for (int u = 0; u < R; ++u) {
+      const u32 words[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
+      int hi = 0;
+      u32 lo = 0u;
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0) red[warp * R + u] = v;
-  }
-  __syncthreads();
-  if (t < R && row0 + t < N) {
-    float sum = 0.f;
-    for (int i = 0; i < nwarps; ++i) sum += red[i * R + t];
-    out[row0 + t] = f32_to_act(sum, bf16);
+      for (int wj = 0; wj < 4; ++wj) {
+        const u32 ev = words[wj] & 0x0F0F0F0Fu, od = (words[wj] >> 4) & 0x0F0F0F0Fu;
+        hi = dp4a_us(ev, (int)xh[wj * 2], hi);
+        hi = dp4a_us(od, (int)xh[wj * 2 + 1], hi);
+        lo = dp4a_uu(ev, xl[wj * 2], lo);
+        lo = dp4a_uu(od, xl[wj * 2 + 1], lo);
+      }
+      const int zero = (int)(s[u] & 0xFFu);
+      const float scale = __uint_as_float(s[u] & 0xFFFFFF00u);
+      float v = s[u] ? scale * xscale * (float)(hi * 256 + (int)lo - zero * xsum) : 0.f;
+      if (!finite) v = __int_as_float(0x7fc00000);
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      if (lane == 0) red[warp * R + u] = v;
+    }
+    __syncthreads();
+    if (t < R && chunk * R + t < N) {
+      float sum = 0.f;
+      for (int i = 0; i < nwarps; ++i) sum += red[i * R + t];
+      out[chunk * R + t] = f32_to_act(sum, bf16);
+    }
+    __syncthreads();
+    if (next < chunks) {
+#pragma unroll
+      for (int u = 0; u < R; ++u) { w[u] = wn[u]; s[u] = sn[u]; }
+    }
   }
 }
 
@@ -148,12 +194,10 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const uint4* _
   }
 ENTRY(q4gemv_bf16_r4, 512, 4, true)
 ENTRY(q4gemv_bf16_r8, 512, 8, true)
-ENTRY(q4gemv_bf16_r16, 512, 16, true)
-ENTRY(q4gemv_bf16_wide, 1024, 4, true)
+ENTRY(q4gemv_bf16_wide, 1024, 2, true)
 ENTRY(q4gemv_f16_r4, 512, 4, false)
 ENTRY(q4gemv_f16_r8, 512, 8, false)
-ENTRY(q4gemv_f16_r16, 512, 16, false)
-ENTRY(q4gemv_f16_wide, 1024, 4, false)
+ENTRY(q4gemv_f16_wide, 1024, 2, false)
 """
 
 
@@ -170,25 +214,26 @@ def unpack_scale_zero(sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def reference_dot(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
-    """The kernel's arithmetic in tensor ops, float32 (x [K], qweight int32 [N, K / 8]) -> [N]: the same masks,
-    the same ``1 + q c`` floats, the same per-thread constants; the CPU tests check it against float64."""
+    """The kernel's arithmetic in tensor ops (x [K], qweight int32 [N, K / 8]) -> float32 [N]: the same per-32
+    fixed point, byte split, even/odd byte packing and integer dot products; the CPU tests check it against
+    float64."""
     n, k = qweight.shape[0], qweight.shape[1] * 8
-    w = qweight.to(torch.int64) & 0xFFFFFFFF  # unsigned words
-    shifted = [(w << 15) & 0xFFFFFFFF, (w << 7) & 0xFFFFFFFF, w >> 1, w >> 9]
-    vals = []
-    for j in range(8):
-        mask = 0x00078000 if j % 2 == 0 else 0x00780000
-        bits = (shifted[j // 2] & mask) | 0x3F800000
-        vals.append(bits.to(torch.int32).view(torch.float32))
-    ones_plus = torch.stack(vals, dim=-1).reshape(n, k)  # 1 + q c_j
-    xf = x.float()
-    xs = xf * torch.tensor([256.0, 16.0], dtype=torch.float32).repeat(k // 2)
-    per_thread = (ones_plus * xs).reshape(n, k // 32, 32).sum(-1)  # one thread's acc
-    c_const = xs.reshape(k // 32, 32).sum(-1)
-    x_sum = xf.reshape(k // 32, 32).sum(-1)
+    xv = x.float().reshape(k // 32, 32)
+    m = xv.abs().amax(-1)
+    _, e = torch.frexp(m)
+    sh = torch.clamp(14 - torch.where(m > 0, e, torch.zeros_like(e)), max=100)
+    xi = torch.round(xv * torch.exp2(sh.float())[:, None]).to(torch.int64)  # round half to even, as __float2int_rn
+    hi_b, lo_b = xi >> 8, xi & 0xFF  # signed high byte, unsigned low byte: xi = 256 hi + lo
+    w = qweight.to(torch.int64) & 0xFFFFFFFF
+    ev, od = w & 0x0F0F0F0F, (w >> 4) & 0x0F0F0F0F
+    codes = torch.stack([(ev >> (8 * i)) & 0xFF for i in range(4)] + [(od >> (8 * i)) & 0xFF for i in range(4)], -1)
+    codes = codes[..., [0, 4, 1, 5, 2, 6, 3, 7]].reshape(n, k // 32, 32)  # byte i of ev = code 2i, of od = 2i + 1
+    hi = (codes * hi_b).sum(-1)
+    lo = (codes * lo_b).sum(-1)
     scale, zero = unpack_scale_zero(sz)
     g = torch.arange(k // 32) * 32 // group
-    return (scale[:, g] * ((per_thread - c_const) - zero[:, g].float() * x_sum)).sum(-1)
+    total = (hi * 256 + lo - zero[:, g].long() * xi.sum(-1)).float()
+    return (scale[:, g] * torch.exp2(-sh.float()) * total).sum(-1)
 
 
 def problem(n: int, k: int, group: int, device: torch.device, dtype: torch.dtype) -> str:
@@ -212,7 +257,7 @@ def _kernel(name: str):
 def compile_problem(dtype: torch.dtype, k: int) -> str:
     """Compile (once) the variants for ``dtype`` and ``k``; "" or the compiler's one-line reason."""
     try:
-        for rows in ((4,) if k > WIDE_K else ROWS):
+        for rows in ((2,) if k > WIDE_K else ROWS):
             _kernel(_name(dtype, k, rows))
     except Exception as e:  # no CUDA headers, NVRTC missing, an old driver: the caller keeps tinygemm
         return f"NVRTC compile failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
@@ -224,16 +269,20 @@ def _name(dtype: torch.dtype, k: int, rows: int) -> str:
     return f"q4gemv_{kind}_wide" if k > WIDE_K else f"q4gemv_{kind}_r{rows}"
 
 
-def rows_per_block(n: int, k: int, sms: int) -> int:
-    """Rows per block (a compiled variant): 4 for K above 16 384 (1024 threads, 64 registers each); else the
-    most rows that still leave two blocks per SM (measured on the H200, bench/int4_gemv.py: 8 or 16 rows
-    read 1.2-1.9x faster than 1-2 rows)."""
+def threads_per_block(k: int) -> int:
+    return -(-k // 32 // 32) * 32
+
+
+def launch_shape(n: int, k: int, sms: int, rows: int | None = None, blocks_per_sm: int | None = None):
+    """(rows per chunk, blocks) for a [N, K] weight: 2 rows for K above WIDE_K; else 8 (4 where that leaves too few
+    chunks to fill the GPU); persistent blocks, ``blocks_per_sm`` of them per SM (default: 1024 threads' worth),
+    never more than there are chunks."""
     if k > WIDE_K:
-        return 4
-    for rows in (16, 8):
-        if n // rows >= 2 * sms:
-            return rows
-    return 4
+        rows = 2
+    elif rows is None:
+        rows = 8 if n // 8 >= 2 * sms else 4
+    bps = blocks_per_sm or max(1, 1024 // threads_per_block(k))
+    return rows, max(1, min(-(-n // rows), sms * bps))
 
 
 @functools.cache
@@ -241,16 +290,17 @@ def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def gemv(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int, rows: int | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int, rows: int | None = None,
+         blocks_per_sm: int | None = None) -> torch.Tensor:
     """x [1, K] (bf16/fp16, CUDA) @ dequant(qweight, sz).T -> [1, N] in x's dtype."""
     n, k = qweight.shape[0], qweight.shape[1] * 8
     x = x.reshape(-1)
     if not x.is_contiguous() or x.data_ptr() % 16:
         x = x.clone()
     out = torch.empty(1, n, device=x.device, dtype=x.dtype)
-    r = 4 if k > WIDE_K else (rows or rows_per_block(n, k, _sms(x.device.index or 0)))
-    threads = -(-k // 32 // 32) * 32
-    _kernel(_name(x.dtype, k, r))(grid=(-(-n // r), 1, 1), block=(threads, 1, 1), args=[x, qweight, sz, out, n, k, group])
+    r, blocks = launch_shape(n, k, _sms(x.device.index or 0), rows, blocks_per_sm)
+    _kernel(_name(x.dtype, k, r))(grid=(blocks, 1, 1), block=(threads_per_block(k), 1, 1),
+                                  args=[x, qweight, sz, out, n, k, group])
     return out
 
 

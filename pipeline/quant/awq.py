@@ -87,6 +87,78 @@ def _subsample_tokens(x: torch.Tensor, max_tokens: int) -> torch.Tensor:
     return x[::step]
 
 
+class StreamingInputs:
+    """One LinearGroup's calibration inputs, reduced batch by batch to what the AWQ searches read, instead of kept
+    whole (at 70B width and 128 x 512 tokens the four groups' inputs are 6.5 GiB, and their concatenation another
+    3.5 GiB for down_proj's).
+
+    ``finish()`` returns ``(sample, magnitude, gram, n_tokens)``, each bit for bit what the full-tensor functions give
+    on the concatenated batches: ``sample = _subsample_tokens(x, max_tokens)`` (the stride is known up front from
+    ``n_tokens``, the number of tokens the walk will feed), ``magnitude = input_channel_magnitude(x)`` and, when the
+    input is narrower than the token sample (where :func:`search_scales` uses the Gram loss), ``gram = XᵀX / n``.
+    The sums run over the same ``_CHUNK_TOKENS``-row chunks (8192-row for the Gram matrix) as those functions, so
+    up to one chunk of rows is buffered (0.9 GiB for a 28672-wide bf16 input; 0.25 GiB at 8192)."""
+
+    def __init__(self, n_tokens: int, max_tokens: int):
+        self.n_tokens, self.max_tokens = n_tokens, max_tokens
+        self.step = 1 if max_tokens <= 0 or n_tokens <= max_tokens else -(-n_tokens // max_tokens)
+        self.seen = 0
+        self._buf: torch.Tensor | None = None
+        self._fill = 0
+        self._abs: torch.Tensor | None = None
+        self._gram: torch.Tensor | None = None
+        self._samples: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        x = _flatten_tokens(x)
+        if self._buf is None:
+            width = x.shape[1]
+            n_direct = min(self.n_tokens, self.max_tokens) if self.max_tokens > 0 else self.n_tokens
+            if width < n_direct:
+                self._gram = torch.zeros(width, width, dtype=torch.float32, device=x.device)
+            self._abs = torch.zeros(width, dtype=torch.float32, device=x.device)
+            self._buf = torch.empty(min(_CHUNK_TOKENS, max(1, self.n_tokens)), width, dtype=x.dtype, device=x.device)
+        first = (-self.seen) % self.step  # rows of this batch at global positions 0, step, 2·step, ...
+        if first < x.shape[0]:
+            self._samples.append(x[first :: self.step].clone())
+        self.seen += x.shape[0]
+        while x.shape[0]:
+            take = min(x.shape[0], self._buf.shape[0] - self._fill)
+            self._buf[self._fill : self._fill + take] = x[:take]
+            self._fill += take
+            x = x[take:]
+            if self._fill == self._buf.shape[0]:
+                self._flush()
+
+    def _flush(self) -> None:
+        chunk = self._buf[: self._fill]
+        self._abs += chunk.float().abs().sum(dim=0)  # as _abs_sum: one _CHUNK_TOKENS-row chunk per sum
+        if self._gram is not None:
+            for i in range(0, chunk.shape[0], 8192):  # as _gram: 8192-row GEMMs, in order
+                xc = chunk[i : i + 8192].to(torch.float32)
+                self._gram.addmm_(xc.t(), xc)
+        self._fill = 0
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+        if self.seen == 0:
+            raise QuantizationError(
+                "AWQ got an empty activation tensor: no calibration tokens reached this layer. "
+                "Check that the calibration set is not empty and that its samples are at least one token long."
+            )
+        if self.seen != self.n_tokens:
+            raise QuantizationError(
+                f"AWQ was told the walk feeds {self.n_tokens} calibration tokens per layer but got {self.seen}: "
+                "the token sample would not be the one the searches expect. This is a bug in the layer walker."
+            )
+        if self._fill:
+            self._flush()
+        self._buf = None
+        sample = self._samples[0] if len(self._samples) == 1 else torch.cat(self._samples)
+        self._samples = []
+        gram = None if self._gram is None else self._gram / self.seen
+        return sample, self._abs / self.seen, gram, self.seen
+
+
 def weight_magnitude(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:
     """Mean over output rows of |W| normalised by its group's max |W|, fp32 [in] (AutoAWQ ``w_mean``)."""
     w = torch.cat([wi.float() for wi in weights], dim=0)
@@ -155,6 +227,8 @@ def search_scales(
     max_tokens: int = 4096,
     duo_scaling: bool = False,
     sym: bool = False,
+    n_tokens: int | None = None,
+    gram: torch.Tensor | None = None,
 ) -> ScaleSearch:
     """Grid-search AWQ's per-input-channel scales for the linears that share the input ``x``.
 
@@ -178,6 +252,9 @@ def search_scales(
             when the input is narrower than that, the loss goes through the Gram matrix of every token instead
             (:func:`_gram_loss`: the same objective, cheaper per candidate).
         duo_scaling: use AutoAWQ's ``mag^alpha / w_mag^(1-alpha)`` instead of the paper's ``mag^alpha``.
+        n_tokens, gram: when ``x`` is not every calibration token but :class:`StreamingInputs`' strided sample of
+            ``n_tokens`` of them, with ``magnitude`` and (where the Gram loss applies) ``gram`` from the same
+            object: the search is then the one it would be on all the tokens, bit for bit.
 
     Returns:
         ``ScaleSearch(scales [in] fp32, best_ratio, losses)``.
@@ -191,7 +268,8 @@ def search_scales(
     w_mag = weight_magnitude(weights, group_size).to(device) if duo_scaling else None
     w_fp32 = [w.float() for w in weights]
 
-    n_direct = min(x2.shape[0], max_tokens) if max_tokens > 0 else x2.shape[0]
+    n_total = x2.shape[0] if n_tokens is None else n_tokens
+    n_direct = min(n_total, max_tokens) if max_tokens > 0 else n_total
     with tf32_matmuls(device.type == "cuda"):
         if forward is not None:
             reference = forward(list(weights)).float()
@@ -201,7 +279,12 @@ def search_scales(
                 return float((out - reference).pow(2).mean())
 
         elif in_features < n_direct:
-            loss_of = _gram_loss(x2, w_fp32, device)
+            if gram is None and n_total != x2.shape[0]:
+                raise QuantizationError(
+                    "AWQ scale search: the inputs are a sample of the calibration tokens, but the Gram loss needs "
+                    "all of them; pass the Gram matrix gathered with them (StreamingInputs.finish())."
+                )
+            loss_of = _loss_from_gram(gram.to(device) if gram is not None else _gram(x2, device), w_fp32)
         else:
             loss_of = _output_loss(_subsample_tokens(x2, max_tokens).to(device=device, dtype=torch.float32), w_fp32)
         return _grid(loss_of, w_fp32, x_mag, w_mag, bits, group_size, sym, n_grid, in_features, device)
@@ -218,17 +301,18 @@ def _output_loss(x_s: torch.Tensor, w_ref: list[torch.Tensor]):
     return loss_of
 
 
-def _gram_loss(x2: torch.Tensor, w_ref: list[torch.Tensor], device: torch.device, chunk: int = 8192):
-    """The same loss through the Gram matrix ``G = XᵀX / n`` of *every* calibration token:
-    ``mean((x ΔWᵀ)²) = tr(ΔW G ΔWᵀ) / outputs``. Each candidate then costs ``outputs × in²`` instead of
-    ``tokens × in × outputs``: cheaper whenever the input is narrower than the token sample, and it sees all
-    tokens rather than a subsample."""
+def _gram(x2: torch.Tensor, device: torch.device, chunk: int = 8192) -> torch.Tensor:
+    """``XᵀX / n`` in fp32 over every row of ``x2``, ``chunk`` rows per GEMM."""
     n, width = x2.shape
     G = torch.zeros(width, width, dtype=torch.float32, device=device)
     for i in range(0, n, chunk):
         xc = x2[i : i + chunk].to(device=device, dtype=torch.float32)
         G.addmm_(xc.t(), xc)
     G /= n
+    return G
+
+
+def _loss_from_gram(G: torch.Tensor, w_ref: list[torch.Tensor]):
     outputs = sum(w.shape[0] for w in w_ref)
 
     def loss_of(ws: list[torch.Tensor]) -> float:
@@ -239,6 +323,14 @@ def _gram_loss(x2: torch.Tensor, w_ref: list[torch.Tensor], device: torch.device
         return total / outputs
 
     return loss_of
+
+
+def _gram_loss(x2: torch.Tensor, w_ref: list[torch.Tensor], device: torch.device, chunk: int = 8192):
+    """The same loss through the Gram matrix ``G = XᵀX / n`` of *every* calibration token:
+    ``mean((x ΔWᵀ)²) = tr(ΔW G ΔWᵀ) / outputs``. Each candidate then costs ``outputs × in²`` instead of
+    ``tokens × in × outputs``: cheaper whenever the input is narrower than the token sample, and it sees all
+    tokens rather than a subsample."""
+    return _loss_from_gram(_gram(x2, device, chunk), w_ref)
 
 
 def _grid(loss_of, w_fp32, x_mag, w_mag, bits, group_size, sym, n_grid, in_features, device) -> ScaleSearch:

@@ -55,6 +55,9 @@ class LayerMethod(Protocol):
 
     def begin_layer(self, index: int) -> None: ...
 
+    # Optional: ``begin_walk(n_tokens)``, called once before the first layer with the number of calibration tokens
+    # every layer will see (lets a method reduce its inputs batch by batch: awq.StreamingInputs).
+
     def observe(self, group: LinearGroup, x: torch.Tensor) -> None:
         """The input [tokens, in] of ``group``'s linears for one calibration batch."""
 
@@ -342,6 +345,8 @@ def quantize_layerwise(
 
     config = _sdpa(config)
     classes = _layer_classes(config)
+    if callable(getattr(method, "begin_walk", None)):
+        method.begin_walk(int(calib_ids.numel()))
     with torch.device("meta"):
         layer_names = list(classes[0](config, 0).state_dict())
     timings: list[float] = []
