@@ -319,7 +319,7 @@ class _TimedStep:
         return self.inner(model, state)
 
 
-def server_speed(model, device, batch, mode, prompt, steps) -> dict:
+def server_speed(model, device, batch, mode, prompt, steps, max_len=None) -> dict:
     """Tokens/s of ``batch`` concurrent greedy requests through the server's scheduler (module docstring)."""
     import threading
 
@@ -327,7 +327,7 @@ def server_speed(model, device, batch, mode, prompt, steps) -> dict:
     from pipeline.serve.graph_step import make_step
 
     t0 = time.perf_counter()
-    inner = make_step(mode, model, batch, prompt + steps + 8) or DynamicCacheStep(model)
+    inner = make_step(mode, model, batch, max_len or prompt + steps + 8) or DynamicCacheStep(model)
     if hasattr(inner, "warmup"):
         inner.warmup()
     step = _TimedStep(inner)
@@ -377,6 +377,8 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-prefill", action="store_true")
     ap.add_argument("--micro-formats", default="int4-tinygemm,int4-triton,int8,fp8")
     ap.add_argument("--server", action="store_true", help="time through the server's scheduler (docstring)")
+    ap.add_argument("--max-len", type=int, default=None, help="--server: the static cache's positions per slot "
+                    "(default P + T + 8; the server itself uses 4096)")
     ap.add_argument("--profile", action="store_true", help="also a per-kernel GPU time profile of each format")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -388,7 +390,7 @@ def main(argv=None) -> int:
     batches = [int(b) for b in a.batches.split(",")]
     out = RESULTS
     out.update(shape=a.shape, dims=SHAPES[a.shape], device=a.device, torch=torch.__version__, python=platform.python_version(),
-               prompt=a.prompt, steps=a.steps, server=a.server, rows=[])
+               prompt=a.prompt, steps=a.steps, server=a.server, max_len=a.max_len, rows=[])
     import transformers
 
     out["transformers"] = transformers.__version__
@@ -415,7 +417,10 @@ def main(argv=None) -> int:
         for batch in batches:
             for mode in modes:
                 try:
-                    r = (server_speed if a.server else decode_speed)(model, a.device, batch, mode, a.prompt, a.steps)
+                    if a.server:
+                        r = server_speed(model, a.device, batch, mode, a.prompt, a.steps, a.max_len)
+                    else:
+                        r = decode_speed(model, a.device, batch, mode, a.prompt, a.steps)
                 except Exception as e:  # noqa: BLE001 - one failed row must not lose the others
                     r = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
                 r.update(format=fmt, batch=batch, mode=mode, weight_bytes=nbytes)

@@ -17,6 +17,7 @@ lives in the quantize stage; here everything takes and returns tensors.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # Tokens per chunk when reducing over a large activation tensor: bounds the fp32 temporary to ~chunk × width.
 _CHUNK_TOKENS = 16384
+# Tokens per GEMM when summing the Gram matrix XᵀX of a narrow input (the Gram form of the scale-search loss).
+_GRAM_CHUNK = 8192
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -96,8 +99,8 @@ class StreamingInputs:
     on the concatenated batches: ``sample = _subsample_tokens(x, max_tokens)`` (the stride is known up front from
     ``n_tokens``, the number of tokens the walk will feed), ``magnitude = input_channel_magnitude(x)`` and, when the
     input is narrower than the token sample (where :func:`search_scales` uses the Gram loss), ``gram = XᵀX / n``.
-    The sums run over the same ``_CHUNK_TOKENS``-row chunks (8192-row for the Gram matrix) as those functions, so
-    up to one chunk of rows is buffered (0.9 GiB for a 28672-wide bf16 input; 0.25 GiB at 8192)."""
+    The sums run over the same ``_CHUNK_TOKENS``-row chunks (``_GRAM_CHUNK`` rows for the Gram matrix) as those
+    functions, so up to one chunk of rows is buffered (0.9 GiB for a 28672-wide bf16 input; 0.25 GiB at 8192)."""
 
     def __init__(self, n_tokens: int, max_tokens: int):
         self.n_tokens, self.max_tokens = n_tokens, max_tokens
@@ -117,7 +120,9 @@ class StreamingInputs:
             if width < n_direct:
                 self._gram = torch.zeros(width, width, dtype=torch.float32, device=x.device)
             self._abs = torch.zeros(width, dtype=torch.float32, device=x.device)
-            self._buf = torch.empty(min(_CHUNK_TOKENS, max(1, self.n_tokens)), width, dtype=x.dtype, device=x.device)
+            # whole chunks of both sums fit the buffer (16384 rows with the defaults)
+            rows = math.lcm(_CHUNK_TOKENS, _GRAM_CHUNK) if self._gram is not None else _CHUNK_TOKENS
+            self._buf = torch.empty(min(rows, max(1, self.n_tokens)), width, dtype=x.dtype, device=x.device)
         first = (-self.seen) % self.step  # rows of this batch at global positions 0, step, 2·step, ...
         if first < x.shape[0]:
             self._samples.append(x[first :: self.step].clone())
@@ -132,10 +137,11 @@ class StreamingInputs:
 
     def _flush(self) -> None:
         chunk = self._buf[: self._fill]
-        self._abs += chunk.float().abs().sum(dim=0)  # as _abs_sum: one _CHUNK_TOKENS-row chunk per sum
+        for i in range(0, chunk.shape[0], _CHUNK_TOKENS):  # as _abs_sum: one sum per _CHUNK_TOKENS rows
+            self._abs += chunk[i : i + _CHUNK_TOKENS].float().abs().sum(dim=0)
         if self._gram is not None:
-            for i in range(0, chunk.shape[0], 8192):  # as _gram: 8192-row GEMMs, in order
-                xc = chunk[i : i + 8192].to(torch.float32)
+            for i in range(0, chunk.shape[0], _GRAM_CHUNK):  # as _gram: one GEMM per _GRAM_CHUNK rows, in order
+                xc = chunk[i : i + _GRAM_CHUNK].to(torch.float32)
                 self._gram.addmm_(xc.t(), xc)
         self._fill = 0
 
@@ -301,9 +307,10 @@ def _output_loss(x_s: torch.Tensor, w_ref: list[torch.Tensor]):
     return loss_of
 
 
-def _gram(x2: torch.Tensor, device: torch.device, chunk: int = 8192) -> torch.Tensor:
-    """``XᵀX / n`` in fp32 over every row of ``x2``, ``chunk`` rows per GEMM."""
+def _gram(x2: torch.Tensor, device: torch.device, chunk: int | None = None) -> torch.Tensor:
+    """``XᵀX / n`` in fp32 over every row of ``x2``, ``chunk`` (default ``_GRAM_CHUNK``) rows per GEMM."""
     n, width = x2.shape
+    chunk = chunk or _GRAM_CHUNK
     G = torch.zeros(width, width, dtype=torch.float32, device=device)
     for i in range(0, n, chunk):
         xc = x2[i : i + chunk].to(device=device, dtype=torch.float32)
@@ -325,7 +332,7 @@ def _loss_from_gram(G: torch.Tensor, w_ref: list[torch.Tensor]):
     return loss_of
 
 
-def _gram_loss(x2: torch.Tensor, w_ref: list[torch.Tensor], device: torch.device, chunk: int = 8192):
+def _gram_loss(x2: torch.Tensor, w_ref: list[torch.Tensor], device: torch.device, chunk: int | None = None):
     """The same loss through the Gram matrix ``G = XᵀX / n`` of *every* calibration token:
     ``mean((x ΔWᵀ)²) = tr(ΔW G ΔWᵀ) / outputs``. Each candidate then costs ``outputs × in²`` instead of
     ``tokens × in × outputs``: cheaper whenever the input is narrower than the token sample, and it sees all

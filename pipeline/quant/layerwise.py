@@ -269,7 +269,7 @@ class _ObservedAll(Exception):
 
 
 def _observe_layer(layer: nn.Module, rotary: nn.Module, hidden: torch.Tensor, batch_size: int, spec: ArchSpec,
-                   method: LayerMethod) -> None:
+                   method: LayerMethod, early_stop: bool = True) -> None:
     """Run the calibration batches through ``layer`` with hooks that hand each group's input to ``method.observe``.
 
     The output of this pass is not used, so each batch stops at the last hook (before down_proj on Llama: its GEMM
@@ -293,7 +293,7 @@ def _observe_layer(layer: nn.Module, rotary: nn.Module, hidden: torch.Tensor, ba
                 _layer_forward(layer, hidden[i : i + batch_size], rotary)
             except _ObservedAll:
                 pass
-            if stop_after[0] is None:
+            if stop_after[0] is None and early_stop:
                 stop_after[0] = calls[0]
     finally:
         for h in hooks:
