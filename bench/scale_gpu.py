@@ -242,11 +242,15 @@ def walk(model_dir: Path, method_name: str, calib: tuple[int, int], overlap: boo
            "wall_s": m.figures["seconds"], "peak_gpu_gib": round(m.figures.get("peak_gpu_bytes", 0) / GiB, 2),
            "peak_rss_gib": round(m.figures["peak_rss_bytes"] / GiB, 2), "read_wait_s": stats.get("read_wait_seconds"),
            "write_tail_s": stats.get("write_tail_seconds"), "layers": stats["layers"],
+           "peak_gpu_reserved_gib": round(m.figures.get("peak_gpu_reserved_bytes", 0) / GiB, 2),
+           "phases_s_per_layer": {k.removesuffix("_seconds_per_layer"): v for k, v in stats.items()
+                                  if k.endswith("_seconds_per_layer")},
            "per_layer_s": [round(x, 3) for x in per_layer]}
     if per_layer:
         t_layer = statistics.median(per_layer)
         row["t_layer_median_s"] = round(t_layer, 3)
         row["t_fixed_s"] = round(row["wall_s"] - t_layer * stats["layers"], 2)
+        row["t80_s"] = round(row["t_fixed_s"] + 80 * t_layer, 1)
     shutil.rmtree(out_dir, ignore_errors=True)
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -281,12 +285,16 @@ def print_tables(res: dict) -> None:
                   f"{r['peak_gpu_gib']} | {r['peak_rss_gib']} |")
     if res.get("big"):
         print(f"\n70B-wide layers ({res.get('big_checkpoint')}): T80 = T_fixed + 80 * t_layer")
-        print("| method | calib | layers | wall s | t_layer s | T_fixed s | T80 min | peak GPU GiB | peak RSS GiB |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| method | calib | layers | wall s | t_layer s | T_fixed s | T80 = T_fixed + 80 t_layer | peak GPU GiB "
+              "(alloc / reserved) | peak RSS GiB | observe / quantize / forward s per layer |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in res["big"]:
-            t80 = (r.get("t_fixed_s", 0) + 80 * r.get("t_layer_median_s", 0)) / 60
+            t80 = r.get("t_fixed_s", 0) + 80 * r.get("t_layer_median_s", 0)
+            ph = r.get("phases_s_per_layer", {})
             print(f"| {r['method']} | {r['calib']} | {r['layers']} | {r['wall_s']:.1f} | {r.get('t_layer_median_s')} | "
-                  f"{r.get('t_fixed_s')} | {t80:.2f} | {r['peak_gpu_gib']} | {r['peak_rss_gib']} |")
+                  f"{r.get('t_fixed_s')} | {r.get('t_fixed_s')} + 80 · {r.get('t_layer_median_s')} = {t80:.0f} s = "
+                  f"{t80 / 60:.2f} min | {r['peak_gpu_gib']} / {r.get('peak_gpu_reserved_gib')} | {r['peak_rss_gib']} | "
+                  f"{ph.get('observe')} / {ph.get('quantize')} / {ph.get('forward')} |")
 
 
 def main() -> None:
@@ -300,7 +308,9 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=400, help="seconds; later steps are skipped when short")
     ap.add_argument("--big-layers", type=int, default=None,
                     help="70B-wide layers to write and quantize (default 4, 2 with --small; 0: skip)")
-    ap.add_argument("--skip", default="", help="comma list of steps to skip: pipeline,overlap,big")
+    ap.add_argument("--skip", default="", help="comma list of steps to skip: pipeline,overlap,big (the 8B checkpoint "
+                    "is not written when both pipeline and overlap are skipped)")
+    ap.add_argument("--big-methods", default="awq,gptq", help="comma list of the 70B-width walks to run, in order")
     args = ap.parse_args()
     if args.big_layers is None:
         args.big_layers = 2 if args.small else 4
@@ -319,9 +329,10 @@ def main() -> None:
     save = lambda: json_path.write_text(json.dumps(res, indent=1))  # noqa: E731
     s8, s70 = ("8b-small", "70b-small") if args.small else ("8b", "70b")
     model_dir = work / "llama3-8b-shape"
-    res["checkpoint"] = write_checkpoint(model_dir, llama_config(s8), 4, device)
-    print("checkpoint:", res["checkpoint"], flush=True)
-    save()
+    if not {"pipeline", "overlap"} <= skip:  # only those two steps read the 8B-shaped checkpoint
+        res["checkpoint"] = write_checkpoint(model_dir, llama_config(s8), 4, device)
+        print("checkpoint:", res["checkpoint"], flush=True)
+        save()
     if "pipeline" not in skip:
         res["pipeline"] = run_pipeline(work, model_dir, args.small, timeout=max(60.0, left() - 30))
         print(res["pipeline"]["output_tail"][-3000:], flush=True)
@@ -342,7 +353,9 @@ def main() -> None:
         res["big_checkpoint"] = write_checkpoint(big_dir, llama_config(s70, args.big_layers), 2, device)
         save()
         res["big"] = []
-        for method, calib in (("awq", calib_awq), ("gptq", (8, 128) if args.small else (128, 2048))):
+        calibs = {"awq": calib_awq, "gptq": (8, 128) if args.small else (128, 2048), "smoothquant": calib_awq}
+        for method in filter(None, args.big_methods.split(",")):
+            calib = calibs[method]
             if left() < (5 if args.small else 40):
                 break
             res["big"].append(walk(big_dir, method, calib, True, work / "walk-out", drop=not args.small))

@@ -49,7 +49,7 @@ def former_factor(H: torch.Tensor, damp: float, perm: torch.Tensor | None = None
 
 def float64_factor(H: torch.Tensor, damp: float, perm: torch.Tensor | None = None) -> torch.Tensor:
     Hd = H.double() if perm is None else H.double()[perm][:, perm]
-    Hd = Hd + damp * Hd.diagonal().mean() * torch.eye(Hd.shape[0], dtype=torch.float64)
+    Hd = Hd + damp * Hd.diagonal().mean() * torch.eye(Hd.shape[0], dtype=torch.float64, device=Hd.device)
     return torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
 
 
@@ -306,3 +306,42 @@ def test_streaming_inputs_refuse_a_wrong_token_count_and_no_tokens():
         stream.finish()
     with pytest.raises(QuantizationError, match="empty"):
         awq.StreamingInputs(10, 4).finish()
+
+
+# ---------------------------------------------------------------- on a GPU (skipped without CUDA)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act_order", [False, True])
+def test_factor_on_cuda_equals_float64_and_allocates_one_matrix(act_order):
+    n = 8192
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(2 * n, n, device="cuda", generator=g) @ (torch.randn(n, n, device="cuda", generator=g) / n**0.5)
+    x *= torch.rand(n, device="cuda", generator=g) * 3 + 0.2
+    H, _ = gptq.accumulate_hessian(None, x, 0)
+    del x
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+    ref = float64_factor(H, 0.01, perm)  # float64 on the GPU
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    U = gptq._inverse_hessian_cholesky(H, 0.01, perm)
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 1.4 * n * n * 4, extra / (n * n * 4)  # U, plus row-block temporaries and cuSOLVER's workspace
+    assert rel_err(U, ref) < 5e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["gptq", "awq"])
+def test_walker_on_cuda_overlap_and_sequential_agree(tiny_llama_dir, name):
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    ids = torch.randint(0, config.vocab_size, (5, 48), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for overlap in (False, True):
+        out: dict[str, torch.Tensor] = {}
+        with open_checkpoint(tiny_llama_dir) as ck:
+            layerwise.quantize_layerwise(ck, config, arch_spec("LlamaForCausalLM"), ids, METHODS[name](),
+                                         lambda n, t: out.__setitem__(n, t.cpu().clone()), device="cuda",
+                                         dtype=torch.bfloat16, batch_size=2, overlap=overlap)
+        outs.append(out)
+    assert_same_checkpoint(*outs)

@@ -350,6 +350,14 @@ def quantize_layerwise(
     with torch.device("meta"):
         layer_names = list(classes[0](config, 0).state_dict())
     timings: list[float] = []
+    phases = {"observe": 0.0, "quantize": 0.0, "forward": 0.0}  # summed over layers, device work included
+
+    def mark(phase: str, since: float) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        phases[phase] += now - since
+        return now
     read_wait = 0.0
     if overlap:  # read to host memory in the thread, copied to the device once release() lets it (_Prefetch)
         layers = _Prefetch(lambda i: _read_layer(source, layer_names, f"{spec.layers}.{i}.", torch.device("cpu")),
@@ -367,11 +375,17 @@ def quantize_layerwise(
             _load_layer(layer, state, device, dtype)
             del state
             method.begin_layer(index)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the layer's copies and loads are not the calibration pass's
+            tp = time.perf_counter()
             _observe_layer(layer, rotary, hidden, batch_size, spec, method)
+            tp = mark("observe", tp)
             packed = method.quantize(layer, spec)
+            tp = mark("quantize", tp)
             layers.release()  # past this layer's peak: the next layer's weights may go to the device
             for i in range(0, len(hidden), batch_size):  # in place: the next layer's input, through the quantized layer
                 hidden[i : i + batch_size] = _layer_forward(layer, hidden[i : i + batch_size], rotary)
+            mark("forward", tp)
             linear_params = set() if emit_dequantized else {f"{n}.{p}" for n in spec.linears for p in ("weight", "bias")}
             batch = [(prefix + name, tensor) for name, tensor in layer.state_dict().items() if name not in linear_params]
             batch += [(prefix + name, tensor) for name, tensor in ({} if emit_dequantized else packed).items()]
@@ -394,6 +408,8 @@ def quantize_layerwise(
         "quantize_seconds": round(time.perf_counter() - started, 3),
         "overlap": overlap,
         "read_wait_seconds": round(read_wait, 3),  # time the walk waited for layer weights
+        # per layer, on average: the calibration pass, the method's quantize, the quantized layer's forward pass
+        **{f"{k}_seconds_per_layer": round(v / max(1, len(timings)), 4) for k, v in phases.items()},
     }
     if writer is not None:
         stats["write_tail_seconds"] = round(write_tail, 3)  # writes still queued when the last layer was done
