@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import gc
 import logging
 import time
@@ -345,3 +346,49 @@ def test_walker_on_cuda_overlap_and_sequential_agree(tiny_llama_dir, name):
                                          dtype=torch.bfloat16, batch_size=2, overlap=overlap)
         outs.append(out)
     assert_same_checkpoint(*outs)
+
+
+# ---------------------------------------------------------------- GPTQ's two-level lazy updates (Triton path)
+
+_TWO_LEVEL_CHILD = """
+import json, sys, torch
+sys.path.insert(0, {tests!r})
+from test_quant_chunked import correlated_hessian
+from pipeline.quant import gptq_triton
+from pipeline.quant.gptq import gptq_loss, gptq_quantize
+g = torch.Generator().manual_seed(11)
+out = []
+for kw in (dict(group_size=32), dict(group_size=32, desc_act=True, static_groups=True, block_size=32)):
+    w = torch.randn(40, 256, generator=g) * 0.05
+    H = correlated_hessian(256, seed=12)
+    res = {{}}
+    for sup in (32, 96, 128):  # 32: the one-level loop; 96 -> 96 (3 blocks, a ragged last super-block); 128
+        gptq_triton._SUPER_BLOCK = sup
+        assert gptq_triton.eligible(w, 32)
+        res[sup] = gptq_quantize(w, H, bits=4, **kw)
+    ref = res[32]
+    for sup in (96, 128):
+        q = res[sup]
+        out.append(dict(sup=sup, same=float((q.w_int == ref.w_int).float().mean()),
+                        loss=gptq_loss(w, q, H) / gptq_loss(w, ref, H),
+                        scales=float((q.scales - ref.scales).abs().max())))
+print(json.dumps(out))
+"""
+
+
+def test_two_level_lazy_updates_equal_the_one_level_loop_to_fp32_rounding():
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(root), *sys.path]))
+    proc = subprocess.run([sys.executable, "-c", _TWO_LEVEL_CHILD.format(tests=str(root / "tests"))], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 4
+    for r in results:
+        assert r["same"] > 0.999 and abs(r["loss"] - 1) < 1e-4 and r["scales"] < 1e-6, results

@@ -12,8 +12,9 @@ int4 kernels (the "tinygemm" ops gpt-fast and torchao use):
   weight reads at M = 1, against gemlite 0.6's 1.1-1.5 TB/s and our own Triton GEMV's 0.06-0.74 TB/s); prefill
   (M > 8, where tinygemm is slower than bf16) dequantizes into a per-call bf16 scratch with our Triton kernel
   (``int4_triton``, from a second 4-bit copy in its layout) and runs one cuBLAS GEMM.
-  Under "auto", a single token (M = 1, batch-1 decode) runs our CUDA GEMV (``int4_cuda``, compiled with NVRTC
-  at load; tinygemm where it does not compile) over the Triton copy, so it costs only a 32-bit word per group.
+  Under "auto", a single token (M = 1, batch-1 decode) runs our CUDA GEMV instead (``int4_cuda``, compiled with
+  NVRTC at load; tinygemm where it does not compile) over the Triton copy, so it costs only a 32-bit word per
+  group: on the H200 it read 1.5-3.5 TB/s against tinygemm's 1.4-2.1 (bench/RESULTS.md, "One-token INT4 GEMV").
 - CUDA, "cuda-triton" (explicit only): our Triton GEMV for M <= 8, dequantize + cuBLAS above.
 - the tinygemm ops: ``aten._convert_weight_to_int4pack(uint8 [N, K / 2] with column 2j in the *high* nibble,
   innerKTiles)`` and ``aten._weight_int4pack_mm(x bf16 [M, K], packed, group, scales_and_zeros bf16)``

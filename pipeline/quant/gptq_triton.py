@@ -73,6 +73,7 @@ if triton is not None:  # defined only where Triton is (its annotations need it)
 
 
 _KERNELS: dict[bool, object] = {}
+_SUPER_BLOCK = 1024  # columns per outer lazy update (a multiple of the block); the block size gives the one-level loop
 
 
 def _kernel():
@@ -94,7 +95,7 @@ def _launch(W1, Hinv1, S, Z, Q1, E1, maxq: int, block: int) -> None:
 
 @torch.no_grad()
 def gptq_columns(W: torch.Tensor, Hinv: torch.Tensor, bits: int, sym: bool, block: int, group_qparams,
-                 static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+                 static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, super_block: int | None = None):
     """Quantize ``W`` [out, in] (fp32, permuted and dead-column-fixed; updated in place) given the upper Cholesky
     factor of H⁻¹. Returns ``(q_int, scales, zeros)`` as ``gptq.gptq_quantize``'s loop does.
 
@@ -105,7 +106,12 @@ def gptq_columns(W: torch.Tensor, Hinv: torch.Tensor, bits: int, sym: bool, bloc
     dev = W.device
     maxq = 2**bits - 1
     q_int = torch.empty(n_out, n_in, dtype=torch.int32, device=dev)
-    err = torch.empty(n_out, block, dtype=torch.float32, device=dev)
+    # Two levels of lazy updates: a block's errors reach the rest of its super-block at once (K = block), and a
+    # super-block's errors reach every column after it in one GEMM with K = super (fp32 GEMMs with K = 128 run at a
+    # fraction of the card's fp32 rate; K = 1024 near it). The same products and the same fp32 arithmetic, summed
+    # in another order: equal to the one-level loop up to fp32 rounding (tests/test_quant_chunked.py).
+    sup = max(block, (super_block or _SUPER_BLOCK) // block * block)
+    errs = torch.empty(n_out, min(sup, n_in), dtype=torch.float32, device=dev)
     if static is None:
         scales = torch.empty(n_out, n_in // block, dtype=torch.float32, device=dev)
         zeros = torch.empty(n_out, n_in // block, dtype=torch.int32, device=dev)
@@ -114,6 +120,9 @@ def gptq_columns(W: torch.Tensor, Hinv: torch.Tensor, bits: int, sym: bool, bloc
         zeros_f = zeros.float()
     for i1 in range(0, n_in, block):
         i2 = i1 + block
+        s1 = i1 // sup * sup
+        s2 = min(s1 + sup, n_in)
+        err = errs[:, i1 - s1 : i2 - s1]
         if static is None:
             s, z = group_qparams(W[:, i1:i2], bits, sym)
             scales[:, i1 // block] = s[:, 0]
@@ -124,6 +133,8 @@ def gptq_columns(W: torch.Tensor, Hinv: torch.Tensor, bits: int, sym: bool, bloc
             S, Z = scales[:, idx], zeros_f[:, idx]
         # The factor comes column-major from cuSOLVER; the kernel reads rows of this [B, B] block, so copy it.
         _launch(W[:, i1:i2], Hinv[i1:i2, i1:i2].contiguous(), S, Z, q_int[:, i1:i2], err, maxq, block)
-        if i2 < n_in:  # lazy batch update (paper §3.2): the block's errors reach the remaining columns in one GEMM
-            W[:, i2:].addmm_(err, Hinv[i1:i2, i2:], alpha=-1.0)
+        if i2 < s2:  # lazy batch update (paper §3.2): the block's errors reach the rest of its super-block
+            W[:, i2:s2].addmm_(err, Hinv[i1:i2, i2:s2], alpha=-1.0)
+        if i2 == s2 and s2 < n_in:  # ... and the super-block's errors every column after it
+            W[:, s2:].addmm_(errs[:, : s2 - s1], Hinv[s1:s2, s2:], alpha=-1.0)
     return q_int, scales, zeros
