@@ -392,3 +392,54 @@ def test_two_level_lazy_updates_equal_the_one_level_loop_to_fp32_rounding():
     assert len(results) == 4
     for r in results:
         assert r["same"] > 0.999 and abs(r["loss"] - 1) < 1e-4 and r["scales"] < 1e-6, results
+
+
+# ---------------------------------------------------------------- AWQ's searches with fewer temporaries
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sym,clip", [(False, 1.0), (True, 0.85), (False, "tensor")])
+def test_fake_quantize_in_place_equals_the_out_of_place_chain(dtype, sym, clip):
+    from pipeline.quant.primitives import _fit_groups, fake_quantize
+
+    g = torch.Generator().manual_seed(8)
+    w = (torch.randn(48, 256, generator=g) * 0.05).to(dtype)
+    ratio = torch.rand(48, 4, generator=g) * 0.5 + 0.5 if clip == "tensor" else clip
+    grp, scales, zeros = _fit_groups(w, 4, 64, sym, ratio)
+    q = torch.clamp(torch.round(grp / scales) + zeros, 0, 15)  # the former expression
+    former = ((q - zeros) * scales).reshape(w.shape).to(dtype)
+    assert torch.equal(fake_quantize(w, 4, 64, sym, ratio), former)
+
+
+def test_weight_magnitude_in_place_equals_the_out_of_place_form():
+    g = torch.Generator().manual_seed(9)
+    ws = [(torch.randn(40, 256, generator=g) * 0.05).to(torch.bfloat16), torch.randn(24, 256, generator=g).to(torch.bfloat16)]
+    w = torch.cat([wi.float() for wi in ws], dim=0)  # the former computation
+    grouped = w.abs().reshape(64, 4, 64)
+    former = (grouped / (grouped.amax(dim=-1, keepdim=True) + 1e-6)).reshape(64, 256).mean(dim=0)
+    before = [wi.clone() for wi in ws]
+    assert torch.equal(awq.weight_magnitude(ws, 64), former)
+    assert all(torch.equal(a, b) for a, b in zip(ws, before))  # the weights themselves are not touched
+
+
+def test_scale_grid_one_linear_at_a_time_equals_the_whole_group():
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(300, 64, generator=g) * (torch.rand(64, generator=g) * 3)
+    ws = [torch.randn(48, 64, generator=g) * 0.05, torch.randn(16, 64, generator=g) * 0.05]
+    mag = awq.input_channel_magnitude(x)
+    for loss in (awq._output_loss(x, ws), awq._gram_loss(x, ws, torch.device("cpu"))):
+        assert isinstance(loss, awq._Separable)
+        args = (ws, mag, None, 4, 16, False, 8, 64, torch.device("cpu"))
+        a = awq._grid(loss, *args)
+        b = awq._grid(lambda cands, f=loss: f(cands), *args)  # not separable: the whole group's candidates at once
+        assert torch.equal(a.scales, b.scales) and a.losses == b.losses
+
+
+def test_streaming_inputs_free_their_buffer_after_the_last_batch():
+    stream = awq.StreamingInputs(10, 4)
+    stream.add(torch.randn(6, 8))
+    assert stream._buf is not None
+    stream.add(torch.randn(4, 8))
+    assert stream._buf is None  # only the sample and the sums are left until the layer is quantized
+    sample, magnitude, _, n = stream.finish()
+    assert sample.shape == (4, 8) and n == 10

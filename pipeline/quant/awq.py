@@ -114,12 +114,13 @@ class StreamingInputs:
 
     def add(self, x: torch.Tensor) -> None:
         x = _flatten_tokens(x)
-        if self._buf is None:
-            width = x.shape[1]
+        width = x.shape[1]
+        if self._abs is None:
             n_direct = min(self.n_tokens, self.max_tokens) if self.max_tokens > 0 else self.n_tokens
             if width < n_direct:
                 self._gram = torch.zeros(width, width, dtype=torch.float32, device=x.device)
             self._abs = torch.zeros(width, dtype=torch.float32, device=x.device)
+        if self._buf is None:
             # whole chunks of both sums fit the buffer (16384 rows with the defaults)
             rows = math.lcm(_CHUNK_TOKENS, _GRAM_CHUNK) if self._gram is not None else _CHUNK_TOKENS
             self._buf = torch.empty(min(rows, max(1, self.n_tokens)), width, dtype=x.dtype, device=x.device)
@@ -134,6 +135,10 @@ class StreamingInputs:
             x = x[take:]
             if self._fill == self._buf.shape[0]:
                 self._flush()
+        if self.seen >= self.n_tokens:  # the walk's last batch: no rows to wait for, free the buffer now
+            if self._fill:
+                self._flush()
+            self._buf = None
 
     def _flush(self) -> None:
         chunk = self._buf[: self._fill]
@@ -156,7 +161,7 @@ class StreamingInputs:
                 f"AWQ was told the walk feeds {self.n_tokens} calibration tokens per layer but got {self.seen}: "
                 "the token sample would not be the one the searches expect. This is a bug in the layer walker."
             )
-        if self._fill:
+        if self._buf is not None and self._fill:
             self._flush()
         self._buf = None
         sample = self._samples[0] if len(self._samples) == 1 else torch.cat(self._samples)
@@ -167,12 +172,12 @@ class StreamingInputs:
 
 def weight_magnitude(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:
     """Mean over output rows of |W| normalised by its group's max |W|, fp32 [in] (AutoAWQ ``w_mean``)."""
-    w = torch.cat([wi.float() for wi in weights], dim=0)
+    w = torch.cat(list(weights), dim=0).float()  # one fp32 copy, worked on in place (same values as out of place)
     out_features, in_features = w.shape
     g = group_size if group_size > 0 else in_features
-    grouped = w.abs().reshape(out_features, in_features // g, g)
-    normalised = grouped / (grouped.amax(dim=-1, keepdim=True) + 1e-6)
-    return normalised.reshape(out_features, in_features).mean(dim=0)
+    grouped = w.abs_().reshape(out_features, in_features // g, g)
+    grouped.div_(grouped.amax(dim=-1, keepdim=True) + 1e-6)
+    return w.mean(dim=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -296,15 +301,30 @@ def search_scales(
         return _grid(loss_of, w_fp32, x_mag, w_mag, bits, group_size, sym, n_grid, in_features, device)
 
 
+class _Separable:
+    """A loss that is a sum of one term per linear: ``part(i, w)`` for linear ``i``, the terms combined by
+    ``combine``. ``_grid`` evaluates it one linear at a time (one candidate weight alive, not the group's);
+    calling it on the list gives the same float."""
+
+    def __init__(self, part, combine):
+        self.part, self.combine = part, combine
+
+    def __call__(self, ws: list[torch.Tensor]) -> float:
+        return self.combine([self.part(i, w) for i, w in enumerate(ws)])
+
+
+def _loop_sum(values: list[float]) -> float:
+    total = 0.0
+    for v in values:
+        total += v
+    return total
+
+
 def _output_loss(x_s: torch.Tensor, w_ref: list[torch.Tensor]):
     """Mean squared output error over the tokens ``x_s``: ``mean((x ΔWᵀ)²)`` over tokens and outputs."""
     reference = [x_s @ w.t() for w in w_ref]
     numel = sum(r.numel() for r in reference)
-
-    def loss_of(ws: list[torch.Tensor]) -> float:
-        return sum(float((x_s @ w.t() - r).pow(2).sum()) for w, r in zip(ws, reference)) / numel
-
-    return loss_of
+    return _Separable(lambda i, w: float((x_s @ w.t() - reference[i]).pow(2).sum()), lambda parts: sum(parts) / numel)
 
 
 def _gram(x2: torch.Tensor, device: torch.device, chunk: int | None = None) -> torch.Tensor:
@@ -322,14 +342,11 @@ def _gram(x2: torch.Tensor, device: torch.device, chunk: int | None = None) -> t
 def _loss_from_gram(G: torch.Tensor, w_ref: list[torch.Tensor]):
     outputs = sum(w.shape[0] for w in w_ref)
 
-    def loss_of(ws: list[torch.Tensor]) -> float:
-        total = 0.0
-        for w, r in zip(ws, w_ref):
-            d = w - r
-            total += float(((d @ G) * d).sum())
-        return total / outputs
+    def part(i: int, w: torch.Tensor) -> float:
+        d = w - w_ref[i]
+        return float(((d @ G) * d).sum())
 
-    return loss_of
+    return _Separable(part, lambda parts: _loop_sum(parts) / outputs)
 
 
 def _gram_loss(x2: torch.Tensor, w_ref: list[torch.Tensor], device: torch.device, chunk: int | None = None):
@@ -347,8 +364,14 @@ def _grid(loss_of, w_fp32, x_mag, w_mag, bits, group_size, sym, n_grid, in_featu
         ratio = i / n_grid
         s = _candidate_scales(x_mag, w_mag, ratio)
         # Q(W diag(s)) diag(s)^-1: the quantized weight seen from the unscaled input, so (X/s) Q(Ws)^T == X (.)^T.
-        effective = [fake_quantize(w * s, bits, group_size, sym) / s for w in w_fp32]
-        loss = loss_of(effective)
+        if isinstance(loss_of, _Separable):  # one linear's candidate at a time
+            parts = []
+            for j, w in enumerate(w_fp32):
+                parts.append(loss_of.part(j, fake_quantize(w * s, bits, group_size, sym).div_(s)))
+            loss = loss_of.combine(parts)
+        else:
+            effective = [fake_quantize(w * s, bits, group_size, sym) / s for w in w_fp32]
+            loss = loss_of(effective)
         losses.append(loss)
         if loss < best[0]:  # strict: ties keep the smaller alpha (RTN at alpha = 0)
             best = (loss, ratio, s.clone())

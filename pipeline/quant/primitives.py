@@ -113,8 +113,9 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool = False
     ``quantize_groupwise(...).dequantize()``, computed on the group view (no integer copy, no per-column gather):
     the AWQ searches call it ~30 times per linear."""
     g, scales, zeros = _fit_groups(w, bits, group_size, sym, clip_ratio)
-    q = torch.clamp(torch.round(g / scales) + zeros, 0, 2**bits - 1)
-    return ((q - zeros) * scales).reshape(w.shape).to(w.dtype)
+    q = g / scales  # then in place: one [out, in] temporary instead of a chain of them, the same values
+    q.round_().add_(zeros).clamp_(0, 2**bits - 1).sub_(zeros).mul_(scales)
+    return q.reshape(w.shape).to(w.dtype)
 
 
 @contextmanager
