@@ -18,7 +18,9 @@ and ``PYTHONPATH=/tmp/site:$PWD``; results in bench/RESULTS.md ("Real sizes on o
    (root only), with the layer walker's read/write threads off and on (``quantize_layerwise(overlap=...)``).
 4. **70B width.** Llama-3-70B-shaped layers (hidden 8192, intermediate 28672, GQA 64/8), as many as ``--big-layers``,
    written to disk and quantized from it (GPTQ 128 x 2048, AWQ 128 x 512): per-layer time and peak GPU memory,
-   extrapolated to 80 layers as ``T80 = T_fixed + 80 * t_layer`` (``t_layer``: median per-layer time).
+   extrapolated to 80 layers as ``T80 = T_fixed + 80 * t_layer`` (``t_layer``: median per-layer time), with the walk's
+   own split of a layer's time (calibration pass / the method's quantize / the quantized forward pass). Only this
+   step: ``--skip pipeline,overlap`` (the 8B checkpoint is then not written); ``--big-methods gptq`` for one method.
 
 Prints the tables last and writes ``results_scale_gpu.json`` (after every step) and the run's ``run.log`` to --out.
 """
