@@ -113,6 +113,31 @@ def speed(shapes: dict) -> list[dict]:
     return out
 
 
+def speed_int8(shapes: dict) -> list[dict]:
+    """The W8A8 one-token GEMV (``int8_cuda``) against ``_int_mm`` padded to 17 rows, int8 weight bytes."""
+    from pipeline.engines import int8_cuda
+    from pipeline.engines.int8_linear import int8_matmul
+
+    out = []
+    for label, (n, k) in shapes.items():
+        if int8_cuda.problem(n, k, torch.device("cuda")):
+            continue
+        reps = max(2, int(4e8 // (n * k)))
+        ws = [torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8) for _ in range(reps)]
+        sc = torch.rand(n, device="cuda") * 1e-3
+        x = torch.randint(-127, 128, (1, k), device="cuda", dtype=torch.int8)
+        a = torch.ones(1, 1, device="cuda")
+        res = {"int8 ours": _graph_time([lambda w=w: int8_cuda.gemv(x, a, w, sc) for w in ws]),
+               "int8 _int_mm": _graph_time([lambda w=w: int8_matmul(x, w) for w in ws])}
+        row = dict(shape=label, n=n, k=k, **{nm: dict(us=t * 1e6, gb_s=n * k / t / 1e9) for nm, t in res.items()})
+        out.append(row)
+        print(f"{label:18s} " + "  ".join(f"{nm} {v['us']:6.1f}us/{v['gb_s']:5.0f}" for nm, v in row.items()
+                                          if isinstance(v, dict)), flush=True)
+        del ws
+        torch.cuda.empty_cache()
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
@@ -126,6 +151,9 @@ def main(argv=None) -> int:
     worst = max(r["rel_err"] for r in res["exactness"])
     print(f"exactness: worst relative error against float64 {worst:.2e} over {len(res['exactness'])} cases")
     res["speed"] = speed({s: SHAPES[s] for s in a.shapes.split(",")})
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=1))
+    res["speed_int8"] = speed_int8({s: SHAPES[s] for s in a.shapes.split(",")})
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
     return 0

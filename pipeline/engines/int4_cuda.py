@@ -286,7 +286,7 @@ def launch_shape(n: int, k: int, sms: int, rows: int | None = None, blocks_per_s
 
 
 @functools.cache
-def _sms(index: int) -> int:
+def sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
@@ -298,7 +298,7 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int, r
     if not x.is_contiguous() or x.data_ptr() % 16:
         x = x.clone()
     out = torch.empty(1, n, device=x.device, dtype=x.dtype)
-    r, blocks = launch_shape(n, k, _sms(x.device.index or 0), rows, blocks_per_sm)
+    r, blocks = launch_shape(n, k, sm_count(x.device.index or 0), rows, blocks_per_sm)
     _kernel(_name(x.dtype, k, r))(grid=(blocks, 1, 1), block=(threads_per_block(k), 1, 1),
                                   args=[x, qweight, sz, out, n, k, group])
     return out

@@ -14,6 +14,9 @@ The integer product runs on ``torch._int_mm`` (int8 x int8 -> int32) where it wo
 - CUDA (cuBLASLt): needs ``M > 16`` and ``K``, ``N`` multiples of 8 (the checks in aten's ``_int_mm_out_cuda``);
   a short input (decode, M <= 16) is padded with zero rows to 17, K or N not a multiple of 8 falls back.
 
+One token on CUDA (batch-1 decode) runs ``int8_cuda``'s GEMV instead: the same int32 sums and float32 epilogue,
+so the same result, without ``_int_mm``'s padding to 17 rows.
+
 The fallback multiplies the same integers in float32 (exact while ``127 * 128 * K < 2**24``, i.e. K <= 1024, and
 within float32 rounding beyond), so both paths give the same result up to that rounding. The path of the last
 call is in ``Int8Linear.kernel``; each (device type, path) is logged once.
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 
 KERNEL_INT_MM = "int_mm"
 KERNEL_FLOAT = "float-matmul"
+KERNEL_GEMV = "cuda-gemv"  # one token on CUDA: int8_cuda
 _CUDA_MIN_ROWS = 17  # _int_mm on CUDA: "self.size(0) needs to be greater than 16"
 _logged: set[tuple[str, str]] = set()
 _int_mm_broken: set[str] = set()  # device types where _int_mm raised once
@@ -98,7 +102,19 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", w_int8.contiguous())
         self.register_buffer("scale", w_scale.reshape(out_features, 1).to(torch.float32).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.kernel: str | None = None  # path of the last forward: KERNEL_INT_MM or KERNEL_FLOAT
+        self.kernel: str | None = None  # path of the last forward: KERNEL_INT_MM, KERNEL_FLOAT or KERNEL_GEMV
+        self.gemv_cuda = w_int8.is_cuda and self._gemv_compiles(w_int8.device)
+
+    def _gemv_compiles(self, device: torch.device) -> bool:
+        """Built on CUDA: one token goes through ``int8_cuda``'s GEMV where it compiles (decided here, not in
+        ``forward``, so compiled graphs see a constant)."""
+        from pipeline.engines import int8_cuda
+
+        why = int8_cuda.problem(self.out_features, self.in_features, device) or int8_cuda.compile_problem(
+            self.in_features)
+        if why:
+            _log_path(device.type, KERNEL_INT_MM, f"one token through _int_mm: {why}")
+        return not why
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> Int8Linear:
@@ -113,9 +129,15 @@ class Int8Linear(nn.Module):
             )
         lead = x.shape[:-1]
         x_int8, act_scale = quantize_per_token_int8(x.reshape(-1, self.in_features))
-        acc, self.kernel = int8_matmul(x_int8, self.weight)
-        # Dequantize the int32 accumulator: y_tn = acc_tn * a_t * w_n (per-token x per-channel scales).
-        y = acc.float() * act_scale * self.scale.t()
+        if self.gemv_cuda and x_int8.shape[0] == 1:
+            from pipeline.engines import int8_cuda
+
+            # the same int32 sums and float32 epilogue as below, in one kernel
+            y, self.kernel = int8_cuda.custom_op()(x_int8, act_scale, self.weight, self.scale), KERNEL_GEMV
+        else:
+            acc, self.kernel = int8_matmul(x_int8, self.weight)
+            # Dequantize the int32 accumulator: y_tn = acc_tn * a_t * w_n (per-token x per-channel scales).
+            y = acc.float() * act_scale * self.scale.t()
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*lead, self.out_features)

@@ -333,10 +333,16 @@ def gptq_linear(tensors: dict[str, torch.Tensor], quant_config: dict, device, dt
 
 def smooth_quant_linear(tensors: dict[str, torch.Tensor], quant_config: dict, device, dtype, **_) -> nn.Module:
     """lmdeploy smooth_quant W8A8 ``weight`` int8 / ``scale`` (+ ``bias``) -> ``Int8Linear``."""
-    from pipeline.engines.int8_linear import Int8Linear
     from pipeline.formats import w8a8
 
-    return Int8Linear(*w8a8.unpack_lmdeploy(tensors), tensors.get("bias")).to(device)
+    return _int8_on(device, *w8a8.unpack_lmdeploy(tensors), tensors.get("bias"))
+
+
+def _int8_on(device, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """An ``Int8Linear`` built on ``device`` (so on CUDA it picks its one-token kernel at construction)."""
+    from pipeline.engines.int8_linear import Int8Linear
+
+    return Int8Linear(w_int8.to(device), w_scale.to(device), None if bias is None else bias.to(device))
 
 
 def fp8_linear(tensors: dict[str, torch.Tensor], quant_config: dict, device, dtype, fp8_kernel="auto", **_):
@@ -353,12 +359,11 @@ def compressed_tensors_linear(tensors: dict[str, torch.Tensor], quant_config: di
                               **options):
     """compressed-tensors: ``int-quantized`` W8A8 -> ``Int8Linear``; ``float-quantized`` FP8 -> ``Fp8Linear``;
     ``pack-quantized`` INT4 -> ``Int4Linear``."""
-    from pipeline.engines.int8_linear import Int8Linear
     from pipeline.formats import compressed_tensors_int4, w8a8
 
     fmt = quant_config.get("format")
     if fmt == "int-quantized":
-        return Int8Linear(*w8a8.unpack_compressed_tensors(tensors), tensors.get("bias")).to(device)
+        return _int8_on(device, *w8a8.unpack_compressed_tensors(tensors), tensors.get("bias"))
     if fmt == "float-quantized":
         return fp8_linear(tensors, quant_config, device, dtype, **options)
     if fmt == "pack-quantized":
