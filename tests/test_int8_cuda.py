@@ -38,10 +38,12 @@ def test_one_token_gemv_equals_the_int_mm_path_exactly():
         bias = torch.randn(n, generator=gen).cuda().to(torch.bfloat16)
         lin = Int8Linear(w, s, bias)
         assert lin.gemv_cuda
-        x = (torch.randn(1, k, generator=gen) * 3).cuda().to(torch.bfloat16)
-        y = lin(x)
-        assert lin.kernel == KERNEL_GEMV
-        x_int8, a = quantize_per_token_int8(x)
-        acc, _ = int8_matmul(x_int8, w)
-        ref = ((acc.float() * a * lin.scale.t()) + bias.float()).to(torch.bfloat16)
-        assert torch.equal(y, ref), (n, k)
+        for dtype, scale in [(torch.bfloat16, 3.0), (torch.float16, 3.0), (torch.bfloat16, 0.0)]:
+            lin.bias = bias.to(dtype)
+            x = (torch.randn(1, k, generator=gen) * scale).cuda().to(dtype)  # scale 0: the eps clamp
+            y = lin(x)
+            assert lin.kernel == KERNEL_GEMV
+            x_int8, a = quantize_per_token_int8(x)
+            acc, _ = int8_matmul(x_int8, w)
+            ref = ((acc.float() * a * lin.scale.t()) + lin.bias.float()).to(dtype)
+            assert torch.equal(y, ref), (n, k, dtype, scale)

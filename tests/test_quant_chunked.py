@@ -65,6 +65,7 @@ def rel_err(U: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("act_order", [False, True])
 def test_factor_equals_the_former_one_and_float64_within_fp32_rounding(n, act_order, monkeypatch):
     monkeypatch.setattr(gptq, "_CHUNK_ROWS", 32)  # several row blocks in the gather and the flip
+    monkeypatch.setattr(gptq, "_TRI_BLOCK", 64 if n > 64 else 1024)  # the block-row inverse, or one solve
     H = correlated_hessian(n, seed=n)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     U = gptq._inverse_hessian_cholesky(H.clone(), 0.01, perm)
@@ -72,6 +73,17 @@ def test_factor_equals_the_former_one_and_float64_within_fp32_rounding(n, act_or
     assert torch.equal(U, torch.triu(U)) and bool((U.diagonal() > 0).all())
     err_new, err_old = rel_err(U, ref), rel_err(former_factor(H, 0.01, perm), ref)
     assert err_new < 5e-6 and err_new < 4 * err_old + 1e-7, (err_new, err_old)
+
+
+@pytest.mark.parametrize("n,block", [(70, 16), (300, 64), (257, 64)])
+def test_block_row_triangular_inverse_equals_the_triangular_solve(monkeypatch, n, block):
+    monkeypatch.setattr(gptq, "_TRI_BLOCK", block)
+    L = torch.linalg.cholesky(correlated_hessian(n, seed=n) + 0.1 * torch.eye(n))
+    M = gptq._lower_inverse_into(L, torch.full((n, n), float("nan")))  # no stale content may leak through
+    ref = torch.linalg.inv(L.double())
+    solve = torch.linalg.solve_triangular(L, torch.eye(n), upper=False)
+    assert torch.equal(M, torch.tril(M))
+    assert rel_err(M, ref) < max(4 * rel_err(solve, ref), 1e-6), (rel_err(M, ref), rel_err(solve, ref))
 
 
 def test_factor_flip_handles_odd_and_even_widths(monkeypatch):
@@ -108,6 +120,7 @@ def test_factor_needs_one_new_matrix_beside_the_consumed_hessian(monkeypatch):
     """The caller's H (held by the caller, as GPTQMethod's call does) plus one [n, n] buffer: the former path
     needed the factor, cholesky_inverse's working copy and a second factor on top."""
     monkeypatch.setattr(gptq, "_CHUNK_ROWS", 128)
+    monkeypatch.setattr(gptq, "_TRI_BLOCK", 256)
     n = 3072
     matrix = n * n * 4
     H = correlated_hessian(n, seed=2, tokens=n + 512)

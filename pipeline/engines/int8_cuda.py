@@ -3,9 +3,11 @@
 
 Why: ``torch._int_mm`` (cuBLASLt) needs more than 16 rows, so a decode step pads one token to 17 and the INT8
 model decoded at 0.57x bf16 on the H200 (bench/RESULTS.md, "Fast low-bit decode"): slower than the float model it
-replaces. Here thread ``t`` owns the 32 columns ``32 t .. 32 t + 31``: its 32 activation bytes (the per-token
-int8 of ``quantize_per_token_int8``) stay in 8 registers, each row's 32 weight bytes come as two 16-byte loads,
-and 8 ``dp4a`` (signed 4-byte dot products into int32) take them. The int32 sums are reduced exactly (warp
+replaces. Here thread ``t`` owns the 32 columns ``32 t .. 32 t + 31``: the block quantizes the token itself
+(the row's absolute maximum by a block reduction, then ``quantize_per_token_int8``'s float32 division, round half
+to even and clamp, so the activation quantizer's own kernels disappear from the step), keeps its 32 activation
+bytes in 8 registers, reads each row's 32 weight bytes as two 16-byte loads and takes them with 8 ``dp4a``
+(signed 4-byte dot products into int32). The int32 sums are reduced exactly (warp
 shuffles, then the block's warps), so a row's accumulator is bit for bit ``_int_mm``'s, and the epilogue is
 ``Int8Linear``'s own float32 arithmetic in its order (``acc * act_scale * w_scale``): the result is identical to
 the ``_int_mm`` path (the GPU test checks equality). Blocks are persistent and keep the next chunk's loads in
@@ -50,20 +52,59 @@ __device__ __forceinline__ void load_chunk(uint4 (&w)[R][2], const uint4* __rest
   }
 }
 
+__device__ __forceinline__ float act_to_f32(unsigned short h, bool bf16) {
+  if (bf16) return __uint_as_float(((u32)h) << 16);
+  float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
+}
+__device__ __forceinline__ u32 quant4(float a, float b, float c, float d, float scale) {
+  // quantize_per_token_int8: clamp(round_half_even(x / scale), -128, 127), four to a word
+  const int qa = (int)fminf(fmaxf(rintf(__fdiv_rn(a, scale)), -128.f), 127.f);
+  const int qb = (int)fminf(fmaxf(rintf(__fdiv_rn(b, scale)), -128.f), 127.f);
+  const int qc = (int)fminf(fmaxf(rintf(__fdiv_rn(c, scale)), -128.f), 127.f);
+  const int qd = (int)fminf(fmaxf(rintf(__fdiv_rn(d, scale)), -128.f), 127.f);
+  return (u32)(qa & 0xFF) | ((u32)(qb & 0xFF) << 8) | ((u32)(qc & 0xFF) << 16) | ((u32)(qd & 0xFF) << 24);
+}
+
 template <int R>
-__device__ __forceinline__ void q8gemv(const uint4* __restrict__ x, const float* __restrict__ act_scale,
-                                       const uint4* __restrict__ qw, const float* __restrict__ wscale,
-                                       float* __restrict__ out, int N, int K) {
+__device__ __forceinline__ void q8gemv(const uint4* __restrict__ x, const uint4* __restrict__ qw,
+                                       const float* __restrict__ wscale, float* __restrict__ out, int N, int K,
+                                       bool bf16) {
   __shared__ int red[32 * R];
+  __shared__ float wmax[32];
   const int kt = K >> 5, t = threadIdx.x, lane = t & 31, warp = t >> 5, nwarps = blockDim.x >> 5;
   const bool active = t < kt;
   const int chunks = (N + R - 1) / R;
   int chunk = blockIdx.x;
   uint4 w[R][2];
   load_chunk<R>(w, qw, chunk, N, kt, t, active);
-  const uint4 xa = active ? x[t * 2] : make_uint4(0u, 0u, 0u, 0u);
-  const uint4 xb = active ? x[t * 2 + 1] : make_uint4(0u, 0u, 0u, 0u);
-  const float a = act_scale[0];
+  // the token's activations: 32 per thread, their absolute maximum over the whole row (block reduction), then
+  // int8 exactly as quantize_per_token_int8 does it
+  float xv[32];
+  float m = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint4 v = active ? x[t * 4 + i] : make_uint4(0u, 0u, 0u, 0u);
+    const u32 parts[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      xv[i * 8 + p * 2] = act_to_f32((unsigned short)(parts[p] & 0xFFFFu), bf16);
+      xv[i * 8 + p * 2 + 1] = act_to_f32((unsigned short)(parts[p] >> 16), bf16);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 32; ++j) m = fmaxf(m, fabsf(xv[j]));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (lane == 0) wmax[warp] = m;
+  __syncthreads();
+  m = 0.f;
+  for (int i = 0; i < nwarps; ++i) m = fmaxf(m, wmax[i]);
+  const float a = __fdiv_rn(fmaxf(m, 1e-7f), 127.f);
+  uint4 xa, xb;
+  xa.x = quant4(xv[0], xv[1], xv[2], xv[3], a); xa.y = quant4(xv[4], xv[5], xv[6], xv[7], a);
+  xa.z = quant4(xv[8], xv[9], xv[10], xv[11], a); xa.w = quant4(xv[12], xv[13], xv[14], xv[15], a);
+  xb.x = quant4(xv[16], xv[17], xv[18], xv[19], a); xb.y = quant4(xv[20], xv[21], xv[22], xv[23], a);
+  xb.z = quant4(xv[24], xv[25], xv[26], xv[27], a); xb.w = quant4(xv[28], xv[29], xv[30], xv[31], a);
   for (; chunk < chunks; chunk += gridDim.x) {
     uint4 wn[R][2];
     const int next = chunk + gridDim.x;
@@ -89,21 +130,24 @@ __device__ __forceinline__ void q8gemv(const uint4* __restrict__ x, const float*
   }
 }
 
-#define ENTRY(NAME, BOUND, R)                                                                             \
+#define ENTRY(NAME, BOUND, R, BF16)                                                                       \
   extern "C" __global__ void __launch_bounds__(BOUND)                                                   \
-  NAME(const uint4* x, const float* act_scale, const uint4* qw, const float* wscale, float* out, int N, int K) { \
-    q8gemv<R>(x, act_scale, qw, wscale, out, N, K);                                                     \
+  NAME(const uint4* x, const uint4* qw, const float* wscale, float* out, int N, int K) {                \
+    q8gemv<R>(x, qw, wscale, out, N, K, BF16);                                                          \
   }
-ENTRY(q8gemv_r4, 512, 4)
-ENTRY(q8gemv_r8, 512, 8)
-ENTRY(q8gemv_wide, 1024, 2)
+ENTRY(q8gemv_bf16_r4, 512, 4, true)
+ENTRY(q8gemv_bf16_wide, 1024, 2, true)
+ENTRY(q8gemv_f16_r4, 512, 4, false)
+ENTRY(q8gemv_f16_wide, 1024, 2, false)
 """
 
 
-def problem(n: int, k: int, device: torch.device) -> str:
-    """Why the kernel cannot run an [N, K] int8 weight, or ""."""
+def problem(n: int, k: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Why the kernel cannot run an [N, K] int8 weight on ``dtype`` activations, or ""."""
     if device.type != "cuda":
         return f"device {device.type}"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"activations in {dtype}"
     if k % 32 or k > MAX_K:
         return f"K = {k} (needs K % 32 == 0 and K <= {MAX_K})"
     if not hasattr(torch.cuda, "_compile_kernel"):
@@ -116,31 +160,34 @@ def _kernel(name: str):
     return torch.cuda._compile_kernel(_SOURCE, name)
 
 
-def _name(k: int, rows: int) -> str:
-    return "q8gemv_wide" if k > WIDE_K else f"q8gemv_r{rows}"
+def _name(dtype: torch.dtype, k: int) -> str:
+    return f"q8gemv_{'bf16' if dtype == torch.bfloat16 else 'f16'}_{'wide' if k > WIDE_K else 'r4'}"
 
 
 def compile_problem(k: int) -> str:
     """Compile (once) the variants for ``k``; "" or the compiler's one-line reason."""
     try:
-        for rows in ((2,) if k > WIDE_K else (4, 8)):
-            _kernel(_name(k, rows))
+        for dtype in (torch.bfloat16, torch.float16):
+            _kernel(_name(dtype, k))
     except Exception as e:  # no CUDA headers, NVRTC missing: the caller keeps _int_mm
         return f"NVRTC compile failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     return ""
 
 
-def gemv(x_int8: torch.Tensor, act_scale: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """x_int8 [1, K], act_scale [1, 1] float32, w_int8 [N, K], w_scale [N] float32 -> float32 [1, N]:
-    ``(x_int8 @ w_int8.T) * act_scale * w_scale`` with Int8Linear's exact arithmetic."""
+def gemv(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """x [1, K] bf16/fp16 -> float32 [1, N]: ``quantize_per_token_int8(x)``, then ``(x_int8 @ w_int8.T) * act_scale
+    * w_scale`` with Int8Linear's exact arithmetic, in one kernel."""
     n, k = w_int8.shape
-    x = x_int8.reshape(-1)
+    x = x.reshape(-1)
     if not x.is_contiguous() or x.data_ptr() % 16:
         x = x.clone()
     out = torch.empty(1, n, device=x.device, dtype=torch.float32)
-    rows, blocks = launch_shape(n, k, sm_count(x.device.index or 0))
-    _kernel(_name(k, rows))(grid=(blocks, 1, 1), block=(threads_per_block(k), 1, 1),
-                            args=[x, act_scale.float().contiguous(), w_int8, w_scale, out, n, k])
+    # 4 rows a chunk (2 above WIDE_K): each row is two 16-byte loads a thread, twice the int4 kernel's registers
+    _, blocks = launch_shape(n, k, sm_count(x.device.index or 0), rows=4)
+    rows = 2 if k > WIDE_K else 4
+    blocks = max(1, min(-(-n // rows), blocks))
+    _kernel(_name(x.dtype, k))(grid=(blocks, 1, 1), block=(threads_per_block(k), 1, 1),
+                               args=[x, w_int8, w_scale, out, n, k])
     return out
 
 
@@ -149,11 +196,11 @@ def custom_op():
     """``torch.ops.quantship.int8_gemv``: the launch as one opaque op for ``torch.compile`` and graph capture."""
 
     @torch.library.custom_op("quantship::int8_gemv", mutates_args=())
-    def op(x_int8: torch.Tensor, act_scale: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-        return gemv(x_int8, act_scale, w_int8, w_scale)
+    def op(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+        return gemv(x, w_int8, w_scale)
 
     @op.register_fake
-    def _(x_int8, act_scale, w_int8, w_scale):
-        return x_int8.new_empty(1, w_int8.shape[0], dtype=torch.float32)
+    def _(x, w_int8, w_scale):
+        return x.new_empty(1, w_int8.shape[0], dtype=torch.float32)
 
     return op

@@ -14,8 +14,9 @@ The integer product runs on ``torch._int_mm`` (int8 x int8 -> int32) where it wo
 - CUDA (cuBLASLt): needs ``M > 16`` and ``K``, ``N`` multiples of 8 (the checks in aten's ``_int_mm_out_cuda``);
   a short input (decode, M <= 16) is padded with zero rows to 17, K or N not a multiple of 8 falls back.
 
-One token on CUDA (batch-1 decode) runs ``int8_cuda``'s GEMV instead: the same int32 sums and float32 epilogue,
-so the same result, without ``_int_mm``'s padding to 17 rows.
+One bfloat16/float16 token on CUDA (batch-1 decode) runs ``int8_cuda``'s GEMV instead: the same per-token
+quantizer, int32 sums and float32 epilogue in one kernel, so the same result, without ``_int_mm``'s padding to 17
+rows.
 
 The fallback multiplies the same integers in float32 (exact while ``127 * 128 * K < 2**24``, i.e. K <= 1024, and
 within float32 rounding beyond), so both paths give the same result up to that rounding. The path of the last
@@ -128,13 +129,14 @@ class Int8Linear(nn.Module):
                 f"Int8Linear expects inputs with {self.in_features} features, got shape {tuple(x.shape)}."
             )
         lead = x.shape[:-1]
-        x_int8, act_scale = quantize_per_token_int8(x.reshape(-1, self.in_features))
-        if self.gemv_cuda and x_int8.shape[0] == 1:
+        x2 = x.reshape(-1, self.in_features)
+        if self.gemv_cuda and x2.shape[0] == 1 and x2.dtype in (torch.bfloat16, torch.float16):
             from pipeline.engines import int8_cuda
 
-            # the same int32 sums and float32 epilogue as below, in one kernel
-            y, self.kernel = int8_cuda.custom_op()(x_int8, act_scale, self.weight, self.scale), KERNEL_GEMV
+            # the same activation quantizer, int32 sums and float32 epilogue as below, in one kernel
+            y, self.kernel = int8_cuda.custom_op()(x2, self.weight, self.scale), KERNEL_GEMV
         else:
+            x_int8, act_scale = quantize_per_token_int8(x2)
             acc, self.kernel = int8_matmul(x_int8, self.weight)
             # Dequantize the int32 accumulator: y_tn = acc_tn * a_t * w_n (per-token x per-channel scales).
             y = acc.float() * act_scale * self.scale.t()
