@@ -235,10 +235,11 @@ def test_next_layer_goes_to_the_device_only_after_the_method_quantized(tiny_llam
     events: list[str] = []
 
     class Recording(layerwise._Prefetch):
-        def __init__(self, read, n, device, ahead=1, to_device=None):
+        def __init__(self, read, n, device, ahead=1, to_device=None, stage=None):
             count = iter(range(n))
             copy = to_device or (lambda item: item)
-            super().__init__(read, n, device, ahead, lambda item: (events.append(f"copy {next(count)}"), copy(item))[1])
+            super().__init__(read, n, device, ahead, lambda item: (events.append(f"copy {next(count)}"), copy(item))[1],
+                             stage)
 
     class Slow(AWQMethod):  # the reader would be far ahead if nothing held it back
         def quantize(self, layer, spec):

@@ -138,9 +138,11 @@ class _Prefetch:
     side stream; ``next()`` makes the caller's stream wait for them."""
 
     def __init__(self, read: Callable[[int], dict[str, torch.Tensor]], n: int, device: torch.device, ahead: int = 1,
-                 to_device: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None):
+                 to_device: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+                 stage: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None):
         self._read, self._n, self._device = read, n, device
         self._to_device = to_device or (lambda item: item)
+        self._stage = stage or (lambda item: item)  # host-side preparation before the wait (pinning)
         self._queue: queue.Queue = queue.Queue(maxsize=ahead)
         self._stop = threading.Event()
         self._released = threading.Semaphore(1)  # the first layer may go to the device at once
@@ -161,7 +163,7 @@ class _Prefetch:
     def _run(self) -> None:
         try:
             for i in range(self._n):
-                host = self._read(i)
+                host = self._stage(self._read(i))
                 if not self._wait_release():
                     return
                 if self._stream is not None:
@@ -360,8 +362,13 @@ def quantize_layerwise(
         return now
     read_wait = 0.0
     if overlap:  # read to host memory in the thread, copied to the device once release() lets it (_Prefetch)
+        def pin(st: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            # pinned while waiting, so the copy after release() is one asynchronous transfer per tensor
+            return {k: v.pin_memory() if v.device.type == "cpu" and not v.is_pinned() else v for k, v in st.items()}
+
         layers = _Prefetch(lambda i: _read_layer(source, layer_names, f"{spec.layers}.{i}.", torch.device("cpu")),
-                           n_layers, device, to_device=lambda st: {k: v.to(device, non_blocking=True) for k, v in st.items()})
+                           n_layers, device, to_device=lambda st: {k: v.to(device, non_blocking=True) for k, v in st.items()},
+                           stage=pin if device.type == "cuda" else None)
     else:
         layers = _Sequential(lambda i: _read_layer(source, layer_names, f"{spec.layers}.{i}.", device), n_layers)
     try:
