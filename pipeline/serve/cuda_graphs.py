@@ -6,10 +6,11 @@ the step for each batch-size bucket (1, 2, 4, 8, ... up to ``max_batch``) is cap
 over static buffers (token ids, per-slot positions, a KV cache of ``max_batch`` slots x ``max_len`` positions
 per layer) and replayed; with ``compile_layers=True`` each decoder layer also goes through ``torch.compile``
 (one compiled region shared by all layers, so the ~20 elementwise kernels of norms, rotary and SwiGLU fuse
-into a few) before capture. Quantized linears must be graph-safe: ``Int4Linear`` (tinygemm; the Triton GEMV tunes
-during the warm-up, before capture), ``Int8Linear`` and ``Fp8Linear`` are. Measured on an H200, Llama-3-8B shape,
-batch 1 (bench/RESULTS.md): bf16 36 tok/s eager, 136 graphs, 179 graphs+compile (63% of the bandwidth bound);
-INT4 282.7 tok/s graphs+compile.
+into a few) before capture. Quantized linears must be graph-safe: ``Int4Linear`` (our one-token CUDA GEMV or
+tinygemm; the Triton GEMV tunes during the warm-up, before capture), ``Int8Linear`` and ``Fp8Linear`` are.
+Attention goes through :mod:`pipeline.serve.decode_attention` (installed here: grouped-query decode without
+copying the cache per head). Measured on an H200, Llama-3-8B shape, batch 1 (bench/RESULTS.md): bf16 36 tok/s
+eager, 136 graphs, 179-183 graphs+compile (63-66% of the bandwidth bound); INT4 330 tok/s graphs+compile.
 
 The cache is ours, not transformers' ``StaticCache``: its API moved between the transformers of this repo
 (5.24: ``cumulative_length``, no ``cache_position``) and of the GPU machine (5.17), and a single shared write

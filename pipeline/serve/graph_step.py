@@ -25,12 +25,11 @@ with a :class:`~pipeline.errors.StageError` rather than writing out of bounds.
 warning where this step refuses the model or it does not compile). Checked for exact greedy equality on the CPU
 (the static-cache path without capture, tests/test_graph_step.py) and, with capture and compile, against the
 eager step on an H200 (the ``gpu`` tests there); measured through this scheduler on the H200 for the Llama-3-8B
-shape (``bench/decode_speed.py --server``): batch 1, bf16 19.4 -> 170.7 tok/s, INT4 15.5 -> 269.7 tok/s. The
-decoder-only figures of the same bench (bf16 36 -> 137 with graphs, 179 with compile) were taken with a cache of
-P + T + 8 positions: attention here reads every slot's
-``max_len`` positions each step (masked, not skipped), e.g. 0.5 GiB per sequence and token for Llama-3-8B at
-``max_len`` 4096 (the engine's default, ``DEFAULT_DECODE_MAX_LEN``), about 3% of bf16's and 11% of INT4's weight
-bytes at batch 1, and 8 times that at batch 8; graphs per length bucket would remove it. On the CPU, ``graphs`` runs the same static-cache step eagerly (no capture) and
+shape (``bench/decode_speed.py --server``): batch 1, bf16 19.4 -> 170-179 tok/s, INT4 15.5 -> 297-316 tok/s,
+INT8 W8A8 205 tok/s. Attention reads every slot's ``max_len`` positions each step (masked, not skipped): with the
+server's default of 4096 (``DEFAULT_DECODE_MAX_LEN``) that measured within 1-5% of a 104-position cache once
+decode attention stopped copying the cache per head (bench/RESULTS.md); graphs per length bucket would remove the
+rest. On the CPU, ``graphs`` runs the same static-cache step eagerly (no capture) and
 ``graphs+compile`` does not compile (inductor on the CPU needs a C compiler and minutes per shape).
 """
 
