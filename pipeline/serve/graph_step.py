@@ -27,7 +27,7 @@ warning where this step refuses the model or it does not compile). Checked for e
 eager step on an H200 (the ``gpu`` tests there); measured through this scheduler on the H200 for the Llama-3-8B
 shape (``bench/decode_speed.py --server``): batch 1, bf16 19.4 -> 170-179 tok/s, INT4 15.5 -> 297-316 tok/s,
 INT8 W8A8 205 tok/s. Attention reads every slot's ``max_len`` positions each step (masked, not skipped): with the
-server's default of 4096 (``DEFAULT_DECODE_MAX_LEN``) that measured within 1-5% of a 104-position cache once
+server's default of 4096 (``DEFAULT_DECODE_MAX_LEN``) that measured 6-8% slower than a 104-position cache once
 decode attention stopped copying the cache per head (bench/RESULTS.md); graphs per length bucket would remove the
 rest. On the CPU, ``graphs`` runs the same static-cache step eagerly (no capture) and
 ``graphs+compile`` does not compile (inductor on the CPU needs a C compiler and minutes per shape).
