@@ -287,13 +287,19 @@ def _gemlite(n: int, k: int):
 
 
 def _bench_mods(mods, x, iters: int = 200) -> float:
-    for m in mods:
-        m(x)
+    return graph_time([lambda m=m: m(x) for m in mods], iters)
+
+
+def graph_time(fns, iters: int = 200) -> float:
+    """Seconds per call of ``fns`` (called in rotation) inside one CUDA graph of ``iters`` calls: launch gaps out,
+    as the decode graphs see them; the median of 5 replays."""
+    for f in fns:
+        f()
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()  # launch gaps out: what the decode graphs see
+    graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for i in range(iters):
-            mods[i % len(mods)](x)
+            fns[i % len(fns)]()
     times = []
     for _ in range(5):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -21,30 +21,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.decode_speed import graph_time  # noqa: E402
+
 SHAPES = {  # label: (N, K)
     "8b q/o": (4096, 4096), "8b k/v": (1024, 4096), "8b qkv fused": (6144, 4096), "8b gate/up": (14336, 4096),
     "8b gate|up fused": (28672, 4096), "8b down": (4096, 14336), "70b q/o": (8192, 8192),
     "70b gate|up fused": (57344, 8192), "70b down": (8192, 28672), "odd 11008": (4096, 11008),
 }
-
-
-def _graph_time(fns, iters: int = 200) -> float:
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(iters):
-            fns[i % len(fns)]()
-    times = []
-    for _ in range(5):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        graph.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3 / iters)
-    return sorted(times)[2]
 
 
 def exactness() -> list[dict]:
@@ -80,7 +63,7 @@ def speed(shapes: dict) -> list[dict]:
         reps = max(2, int(4e8 // (n * k * 2)))
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         lins = [torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16) for _ in range(min(reps, 8))]
-        res = {"bf16": _graph_time([lambda m=m: m(x) for m in lins])}
+        res = {"bf16": graph_time([lambda m=m: m(x) for m in lins])}
         del lins
         mods = []
         for i in range(reps):
@@ -93,12 +76,12 @@ def speed(shapes: dict) -> list[dict]:
         if not mods[0].gemv_cuda:
             out.append(dict(shape=label, n=n, k=k, error="int4_cuda unavailable: see the log"))
             continue
-        res["tinygemm"] = _graph_time([lambda m=m: m._run_packed(x) for m in mods])
+        res["tinygemm"] = graph_time([lambda m=m: m._run_packed(x) for m in mods])
         default = int4_cuda.launch_shape(n, k, sms)
-        res[f"ours default"] = _graph_time([lambda m=m: int4_cuda.gemv(x, m.qweight, m.scale_zero, 128) for m in mods])
+        res[f"ours default"] = graph_time([lambda m=m: int4_cuda.gemv(x, m.qweight, m.scale_zero, 128) for m in mods])
         for r in (int4_cuda.ROWS if k <= int4_cuda.WIDE_K else (2,)):
             for bps in (1, 2, 4, 8):
-                res[f"R{r}/b{bps}"] = _graph_time([lambda m=m, r=r, b=bps: int4_cuda.gemv(
+                res[f"R{r}/b{bps}"] = graph_time([lambda m=m, r=r, b=bps: int4_cuda.gemv(
                     x, m.qweight, m.scale_zero, 128, rows=r, blocks_per_sm=b) for m in mods])
         q4_bytes = n * k // 2 + n * (k // 128) * 4
         row = dict(shape=label, n=n, k=k, default=default, bf16_bytes=n * k * 2, q4_bytes=q4_bytes)
@@ -127,8 +110,8 @@ def speed_int8(shapes: dict) -> list[dict]:
         sc = torch.rand(n, device="cuda") * 1e-3
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         xq = torch.randint(-127, 128, (1, k), device="cuda", dtype=torch.int8)
-        res = {"int8 ours (quantizes x too)": _graph_time([lambda w=w: int8_cuda.gemv(x, w, sc) for w in ws]),
-               "int8 _int_mm (x already int8)": _graph_time([lambda w=w: int8_matmul(xq, w) for w in ws])}
+        res = {"int8 ours (quantizes x too)": graph_time([lambda w=w: int8_cuda.gemv(x, w, sc) for w in ws]),
+               "int8 _int_mm (x already int8)": graph_time([lambda w=w: int8_matmul(xq, w) for w in ws])}
         row = dict(shape=label, n=n, k=k, **{nm: dict(us=t * 1e6, gb_s=n * k / t / 1e9) for nm, t in res.items()})
         out.append(row)
         print(f"{label:18s} " + "  ".join(f"{nm} {v['us']:6.1f}us/{v['gb_s']:5.0f}" for nm, v in row.items()

@@ -238,30 +238,44 @@ def reference_dot(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, grou
 
 def problem(n: int, k: int, group: int, device: torch.device, dtype: torch.dtype) -> str:
     """Why the kernel cannot run this linear, or ""."""
+    if group % 32 or k % group:
+        return f"group {group} with K = {k} (needs group % 32 == 0 dividing K)"
+    return device_problem(k, device, dtype)
+
+
+def device_problem(k: int, device: torch.device, dtype: torch.dtype) -> str:
+    """What the one-token kernels (this module's and ``int8_cuda``'s) need of every linear: CUDA, bf16/fp16
+    activations, K % 32 == 0 and at most MAX_K, and PyTorch's NVRTC entry point; "" when all hold."""
     if device.type != "cuda":
         return f"device {device.type}"
     if dtype not in (torch.bfloat16, torch.float16):
         return f"activations in {dtype}"
-    if k % 32 or group % 32 or k % group or k > MAX_K:
-        return f"K = {k}, group {group} (needs K % 32 == 0, group % 32 == 0 and K <= {MAX_K})"
+    if k % 32 or k > MAX_K:
+        return f"K = {k} (needs K % 32 == 0 and K <= {MAX_K})"
     if not hasattr(torch.cuda, "_compile_kernel"):
         return "this torch has no torch.cuda._compile_kernel (NVRTC)"
     return ""
 
 
 @functools.cache
-def _kernel(name: str):
-    return torch.cuda._compile_kernel(_SOURCE, name)
+def compiled(source: str, name: str):
+    """The kernel ``name`` of ``source``, compiled with NVRTC once per process."""
+    return torch.cuda._compile_kernel(source, name)
+
+
+def compile_failure(source: str, names) -> str:
+    """Compile every kernel of ``names``; "" or the compiler's one-line reason (the caller keeps its fallback)."""
+    try:
+        for name in names:
+            compiled(source, name)
+    except Exception as e:  # no CUDA headers, NVRTC missing, an old driver
+        return f"NVRTC compile failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return ""
 
 
 def compile_problem(dtype: torch.dtype, k: int) -> str:
     """Compile (once) the variants for ``dtype`` and ``k``; "" or the compiler's one-line reason."""
-    try:
-        for rows in ((2,) if k > WIDE_K else ROWS):
-            _kernel(_name(dtype, k, rows))
-    except Exception as e:  # no CUDA headers, NVRTC missing, an old driver: the caller keeps tinygemm
-        return f"NVRTC compile failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-    return ""
+    return compile_failure(_SOURCE, [_name(dtype, k, rows) for rows in ((2,) if k > WIDE_K else ROWS)])
 
 
 def _name(dtype: torch.dtype, k: int, rows: int) -> str:
@@ -299,7 +313,7 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int, r
         x = x.clone()
     out = torch.empty(1, n, device=x.device, dtype=x.dtype)
     r, blocks = launch_shape(n, k, sm_count(x.device.index or 0), rows, blocks_per_sm)
-    _kernel(_name(x.dtype, k, r))(grid=(blocks, 1, 1), block=(threads_per_block(k), 1, 1),
+    compiled(_SOURCE, _name(x.dtype, k, r))(grid=(blocks, 1, 1), block=(threads_per_block(k), 1, 1),
                                   args=[x, qweight, sz, out, n, k, group])
     return out
 

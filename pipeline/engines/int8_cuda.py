@@ -20,7 +20,15 @@ import functools
 
 import torch
 
-from pipeline.engines.int4_cuda import MAX_K, WIDE_K, sm_count, launch_shape, threads_per_block
+from pipeline.engines.int4_cuda import (
+    WIDE_K,
+    compile_failure,
+    compiled,
+    device_problem,
+    launch_shape,
+    sm_count,
+    threads_per_block,
+)
 
 _SOURCE = r"""
 typedef unsigned int u32;
@@ -144,20 +152,7 @@ ENTRY(q8gemv_f16_wide, 1024, 2, false)
 
 def problem(n: int, k: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
     """Why the kernel cannot run an [N, K] int8 weight on ``dtype`` activations, or ""."""
-    if device.type != "cuda":
-        return f"device {device.type}"
-    if dtype not in (torch.bfloat16, torch.float16):
-        return f"activations in {dtype}"
-    if k % 32 or k > MAX_K:
-        return f"K = {k} (needs K % 32 == 0 and K <= {MAX_K})"
-    if not hasattr(torch.cuda, "_compile_kernel"):
-        return "this torch has no torch.cuda._compile_kernel (NVRTC)"
-    return ""
-
-
-@functools.cache
-def _kernel(name: str):
-    return torch.cuda._compile_kernel(_SOURCE, name)
+    return device_problem(k, device, dtype)
 
 
 def _name(dtype: torch.dtype, k: int) -> str:
@@ -165,13 +160,8 @@ def _name(dtype: torch.dtype, k: int) -> str:
 
 
 def compile_problem(k: int) -> str:
-    """Compile (once) the variants for ``k``; "" or the compiler's one-line reason."""
-    try:
-        for dtype in (torch.bfloat16, torch.float16):
-            _kernel(_name(dtype, k))
-    except Exception as e:  # no CUDA headers, NVRTC missing: the caller keeps _int_mm
-        return f"NVRTC compile failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-    return ""
+    """Compile (once) the variants for ``k``; "" or the compiler's one-line reason (the caller keeps _int_mm)."""
+    return compile_failure(_SOURCE, [_name(dtype, k) for dtype in (torch.bfloat16, torch.float16)])
 
 
 def gemv(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
@@ -186,7 +176,7 @@ def gemv(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) -> torch.
     _, blocks = launch_shape(n, k, sm_count(x.device.index or 0), rows=4)
     rows = 2 if k > WIDE_K else 4
     blocks = max(1, min(-(-n // rows), blocks))
-    _kernel(_name(x.dtype, k))(grid=(blocks, 1, 1), block=(threads_per_block(k), 1, 1),
+    compiled(_SOURCE, _name(x.dtype, k))(grid=(blocks, 1, 1), block=(threads_per_block(k), 1, 1),
                                args=[x, w_int8, w_scale, out, n, k])
     return out
 
