@@ -457,3 +457,17 @@ def test_streaming_inputs_free_their_buffer_after_the_last_batch():
     assert stream._buf is None  # only the sample and the sums are left until the layer is quantized
     sample, magnitude, _, n = stream.finish()
     assert sample.shape == (4, 8) and n == 10
+
+
+@pytest.mark.parametrize("max_tokens", [100, 4096])  # a strided sample / every token (and the Gram loss)
+def test_awq_method_streaming_its_inputs_gives_the_checkpoint_of_keeping_them(tiny_llama_dir, monkeypatch, max_tokens):
+    if not hasattr(AWQMethod, "begin_walk"):
+        pytest.skip("AWQMethod does not stream its inputs yet (methods.py without the StreamingInputs change)")
+    monkeypatch.setattr(awq, "_CHUNK_TOKENS", 64)  # chunks that straddle the walker's batches
+
+    class Whole(AWQMethod):
+        def begin_walk(self, n_tokens):  # never told the token count: keeps every input, as before
+            return None
+
+    streamed = walk(tiny_llama_dir, AWQMethod(4, 128, n_grid=4, max_tokens=max_tokens), samples=5)
+    assert_same_checkpoint(streamed, walk(tiny_llama_dir, Whole(4, 128, n_grid=4, max_tokens=max_tokens), samples=5))
