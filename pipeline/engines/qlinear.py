@@ -403,13 +403,13 @@ def build_linear(
 
 def kernel_summary(model: nn.Module) -> dict[str, int]:
     """How many ``Int4Linear`` modules of ``model`` run on each kernel path (``Int8Linear``s count as "w8a8",
-    ``Fp8Linear``s as "fp8-<kernel>")."""
+    ``Fp8Linear``s as "fp8-<kernel>"; "+gemv": one token goes through our CUDA GEMV)."""
     counts = Counter()
     for m in model.modules():
         if isinstance(m, Int4Linear):
-            counts[m.kernel] += 1
+            counts[m.kernel + ("+gemv" if m.gemv_cuda else "")] += 1
         elif type(m).__name__ == "Int8Linear":
-            counts["w8a8"] += 1
+            counts["w8a8" + ("+gemv" if m.gemv_cuda else "")] += 1
         elif type(m).__name__ == "Fp8Linear":
             counts[f"fp8-{m.kernel}"] += 1
     return dict(counts)
