@@ -115,7 +115,9 @@ class Int8Linear(nn.Module):
             self.in_features)
         if why:
             _log_path(device.type, KERNEL_INT_MM, f"one token through _int_mm: {why}")
-        return not why
+            return False
+        int8_cuda.custom_op()  # registered now; forward calls it as torch.ops.quantship.int8_gemv
+        return True
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> Int8Linear:
@@ -131,10 +133,8 @@ class Int8Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.gemv_cuda and x2.shape[0] == 1 and x2.dtype in (torch.bfloat16, torch.float16):
-            from pipeline.engines import int8_cuda
-
-            # the same activation quantizer, int32 sums and float32 epilogue as below, in one kernel
-            y, self.kernel = int8_cuda.custom_op()(x2, self.weight, self.scale), KERNEL_GEMV
+            # the same activation quantizer, int32 sums and float32 epilogue as below, in one kernel (int8_cuda)
+            y, self.kernel = torch.ops.quantship.int8_gemv(x2, self.weight, self.scale), KERNEL_GEMV
         else:
             x_int8, act_scale = quantize_per_token_int8(x2)
             acc, self.kernel = int8_matmul(x_int8, self.weight)

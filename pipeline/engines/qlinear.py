@@ -222,6 +222,7 @@ class Int4Linear(nn.Module):
         self.compute_dtype = dtype
         for name, t in int4_triton.repack(qw.w_int, qw.scales, qw.zeros, device).items():
             self.register_buffer(name, t)
+        int4_triton.custom_op()  # registered now; forward calls it as torch.ops.quantship.int4_matmul
 
     def _build_gemv(self, qw: QuantizedWeight, device: torch.device) -> None:
         from pipeline.engines import int4_cuda
@@ -233,6 +234,7 @@ class Int4Linear(nn.Module):
             log.debug("Int4Linear [%d, %d]: one-token GEMV on tinygemm (%s)", n, k, why)
             return
         self.register_buffer("scale_zero", int4_cuda.pack_scale_zero(qw.scales, qw.zeros).to(device))
+        int4_cuda.custom_op()  # registered now; forward calls it as torch.ops.quantship.int4_gemv
         self.gemv_cuda = True
 
     def _build_dequant(self, qw: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> None:
@@ -273,16 +275,11 @@ class Int4Linear(nn.Module):
         elif x2.shape[0] == 0:
             y = x2.new_zeros(0, self.out_features)
         elif self.gemv_cuda and x2.shape[0] == 1:
-            from pipeline.engines import int4_cuda
-
-            y = int4_cuda.custom_op()(x2.to(self.compute_dtype), self.qweight, self.scale_zero,
-                                      self.group_size).to(x.dtype)
+            y = torch.ops.quantship.int4_gemv(x2.to(self.compute_dtype), self.qweight, self.scale_zero,
+                                              self.group_size).to(x.dtype)
         elif self.kernel == KERNEL_TRITON or (self.prefill_dequant and x2.shape[0] > _GEMV_ROWS):
-            from pipeline.engines import int4_triton
-
-            op = int4_triton.custom_op()
-            y = op(x2.to(self.compute_dtype).contiguous(), self.qweight, self.scales_t, self.zeros_t,
-                   self.group_size).to(x.dtype)
+            y = torch.ops.quantship.int4_matmul(x2.to(self.compute_dtype).contiguous(), self.qweight, self.scales_t,
+                                                self.zeros_t, self.group_size).to(x.dtype)
         else:
             y = self._run_packed(x2.to(self.compute_dtype).contiguous()).to(x.dtype)
         if self.bias is not None:
