@@ -461,8 +461,6 @@ def test_streaming_inputs_free_their_buffer_after_the_last_batch():
 
 @pytest.mark.parametrize("max_tokens", [100, 4096])  # a strided sample / every token (and the Gram loss)
 def test_awq_method_streaming_its_inputs_gives_the_checkpoint_of_keeping_them(tiny_llama_dir, monkeypatch, max_tokens):
-    if not hasattr(AWQMethod, "begin_walk"):
-        pytest.skip("AWQMethod does not stream its inputs yet (methods.py without the StreamingInputs change)")
     monkeypatch.setattr(awq, "_CHUNK_TOKENS", 64)  # chunks that straddle the walker's batches
 
     class Whole(AWQMethod):

@@ -112,28 +112,47 @@ class AWQMethod:
         self.pack, self.sym = pack, sym
         self.bits, self.group_size, self.n_grid = bits, group_size, n_grid
         self.clip, self.max_shrink, self.duo_scaling, self.max_tokens = clip, max_shrink, duo_scaling, max_tokens
-        self.x: dict[str, list[torch.Tensor]] = {}
+        self.x: dict = {}
+        self.n_tokens: int | None = None
+
+    def begin_walk(self, n_tokens: int) -> None:
+        self.n_tokens = n_tokens  # the walker's token count: the inputs are reduced as they come (StreamingInputs)
 
     def begin_layer(self, index: int) -> None:
         self.x = {}
 
     def observe(self, group: LinearGroup, x: torch.Tensor) -> None:
-        self.x.setdefault(group.prev, []).append(x)
+        from pipeline.quant.awq import StreamingInputs
+
+        if self.n_tokens is None:  # not driven by the layer walker: keep the inputs whole
+            self.x.setdefault(group.prev, []).append(x)
+            return
+        if group.prev not in self.x:
+            self.x[group.prev] = StreamingInputs(self.n_tokens, self.max_tokens)
+        self.x[group.prev].add(x)
 
     def quantize(self, layer: nn.Module, spec: ArchSpec) -> dict[str, torch.Tensor]:
         from pipeline.formats import awq_gemm
-        from pipeline.quant.awq import _subsample_tokens, input_channel_magnitude, search_clip, search_scales
+        from pipeline.quant.awq import (StreamingInputs, _subsample_tokens, input_channel_magnitude, search_clip,
+                                        search_scales)
 
         scaled_inputs: dict[str, torch.Tensor] = {}
         for group in spec.groups:  # phase 1: scales, searched and folded on the float layer
-            x = torch.cat(self.x.pop(group.prev))
+            inputs = self.x.pop(group.prev)
+            if isinstance(inputs, StreamingInputs):  # the token sample, mean |x|, Gram matrix: as from all tokens
+                x, magnitude, gram, n_tokens = inputs.finish()
+            else:
+                x = torch.cat(inputs)
+                magnitude, gram, n_tokens = None, None, None
+            del inputs
             linears = [get_module(layer, n) for n in group.linears]
             if group.needs_equal_width and not _can_fold(layer, group):
                 scaled_inputs[group.prev] = _subsample_tokens(x, self.max_tokens)  # GQA v->o: nothing to fold into
                 continue
             found = search_scales(x, [lin.weight for lin in linears], None, self.bits, self.group_size, self.n_grid,
-                                  magnitude=input_channel_magnitude(x), max_tokens=self.max_tokens,
-                                  duo_scaling=self.duo_scaling, sym=self.sym)
+                                  magnitude=input_channel_magnitude(x) if magnitude is None else magnitude,
+                                  max_tokens=self.max_tokens, duo_scaling=self.duo_scaling, sym=self.sym,
+                                  n_tokens=n_tokens, gram=gram)
             _fold_into(layer, group, linears, found.scales)
             # The fold divides this group's input by s: the clip search must see what the linears will see.
             # It samples at most a few thousand tokens, so only those are kept (bounds memory on big layers).
