@@ -46,7 +46,9 @@ MAX_K = 32 * 1024  # one block of 1024 threads x 32 columns
 WIDE_K = 16 * 1024  # above: the 1024-thread variant, 2 rows a chunk (64 registers a thread)
 ROWS = (4, 8)  # rows per chunk of the compiled variants up to WIDE_K
 
-_SOURCE = r"""
+# Device helpers both one-token kernels use (this module's and ``int8_cuda``'s): activation conversions, a
+# streaming 16-byte load that bypasses L1, four bytes packed into a word.
+CUDA_PRELUDE = r"""
 typedef unsigned short u16;
 typedef unsigned int u32;
 
@@ -66,16 +68,18 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
       : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
   return r;
 }
+__device__ __forceinline__ u32 pack4(int a, int b, int c, int d) {
+  return (u32)(a & 0xFF) | ((u32)(b & 0xFF) << 8) | ((u32)(c & 0xFF) << 16) | ((u32)(d & 0xFF) << 24);
+}
+"""
+
+_SOURCE = CUDA_PRELUDE + r"""
 __device__ __forceinline__ int dp4a_us(u32 a, int b, int c) {  // unsigned bytes . signed bytes + c
   int d; asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
 }
 __device__ __forceinline__ u32 dp4a_uu(u32 a, u32 b, u32 c) {  // unsigned bytes . unsigned bytes + c
   u32 d; asm("dp4a.u32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
 }
-__device__ __forceinline__ u32 pack4(int a, int b, int c, int d) {
-  return (u32)(a & 0xFF) | ((u32)(b & 0xFF) << 8) | ((u32)(c & 0xFF) << 16) | ((u32)(d & 0xFF) << 24);
-}
-
 template <int R>
 __device__ __forceinline__ void load_chunk(uint4 (&w)[R], u32 (&s)[R], const uint4* __restrict__ qw,
                                            const u32* __restrict__ sz, int chunk, int N, int kt, int gpr, int g,
@@ -304,17 +308,21 @@ def sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def vector_for_kernel(x: torch.Tensor) -> torch.Tensor:
+    """One token's activations as the kernels read them: contiguous and 16-byte aligned (a copy only if not)."""
+    x = x.reshape(-1)
+    return x if x.is_contiguous() and x.data_ptr() % 16 == 0 else x.clone()
+
+
 def gemv(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int, rows: int | None = None,
          blocks_per_sm: int | None = None) -> torch.Tensor:
     """x [1, K] (bf16/fp16, CUDA) @ dequant(qweight, sz).T -> [1, N] in x's dtype."""
     n, k = qweight.shape[0], qweight.shape[1] * 8
-    x = x.reshape(-1)
-    if not x.is_contiguous() or x.data_ptr() % 16:
-        x = x.clone()
+    x = vector_for_kernel(x)
     out = torch.empty(1, n, device=x.device, dtype=x.dtype)
     r, blocks = launch_shape(n, k, sm_count(x.device.index or 0), rows, blocks_per_sm)
     compiled(_SOURCE, _name(x.dtype, k, r))(grid=(blocks, 1, 1), block=(threads_per_block(k), 1, 1),
-                                  args=[x, qweight, sz, out, n, k, group])
+                                            args=[x, qweight, sz, out, n, k, group])
     return out
 
 

@@ -21,6 +21,7 @@ import functools
 import torch
 
 from pipeline.engines.int4_cuda import (
+    CUDA_PRELUDE,
     WIDE_K,
     compile_failure,
     compiled,
@@ -28,17 +29,10 @@ from pipeline.engines.int4_cuda import (
     launch_shape,
     sm_count,
     threads_per_block,
+    vector_for_kernel,
 )
 
-_SOURCE = r"""
-typedef unsigned int u32;
-
-__device__ __forceinline__ uint4 load_stream(const uint4* p) {
-  uint4 r;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-  return r;
-}
+_SOURCE = CUDA_PRELUDE + r"""
 __device__ __forceinline__ int dp4a_ss(u32 a, u32 b, int c) {
   int d; asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
 }
@@ -60,17 +54,13 @@ __device__ __forceinline__ void load_chunk(uint4 (&w)[R][2], const uint4* __rest
   }
 }
 
-__device__ __forceinline__ float act_to_f32(unsigned short h, bool bf16) {
-  if (bf16) return __uint_as_float(((u32)h) << 16);
-  float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
-}
 __device__ __forceinline__ u32 quant4(float a, float b, float c, float d, float scale) {
   // quantize_per_token_int8: clamp(round_half_even(x / scale), -128, 127), four to a word
   const int qa = (int)fminf(fmaxf(rintf(__fdiv_rn(a, scale)), -128.f), 127.f);
   const int qb = (int)fminf(fmaxf(rintf(__fdiv_rn(b, scale)), -128.f), 127.f);
   const int qc = (int)fminf(fmaxf(rintf(__fdiv_rn(c, scale)), -128.f), 127.f);
   const int qd = (int)fminf(fmaxf(rintf(__fdiv_rn(d, scale)), -128.f), 127.f);
-  return (u32)(qa & 0xFF) | ((u32)(qb & 0xFF) << 8) | ((u32)(qc & 0xFF) << 16) | ((u32)(qd & 0xFF) << 24);
+  return pack4(qa, qb, qc, qd);
 }
 
 template <int R>
@@ -95,8 +85,8 @@ __device__ __forceinline__ void q8gemv(const uint4* __restrict__ x, const uint4*
     const u32 parts[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
-      xv[i * 8 + p * 2] = act_to_f32((unsigned short)(parts[p] & 0xFFFFu), bf16);
-      xv[i * 8 + p * 2 + 1] = act_to_f32((unsigned short)(parts[p] >> 16), bf16);
+      xv[i * 8 + p * 2] = act_to_f32((u16)(parts[p] & 0xFFFFu), bf16);
+      xv[i * 8 + p * 2 + 1] = act_to_f32((u16)(parts[p] >> 16), bf16);
     }
   }
 #pragma unroll
@@ -168,16 +158,13 @@ def gemv(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) -> torch.
     """x [1, K] bf16/fp16 -> float32 [1, N]: ``quantize_per_token_int8(x)``, then ``(x_int8 @ w_int8.T) * act_scale
     * w_scale`` with Int8Linear's exact arithmetic, in one kernel."""
     n, k = w_int8.shape
-    x = x.reshape(-1)
-    if not x.is_contiguous() or x.data_ptr() % 16:
-        x = x.clone()
+    x = vector_for_kernel(x)
     out = torch.empty(1, n, device=x.device, dtype=torch.float32)
-    # 4 rows a chunk (2 above WIDE_K): each row is two 16-byte loads a thread, twice the int4 kernel's registers
+    # 4 rows a chunk (launch_shape makes it 2 above WIDE_K): each row is two 16-byte loads a thread, twice the int4
+    # kernel's registers, so the compiled variants are r4 and wide only
     _, blocks = launch_shape(n, k, sm_count(x.device.index or 0), rows=4)
-    rows = 2 if k > WIDE_K else 4
-    blocks = max(1, min(-(-n // rows), blocks))
     compiled(_SOURCE, _name(x.dtype, k))(grid=(blocks, 1, 1), block=(threads_per_block(k), 1, 1),
-                               args=[x, w_int8, w_scale, out, n, k])
+                                         args=[x, w_int8, w_scale, out, n, k])
     return out
 
 

@@ -81,13 +81,23 @@ def update_magnitude(acc: torch.Tensor | None, count: int, x: torch.Tensor) -> t
     return (acc.float() * count + batch_sum) / total, total
 
 
+def _sample_stride(n_tokens: int, max_tokens: int) -> int:
+    """The row stride of :func:`_subsample_tokens` for ``n_tokens`` rows (1: every row)."""
+    if max_tokens <= 0 or n_tokens <= max_tokens:
+        return 1
+    return -(-n_tokens // max_tokens)  # ceil: the strided view has at most max_tokens rows
+
+
+def _direct_tokens(n_tokens: int, max_tokens: int) -> int:
+    """How many tokens the output loss of :func:`search_scales` would see directly (its Gram form takes over when
+    the input is narrower than this)."""
+    return min(n_tokens, max_tokens) if max_tokens > 0 else n_tokens
+
+
 def _subsample_tokens(x: torch.Tensor, max_tokens: int) -> torch.Tensor:
     """At most ``max_tokens`` rows of ``x`` [tokens, in], evenly strided (deterministic, like AutoAWQ's clip)."""
-    n = x.shape[0]
-    if max_tokens <= 0 or n <= max_tokens:
-        return x
-    step = -(-n // max_tokens)  # ceil: the strided view has at most max_tokens rows
-    return x[::step]
+    step = _sample_stride(x.shape[0], max_tokens)
+    return x if step == 1 else x[::step]
 
 
 class StreamingInputs:
@@ -104,7 +114,7 @@ class StreamingInputs:
 
     def __init__(self, n_tokens: int, max_tokens: int):
         self.n_tokens, self.max_tokens = n_tokens, max_tokens
-        self.step = 1 if max_tokens <= 0 or n_tokens <= max_tokens else -(-n_tokens // max_tokens)
+        self.step = _sample_stride(n_tokens, max_tokens)
         self.seen = 0
         self._buf: torch.Tensor | None = None
         self._fill = 0
@@ -116,8 +126,7 @@ class StreamingInputs:
         x = _flatten_tokens(x)
         width = x.shape[1]
         if self._abs is None:
-            n_direct = min(self.n_tokens, self.max_tokens) if self.max_tokens > 0 else self.n_tokens
-            if width < n_direct:
+            if width < _direct_tokens(self.n_tokens, self.max_tokens):  # search_scales will use the Gram loss
                 self._gram = torch.zeros(width, width, dtype=torch.float32, device=x.device)
             self._abs = torch.zeros(width, dtype=torch.float32, device=x.device)
         if self._buf is None:
@@ -280,7 +289,7 @@ def search_scales(
     w_fp32 = [w.float() for w in weights]
 
     n_total = x2.shape[0] if n_tokens is None else n_tokens
-    n_direct = min(n_total, max_tokens) if max_tokens > 0 else n_total
+    n_direct = _direct_tokens(n_total, max_tokens)
     with tf32_matmuls(device.type == "cuda"):
         if forward is not None:
             reference = forward(list(weights)).float()
@@ -314,6 +323,8 @@ class _Separable:
 
 
 def _loop_sum(values: list[float]) -> float:
+    """Left-to-right float addition, as the Gram loss always summed; not ``sum()``, which Python 3.12 made
+    compensated for floats, so results would differ between CI (3.11) and the GPU machine (3.12)."""
     total = 0.0
     for v in values:
         total += v
