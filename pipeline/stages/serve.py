@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,11 +56,11 @@ def build_app(artifact: Path, api_key: str | None, model_name: str | None = None
     if (artifact / ENGINE).is_file():
         from pipeline.stages.compile import load_engine
 
-        model, tokenizer = load_engine(artifact)
+        model, tokenizer = on_passing_thread(load_engine, artifact)
     elif (artifact / "config.json").is_file():
         from pipeline.engines.transformers_engine import load_model
 
-        model, tokenizer = load_model(artifact)
+        model, tokenizer = on_passing_thread(load_model, artifact)
     else:
         raise ModelFolderError(
             f"{artifact} is neither a compile artifact (with {ENGINE}) nor a model folder (with config.json); "
@@ -67,6 +68,32 @@ def build_app(artifact: Path, api_key: str | None, model_name: str | None = None
         )
     name = model_name or _model_name(artifact)
     return create_app(GenerationEngine(model, tokenizer, **limits), model_name=name, api_key=api_key)
+
+
+def on_passing_thread(fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)`` run on a thread that ends when it returns (its exception re-raised here).
+
+    Why the serving model is loaded this way: ATen's CPU parallelism is OpenMP, and libgomp gives every thread that
+    runs a parallel region a team of its own, kept for the thread's life. Once the threads it manages outnumber the
+    CPUs, libgomp cuts its spin-wait from 300,000 iterations to 1,000, so every parallel region of every team then
+    sleeps and wakes through futexes. Loading on the caller's (main) thread gave that thread a team; the
+    scheduler thread's team came on top of it, and on the 2-core CI machine 8 HTTP clients got 320-400 tokens/s
+    where the same model loaded on a passing thread gets 570 (``bench/RESULTS.md``, the CPU regression of
+    05b4b47). A passing thread's team goes with it, so the scheduler's is the only one left."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="quantship-load")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def stop_engine(app) -> None:
