@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from pipeline.errors import QuantizationError
-from pipeline.quant.primitives import fake_quantize, tf32_matmuls
+from pipeline.quant.primitives import fake_quantize, fake_quantize_scaled, tf32_matmuls
 
 log = logging.getLogger(__name__)
 
@@ -378,10 +378,10 @@ def _grid(loss_of, w_fp32, x_mag, w_mag, bits, group_size, sym, n_grid, in_featu
         if isinstance(loss_of, _Separable):  # one linear's candidate at a time
             parts = []
             for j, w in enumerate(w_fp32):
-                parts.append(loss_of.part(j, fake_quantize(w * s, bits, group_size, sym).div_(s)))
+                parts.append(loss_of.part(j, fake_quantize_scaled(w, s, bits, group_size, sym)))
             loss = loss_of.combine(parts)
         else:
-            effective = [fake_quantize(w * s, bits, group_size, sym) / s for w in w_fp32]
+            effective = [fake_quantize_scaled(w, s, bits, group_size, sym) for w in w_fp32]
             loss = loss_of(effective)
         losses.append(loss)
         if loss < best[0]:  # strict: ties keep the smaller alpha (RTN at alpha = 0)

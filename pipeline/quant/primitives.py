@@ -8,6 +8,7 @@ into groups of ``group_size`` columns, each (row, group) has a scale ``s`` and a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -111,11 +112,38 @@ def dequantize_groupwise(
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool = False, clip_ratio=1.0) -> torch.Tensor:
     """Quantize then dequantize, in ``w``'s dtype: what a search compares against the original. The same values as
     ``quantize_groupwise(...).dequantize()``, computed on the group view (no integer copy, no per-column gather):
-    the AWQ searches call it ~30 times per linear."""
+    the AWQ searches call it ~30 times per linear. On a GPU (fp32 weight, power-of-two groups, a float clip ratio)
+    it is one Triton kernel with the same values (``fake_quant_triton``)."""
+    if not isinstance(clip_ratio, torch.Tensor) and _fused(w, group_size):
+        return fake_quantize_fused(w, bits, group_size, sym, clip_ratio)
     g, scales, zeros = _fit_groups(w, bits, group_size, sym, clip_ratio)
     q = g / scales  # then in place: one [out, in] temporary instead of a chain of them, the same values
     q.round_().add_(zeros).clamp_(0, 2**bits - 1).sub_(zeros).mul_(scales)
     return q.reshape(w.shape).to(w.dtype)
+
+
+def fake_quantize_scaled(w: torch.Tensor, s: torch.Tensor, bits: int, group_size: int, sym: bool = False) -> torch.Tensor:
+    """``fake_quantize(w * s) / s`` for column scales ``s`` [in] (fp32): AWQ's candidate weight seen from the
+    unscaled input. One pass where the fused kernel runs, the eager chain otherwise; the same values."""
+    w = w.float()
+    if _fused(w, group_size):
+        return fake_quantize_fused(w, bits, group_size, sym, 1.0, s)
+    return fake_quantize(w * s, bits, group_size, sym).div_(s)
+
+
+def _fused(w: torch.Tensor, group_size: int) -> bool:
+    """Whether ``fake_quant_triton`` takes ``w`` (a CUDA fp32 weight, or any under Triton's interpreter)."""
+    if not w.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return False  # not even imported: a CPU run never pays for importing Triton
+    from pipeline.quant import fake_quant_triton
+
+    return fake_quant_triton.eligible(w, group_size)
+
+
+def fake_quantize_fused(w, bits, group_size, sym, clip_ratio=1.0, s=None) -> torch.Tensor:
+    from pipeline.quant import fake_quant_triton
+
+    return fake_quant_triton.fake_quantize(w, bits, group_size, sym, float(clip_ratio), s)
 
 
 @contextmanager
