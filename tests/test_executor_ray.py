@@ -152,6 +152,17 @@ def _scenario(work: Path) -> None:
                            "threads": [r[2] for r in ran],
                            "alive": [pid for _, pid, _ in ran if Path(f"/proc/{pid}").exists()]}
 
+    marker.unlink()  # quantize@rtn asks for the GPU and its actor dies mid-stage once: Ray restarts it, the run retries
+    ray_executor.gpus_for = lambda plan, run, cluster_gpus: 1 if run.id == "quantize@rtn" else 0
+    try:
+        out = execute(make_plan(recipe, work / "ray"), force={"quantize@rtn"}, executor=RayExecutor())
+    finally:
+        ray_executor.gpus_for = real_gpus_for
+    died = int(marker.read_text()) if marker.exists() else None
+    record["gpu_death"] = {"statuses": out.statuses, "errors": {k: str(e) for k, e in out.errors.items()},
+                           "files": _files(plan.root), "died_pid": died,
+                           "leftovers": sorted(p.name for p in plan.root.iterdir() if p.name.startswith(TMP_PREFIX))}
+
     fail_flag.write_text("1")
     out = execute(make_plan(recipe, work / "ray"), force={"compile"}, executor=RayExecutor())
     record["failing"] = {"statuses": out.statuses, "exit_code": out.exit_code,
@@ -367,15 +378,24 @@ def test_an_address_where_nothing_answers_fails_at_once(tmp_path):
     assert not list((tmp_path / "out" / "matrix").glob("*-*"))  # no stage ran
 
 
-def test_a_gpu_task_runs_in_a_worker_that_exits_when_it_returns(scenario):
-    """Ray reuses worker processes; one that ran a GPU stage would keep what the stage left on the GPU (and CUDA's
-    view of the GPU it was given) into the next task. Each GPU task runs in its own process, gone once it returns."""
+def test_gpu_runs_share_one_long_lived_worker_per_gpu_that_ends_with_the_run(scenario):
+    """A GPU run goes to the actor that holds that GPU (``ray_pool.GpuPool``): one process per GPU for all of them,
+    so imports and CUDA's start are paid once (a fresh process per GPU task made 2 GPUs slower than one); the
+    actors end when the executor closes."""
     gpu = scenario["gpu_tasks"]
     assert {k: v for k, v in gpu["statuses"].items() if k.startswith("compile@")} == {"compile@none": "done",
                                                                                       "compile@rtn": "done"}
     assert sorted(run for run, _ in gpu["ran"]) == ["compile@none", "compile@rtn"]
-    assert len({pid for _, pid in gpu["ran"]}) == 2  # not one reused worker
+    assert len({pid for _, pid in gpu["ran"]}) == 1  # one GPU in the cluster: one actor ran both
     assert gpu["alive"] == []
-    # Ray would set OMP_NUM_THREADS to the task's num_cpus (1); a GPU task gets its node's CPUs per GPU (2 / 1)
+    # Ray would set OMP_NUM_THREADS to the task's num_cpus (1); a GPU run gets its node's CPUs per GPU (2 / 1)
     assert gpu["threads"] == ["2", "2"]
     assert gpu["files"] == scenario["ray"]["files"]  # the forced compiles wrote the same artifacts
+
+
+def test_a_gpu_actor_that_dies_mid_stage_is_restarted_and_the_run_retried(scenario):
+    death = scenario["gpu_death"]
+    assert death["died_pid"] is not None  # it did die (the hook wrote its pid, then exited)
+    assert death["statuses"]["quantize@rtn"] == "done", death["errors"]
+    assert death["leftovers"] == []  # the dead attempt's half-written folder was removed
+    assert death["files"] == scenario["ray"]["files"]  # the retried run wrote the same artifact

@@ -20,9 +20,11 @@ folder with a manifest; Ray runs the task again (``max_retries``), and the new a
 temporary folders that earlier attempts of the same run left. Typed errors (``QuantshipError``) come back as
 their class name and message; a crash's traceback is in ``<root>/run.log``, which workers append to.
 
-GPU memory: a task that asks for GPUs runs in a fresh worker process that exits when the task returns
-(``max_calls=1``), so a stage's CUDA memory is freed before the next GPU task starts on that GPU; CPU tasks reuse
-workers.
+GPU runs: a run that asks for one GPU runs on a long-lived actor that holds one GPU (``ray_pool.GpuPool``: one
+per GPU of the cluster, at most one per such run), so the imports, CUDA's start and warm caches are paid once per
+GPU, not once per stage; between runs the actor frees what the stage left. Where a run asks for several GPUs
+(``compile.tp``) actors holding single GPUs could starve it, so such a plan runs every GPU run as a task in a fresh
+worker process that exits when it returns (``max_calls=1``). CPU tasks reuse workers.
 
 Read against ray 2.60.0 (``ray.init``, ``ray.remote(max_calls=...)``, ``.options(num_cpus, num_gpus, max_retries)``,
 ``ray.wait``, ``ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy``, ``ray.nodes``).
@@ -203,6 +205,7 @@ class RayExecutor:
         self._gpus = 0.0  # the most GPUs one node has: a task's GPUs must all be on one node
         self._cpus_per_gpu = 1.0  # the CPU threads a GPU task's torch may use, per GPU it holds
         self._failed_now: list[Any] = []
+        self._pool = None  # GpuPool: the single-GPU runs' actors
 
     def start(self, plan: Plan) -> None:
         ray = self.ray
@@ -240,6 +243,7 @@ class RayExecutor:
         # CUDA_VISIBLE_DEVICES once). Ray 2.60 sets max_calls=1 itself only for a function declared with num_gpus
         # (remote_function.py), and .options() cannot set it, so GPU runs go through a second remote function.
         self._gpu_task = ray.remote(max_calls=1)(run_in_worker)
+        self._pool = self._gpu_pool(plan, alive)
         log.info("ray executor: %s, resources %s", self.address or "local cluster", ray.cluster_resources())
 
     def _check_shared_storage(self, plan: Plan) -> None:
@@ -289,8 +293,11 @@ class RayExecutor:
             )
             self._failed_now.append(StageResult(run.id, "failed", error=error))
             return
-        task = self._gpu_task if gpus else self._task
         threads = max(1, int(self._cpus_per_gpu * gpus)) if gpus else None
+        if gpus == 1 and self._pool is not None:
+            self._pool.submit(self._plan_ref, run.id, threads)
+            return
+        task = self._gpu_task if gpus else self._task
         ref = task.options(num_cpus=1, num_gpus=gpus, max_retries=self.max_retries, retry_exceptions=False,
                            name=run.id).remote(self._plan_ref, run.id, threads)
         self._running[ref] = run.id
@@ -299,16 +306,17 @@ class RayExecutor:
         from pipeline.runner import StageResult
 
         out, self._failed_now = self._failed_now, []
-        if not self._running:
+        pooled = self._pool.running if self._pool is not None else {}
+        refs = list(self._running) + list(pooled)
+        if not refs:
             return out
-        refs = list(self._running)
         if block and not out:
             self.ray.wait(refs, num_returns=1)
         ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
         for ref in ready:
-            run_id = self._running.pop(ref)
+            run_id = self._running.pop(ref) if ref in self._running else pooled[ref][0]
             try:
-                wire = self.ray.get(ref)
+                wire = self._fetch(ref, ref in pooled)
             except self.ray.exceptions.RayTaskError as e:  # raised outside the stage (a stage's own errors return)
                 cause = getattr(e, "cause", None) or e
                 out.append(StageResult(run_id, "failed", error=StageError(
@@ -330,13 +338,44 @@ class RayExecutor:
             out.append(StageResult(run_id, wire["status"], wire["seconds"], error))
         return out
 
+    def _fetch(self, ref: Any, pooled: bool) -> dict[str, Any]:
+        """A finished run's answer; a pooled run's actor then takes the next waiting run (or is dropped if it
+        died for good: the error still reaches the caller)."""
+        if not pooled:
+            return self.ray.get(ref)
+        try:
+            wire = self.ray.get(ref)
+        except self.ray.exceptions.RayActorError:
+            self._pool.finished(ref, actor_dead=True)
+            raise
+        except self.ray.exceptions.RayError:
+            self._pool.finished(ref, actor_dead=False)
+            raise
+        self._pool.finished(ref, actor_dead=False)
+        return wire
+
+    def _gpu_pool(self, plan: Plan, alive: list[dict]):
+        """The actors for the plan's single-GPU runs, or None (no GPUs, no such run, or a multi-GPU run)."""
+        from pipeline.executors.ray_pool import GpuPool
+
+        if not self._gpus:
+            return None
+        wants = [gpus_for(plan, r, self._gpus) for r in plan.runs]
+        gpus_in_cluster = int(sum(r.get("GPU", 0.0) for r in alive))
+        if max(wants, default=0) != 1 or not gpus_in_cluster:
+            return None
+        return GpuPool(self.ray, min(wants.count(1), gpus_in_cluster), self.max_retries)
+
     def busy(self) -> bool:
-        return bool(self._running or self._failed_now)
+        return bool(self._running or self._failed_now or (self._pool is not None and self._pool.busy()))
 
     def close(self) -> None:
         for ref in list(self._running):  # interrupted: stop what still runs (its temporary folders stay dead)
             self.ray.cancel(ref, force=True)
         self._running.clear()
+        if self._pool is not None:  # its actors (and a run still on one) end with it
+            self._pool.close()
+            self._pool = None
         if self._owns:
             self.ray.shutdown()
             self._owns = False

@@ -9,7 +9,10 @@ the 1.44 s a layer the 70B-width run spent quantizing (bench/RESULTS.md). Here o
 ``BLOCK_R`` rows by one group, and writes the candidate once. No library has it: torchao's and llm-compressor's
 fake-quantize ops are the same chain of eager steps.
 
-Exactness: the same fp32 operations in the same order as ``fake_quantize`` — IEEE division (``div_rn``), rounding
+Exactness: the same fp32 operations in the same order as ``fake_quantize`` on the device it runs on — IEEE
+division (``div_rn``) where PyTorch divides tensor by tensor, and for the division by ``qmax`` (a Python number)
+what PyTorch does there: true division on the CPU, a multiply by the fp32 reciprocal on CUDA (the first GPU run,
+with ``div_rn`` everywhere, differed from eager CUDA in a few elements for that reason); rounding
 half to even through the fp32 magic number (as ``gptq_triton``), and no multiply feeding an add (a min, max,
 clamp or abs sits between every product and the next sum), so nothing can be fused into a multiply-add. Under
 Triton's interpreter (numpy) the result equals the eager function bit for bit: that is how CI, which has no GPU,
@@ -47,9 +50,18 @@ def eligible(w: torch.Tensor, group_size: int) -> bool:
 
 if triton is not None:  # defined only where Triton is (its annotations need it); no __future__ annotations here
 
-    def _fake_quant(W, S, Out, n_rows, n_cols, ratio, maxq, zero_sym,
+    @triton.jit
+    def _by_qmax(x, maxq, inv_maxq, RECIP: tl.constexpr):
+        # PyTorch divides a CUDA tensor by a Python number as a multiply by the number's fp32 reciprocal
+        # (BinaryDivTrueKernel.cu), and a CPU float tensor by true division: each device's eager arithmetic.
+        if RECIP:
+            return x * inv_maxq
+        else:
+            return tl.div_rn(x, maxq)
+
+    def _fake_quant(W, S, Out, n_rows, n_cols, ratio, maxq, inv_maxq, zero_sym,
                     HAS_S: tl.constexpr, CLIP: tl.constexpr, SYM: tl.constexpr, G: tl.constexpr,
-                    BLOCK_R: tl.constexpr):
+                    BLOCK_R: tl.constexpr, RECIP: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.program_id(1) * G + tl.arange(0, G)
         rmask = rows < n_rows
@@ -65,12 +77,12 @@ if triton is not None:  # defined only where Triton is (its annotations need it)
             hi = hi * ratio
         if SYM:  # compute_qparams, symmetric: 2·absmax / qmax, the zero at the middle code
             absmax = tl.maximum(tl.maximum(tl.abs(lo), tl.abs(hi)), 1e-8)
-            scale = tl.div_rn(absmax * 2.0, maxq)
+            scale = _by_qmax(absmax * 2.0, maxq, inv_maxq, RECIP)
             zero = tl.zeros_like(scale) + zero_sym
         else:  # asymmetric: [min(lo, 0), max(hi, 0)] onto [0, qmax]
             lo = tl.minimum(lo, 0.0)
             hi = tl.maximum(hi, 0.0)
-            scale = tl.maximum(tl.div_rn(hi - lo, maxq), 1e-8)
+            scale = tl.maximum(_by_qmax(hi - lo, maxq, inv_maxq, RECIP), 1e-8)
             zero = (tl.div_rn(-lo, scale) + 12582912.0) - 12582912.0  # round half to even (|x| < 2**22)
             zero = tl.minimum(tl.maximum(zero, 0.0), maxq)
         q = (tl.div_rn(w, scale[:, None]) + 12582912.0) - 12582912.0
@@ -102,7 +114,8 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool = False
     block_r = max(1, _TILE // group_size)
     grid = (triton.cdiv(n_rows, block_r), n_cols // group_size)
     maxq = float(2**bits - 1)
-    _kernel()[grid](w, s, out, n_rows, n_cols, float(clip_ratio), maxq, float((2**bits) // 2),
+    inv_maxq = (torch.ones((), dtype=torch.float32) / maxq).item()  # fp32 1/qmax, exact as a Python float
+    _kernel()[grid](w, s, out, n_rows, n_cols, float(clip_ratio), maxq, inv_maxq, float((2**bits) // 2),
                     HAS_S=col_scales is not None, CLIP=float(clip_ratio) != 1.0, SYM=bool(sym), G=group_size,
-                    BLOCK_R=block_r, num_warps=4)
+                    BLOCK_R=block_r, RECIP=w.is_cuda, num_warps=4)
     return out
