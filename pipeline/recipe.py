@@ -298,7 +298,8 @@ class ServeSection(_Section):
     decode: Literal["auto", "eager", "graphs", "graphs+compile"] = Field(
         "auto", description="Embedded server's decode step (pipeline.serve.graph_step): eager, graphs (static KV "
         "cache + a CUDA graph per batch bucket on CUDA), graphs+compile (also torch.compile per layer); auto = graphs+compile "
-        "on CUDA (eager where the model is refused or does not compile), eager elsewhere.")
+        "on CUDA (eager where the model is refused or does not compile), eager elsewhere; the serve stage's smoke test "
+        "decodes eagerly under auto (its few tokens never repay the capture and compile: 10-20 s per 8B variant).")
 
     def engine_limits(self) -> dict[str, int | None]:
         """The caps as ``GenerationEngine`` keyword arguments."""

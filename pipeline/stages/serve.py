@@ -194,8 +194,11 @@ def run(ctx: StageContext) -> dict:
         ctx.log.warning("%s: %s", ctx.run_id, why_not)
         ctx.progress(2, 2, why_not)
         return {"status": why_not, "served_by": None}
+    limits = cfg.engine_limits()
+    if limits.get("decode") == "auto":  # a few smoke tokens never repay CUDA graphs + compile (10-20 s on an 8B)
+        limits["decode"] = "eager"
     with running_server(artifact, command, cfg.host, cfg.port, api_key, ctx.out / SERVER_LOG,
-                        cfg.health_timeout_s, limits=cfg.engine_limits()) as server:
+                        cfg.health_timeout_s, limits=limits) as server:
         ctx.progress(1, 2, f"healthy at {server.url} after {server.waited_s:.1f} s")
         result = smoke_test(server.url, server.model_name, api_key, cfg.smoke_prompt, cfg.max_tokens)
     served_by = server.served_by
