@@ -126,3 +126,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def run_interpreted(child: str) -> list:
+    """Run ``child`` (Python source whose last printed line is JSON) in a fresh process under Triton's interpreter
+    (``TRITON_INTERPRET=1``: Triton kernels on the CPU, numpy arithmetic; it must be chosen before triton is first
+    imported, hence the process); the parsed JSON back."""
+    import json
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path]))
+    proc = subprocess.run([sys.executable, "-c", child.format(tests=str(ROOT / "tests"))], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -6,17 +6,13 @@ rounding tie, so there the codes must agree almost everywhere and the objective 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import run_interpreted
+
 pytest.importorskip("triton")
-ROOT = Path(__file__).resolve().parent.parent
 
 from pipeline.quant import gptq_triton  # noqa: E402
 from pipeline.quant.gptq import accumulate_hessian, gptq_loss, gptq_quantize  # noqa: E402
@@ -69,12 +65,7 @@ print(json.dumps(out))
 
 
 def test_interpreted_kernel_equals_eager_loop():
-    # Triton's interpreter must be chosen before triton is first imported, hence a fresh process.
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path]))
-    proc = subprocess.run([sys.executable, "-c", _CHILD.format(tests=str(ROOT / "tests"))], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_interpreted(_CHILD)
     assert len(results) == len(CASES)
     for r in results:
         assert r["codes"] and r["scales"] and r["zeros"] and r["g_idx"], r
