@@ -7,13 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import QuantizationError
-from pipeline.quant.awq import (
-    fold_scales,
-    input_channel_magnitude,
-    search_clip,
-    search_scales,
-    update_magnitude,
-)
+from pipeline.quant.awq import search_clip, search_scales
+from pipeline.quant.awq_inputs import input_channel_magnitude, update_magnitude
+from pipeline.quant.fold import fold_scales
 from pipeline.quant.primitives import fake_quantize
 
 from tests.conftest import OUTLIER_WIDTH as WIDTH

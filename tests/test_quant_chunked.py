@@ -24,7 +24,7 @@ from transformers import AutoConfig
 
 from pipeline.errors import QuantizationError
 from pipeline.formats.checkpoint import open_checkpoint
-from pipeline.quant import awq, gptq, layerwise
+from pipeline.quant import awq, awq_inputs, gptq, layerwise
 from pipeline.quant.arch import arch_spec
 from pipeline.quant.methods import AWQMethod, GPTQMethod
 from pipeline.quant.primitives import dequantize_groupwise
@@ -277,17 +277,17 @@ def batches(widths_tokens, width, dtype, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("max_tokens", [0, 7, 64, 10_000])
 def test_streaming_inputs_equal_the_full_tensor_functions(monkeypatch, dtype, max_tokens):
-    monkeypatch.setattr(awq, "_CHUNK_TOKENS", 32)  # several chunks, batches straddling their boundaries
-    monkeypatch.setattr(awq, "_GRAM_CHUNK", 12)
+    monkeypatch.setattr(awq_inputs, "_CHUNK_TOKENS", 32)  # several chunks, batches straddling their boundaries
+    monkeypatch.setattr(awq_inputs, "_GRAM_CHUNK", 12)
     xs = batches([(3, 5), (11,), (2, 9), (40,), (1,)], 24, dtype)
     full = torch.cat([x.reshape(-1, 24) for x in xs])
-    stream = awq.StreamingInputs(full.shape[0], max_tokens)
+    stream = awq_inputs.StreamingInputs(full.shape[0], max_tokens)
     for x in xs:
         stream.add(x)
     sample, magnitude, gram, n = stream.finish()
     assert n == full.shape[0] == 85
-    assert torch.equal(sample, awq._subsample_tokens(full, max_tokens))
-    assert torch.equal(magnitude, awq.input_channel_magnitude(full))
+    assert torch.equal(sample, awq_inputs._subsample_tokens(full, max_tokens))
+    assert torch.equal(magnitude, awq_inputs.input_channel_magnitude(full))
     n_direct = min(n, max_tokens) if max_tokens > 0 else n
     assert (gram is not None) == (24 < n_direct)
     if gram is not None:
@@ -300,7 +300,7 @@ def test_scale_search_on_streamed_inputs_equals_the_search_on_all_tokens(width, 
     full = torch.cat(xs)
     g = torch.Generator().manual_seed(4)
     weights = [torch.randn(32, width, generator=g) * 0.05, torch.randn(8, width, generator=g) * 0.05]
-    stream = awq.StreamingInputs(full.shape[0], max_tokens)
+    stream = awq_inputs.StreamingInputs(full.shape[0], max_tokens)
     for x in xs:
         stream.add(x)
     sample, magnitude, gram, n = stream.finish()
@@ -315,12 +315,12 @@ def test_scale_search_on_streamed_inputs_equals_the_search_on_all_tokens(width, 
 
 
 def test_streaming_inputs_refuse_a_wrong_token_count_and_no_tokens():
-    stream = awq.StreamingInputs(10, 4)
+    stream = awq_inputs.StreamingInputs(10, 4)
     stream.add(torch.randn(6, 8))
     with pytest.raises(QuantizationError, match="told the walk feeds 10"):
         stream.finish()
     with pytest.raises(QuantizationError, match="empty"):
-        awq.StreamingInputs(10, 4).finish()
+        awq_inputs.StreamingInputs(10, 4).finish()
 
 
 # ---------------------------------------------------------------- on a GPU (skipped without CUDA)
@@ -432,7 +432,7 @@ def test_weight_magnitude_in_place_equals_the_out_of_place_form():
     grouped = w.abs().reshape(64, 4, 64)
     former = (grouped / (grouped.amax(dim=-1, keepdim=True) + 1e-6)).reshape(64, 256).mean(dim=0)
     before = [wi.clone() for wi in ws]
-    assert torch.equal(awq.weight_magnitude(ws, 64), former)
+    assert torch.equal(awq_inputs.weight_magnitude(ws, 64), former)
     assert all(torch.equal(a, b) for a, b in zip(ws, before))  # the weights themselves are not touched
 
 
@@ -440,7 +440,7 @@ def test_scale_grid_one_linear_at_a_time_equals_the_whole_group():
     g = torch.Generator().manual_seed(10)
     x = torch.randn(300, 64, generator=g) * (torch.rand(64, generator=g) * 3)
     ws = [torch.randn(48, 64, generator=g) * 0.05, torch.randn(16, 64, generator=g) * 0.05]
-    mag = awq.input_channel_magnitude(x)
+    mag = awq_inputs.input_channel_magnitude(x)
     for loss in (awq._output_loss(x, ws), awq._gram_loss(x, ws, torch.device("cpu"))):
         assert isinstance(loss, awq._Separable)
         args = (ws, mag, None, 4, 16, False, 8, 64, torch.device("cpu"))
@@ -450,7 +450,7 @@ def test_scale_grid_one_linear_at_a_time_equals_the_whole_group():
 
 
 def test_streaming_inputs_free_their_buffer_after_the_last_batch():
-    stream = awq.StreamingInputs(10, 4)
+    stream = awq_inputs.StreamingInputs(10, 4)
     stream.add(torch.randn(6, 8))
     assert stream._buf is not None
     stream.add(torch.randn(4, 8))
@@ -461,7 +461,7 @@ def test_streaming_inputs_free_their_buffer_after_the_last_batch():
 
 @pytest.mark.parametrize("max_tokens", [100, 4096])  # a strided sample / every token (and the Gram loss)
 def test_awq_method_streaming_its_inputs_gives_the_checkpoint_of_keeping_them(tiny_llama_dir, monkeypatch, max_tokens):
-    monkeypatch.setattr(awq, "_CHUNK_TOKENS", 64)  # chunks that straddle the walker's batches
+    monkeypatch.setattr(awq_inputs, "_CHUNK_TOKENS", 64)  # chunks that straddle the walker's batches
 
     class Whole(AWQMethod):
         def begin_walk(self, n_tokens):  # never told the token count: keeps every input, as before

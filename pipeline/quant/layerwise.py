@@ -33,7 +33,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -56,7 +56,7 @@ class LayerMethod(Protocol):
     def begin_layer(self, index: int) -> None: ...
 
     # Optional: ``begin_walk(n_tokens)``, called once before the first layer with the number of calibration tokens
-    # every layer will see (lets a method reduce its inputs batch by batch: awq.StreamingInputs).
+    # every layer will see (lets a method reduce its inputs batch by batch: awq_inputs.StreamingInputs).
 
     def observe(self, group: LinearGroup, x: torch.Tensor) -> None:
         """The input [tokens, in] of ``group``'s linears for one calibration batch."""

@@ -37,7 +37,7 @@ def _pack_into(out: dict, name: str, linear: nn.Linear, tensors: dict[str, torch
 
 def _fold_into(layer: nn.Module, group: LinearGroup, linears: list[nn.Linear], scales: torch.Tensor) -> None:
     """Fold per-input-channel ``scales`` into ``group``'s producer and linears, in place (AWQ and SmoothQuant)."""
-    from pipeline.quant.awq import fold_scales
+    from pipeline.quant.fold import fold_scales
 
     prev = get_module(layer, group.prev)
     folded = fold_scales(prev.weight, getattr(prev, "bias", None), [lin.weight for lin in linears], scales,
@@ -122,7 +122,7 @@ class AWQMethod:
         self.x = {}
 
     def observe(self, group: LinearGroup, x: torch.Tensor) -> None:
-        from pipeline.quant.awq import StreamingInputs
+        from pipeline.quant.awq_inputs import StreamingInputs
 
         if self.n_tokens is None:  # not driven by the layer walker: keep the inputs whole
             self.x.setdefault(group.prev, []).append(x)
@@ -133,8 +133,8 @@ class AWQMethod:
 
     def quantize(self, layer: nn.Module, spec: ArchSpec) -> dict[str, torch.Tensor]:
         from pipeline.formats import awq_gemm
-        from pipeline.quant.awq import (StreamingInputs, _subsample_tokens, input_channel_magnitude, search_clip,
-                                        search_scales)
+        from pipeline.quant.awq import search_clip, search_scales
+        from pipeline.quant.awq_inputs import StreamingInputs, _subsample_tokens, input_channel_magnitude
 
         scaled_inputs: dict[str, torch.Tensor] = {}
         for group in spec.groups:  # phase 1: scales, searched and folded on the float layer

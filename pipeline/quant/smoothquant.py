@@ -8,7 +8,7 @@ per token, quantized at run time.
 
 Checked against the official code (mit-han-lab/smoothquant ``smoothquant/smooth.py``, ``smooth_ln_fcs``) and
 lmdeploy ``lite/quantization/awq.py`` (``smooth_ln_fcs``, used by ``lite/apis/smooth_quant.py``). The fold itself
-is :func:`pipeline.quant.awq.fold_scales`, shared with AWQ.
+is :func:`pipeline.quant.fold.fold_scales`, shared with AWQ.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from pipeline.errors import QuantizationError
-from pipeline.quant.awq import FoldedScales, fold_scales
+from pipeline.quant.fold import FoldedScales, fold_scales
 from pipeline.quant.primitives import quantize_per_channel_int8
 
 __all__ = [
@@ -76,7 +76,7 @@ def smooth_scales(act_absmax: torch.Tensor, weights: Sequence[torch.Tensor], alp
     if weight_stat == "max":
         w_stat = torch.stack([w.detach().float().abs().amax(dim=0).to(a.device) for w in weights]).amax(dim=0)
     else:
-        from pipeline.quant.awq import weight_magnitude
+        from pipeline.quant.awq_inputs import weight_magnitude
 
         w_stat = weight_magnitude([w.detach() for w in weights], -1).to(a.device)
     w_stat = w_stat.clamp(min=1e-5)
