@@ -17,7 +17,6 @@ still waiting.
 
 from __future__ import annotations
 
-import gc
 import os
 from collections import deque
 from typing import Any
@@ -42,21 +41,12 @@ class StageWorker:
 
     def run(self, plan, run_id: str, threads: int | None) -> dict[str, Any]:
         from pipeline.executors.ray_executor import run_in_worker
+        from pipeline.resources import free_memory
 
         try:
             return run_in_worker(plan, run_id, threads)
         finally:
-            release_gpu_memory()
-
-
-def release_gpu_memory() -> None:
-    """What a finished stage left: unreachable objects collected, the caching allocator's free blocks returned."""
-    gc.collect()
-    import sys
-
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
+            free_memory()  # what the stage left: collected, the CUDA caching allocator's free blocks returned
 
 
 class GpuPool:
