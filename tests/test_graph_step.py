@@ -273,6 +273,25 @@ def test_cuda_graphs_with_compiled_layers_through_the_scheduler():
     assert step.graphs_enabled and step.dec._layer is not _run_layer and set(step.dec._graphs) == {8}
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sampled_requests_on_cuda_draw_from_a_cuda_generator_seeded_by_the_request():
+    """torch.multinomial on CUDA logits takes a CUDA generator only: a sampled request on a GPU server drew
+    with a CPU one and failed its batch. The same seed gives the same reply, alone or beside another request."""
+    model, tok = load("cuda")
+    eng = GenerationEngine(model, tok, max_batch_size=4, decode="graphs", decode_max_len=256)
+    try:
+        prompt = eng.encode_text("def add(a, b):")
+        params = lambda seed: SamplingParams(max_tokens=24, temperature=1.5, seed=seed)  # noqa: E731
+        first = eng.run(prompt, params(7))
+        again = eng.run(prompt, params(7))
+        other = eng.run(prompt, params(8))
+        assert first.finish_reason in ("stop", "length") and first.token_ids == again.token_ids
+        assert other.token_ids != first.token_ids  # a different seed draws differently (24 tokens at T=1.5)
+    finally:
+        eng.shutdown()
+
+
 def test_families_the_static_loop_would_decode_wrong_are_refused(parts):
     from pipeline.errors import StageError
 

@@ -49,6 +49,7 @@ from pipeline.serve.batch_cache import (  # noqa: F401  (pad_left, left_pad_mask
     pad_left,
     regroup,
 )
+from pipeline.serve.detokenize import IncrementalText, unsettled_tail
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +68,13 @@ def top_logprobs(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
 def safe_text_end(text: str, stops: list[str], hold_space: bool = False) -> int:
     """How much of ``text`` can be shown before the reply ends: hold back a trailing incomplete character
     (U+FFFD from a partial UTF-8 sequence), any tail that could be the start of a stop string, and with
-    ``hold_space`` a trailing space (a tokenizer that cleans up tokenization spaces turns " ." into ".")."""
-    end = len(text)
-    while end > 0 and (text[end - 1] == "\ufffd" or (hold_space and text[end - 1] == " ")):
-        end -= 1
+    ``hold_space`` (a tokenizer that cleans up tokenization spaces) a tail its clean-up may still change, from a
+    trailing space (" ." becomes ".") to " '" ("'s"): :func:`~pipeline.serve.detokenize.unsettled_tail`."""
+    end = len(text) - unsettled_tail(text, hold_space)
     for s in stops:
         for k in range(min(len(s) - 1, end), 0, -1):
-            if text[:end].endswith(s[:k]):
-                end = min(end, len(text[:end]) - k)
+            if text.endswith(s[:k], 0, end):  # no slice of text: this runs every step on the whole reply
+                end -= k
                 break
     return end
 
@@ -126,13 +126,8 @@ class Sequence:
         self.shown = 0  # characters of the reply already sent as deltas
         self.lp_sent = 0  # log-probs already sent as events
         self.queued_in: Scheduler | None = None  # the scheduler whose queue counts it (until admitted or cancelled)
-        self.generator: torch.Generator | None = None
-        if params.temperature > 0:
-            self.generator = torch.Generator()
-            if params.seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(params.seed & 0xFFFF_FFFF_FFFF_FFFF)
+        self.generator: torch.Generator | None = None  # made on the logits' device at the first draw
+        self.detok: IncrementalText | None = None  # the reply's text, grown a window at a time (scheduler's)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -146,6 +141,19 @@ class Sequence:
     @property
     def reserved(self) -> int:
         return len(self.prompt) + self.params.max_tokens
+
+
+def _generator(seq: Sequence, logits: torch.Tensor) -> torch.Generator:
+    """``seq``'s sampling generator, on the device of ``logits`` (``torch.multinomial`` on CUDA takes a CUDA
+    generator only), seeded from the request's ``seed`` at its first draw. The same seed gives the same reply on
+    the same device whatever the batch; a CPU and a CUDA server draw different streams."""
+    if seq.generator is None or seq.generator.device != logits.device:
+        seq.generator = torch.Generator(device=logits.device)
+        if seq.params.seed is None:
+            seq.generator.seed()
+        else:
+            seq.generator.manual_seed(seq.params.seed & 0xFFFF_FFFF_FFFF_FFFF)
+    return seq.generator
 
 
 # ------------------------------------------------------------------------------------- scheduler
@@ -365,34 +373,42 @@ class Scheduler:
         state.position_ids = torch.tensor([[n] for n in state.lengths], device=device)
         if getattr(self.step, "uses_attention_mask", True):  # a static-cache step masks by position itself
             state.attention_mask = left_pad_mask([n + 1 for n in state.lengths], state.past + 1).to(device)
-        logits = self.step(self.model, state).float()
+        logits = self.step(self.model, state)
         state.past += 1
         state.lengths = [n + 1 for n in state.lengths]
         self.steps += 1
+        # Every row's greedy token in one kernel and one device sync (argmax of bf16 logits = of their float32)
+        greedy = logits.argmax(dim=-1).tolist()
         for b, seq in enumerate(batch):
             if not seq.cancelled.is_set():
-                self._advance(seq, logits[b])
+                self._advance(seq, logits[b], greedy[b])
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Pick the next token from ``logits`` [vocab], report it, and finish the sequence when it ends."""
+    def _advance(self, seq: Sequence, logits: torch.Tensor, greedy: int | None = None) -> None:
+        """Pick the next token from ``logits`` [vocab] (``greedy``: its argmax, when already known), report it,
+        and finish the sequence when it ends."""
         from pipeline.serve.generate import first_stop, sample_next_token
 
         p = seq.params
-        if seq.generator is None:
-            token = int(logits.argmax())
+        if p.temperature <= 0:
+            token = int(logits.argmax()) if greedy is None else greedy
         else:
-            token = int(sample_next_token(logits[None], p.temperature, p.top_p, seq.generator)[0])
+            token = int(sample_next_token(logits[None].float(), p.temperature, p.top_p, _generator(seq, logits))[0])
         seq.ids.append(token)
         if seq.first_token_s is None:
             seq.first_token_s = time.perf_counter() - seq.submitted
         if seq.logprobs is not None:
-            lp = torch.log_softmax(logits, dim=-1)
+            lp = torch.log_softmax(logits.float(), dim=-1)
             seq.logprobs.append(TokenLogprob(token, float(lp[token]), top_logprobs(lp, p.logprobs or 0)))
         if token in self.eos:
             return self._finish(seq, "stop")
-        text = self.decode(seq.ids)
-        if p.stops and first_stop(text, p.stops) is not None:
-            return self._finish(seq, "stop")
+        if seq.detok is None:
+            seq.detok = IncrementalText(self.decode, self.hold_space)
+        settled = len(seq.detok.text)  # checked for stops already, but for a stop that ends past it
+        text = seq.detok.update(seq.ids)
+        if p.stops:
+            since = max(0, settled - max(len(s) for s in p.stops) + 1)
+            if first_stop(text[since:], p.stops) is not None:
+                return self._finish(seq, "stop")
         if len(seq.ids) >= p.max_tokens:
             return self._finish(seq, "length")
         end = safe_text_end(text, p.stops, self.hold_space)
