@@ -162,3 +162,35 @@ def test_fake_quantize_equals_quantize_then_dequantize(sym, clip):
     w = torch.randn(48, 256, generator=torch.Generator().manual_seed(3))
     ratio = torch.rand(48, 4, generator=torch.Generator().manual_seed(4)) * 0.5 + 0.5 if clip == "tensor" else clip
     assert torch.equal(fake_quantize(w, 4, 64, sym, ratio), quantize_groupwise(w, 4, 64, sym, ratio).dequantize())
+
+
+@pytest.mark.parametrize("method", ["gptq", "smoothquant", "fp8"])
+def test_every_method_refuses_an_already_quantized_source_in_a_run(tmp_path, method):
+    """A calibrated method used to fail on a quantized folder with "tensor ... q_proj.weight is not in the
+    checkpoint"; every method now names the real problem and the two ways on, and the run exits non-zero."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from tests.conftest import write_recipe
+
+    src = tiny_llama_folder(tmp_path / "src")
+    quantize_checkpoint_rtn(src, tmp_path / "awq", group_size=64)
+    recipe = write_recipe(tmp_path, f"""
+name: requant
+model:
+  source: {tmp_path / "awq"}
+calibration:
+  source: {{calib}}
+  samples: 2
+  seq_len: 32
+quantize:
+  method: {method}
+compile:
+  target: transformers
+  device: cpu
+""")
+    res = CliRunner().invoke(main, ["run", str(recipe)])
+    assert res.exit_code != 0
+    assert "is already quantized (config.json has quantization_config 'awq')" in res.output
+    assert "quantize.method: none" in res.output and "Traceback" not in res.output
+    assert not any((tmp_path / "outputs" / "requant").glob("quantize-*/model"))  # nothing half-written in place

@@ -148,7 +148,9 @@ def read_unquantized_config(model_dir: Path) -> dict[str, Any]:
     if "quantization_config" in config:
         raise QuantizationError(
             f"{model_dir} is already quantized (config.json has quantization_config "
-            f"{config['quantization_config'].get('quant_method')!r}); quantize the unquantized model instead."
+            f"{config['quantization_config'].get('quant_method')!r}), and quantizing it again would stack a second "
+            "rounding on the first. Point model.source at the unquantized checkpoint, or set quantize.method: none "
+            "to compile, evaluate and serve this one as it is."
         )
     return config
 

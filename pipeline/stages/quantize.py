@@ -12,8 +12,12 @@ from pipeline.stages import StageContext
 
 
 def run(ctx: StageContext) -> dict:
+    from pipeline.formats.checkpoint import read_unquantized_config
+
     cfg = ctx.config
     src = model_path(ctx.inputs["download"])
+    if cfg.method != "none":
+        read_unquantized_config(src)  # every method starts from full-precision weights: refuse a quantized folder
     metrics = METHODS[cfg.method](ctx, src)
     out_model = model_path(ctx.out)
     return {"method": cfg.method, "format": cfg.format_settings().fmt, "bytes": folder_bytes(out_model), **metrics}
