@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,9 +31,16 @@ CHAT = [{"role": "user", "content": "How do I reverse a list in Python?"}]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+# The GPU run sets QUANTSHIP_TEST_DEVICE=cuda: the same API, through the CUDA-graph decode step on a CUDA model
+# (a sampled request once failed there and nowhere else: CUDA sampling needs a CUDA generator).
+DEVICE = os.environ.get("QUANTSHIP_TEST_DEVICE", "cpu")
+
+
 @pytest.fixture(scope="module")
 def engine():
-    eng = GenerationEngine(*load_tiny())
+    if DEVICE != "cpu" and not torch.cuda.is_available():
+        pytest.skip(f"QUANTSHIP_TEST_DEVICE={DEVICE} but no CUDA device")
+    eng = GenerationEngine(*load_tiny(DEVICE), **({} if DEVICE == "cpu" else {"decode": "graphs"}))
     yield eng
     eng.scheduler.shutdown()
 
@@ -97,7 +105,8 @@ def test_echo_logprobs_equal_our_evaluation(engine, client):
     reply = client.completions.create(model=NAME, prompt=ids, max_tokens=0, echo=True, logprobs=3, temperature=0)
     lp = reply.choices[0].logprobs
     with torch.inference_mode():
-        ref = torch.log_softmax(model_logits(engine.model, torch.tensor([ids]))[0].float(), dim=-1)
+        logits = model_logits(engine.model, torch.tensor([ids], device=engine.model.device))[0]
+        ref = torch.log_softmax(logits.float(), dim=-1).cpu()
     expected = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert torch.allclose(torch.tensor(lp.token_logprobs[1:]), expected, atol=1e-4)
