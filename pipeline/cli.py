@@ -28,7 +28,7 @@ def _fail(error: QuantshipError) -> None:
 
 
 def _load(recipe: str):
-    from pipeline.recipe import load_recipe
+    from pipeline.recipe_load import load_recipe
     from pipeline.rules import check_model_widths
 
     loaded = load_recipe(recipe)

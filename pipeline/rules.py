@@ -9,7 +9,8 @@ import re
 from typing import TYPE_CHECKING
 
 from pipeline.errors import RecipeError
-from pipeline.recipe import METHOD_BITS, line_of
+from pipeline.recipe import METHOD_BITS
+from pipeline.recipe_load import line_of
 from pipeline.targets import (
     METHODS_NEEDING_CALIBRATION,
     TARGETS,

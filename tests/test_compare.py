@@ -14,7 +14,7 @@ from pipeline.artifacts import MANIFEST, PLAN
 from pipeline.cli import main
 from pipeline.eval.collect import collect_rows, write_rows_json
 from pipeline.plan import make_plan
-from pipeline.recipe import load_recipe
+from pipeline.recipe_load import load_recipe
 from tests.conftest import write_recipe
 
 RECIPE = """\

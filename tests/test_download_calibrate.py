@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.artifacts import CALIB_TOKENS, MODEL_LINK, model_path
 from pipeline.errors import CalibrationError, ModelFolderError
-from pipeline.recipe import build_recipe
+from pipeline.recipe_load import build_recipe
 from pipeline.stages import StageContext
 from pipeline.stages import calibrate, download
 from tests.conftest import CALIB_TEXT

@@ -19,7 +19,8 @@ from pipeline.engines import lmdeploy_engine, turbomind_engine
 from pipeline.engines.base import BuildContext
 from pipeline.errors import QuantizationError, RecipeError
 from pipeline.formats.detect import detect_format
-from pipeline.recipe import CompileSection, load_recipe
+from pipeline.recipe import CompileSection
+from pipeline.recipe_load import load_recipe
 from tests.conftest import CALIB_TEXT, TINY_MODEL, write_recipe
 
 RECIPES = {

@@ -102,7 +102,7 @@ def _scenario(work: Path) -> None:
 
     from pipeline.executors.ray_executor import RayExecutor
     from pipeline.plan import make_plan
-    from pipeline.recipe import load_recipe
+    from pipeline.recipe_load import load_recipe
     from pipeline.runner import execute
 
     recipe = load_recipe(work / "recipe.yaml")
@@ -309,7 +309,7 @@ matrix:
 def test_a_stage_asks_for_a_gpu_when_its_device_is_cuda(tmp_path):
     from pipeline.executors.ray_executor import gpus_for
     from pipeline.plan import make_plan
-    from pipeline.recipe import load_recipe
+    from pipeline.recipe_load import load_recipe
 
     auto = make_plan(load_recipe(write_recipe(tmp_path, GPU_RECIPE)), tmp_path / "out")
     asks = {r.id: (gpus_for(auto, r, 0), gpus_for(auto, r, 2)) for r in auto.runs}

@@ -235,7 +235,7 @@ def test_publish_needs_eval(tmp_path):
 
 def test_plan_has_one_publish_run_per_chosen_variant_after_evaluate(tmp_path):
     from pipeline.plan import make_plan
-    from pipeline.recipe import load_recipe
+    from pipeline.recipe_load import load_recipe
 
     text = RECIPE.replace('"file://{dest}/{{recipe}}-{{variant}}"', '"hf://acme/{{recipe}}-{{variant}}", variants: [rtn]')
     plan = make_plan(load_recipe(write_recipe(tmp_path, text)), tmp_path / "out")

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.errors import RecipeError
-from pipeline.recipe import load_recipe
+from pipeline.recipe_load import load_recipe
 from tests.conftest import ROOT, write_recipe
 
 BASE = """\

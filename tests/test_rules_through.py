@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.errors import RecipeError
-from pipeline.recipe import load_recipe
+from pipeline.recipe_load import load_recipe
 from tests.conftest import write_recipe
 
 RECIPE = """\

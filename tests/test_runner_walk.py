@@ -18,7 +18,7 @@ from pipeline.artifacts import MANIFEST
 from pipeline.errors import TargetUnavailable
 from pipeline.executors.local import LocalExecutor
 from pipeline.plan import make_plan
-from pipeline.recipe import load_recipe
+from pipeline.recipe_load import load_recipe
 from pipeline.runner import StageResult, execute, run_stage
 from tests.conftest import ROOT, write_recipe
 

@@ -140,7 +140,7 @@ def test_no_key_means_no_authorization_header_in_the_example(captured, monkeypat
 def test_a_compile_artifact_folder_is_served_under_its_engine_json_name(finished_run, captured):
     recipe, out = finished_run
     from pipeline.plan import make_plan
-    from pipeline.recipe import load_recipe
+    from pipeline.recipe_load import load_recipe
 
     plan = make_plan(load_recipe(recipe), out)
     artifact = plan.run(plan.variant_runs["rtn"]["compile"]).dir

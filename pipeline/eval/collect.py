@@ -71,7 +71,7 @@ def saved_gates(root: Path, plan: Mapping[str, Any]) -> dict[str, dict[str, Any]
     recipe = plan.get("recipe")
     if recipe and Path(recipe).is_file():
         try:
-            from pipeline.recipe import load_recipe
+            from pipeline.recipe_load import load_recipe
 
             loaded = load_recipe(recipe)
             return {v: r.eval.gates.model_dump() for v, r in loaded.variants.items() if r.eval is not None}
