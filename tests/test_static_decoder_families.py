@@ -1,0 +1,63 @@
+"""The static-cache decoder (pipeline/serve/cuda_graphs.py) on every family it claims to reproduce
+(``graph_step.SAME_LOOP``): Llama, Mistral, Qwen2 (biases on q/k/v) and Qwen3 (RMS norms on q and k), built
+small from their configs with random weights. Each slot's logits, after a prefill and at every decode step,
+must equal the model's own forward over the whole sequence (float32, CPU), with slots of different lengths
+decoding in one batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.serve.cuda_graphs import GraphedDecoder
+from pipeline.serve.graph_step import SAME_LOOP, GraphedStep
+
+SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+
+
+def _model(family: str):
+    import transformers
+
+    cls, cfg_cls, extra = {
+        "llama": ("LlamaForCausalLM", "LlamaConfig", {}),
+        "mistral": ("MistralForCausalLM", "MistralConfig", {"sliding_window": None}),
+        "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {"use_sliding_window": False}),
+        "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", {"head_dim": 32, "use_sliding_window": False}),
+    }[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, cfg_cls)(**SMALL, **extra)
+    model = getattr(transformers, cls)(config).eval()
+    with torch.no_grad():  # random init leaves biases and norm weights at 0 / 1: make them count
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def test_every_family_of_the_static_loop_is_tested_here():
+    assert set(SAME_LOOP) == {"llama", "mistral", "qwen2", "qwen3"}
+
+
+@pytest.mark.parametrize("family", SAME_LOOP)
+def test_static_decoder_logits_equal_the_models_forward(family):
+    model = _model(family)
+    assert model.config.model_type == family
+    if family == "qwen2":
+        assert model.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
+    if family == "qwen3":
+        assert hasattr(model.model.layers[0].self_attn, "q_norm")
+    GraphedStep(model, 2, 64)  # the server's step accepts it (no refusal for this family)
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, 96, (11,), generator=g), torch.randint(0, 96, (7,), generator=g)]
+    prompt = [5, 3]  # slot b prefills its first prompt[b] tokens, then decodes the rest one at a time
+    with torch.inference_mode():
+        full = [model(s[None]).logits[0] for s in seqs]
+        dec = GraphedDecoder(model, max_batch=2, max_len=32)
+        for b, s in enumerate(seqs):
+            torch.testing.assert_close(dec.prefill(b, s[: prompt[b]]), full[b][prompt[b] - 1], rtol=1e-4, atol=1e-4)
+        for t in range(len(seqs[1]) - prompt[1]):  # both slots decode together, at different positions
+            feed = torch.stack([seqs[b][prompt[b] + t] for b in range(2)])
+            logits = dec.step(feed)
+            for b in range(2):
+                torch.testing.assert_close(logits[b], full[b][prompt[b] + t], rtol=1e-4, atol=1e-4)
