@@ -325,7 +325,7 @@ class _TimedStep:
         return self.inner(model, state)
 
 
-def server_speed(model, device, batch, mode, prompt, steps, max_len=None) -> dict:
+def server_speed(model, device, batch, mode, prompt, steps, max_len=None, fuse=True) -> dict:
     """Tokens/s of ``batch`` concurrent greedy requests through the server's scheduler (module docstring)."""
     import threading
 
@@ -333,7 +333,8 @@ def server_speed(model, device, batch, mode, prompt, steps, max_len=None) -> dic
     from pipeline.serve.graph_step import make_step
 
     t0 = time.perf_counter()
-    inner = make_step(mode, model, batch, max_len or prompt + steps + 8) or DynamicCacheStep(model)
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    inner = make_step(mode, model, batch, max_len or prompt + steps + 8, fuse=fuse) or DynamicCacheStep(model)
     if hasattr(inner, "warmup"):
         inner.warmup()
     step = _TimedStep(inner)
@@ -366,8 +367,11 @@ def server_speed(model, device, batch, mode, prompt, steps, max_len=None) -> dic
     if len(full) < 2:
         raise RuntimeError(f"only {len(full)} steps ran the whole batch of {batch}")
     sec = full[-1] - full[0]
+    fused = getattr(getattr(inner, "dec", None), "fused", None)
     return dict(tok_s=batch * (len(full) - 1) / sec, ms_per_step=1e3 * sec / (len(full) - 1), setup_s=setup,
-                finite=True, prefill_ms=float("nan"), full_steps=len(full))
+                finite=True, prefill_ms=float("nan"), full_steps=len(full),
+                fused=sorted({(f.qkv.kind, f.gate_up.kind) for f in fused}) if fused else None,
+                compiled_graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before)
 
 
 def main(argv=None) -> int:
@@ -375,7 +379,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--formats", default=None, help="comma list (default: all for the device)")
-    ap.add_argument("--modes", default=None, help="comma list of eager,graphs,graphs+compile")
+    ap.add_argument("--modes", default=None, help="comma list of eager,graphs,graphs+compile; with --server, "
+                    "a graphs mode + \"-nofuse\" keeps q|k|v and gate|up as separate products")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--steps", type=int, default=64)
@@ -424,7 +429,8 @@ def main(argv=None) -> int:
             for mode in modes:
                 try:
                     if a.server:
-                        r = server_speed(model, a.device, batch, mode, a.prompt, a.steps, a.max_len)
+                        r = server_speed(model, a.device, batch, mode.removesuffix("-nofuse"), a.prompt, a.steps,
+                                         a.max_len, fuse=not mode.endswith("-nofuse"))
                     else:
                         r = decode_speed(model, a.device, batch, mode, a.prompt, a.steps)
                 except Exception as e:  # noqa: BLE001 - one failed row must not lose the others

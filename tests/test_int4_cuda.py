@@ -144,3 +144,30 @@ def test_cuda_gemv_matches_float64_and_int4linear_takes_it():
     x = torch.randn(1, q.shape[1], device="cuda", dtype=torch.bfloat16)
     y, ref = lin(x).double(), lin._run_packed(x).double()
     assert ((y - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+def test_fused_int4_gemv_equals_its_parts_bit_for_bit_and_shares_their_codes():
+    """pipeline/serve/fused_proj: q|k|v as one GEMV gives each part's output exactly (a row's dot products do not
+    depend on the rows beside it), rows > 1 go through the parts, and the parts' codes become views of the fused."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from pipeline.engines.qlinear import Int4Linear
+    from pipeline.quant.primitives import QuantizedWeight
+    from pipeline.serve.fused_proj import FusedLinear
+
+    gen = torch.Generator().manual_seed(3)
+    parts = []
+    for n in (512, 128, 136):  # q, k, v widths, v ragged
+        q, s, z, _ = _case(n, 1024, 128, torch.bfloat16, gen)
+        parts.append(Int4Linear(QuantizedWeight(q.int(), s, z.int(), 4, 128), device="cuda", dtype=torch.bfloat16))
+    x = torch.randn(1, 1, 1024, generator=gen).to(torch.bfloat16).cuda()
+    xs = torch.randn(3, 1024, generator=gen).to(torch.bfloat16).cuda()
+    before = [p(x) for p in parts], [p(xs) for p in parts]
+    fused = FusedLinear(parts)
+    assert fused.kind == "int4"
+    assert torch.equal(fused(x), torch.cat(before[0], dim=-1)) and fused(x).shape == (1, 1, 776)
+    assert torch.equal(fused(xs), torch.cat(before[1], dim=-1))
+    assert all(torch.equal(p(x), b) for p, b in zip(parts, before[0]))  # the parts read the fused codes now
+    ptr = fused.qweight.untyped_storage().data_ptr()
+    assert all(p.qweight.untyped_storage().data_ptr() == ptr for p in parts)

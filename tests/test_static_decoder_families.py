@@ -61,3 +61,32 @@ def test_static_decoder_logits_equal_the_models_forward(family):
             logits = dec.step(feed)
             for b in range(2):
                 torch.testing.assert_close(logits[b], full[b][prompt[b] + t], rtol=1e-4, atol=1e-4)
+
+
+def test_fused_products_share_the_weights_and_decode_as_the_parts():
+    """q|k|v and gate|up merged (pipeline/serve/fused_proj.py): the parts' weights become views of the fused
+    weight (no second copy), the fused step equals the unfused one, and a part that cannot merge (here a 4-bit
+    q_proj on the CPU) leaves its product to be called part by part, still exact."""
+    from pipeline.engines.qlinear import Int4Linear
+    from pipeline.quant.primitives import quantize_groupwise
+
+    model = _model("llama")
+    attn = model.model.layers[1].self_attn
+    attn.q_proj = Int4Linear(quantize_groupwise(attn.q_proj.weight.detach(), 4, 32), dtype=torch.float32)
+    seq = torch.randint(0, 96, (9,), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        full = model(seq[None]).logits[0]
+        plain = GraphedDecoder(model, max_batch=1, max_len=16, fuse=False)
+        dec = GraphedDecoder(model, max_batch=1, max_len=16)
+        kinds = [(f.qkv.kind, f.gate_up.kind) for f in dec.fused]
+        assert kinds == [("dense", "dense"), ("separate", "dense")]
+        layer0 = model.model.layers[0]
+        ptr = dec.fused[0].qkv.weight.untyped_storage().data_ptr()
+        assert all(getattr(layer0.self_attn, n).weight.untyped_storage().data_ptr() == ptr for n in ("q_proj", "k_proj", "v_proj"))
+        assert layer0.mlp.up_proj.weight.untyped_storage().data_ptr() == dec.fused[0].gate_up.weight.untyped_storage().data_ptr()
+        for d in (plain, dec):
+            d.prefill(0, seq[:4])
+        for t in range(4, 9):
+            a, b = plain.step(seq[t : t + 1]), dec.step(seq[t : t + 1])
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(b[0], full[t], rtol=1e-4, atol=1e-4)

@@ -9,7 +9,8 @@ per layer) and replayed; with ``compile_layers=True`` each decoder layer also go
 into a few) before capture. Quantized linears must be graph-safe: ``Int4Linear`` (our one-token CUDA GEMV or
 tinygemm; the Triton GEMV tunes during the warm-up, before capture), ``Int8Linear`` and ``Fp8Linear`` are.
 Attention goes through :mod:`pipeline.serve.decode_attention` (installed here: grouped-query decode without
-copying the cache per head). Measured on an H200, Llama-3-8B shape, batch 1 (bench/RESULTS.md): bf16 36 tok/s
+copying the cache per head), and for the families of :mod:`pipeline.serve.fused_proj` (Llama, Mistral, Qwen2,
+Qwen3) each decode layer runs q|k|v and gate|up as one product each (+10% bf16, +13% INT4 at batch 1 on the H200). Measured on an H200, Llama-3-8B shape, batch 1 (bench/RESULTS.md): bf16 36 tok/s
 eager, 136 graphs, 179-183 graphs+compile (63-66% of the bandwidth bound); INT4 330 tok/s graphs+compile.
 
 The cache is ours, not transformers' ``StaticCache``: its API moved between the transformers of this repo
@@ -85,7 +86,7 @@ class GraphedDecoder:
     per bucket when the model is on CUDA (``graphs=None``: on CUDA), else the same step eagerly."""
 
     def __init__(self, model: nn.Module, max_batch: int = 8, max_len: int = 2048, buckets=None,
-                 compile_layers: bool = False, graphs: bool | None = None):
+                 compile_layers: bool = False, graphs: bool | None = None, fuse: bool = True):
         inner = getattr(model, "model", None)
         if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
             raise StageError(
@@ -114,10 +115,14 @@ class GraphedDecoder:
         self.rows = torch.arange(max_batch, device=self.device)
         self.keys = torch.arange(max_len, device=self.device)
         self.graphs_enabled = self.device.type == "cuda" if graphs is None else graphs
-        self._layer = _run_layer
+        from pipeline.serve import fused_proj
+
+        # decode: q|k|v and gate|up as one product each where the family's layer is fused_proj.decode_layer
+        self.fused = fused_proj.fuse_layers(model) if fuse else None
+        self._layer = _run_layer if self.fused is None else fused_proj.decode_layer
         if compile_layers:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self._layer = torch.compile(_run_layer, dynamic=False)
+            self._layer = torch.compile(self._layer, dynamic=False)
         self._kv_name = _cache_kwarg(inner.layers[0])
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
@@ -125,10 +130,14 @@ class GraphedDecoder:
     def _forward(self, ids, position_ids, mask, rows, start):
         h = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(h, position_ids=position_ids)
-        run = self._layer if start is None else _run_layer  # prefill stays eager (one compile per prompt length)
         for i, layer in enumerate(self.inner.layers):
-            h = run(layer, h, mask, cos, sin, position_ids, _LayerKV(self.k[i], self.v[i], rows, self.pos[
-                :ids.shape[0]] if start is None else None, start), self._kv_name)
+            kv = _LayerKV(self.k[i], self.v[i], rows, self.pos[:ids.shape[0]] if start is None else None, start)
+            if start is not None:  # prefill: the model's own layer, eager (a compile per prompt length otherwise)
+                h = _run_layer(layer, h, mask, cos, sin, position_ids, kv, self._kv_name)
+            elif self.fused is not None:
+                h = self._layer(layer, self.fused[i], h, mask, cos, sin, kv)
+            else:
+                h = self._layer(layer, h, mask, cos, sin, position_ids, kv, self._kv_name)
         return self.model.lm_head(self.inner.norm(h[:, -1]))
 
     def _decode(self, n: int) -> torch.Tensor:

@@ -54,12 +54,12 @@ class GraphedStep:
     uses_attention_mask = False  # the decoder masks each slot by its position (keys <= pos)
 
     def __init__(self, model: Any, max_batch: int = 16, max_len: int = 2048, *, compile_layers: bool = False,
-                 graphs: bool | None = None, buckets: list[int] | None = None) -> None:  # fmt: skip
+                 graphs: bool | None = None, buckets: list[int] | None = None, fuse: bool = True) -> None:  # fmt: skip
         from pipeline.serve.cuda_graphs import GraphedDecoder
 
         _check_family(model, max_len)
         self.dec = GraphedDecoder(model, max_batch=max_batch, max_len=max_len, buckets=buckets,
-                                  compile_layers=compile_layers, graphs=graphs)  # fmt: skip
+                                  compile_layers=compile_layers, graphs=graphs, fuse=fuse)  # fmt: skip
         self.max_len, self.max_batch = max_len, max_batch
         self.slots: dict[Any, int] = {}  # sequence -> its slot (rows of the last step)
         self.seen: int | None = None  # the BatchState.regroups last taken in
@@ -160,9 +160,9 @@ def _check_family(model: Any, max_len: int) -> None:
         )
 
 
-def make_step(decode: str, model: Any, max_batch: int, max_len: int) -> GraphedStep | None:
+def make_step(decode: str, model: Any, max_batch: int, max_len: int, fuse: bool = True) -> GraphedStep | None:
     """The step for ``decode`` (:data:`DECODE_MODES`): None for the default eager step (``auto`` is resolved by
-    ``GenerationEngine`` first)."""
+    ``GenerationEngine`` first). ``fuse``: q|k|v and gate|up as one product each (serve/fused_proj.py)."""
     if decode not in DECODE_MODES:
         raise RecipeError(
             f"Unknown decode mode {decode!r}. The embedded server decodes with one of {', '.join(DECODE_MODES)} "
@@ -175,4 +175,4 @@ def make_step(decode: str, model: Any, max_batch: int, max_len: int) -> GraphedS
     if decode == "graphs+compile" and not on_cuda:
         log.warning("decode=graphs+compile on %s: the static-cache step runs without torch.compile (CUDA only)",
                     next(model.parameters()).device)  # fmt: skip
-    return GraphedStep(model, max_batch, max_len, compile_layers=compile_layers)
+    return GraphedStep(model, max_batch, max_len, compile_layers=compile_layers, fuse=fuse)

@@ -1,0 +1,160 @@
+"""q|k|v and gate|up as one product each in the static-cache decode step (:mod:`pipeline.serve.cuda_graphs`).
+
+At batch 1 a decode step is memory-bound and its small products pay a launch and a ramp each: on the H200, for
+the Llama-3-8B shape, bf16 q, k and v take 12.4 + 6.9 + 6.9 us through cuBLAS and 15.4 us as one [6144, 4096]
+product; our one-token INT4 GEMV 5.7 + 3.7 + 3.7 us against 7.5, and gate|up 2 x 12.1 against 20.5
+(bench/RESULTS.md, ``results_int4_gemv_h200.json``). vLLM's ``QKVParallelLinear`` and
+``MergedColumnParallelLinear`` merge the same products; here the merge happens at serve time, over the modules
+the loader built, and costs no memory: the fused module owns the concatenated weight and the original modules'
+weights become row views of it (prefill and evaluation still call ``q_proj`` ... through transformers' forward).
+
+What fuses: plain ``nn.Linear`` parts (any dtype; one ``F.linear``), and ``Int4Linear`` parts that run our CUDA
+one-token GEMV (its codes ``qweight`` [N, K / 8] and ``scale_zero`` [N, K / G] are row-major in N, so rows
+concatenate); the fused INT4 module runs one token through one GEMV and more rows through the parts (tinygemm
+and the prefill kernels keep their own layouts). Any other mix (INT8, FP8, bitsandbytes, parts that differ in
+width, group or bias) is called part by part, as before.
+
+:func:`decode_layer` is the decoder layer's forward for one token per slot with those products: the body of
+transformers' ``LlamaDecoderLayer``/``LlamaAttention``/``LlamaMLP`` (Mistral and Qwen2 are the same; Qwen3 adds
+RMS norms on q and k), checked against each family's own forward in tests/test_static_decoder_families.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FusedLinear(nn.Module):
+    """``parts`` (same input) as one product whose output is their outputs side by side (module docstring)."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = list(parts)  # a plain list: the parts stay the model's modules, not ours
+        self.kind = _kind(self.parts)
+        self.register_buffer("bias", None)
+        if self.kind == "dense":
+            self.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]), requires_grad=False)
+            if parts[0].bias is not None:
+                self.bias = torch.cat([p.bias.detach() for p in parts])
+            _rebind(parts, "weight", self.weight, parameter=True)
+            if self.bias is not None:
+                _rebind(parts, "bias", self.bias, parameter=True)
+        elif self.kind == "int4":
+            self.qweight = torch.cat([p.qweight for p in parts])
+            self.scale_zero = torch.cat([p.scale_zero for p in parts])
+            self.group_size, self.compute_dtype = parts[0].group_size, parts[0].compute_dtype
+            if parts[0].bias is not None:
+                self.bias = torch.cat([p.bias for p in parts])
+            _rebind(parts, "qweight", self.qweight)
+            _rebind(parts, "scale_zero", self.scale_zero)
+            if self.bias is not None:
+                _rebind(parts, "bias", self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "dense":
+            return F.linear(x, self.weight, self.bias)
+        if self.kind == "int4" and x.shape[:-1].numel() == 1:
+            y = torch.ops.quantship.int4_gemv(x.reshape(1, -1).to(self.compute_dtype), self.qweight, self.scale_zero,
+                                              self.group_size).to(x.dtype)  # fmt: skip
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+            return y.reshape(*x.shape[:-1], -1)
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, parts={len(self.parts)}"
+
+
+def _kind(parts: list[nn.Module]) -> str:
+    """"dense", "int4" or "separate" (module docstring)."""
+    from pipeline.engines.qlinear import Int4Linear
+
+    def same(*attrs: str) -> bool:
+        return len({tuple(getattr(p, a, None) for a in attrs) for p in parts}) == 1
+
+    if not same("in_features") or len({getattr(p, "bias", None) is not None for p in parts}) != 1:
+        return "separate"
+    if all(type(p) is nn.Linear for p in parts) and len({(p.weight.dtype, p.weight.device) for p in parts}) == 1:
+        return "dense"
+    if all(type(p) is Int4Linear and p.gemv_cuda for p in parts) and same("group_size", "compute_dtype"):
+        return "int4"
+    return "separate"
+
+
+def _rebind(parts: list[nn.Module], name: str, fused: torch.Tensor, parameter: bool = False) -> None:
+    """Each part's ``name`` becomes its rows of ``fused`` (a view: the part's own copy is freed)."""
+    start = 0
+    for p in parts:
+        rows = getattr(p, name).shape[0]
+        view = fused.detach()[start : start + rows]
+        if parameter:
+            setattr(p, name, nn.Parameter(view, requires_grad=False))
+        else:
+            p._buffers[name] = view
+        start += rows
+
+
+class FusedLayer(nn.Module):
+    """One decoder layer's merged products: ``qkv`` (q|k|v) and ``gate_up`` (gate|up). A module, so that
+    ``torch.compile`` inlines it as it does the layer (one compiled region for all layers, not one per layer)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv = FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.gate_up = FusedLinear([mlp.gate_proj, mlp.up_proj])
+        self.splits = (_out(attn.q_proj), _out(attn.k_proj), _out(attn.v_proj))
+        self.rotary = importlib.import_module(type(attn).__module__).apply_rotary_pos_emb
+
+
+def _out(linear: nn.Module) -> int:
+    return getattr(linear, "out_features", None) or linear.weight.shape[0]
+
+
+FUSABLE = ("llama", "mistral", "qwen2", "qwen3")  # decode_layer is their layer's forward
+
+
+def fuse_layers(model: nn.Module) -> list[FusedLayer] | None:
+    """The merged products of every layer of ``model``, or None where :func:`decode_layer` is not its layer."""
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    layers = model.model.layers
+    need = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+            "mlp.up_proj", "mlp.down_proj", "mlp.act_fn", "input_layernorm", "post_attention_layernorm")  # fmt: skip
+    if family not in FUSABLE or not all(_has(layer, n) for layer in layers for n in need):
+        return None
+    if any(not hasattr(importlib.import_module(type(layer.self_attn).__module__), "apply_rotary_pos_emb")
+           for layer in layers):  # fmt: skip
+        return None
+    return [FusedLayer(layer) for layer in layers]
+
+
+def _has(obj: Any, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+def decode_layer(layer: nn.Module, fused: FusedLayer, h: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, kv: Any) -> torch.Tensor:  # fmt: skip
+    """``layer``'s forward over ``h`` [b, 1, hidden] with the merged products, writing k/v through ``kv.update``."""
+    from pipeline.serve.decode_attention import decode_attention
+
+    attn, mlp = layer.self_attn, layer.mlp
+    b, t, _ = h.shape
+    q, k, v = fused.qkv(layer.input_layernorm(h)).split(list(fused.splits), dim=-1)
+    q, k, v = (z.reshape(b, t, -1, attn.head_dim) for z in (q, k, v))
+    if hasattr(attn, "q_norm"):  # Qwen3: RMS norm per head on q and k, before the rotary embedding
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = fused.rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    k, v = kv.update(k, v.transpose(1, 2), attn.layer_idx)
+    out, _ = decode_attention(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
+    h = h + attn.o_proj(out.reshape(b, t, -1))
+    gate, up = fused.gate_up(layer.post_attention_layernorm(h)).chunk(2, dim=-1)
+    return h + mlp.down_proj(mlp.act_fn(gate) * up)
