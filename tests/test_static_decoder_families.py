@@ -90,3 +90,18 @@ def test_fused_products_share_the_weights_and_decode_as_the_parts():
             a, b = plain.step(seq[t : t + 1]), dec.step(seq[t : t + 1])
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(b[0], full[t], rtol=1e-4, atol=1e-4)
+
+
+def test_int8_parts_merge_into_one_w8a8_product_with_the_same_outputs():
+    from pipeline.engines.int8_linear import Int8Linear
+    from pipeline.serve.fused_proj import FusedLinear
+
+    torch.manual_seed(4)
+    parts = [Int8Linear.from_float(torch.nn.Linear(64, n, bias=True)) for n in (64, 32, 40)]
+    x = torch.randn(3, 64)
+    before = torch.cat([p(x) for p in parts], dim=-1)
+    fused = FusedLinear(parts)
+    assert fused.kind == "int8"
+    assert torch.equal(fused(x), before) and torch.equal(fused(x[:1]), before[:1])
+    assert all(p.weight.untyped_storage().data_ptr() == fused.int8.weight.untyped_storage().data_ptr() for p in parts)
+    assert torch.equal(torch.cat([p(x) for p in parts], dim=-1), before)  # the parts read the merged rows now

@@ -8,11 +8,12 @@ product; our one-token INT4 GEMV 5.7 + 3.7 + 3.7 us against 7.5, and gate|up 2 x
 the loader built, and costs no memory: the fused module owns the concatenated weight and the original modules'
 weights become row views of it (prefill and evaluation still call ``q_proj`` ... through transformers' forward).
 
-What fuses: plain ``nn.Linear`` parts (any dtype; one ``F.linear``), and ``Int4Linear`` parts that run our CUDA
-one-token GEMV (its codes ``qweight`` [N, K / 8] and ``scale_zero`` [N, K / G] are row-major in N, so rows
+What fuses: plain ``nn.Linear`` parts (any dtype; one ``F.linear``), ``Int8Linear`` (W8A8: int8 rows and their
+per-row scales concatenate, the activation quantizer is per token, so every output is the part's own), and
+``Int4Linear`` parts that run our CUDA one-token GEMV (its codes ``qweight`` [N, K / 8] and ``scale_zero`` [N, K / G] are row-major in N, so rows
 concatenate); the fused INT4 module runs one token through one GEMV and more rows through the parts (tinygemm
-and the prefill kernels keep their own layouts). Any other mix (INT8, FP8, bitsandbytes, parts that differ in
-width, group or bias) is called part by part, as before.
+and the prefill kernels keep their own layouts). Any other mix (FP8, bitsandbytes, parts that differ in width,
+group or bias) is called part by part, as before.
 
 :func:`decode_layer` is the decoder layer's forward for one token per slot with those products: the body of
 transformers' ``LlamaDecoderLayer``/``LlamaAttention``/``LlamaMLP`` (Mistral and Qwen2 are the same; Qwen3 adds
@@ -44,6 +45,14 @@ class FusedLinear(nn.Module):
             _rebind(parts, "weight", self.weight, parameter=True)
             if self.bias is not None:
                 _rebind(parts, "bias", self.bias, parameter=True)
+        elif self.kind == "int8":  # W8A8: int8 rows and per-row scales concatenate; any number of tokens
+            from pipeline.engines.int8_linear import Int8Linear
+
+            bias = torch.cat([p.bias for p in parts]) if parts[0].bias is not None else None
+            self.int8 = Int8Linear(torch.cat([p.weight for p in parts]), torch.cat([p.scale for p in parts]), bias)
+            for name in ("weight", "scale", "bias"):
+                if getattr(self.int8, name) is not None:
+                    _rebind(parts, name, getattr(self.int8, name))
         elif self.kind == "int4":
             self.qweight = torch.cat([p.qweight for p in parts])
             self.scale_zero = torch.cat([p.scale_zero for p in parts])
@@ -58,6 +67,8 @@ class FusedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "dense":
             return F.linear(x, self.weight, self.bias)
+        if self.kind == "int8":
+            return self.int8(x)
         if self.kind == "int4" and x.shape[:-1].numel() == 1:
             y = torch.ops.quantship.int4_gemv(x.reshape(1, -1).to(self.compute_dtype), self.qweight, self.scale_zero,
                                               self.group_size).to(x.dtype)  # fmt: skip
@@ -72,6 +83,7 @@ class FusedLinear(nn.Module):
 
 def _kind(parts: list[nn.Module]) -> str:
     """"dense", "int4" or "separate" (module docstring)."""
+    from pipeline.engines.int8_linear import Int8Linear
     from pipeline.engines.qlinear import Int4Linear
 
     def same(*attrs: str) -> bool:
@@ -83,6 +95,8 @@ def _kind(parts: list[nn.Module]) -> str:
         return "dense"
     if all(type(p) is Int4Linear and p.gemv_cuda for p in parts) and same("group_size", "compute_dtype"):
         return "int4"
+    if all(type(p) is Int8Linear for p in parts) and len({p.weight.device for p in parts}) == 1:
+        return "int8"
     return "separate"
 
 
