@@ -380,7 +380,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--formats", default=None, help="comma list (default: all for the device)")
     ap.add_argument("--modes", default=None, help="comma list of eager,graphs,graphs+compile; with --server, "
-                    "a graphs mode + \"-nofuse\" keeps q|k|v and gate|up as separate products")
+                    "a graphs mode + \"-nofuse\" keeps q|k|v and gate|up as separate products, + \"-matmulattn\" decode "
+                    "attention as two matrix products instead of the split-K kernel")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--steps", type=int, default=64)
@@ -429,8 +430,12 @@ def main(argv=None) -> int:
             for mode in modes:
                 try:
                     if a.server:
-                        r = server_speed(model, a.device, batch, mode.removesuffix("-nofuse"), a.prompt, a.steps,
-                                         a.max_len, fuse=not mode.endswith("-nofuse"))
+                        from pipeline.serve import decode_attention
+
+                        base, *flags = mode.split("-")
+                        decode_attention.KERNEL = "matmul" if "matmulattn" in flags else "auto"
+                        r = server_speed(model, a.device, batch, base, a.prompt, a.steps, a.max_len,
+                                         fuse="nofuse" not in flags)
                     else:
                         r = decode_speed(model, a.device, batch, mode, a.prompt, a.steps)
                 except Exception as e:  # noqa: BLE001 - one failed row must not lose the others

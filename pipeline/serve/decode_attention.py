@@ -12,7 +12,9 @@ in the cache dtype, softmax in float32, as transformers' eager attention), not `
 for one query per head group the fused attention kernels parallelise over queries and heads only. On the H200,
 through ``scaled_dot_product_attention`` (cuDNN's flash kernel), a 4096-position cache (the server's default
 ``max_len``) made a bf16 Llama-3-8B step at batch 1 2.4 ms slower than a 104-position one (121 against 170
-tok/s), ~75 us a layer, where reading the cache once takes ~4 us; two matrix products read it once.
+tok/s), ~75 us a layer, where reading the cache once takes ~4 us; two matrix products read it once. On CUDA,
+with the static cache's boolean mask, :mod:`pipeline.serve.decode_attention_triton` goes further: a split-K kernel
+that reads only the key blocks the mask keeps (``KERNEL = "matmul"`` keeps the two products).
 
 :func:`install` registers it with transformers' ``AttentionInterface`` and sets it on the model's config; every
 other call (prefill, no grouping, a per-head mask) goes to the implementation the model had before.
@@ -24,7 +26,10 @@ from typing import Any
 
 import torch
 
+from pipeline.serve import decode_attention_triton
+
 NAME = "quantship_decode_gqa"
+KERNEL = "auto"  # "auto": the Triton split-K kernel where eligible (CUDA, bool mask); "matmul": the two products
 _PREVIOUS: dict[int, str] = {}  # id(config) -> the attention implementation it had before install
 
 
@@ -34,11 +39,18 @@ def decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     groups = getattr(module, "num_key_value_groups", 1)
     b, heads, q_len, d = query.shape
     mask_ok = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1)
-    if q_len != 1 or groups == 1 or not mask_ok or dropout or kwargs.get("softcap") is not None:
+    plain = q_len == 1 and mask_ok and not dropout and kwargs.get("softcap") is None
+    scale = d**-0.5 if scaling is None else scaling
+    if plain and KERNEL == "auto" and decode_attention_triton.eligible(query, key, attention_mask):
+        decode_attention_triton.custom_op()
+        q = query.reshape(b, key.shape[1], heads // key.shape[1], d)
+        out = torch.ops.quantship.decode_attention(q, key, value, attention_mask, scale)  # skips masked blocks
+        return out.reshape(b, heads, 1, d).transpose(1, 2).contiguous(), None
+    if not plain or groups == 1:
         return _previous(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                  **kwargs)
     q = query.reshape(b, key.shape[1], groups, d)
-    scores = torch.matmul(q, key.transpose(-1, -2)).float() * (d ** -0.5 if scaling is None else scaling)
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale
     if attention_mask is not None:
         mask = attention_mask[..., : key.shape[2]]
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()

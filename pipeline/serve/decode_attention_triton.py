@@ -1,0 +1,151 @@
+"""Split-K ("flash-decoding") attention for one query token per sequence over the static KV cache, in Triton,
+that reads only the key blocks its mask keeps.
+
+The static-cache step (:mod:`pipeline.serve.cuda_graphs`) has fixed shapes: every slot's cache is ``max_len``
+positions (the server's default is 4,096) and a boolean mask hides the positions past each sequence. Two matrix
+products (:func:`pipeline.serve.decode_attention.decode_attention`) read all of them: for Llama-3-8B that is
+537 MB of keys and values a token per slot whatever the sequence's length, 11% of an INT4 step's bytes at batch
+1 and more than its weights at batch 8; measured on the H200, a 4,096-position cache made bf16 decode 8% and
+INT4 11% slower than a 72-position one. Here the cache is cut in blocks of ``BLOCK_L`` positions; one program per
+(sequence, key/value head, block) loads the block's mask and, where nothing in it is kept, writes an empty
+partial without touching the keys; else it computes the group's scores (the query heads that share the key/value
+head, padded to 16 rows for ``tl.dot``), the block's maximum, sum of exponentials and weighted values. A second
+kernel combines the partials of each (sequence, head) with the usual log-sum-exp rescaling. Shapes stay static,
+so the CUDA graphs and ``torch.compile`` see one opaque op (``torch.ops.quantship.decode_attention``).
+
+Why by hand: PyTorch's fused attention kernels parallelise a one-token query over heads only, and they read
+every masked position (bench/RESULTS.md: 75 us a layer through cuDNN's kernel at 4,096 positions); FlashInfer's
+and vLLM's decode kernels take paged caches through their own builds, not installable here. Scores and the
+softmax are float32 (the two-product path computes scores in the cache dtype first), so results agree with it to
+the cache dtype's rounding, not bit for bit; tests/test_decode_attention_triton.py checks the kernel under
+Triton's interpreter on the CPU against a float64 reference, and on a GPU against the two-product path.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BLOCK_L = 128  # cache positions per program
+
+
+def available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def eligible(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """One query per sequence on CUDA (or on the CPU under ``TRITON_INTERPRET=1``) with a boolean keep-mask."""
+    on = query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return (on and available() and mask is not None and mask.dtype == torch.bool and query.shape[2] == 1
+            and query.dtype in (torch.float16, torch.bfloat16) and key.dtype == query.dtype
+            and query.shape[-1] in (16, 32, 64, 128, 256))  # fmt: skip
+
+
+@functools.cache
+def _kernels(interpret: bool):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _partial(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, HKV, G, L, S, scale,
+                 sq_b, sq_h, sq_g, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b,
+                 D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+        bh = tl.program_id(0)
+        s = tl.program_id(1)
+        b = bh // HKV
+        h = bh % HKV
+        offs_l = s * BLOCK + tl.arange(0, BLOCK)
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, D)
+        live = tl.load(mask_ptr + b * sm_b + offs_l, mask=offs_l < L, other=0) != 0
+        part = (bh * S + s) * BLOCK_G + offs_g
+        if tl.sum(live.to(tl.int32), axis=0) == 0:
+            tl.store(m_ptr + part, tl.full([BLOCK_G], float("-inf"), tl.float32))
+            tl.store(l_ptr + part, tl.zeros([BLOCK_G], tl.float32))
+            tl.store(acc_ptr + part[:, None] * D + offs_d[None, :], tl.zeros([BLOCK_G, D], tl.float32))
+        else:
+            q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_g[:, None] * sq_g + offs_d[None, :],
+                        mask=offs_g[:, None] < G, other=0.0)  # fmt: skip
+            k = tl.load(k_ptr + b * sk_b + h * sk_h + offs_l[:, None] * sk_l + offs_d[None, :],
+                        mask=live[:, None], other=0.0)  # fmt: skip
+            scores = tl.dot(q, tl.trans(k), out_dtype=tl.float32) * scale
+            scores = tl.where(live[None, :], scores, float("-inf"))
+            m = tl.max(scores, axis=1)
+            p = tl.exp(scores - m[:, None])
+            v = tl.load(v_ptr + b * sv_b + h * sv_h + offs_l[:, None] * sv_l + offs_d[None, :],
+                        mask=live[:, None], other=0.0)  # fmt: skip
+            acc = tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
+            tl.store(m_ptr + part, m)
+            tl.store(l_ptr + part, tl.sum(p, axis=1))
+            tl.store(acc_ptr + part[:, None] * D + offs_d[None, :], acc)
+
+    @triton.jit
+    def _combine(m_ptr, l_ptr, acc_ptr, out_ptr, G, so_bh, so_g,
+                 S: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+        # S (splits) is a constant: one variant per cache length, and a loop bound Triton's interpreter takes
+        bh = tl.program_id(0)
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, D)
+        ms = tl.load(m_ptr + (bh * S + offs_s[:, None]) * BLOCK_G + offs_g[None, :], mask=offs_s[:, None] < S,
+                     other=float("-inf"))  # fmt: skip
+        top = tl.max(ms, axis=0)  # [BLOCK_G]; finite: the token's own position is always kept
+        total = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, D], tl.float32)
+        for s in range(0, S):
+            part = (bh * S + s) * BLOCK_G + offs_g
+            w = tl.exp(tl.load(m_ptr + part) - top)  # 0 for an empty partial (-inf)
+            total += w * tl.load(l_ptr + part)
+            acc += w[:, None] * tl.load(acc_ptr + part[:, None] * D + offs_d[None, :])
+        out = acc / total[:, None]
+        tl.store(out_ptr + bh * so_bh + offs_g[:, None] * so_g + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=offs_g[:, None] < G)  # fmt: skip
+
+    return _partial, _combine
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                     scale: float) -> torch.Tensor:  # fmt: skip
+    """``query`` [b, H_kv, G, d] (the G query heads of each key/value head), ``key``/``value`` [b, H_kv, L, d],
+    ``mask`` bool broadcastable to [b, L] (True: attend) -> [b, H_kv, G, d] in the value dtype."""
+    partial, combine = _kernels(os.environ.get("TRITON_INTERPRET") == "1")
+    b, hkv, g, d = query.shape
+    length = key.shape[2]
+    keep = mask.reshape(mask.shape[0], -1)[:, :length].expand(b, length).to(torch.uint8).contiguous()
+    splits = -(-length // BLOCK_L)
+    block_g = max(16, 1 << (g - 1).bit_length())
+    m = torch.empty(b * hkv, splits, block_g, device=query.device, dtype=torch.float32)
+    lse = torch.empty_like(m)
+    acc = torch.empty(b * hkv, splits, block_g, d, device=query.device, dtype=torch.float32)
+    out = torch.empty(b, hkv, g, d, device=query.device, dtype=value.dtype)
+    q, k, v = query.contiguous(), key, value
+    assert k.stride(-1) == 1 and v.stride(-1) == 1, "the cache's last dimension must be contiguous"
+    partial[(b * hkv, splits)](q, k, v, keep, m, lse, acc, hkv, g, length, splits, scale,
+                               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                               v.stride(0), v.stride(1), v.stride(2), keep.stride(0),
+                               D=d, BLOCK_G=block_g, BLOCK=BLOCK_L)  # fmt: skip
+    combine[(b * hkv,)](m, lse, acc, out, g, out.stride(1), out.stride(2),
+                        S=splits, D=d, BLOCK_G=block_g, BLOCK_S=max(16, 1 << (splits - 1).bit_length()))  # fmt: skip
+    return out
+
+
+@functools.cache
+def custom_op():
+    """``torch.ops.quantship.decode_attention``: one opaque node for ``torch.compile`` and CUDA-graph capture."""
+
+    @torch.library.custom_op("quantship::decode_attention", mutates_args=())
+    def op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+           scale: float) -> torch.Tensor:  # fmt: skip
+        return decode_attention(query, key, value, mask, scale)
+
+    @op.register_fake
+    def _(query, key, value, mask, scale):
+        return query.new_empty(query.shape, dtype=value.dtype)
+
+    return op
