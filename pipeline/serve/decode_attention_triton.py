@@ -28,7 +28,7 @@ import os
 
 import torch
 
-BLOCK_L = 128  # cache positions per program
+BLOCK_L = 256  # cache positions per program
 
 
 def available() -> bool:
@@ -86,26 +86,20 @@ def _kernels(interpret: bool):
             tl.store(acc_ptr + part[:, None] * D + offs_d[None, :], acc)
 
     @triton.jit
-    def _combine(m_ptr, l_ptr, acc_ptr, out_ptr, G, so_bh, so_g,
-                 S: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
-        # S (splits) is a constant: one variant per cache length, and a loop bound Triton's interpreter takes
+    def _combine(m_ptr, l_ptr, acc_ptr, out_ptr, S, so_bh, so_g,
+                 D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+        # one program per (sequence x key/value head, query head of the group): all its partials in one load
         bh = tl.program_id(0)
+        g = tl.program_id(1)
         offs_s = tl.arange(0, BLOCK_S)
-        offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, D)
-        ms = tl.load(m_ptr + (bh * S + offs_s[:, None]) * BLOCK_G + offs_g[None, :], mask=offs_s[:, None] < S,
-                     other=float("-inf"))  # fmt: skip
-        top = tl.max(ms, axis=0)  # [BLOCK_G]; finite: the token's own position is always kept
-        total = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, D], tl.float32)
-        for s in range(0, S):
-            part = (bh * S + s) * BLOCK_G + offs_g
-            w = tl.exp(tl.load(m_ptr + part) - top)  # 0 for an empty partial (-inf)
-            total += w * tl.load(l_ptr + part)
-            acc += w[:, None] * tl.load(acc_ptr + part[:, None] * D + offs_d[None, :])
-        out = acc / total[:, None]
-        tl.store(out_ptr + bh * so_bh + offs_g[:, None] * so_g + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=offs_g[:, None] < G)  # fmt: skip
+        part = (bh * S + offs_s) * BLOCK_G + g
+        ms = tl.load(m_ptr + part, mask=offs_s < S, other=float("-inf"))
+        w = tl.exp(ms - tl.max(ms, axis=0))  # 0 for an empty partial; the token's own position is always kept
+        total = tl.sum(w * tl.load(l_ptr + part, mask=offs_s < S, other=0.0), axis=0)
+        acc = tl.load(acc_ptr + part[:, None] * D + offs_d[None, :], mask=offs_s[:, None] < S, other=0.0)
+        out = tl.sum(w[:, None] * acc, axis=0) / total
+        tl.store(out_ptr + bh * so_bh + g * so_g + offs_d, out.to(out_ptr.dtype.element_ty))
 
     return _partial, _combine
 
@@ -117,7 +111,9 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     partial, combine = _kernels(os.environ.get("TRITON_INTERPRET") == "1")
     b, hkv, g, d = query.shape
     length = key.shape[2]
-    keep = mask.reshape(mask.shape[0], -1)[:, :length].expand(b, length).to(torch.uint8).contiguous()
+    keep = mask.reshape(mask.shape[0], -1)[:, :length].expand(b, length)  # bool, read as bytes: no copy
+    if keep.stride(-1) != 1:
+        keep = keep.contiguous()
     splits = -(-length // BLOCK_L)
     block_g = max(16, 1 << (g - 1).bit_length())
     m = torch.empty(b * hkv, splits, block_g, device=query.device, dtype=torch.float32)
@@ -130,8 +126,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                                v.stride(0), v.stride(1), v.stride(2), keep.stride(0),
                                D=d, BLOCK_G=block_g, BLOCK=BLOCK_L)  # fmt: skip
-    combine[(b * hkv,)](m, lse, acc, out, g, out.stride(1), out.stride(2),
-                        S=splits, D=d, BLOCK_G=block_g, BLOCK_S=max(16, 1 << (splits - 1).bit_length()))  # fmt: skip
+    combine[(b * hkv, g)](m, lse, acc, out, splits, out.stride(1), out.stride(2),
+                          D=d, BLOCK_G=block_g, BLOCK_S=max(16, 1 << (splits - 1).bit_length()))  # fmt: skip
     return out
 
 
