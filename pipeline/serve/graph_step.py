@@ -25,11 +25,9 @@ with a :class:`~pipeline.errors.StageError` rather than writing out of bounds.
 warning where this step refuses the model or it does not compile). Checked for exact greedy equality on the CPU
 (the static-cache path without capture, tests/test_graph_step.py) and, with capture and compile, against the
 eager step on an H200 (the ``gpu`` tests there); measured through this scheduler on the H200 for the Llama-3-8B
-shape (``bench/decode_speed.py --server``): batch 1, bf16 19.4 -> 170-179 tok/s, INT4 15.5 -> 297-316 tok/s,
-INT8 W8A8 205 tok/s. Attention reads every slot's ``max_len`` positions each step (masked, not skipped): with the
-server's default of 4096 (``DEFAULT_DECODE_MAX_LEN``) that measured 6-8% slower than a 104-position cache once
-decode attention stopped copying the cache per head (bench/RESULTS.md); graphs per length bucket would remove the
-rest. On the CPU, ``graphs`` runs the same static-cache step eagerly (no capture) and
+shape (``bench/decode_speed.py --server``), batch 1 with the server's 4,096-position cache: bf16 19.4 -> 197.5
+tok/s, INT4 15.5 -> 331.4 tok/s (q|k|v and gate|up merged, decode attention skipping the cache's empty blocks on
+CUDA: :mod:`pipeline.serve.fused_proj`, :mod:`pipeline.serve.decode_attention_triton`). On the CPU, ``graphs`` runs the same static-cache step eagerly (no capture) and
 ``graphs+compile`` does not compile (inductor on the CPU needs a C compiler and minutes per shape).
 """
 
