@@ -299,7 +299,7 @@ def test_int8_reloads_close_to_fp32(quantized, tokens, reference_logits):
 
 
 def test_already_quantized_source_is_refused(quantized, tmp_path):
-    with pytest.raises(QuantizationError, match="is already quantized .*'bitsandbytes'.*unquantized model instead"):
+    with pytest.raises(QuantizationError, match="is already quantized .*'bitsandbytes'.*Point model.source at the unquantized checkpoint"):
         quantize_checkpoint_bnb(quantized["nf4"][0], tmp_path / "out", "int8", device="cpu")
     assert not (tmp_path / "out").exists()
 

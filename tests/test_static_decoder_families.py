@@ -105,3 +105,15 @@ def test_int8_parts_merge_into_one_w8a8_product_with_the_same_outputs():
     assert torch.equal(fused(x), before) and torch.equal(fused(x[:1]), before[:1])
     assert all(p.weight.untyped_storage().data_ptr() == fused.int8.weight.untyped_storage().data_ptr() for p in parts)
     assert torch.equal(torch.cat([p(x) for p in parts], dim=-1), before)  # the parts read the merged rows now
+
+
+def test_parts_that_accelerate_offloads_are_not_merged():
+    from pipeline.serve.fused_proj import FusedLinear
+
+    parts = [torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)]
+    parts[1]._hf_hook = object()  # accelerate's hook: it brings the weight in at call time
+    assert FusedLinear(parts).kind == "separate"
+    meta = [torch.nn.Linear(16, 8, device="meta"), torch.nn.Linear(16, 8, device="meta")]
+    assert FusedLinear(meta).kind == "separate"
+    assert FusedLinear([torch.nn.Linear(16, 8), torch.nn.Linear(16, 4)]).kind == "dense"
+    assert FusedLinear([torch.nn.Linear(16, 8), torch.nn.Linear(12, 4)]).kind == "separate"  # other inputs

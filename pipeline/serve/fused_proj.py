@@ -91,6 +91,8 @@ def _kind(parts: list[nn.Module]) -> str:
 
     if not same("in_features") or len({getattr(p, "bias", None) is not None for p in parts}) != 1:
         return "separate"
+    if any(hasattr(p, "_hf_hook") or any(t.is_meta for t in p.parameters()) for p in parts):
+        return "separate"  # accelerate's offloading moves weights in at call time: leave its modules alone
     if all(type(p) is nn.Linear for p in parts) and len({(p.weight.dtype, p.weight.device) for p in parts}) == 1:
         return "dense"
     if all(type(p) is Int4Linear and p.gemv_cuda for p in parts) and same("group_size", "compute_dtype"):
