@@ -64,7 +64,9 @@ def test_kernel_agrees_with_the_two_products_on_a_gpu():
     from types import SimpleNamespace
 
     from pipeline.serve import decode_attention as da
+    from pipeline.serve import decode_attention_triton as dat
 
+    dat.custom_op()  # install() registers it where the server uses it
     torch.manual_seed(1)
     module = SimpleNamespace(num_key_value_groups=4, config=None)
     q = torch.randn(3, 32, 1, 128, device="cuda", dtype=torch.bfloat16)

@@ -42,7 +42,6 @@ def decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     plain = q_len == 1 and mask_ok and not dropout and kwargs.get("softcap") is None
     scale = d**-0.5 if scaling is None else scaling
     if plain and KERNEL == "auto" and decode_attention_triton.eligible(query, key, attention_mask):
-        decode_attention_triton.custom_op()
         q = query.reshape(b, key.shape[1], heads // key.shape[1], d)
         out = torch.ops.quantship.decode_attention(q, key, value, attention_mask, scale)  # skips masked blocks
         return out.reshape(b, heads, 1, d).transpose(1, 2).contiguous(), None
@@ -86,6 +85,7 @@ def install(model: Any) -> bool:
     if current != "eager" and current not in ALL_ATTENTION_FUNCTIONS:
         return False
     AttentionInterface.register(NAME, decode_attention)
+    decode_attention_triton.custom_op()  # registered here, not in the compiled region that calls it
     _PREVIOUS[id(cfg)] = current
     cfg._attn_implementation = NAME
     return True

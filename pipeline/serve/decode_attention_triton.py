@@ -31,6 +31,7 @@ import torch
 BLOCK_L = 256  # cache positions per program
 
 
+@functools.cache
 def available() -> bool:
     try:
         import triton  # noqa: F401
