@@ -117,3 +117,26 @@ def test_parts_that_accelerate_offloads_are_not_merged():
     assert FusedLinear(meta).kind == "separate"
     assert FusedLinear([torch.nn.Linear(16, 8), torch.nn.Linear(16, 4)]).kind == "dense"
     assert FusedLinear([torch.nn.Linear(16, 8), torch.nn.Linear(12, 4)]).kind == "separate"  # other inputs
+
+
+def test_per_channel_fp8_parts_merge_and_block_scaled_ones_do_not():
+    from pipeline.engines.fp8_linear import Fp8Linear
+    from pipeline.quant.fp8 import quantize_fp8_block, quantize_fp8_per_channel
+    from pipeline.serve.fused_proj import FusedLinear
+
+    torch.manual_seed(5)
+
+    def fp8(n, block=None):
+        w = torch.randn(n, 128)
+        q, s = quantize_fp8_block(w, block) if block else quantize_fp8_per_channel(w)
+        return Fp8Linear(q, s, block=block, bias=torch.randn(n))
+
+    parts = [fp8(64), fp8(32), fp8(48)]
+    x = torch.randn(3, 128)
+    before = torch.cat([p(x) for p in parts], dim=-1)
+    fused = FusedLinear(parts)
+    assert fused.kind == "fp8"
+    torch.testing.assert_close(fused(x), before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([p(x) for p in parts], dim=-1), before, rtol=0, atol=0)  # parts: views
+    assert parts[1].weight.untyped_storage().data_ptr() == fused.fp8.weight.untyped_storage().data_ptr()
+    assert FusedLinear([fp8(128, (128, 128)), fp8(128, (128, 128))]).kind == "separate"

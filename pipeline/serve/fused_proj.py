@@ -9,11 +9,11 @@ the loader built, and costs no memory: the fused module owns the concatenated we
 weights become row views of it (prefill and evaluation still call ``q_proj`` ... through transformers' forward).
 
 What fuses: plain ``nn.Linear`` parts (any dtype; one ``F.linear``), ``Int8Linear`` (W8A8: int8 rows and their
-per-row scales concatenate, the activation quantizer is per token, so every output is the part's own), and
-``Int4Linear`` parts that run our CUDA one-token GEMV (its codes ``qweight`` [N, K / 8] and ``scale_zero`` [N, K / G] are row-major in N, so rows
+per-row scales concatenate, the activation quantizer is per token, so every output is the part's own), per-channel
+``Fp8Linear`` (the same, through one ``torch._scaled_mm``), and ``Int4Linear`` parts that run our CUDA one-token GEMV (its codes ``qweight`` [N, K / 8] and ``scale_zero`` [N, K / G] are row-major in N, so rows
 concatenate); the fused INT4 module runs one token through one GEMV and more rows through the parts (tinygemm
-and the prefill kernels keep their own layouts). Any other mix (FP8, bitsandbytes, parts that differ in width,
-group or bias) is called part by part, as before.
+and the prefill kernels keep their own layouts). Any other mix (block-scaled FP8, bitsandbytes, parts that differ
+in width, group or bias) is called part by part, as before.
 
 :func:`decode_layer` is the decoder layer's forward for one token per slot with those products: the body of
 transformers' ``LlamaDecoderLayer``/``LlamaAttention``/``LlamaMLP`` (Mistral and Qwen2 are the same; Qwen3 adds
@@ -53,6 +53,20 @@ class FusedLinear(nn.Module):
             for name in ("weight", "scale", "bias"):
                 if getattr(self.int8, name) is not None:
                     _rebind(parts, name, getattr(self.int8, name))
+        elif self.kind == "fp8":  # per-channel FP8: rows and their scales concatenate, activations per token
+            from pipeline.engines.fp8_linear import Fp8Linear
+
+            first = parts[0]
+            bias = torch.cat([p.bias for p in parts]) if first.bias is not None else None
+            self.fp8 = Fp8Linear(torch.cat([p.weight for p in parts]), torch.cat([p.weight_scale for p in parts]),
+                                 bias=bias, device=first.weight.device, dtype=first.compute_dtype,
+                                 kernel=first.kernel, act_quant=first.act_quant)  # fmt: skip
+            for name in ("weight", "weight_scale", "bias"):
+                if getattr(self.fp8, name) is not None:
+                    _rebind(parts, name, getattr(self.fp8, name))
+            for p in parts:
+                if "scale_row" in p._buffers:
+                    p._buffers["scale_row"] = p.weight_scale.reshape(1, -1)
         elif self.kind == "int4":
             self.qweight = torch.cat([p.qweight for p in parts])
             self.scale_zero = torch.cat([p.scale_zero for p in parts])
@@ -69,6 +83,8 @@ class FusedLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         if self.kind == "int8":
             return self.int8(x)
+        if self.kind == "fp8":
+            return self.fp8(x)
         if self.kind == "int4" and x.shape[:-1].numel() == 1:
             y = torch.ops.quantship.int4_gemv(x.reshape(1, -1).to(self.compute_dtype), self.qweight, self.scale_zero,
                                               self.group_size).to(x.dtype)  # fmt: skip
@@ -83,6 +99,7 @@ class FusedLinear(nn.Module):
 
 def _kind(parts: list[nn.Module]) -> str:
     """"dense", "int4" or "separate" (module docstring)."""
+    from pipeline.engines.fp8_linear import Fp8Linear
     from pipeline.engines.int8_linear import Int8Linear
     from pipeline.engines.qlinear import Int4Linear
 
@@ -99,6 +116,8 @@ def _kind(parts: list[nn.Module]) -> str:
         return "int4"
     if all(type(p) is Int8Linear for p in parts) and len({p.weight.device for p in parts}) == 1:
         return "int8"
+    if all(type(p) is Fp8Linear and p.block is None for p in parts) and same("kernel", "act_quant", "compute_dtype"):
+        return "fp8"
     return "separate"
 
 
