@@ -167,7 +167,10 @@ def test_fused_int4_gemv_equals_its_parts_bit_for_bit_and_shares_their_codes():
     fused = FusedLinear(parts)
     assert fused.kind == "int4"
     assert torch.equal(fused(x), torch.cat(before[0], dim=-1)) and fused(x).shape == (1, 1, 776)
-    assert torch.equal(fused(xs), torch.cat(before[1], dim=-1))
+    assert fused.gemv and fused.packed
+    assert torch.equal(fused(xs), torch.cat(before[1], dim=-1))  # 3 tokens: the merged tinygemm weight
+    x12 = torch.randn(12, 1024, generator=gen).to(torch.bfloat16).cuda()  # above 8: the parts' prefill path
+    assert torch.equal(fused(x12), torch.cat([p(x12) for p in parts], dim=-1))
     assert all(torch.equal(p(x), b) for p, b in zip(parts, before[0]))  # the parts read the fused codes now
     ptr = fused.qweight.untyped_storage().data_ptr()
     assert all(p.qweight.untyped_storage().data_ptr() == ptr for p in parts)

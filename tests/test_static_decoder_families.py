@@ -140,3 +140,26 @@ def test_per_channel_fp8_parts_merge_and_block_scaled_ones_do_not():
     torch.testing.assert_close(torch.cat([p(x) for p in parts], dim=-1), before, rtol=0, atol=0)  # parts: views
     assert parts[1].weight.untyped_storage().data_ptr() == fused.fp8.weight.untyped_storage().data_ptr()
     assert FusedLinear([fp8(128, (128, 128)), fp8(128, (128, 128))]).kind == "separate"
+
+
+def test_int4_parts_on_the_cpu_kernel_merge_their_packed_weights_exactly():
+    """bfloat16 Int4Linear on the CPU runs PyTorch's packed int4 kernel: rows of the packed weight concatenate, the
+    scales concatenate along N, and every output is the part's own, for any number of tokens."""
+    from pipeline.engines.qlinear import KERNEL_CPU, Int4Linear
+    from pipeline.quant.primitives import quantize_groupwise
+    from pipeline.serve.fused_proj import FusedLinear
+
+    torch.manual_seed(6)
+    parts = [Int4Linear(quantize_groupwise(torch.randn(n, 256), 4, 64), bias=torch.randn(n), dtype=torch.bfloat16)
+             for n in (96, 32, 64)]  # fmt: skip
+    assert {p.kernel for p in parts} == {KERNEL_CPU}
+    xs = [torch.randn(m, 256).to(torch.bfloat16) for m in (1, 3, 20)]
+    before = [torch.cat([p(x) for p in parts], dim=-1) for x in xs]
+    fused = FusedLinear(parts)
+    assert fused.kind == "int4" and fused.packed and not fused.gemv
+    assert all(torch.equal(fused(x), b) for x, b in zip(xs, before))
+    assert all(torch.equal(torch.cat([p(x) for p in parts], dim=-1), b) for x, b in zip(xs, before))
+    ptr = fused.weight_int4pack.untyped_storage().data_ptr()
+    assert all(p.weight_int4pack.untyped_storage().data_ptr() == ptr for p in parts)
+    odd = [Int4Linear(quantize_groupwise(torch.randn(n, 256), 4, 64), dtype=torch.bfloat16) for n in (12, 8)]
+    assert FusedLinear(odd).kind == "separate"  # 12 rows: the packed kernel refuses them (dequantize path)

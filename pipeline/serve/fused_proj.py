@@ -10,9 +10,11 @@ weights become row views of it (prefill and evaluation still call ``q_proj`` ...
 
 What fuses: plain ``nn.Linear`` parts (any dtype; one ``F.linear``), ``Int8Linear`` (W8A8: int8 rows and their
 per-row scales concatenate, the activation quantizer is per token, so every output is the part's own), per-channel
-``Fp8Linear`` (the same, through one ``torch._scaled_mm``), and ``Int4Linear`` parts that run our CUDA one-token GEMV (its codes ``qweight`` [N, K / 8] and ``scale_zero`` [N, K / G] are row-major in N, so rows
-concatenate); the fused INT4 module runs one token through one GEMV and more rows through the parts (tinygemm
-and the prefill kernels keep their own layouts). Any other mix (block-scaled FP8, bitsandbytes, parts that differ
+``Fp8Linear`` (the same, through one ``torch._scaled_mm``), and ``Int4Linear`` parts: one token through our CUDA
+GEMV over the merged codes (``qweight`` [N, K / 8] and ``scale_zero`` [N, K / G] are row-major in N, so rows
+concatenate), and up to 8 tokens (on the CPU, any number) through PyTorch's int4 kernel over the merged packed
+weight (its tiles start with 8 rows, so rows concatenate too; the [K / G, N, 2] scales are copied, a few MB);
+above 8 tokens on CUDA (prefill) the parts run one by one. Any other mix (block-scaled FP8, bitsandbytes, parts that differ
 in width, group or bias) is called part by part, as before.
 
 :func:`decode_layer` is the decoder layer's forward for one token per slot with those products: the body of
@@ -28,6 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline.engines.qlinear import _GEMV_ROWS, KERNEL_CPU
 
 
 class FusedLinear(nn.Module):
@@ -68,14 +72,24 @@ class FusedLinear(nn.Module):
                 if "scale_row" in p._buffers:
                     p._buffers["scale_row"] = p.weight_scale.reshape(1, -1)
         elif self.kind == "int4":
-            self.qweight = torch.cat([p.qweight for p in parts])
-            self.scale_zero = torch.cat([p.scale_zero for p in parts])
-            self.group_size, self.compute_dtype = parts[0].group_size, parts[0].compute_dtype
-            if parts[0].bias is not None:
+            first = parts[0]
+            self.group_size, self.compute_dtype = first.group_size, first.compute_dtype
+            self.gemv = all(p.gemv_cuda for p in parts)  # one token: our CUDA GEMV over the merged codes
+            self.packed = all("weight_int4pack" in p._buffers and p.out_features % 8 == 0 for p in parts)
+            self.cpu_kernel = first.kernel == KERNEL_CPU
+            self.prefill_dequant = first.prefill_dequant
+            if self.gemv:
+                self.qweight = torch.cat([p.qweight for p in parts])
+                self.scale_zero = torch.cat([p.scale_zero for p in parts])
+                _rebind(parts, "qweight", self.qweight)
+                _rebind(parts, "scale_zero", self.scale_zero)
+            if self.packed:  # PyTorch's int4 kernel: tiles of 8 rows first, so rows concatenate; its scales
+                # ([K / G, N, 2]) concatenate along N into a new (small) tensor, the parts keep theirs
+                self.weight_int4pack = torch.cat([p.weight_int4pack for p in parts])
+                self.scales_and_zeros = torch.cat([p.scales_and_zeros for p in parts], dim=1)
+                _rebind(parts, "weight_int4pack", self.weight_int4pack)
+            if first.bias is not None:
                 self.bias = torch.cat([p.bias for p in parts])
-            _rebind(parts, "qweight", self.qweight)
-            _rebind(parts, "scale_zero", self.scale_zero)
-            if self.bias is not None:
                 _rebind(parts, "bias", self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,9 +99,18 @@ class FusedLinear(nn.Module):
             return self.int8(x)
         if self.kind == "fp8":
             return self.fp8(x)
-        if self.kind == "int4" and x.shape[:-1].numel() == 1:
-            y = torch.ops.quantship.int4_gemv(x.reshape(1, -1).to(self.compute_dtype), self.qweight, self.scale_zero,
-                                              self.group_size).to(x.dtype)  # fmt: skip
+        if self.kind == "int4":
+            rows = x.shape[:-1].numel()
+            x2 = x.reshape(rows, -1).to(self.compute_dtype)
+            if self.gemv and rows == 1:
+                y = torch.ops.quantship.int4_gemv(x2, self.qweight, self.scale_zero, self.group_size)
+            elif self.packed and rows > 0 and (self.cpu_kernel or not (self.prefill_dequant and rows > _GEMV_ROWS)):
+                aten = torch.ops.aten
+                op = aten._weight_int4pack_mm_for_cpu if self.cpu_kernel else aten._weight_int4pack_mm
+                y = op(x2.contiguous(), self.weight_int4pack, self.group_size, self.scales_and_zeros)
+            else:
+                return torch.cat([p(x) for p in self.parts], dim=-1)
+            y = y.to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
             return y.reshape(*x.shape[:-1], -1)
@@ -112,7 +135,9 @@ def _kind(parts: list[nn.Module]) -> str:
         return "separate"  # accelerate's offloading moves weights in at call time: leave its modules alone
     if all(type(p) is nn.Linear for p in parts) and len({(p.weight.dtype, p.weight.device) for p in parts}) == 1:
         return "dense"
-    if all(type(p) is Int4Linear and p.gemv_cuda for p in parts) and same("group_size", "compute_dtype"):
+    packed = all("weight_int4pack" in p._buffers and p.out_features % 8 == 0 for p in parts)
+    if all(type(p) is Int4Linear for p in parts) and same("group_size", "compute_dtype", "kernel") and (
+            packed or all(p.gemv_cuda for p in parts)):  # fmt: skip
         return "int4"
     if all(type(p) is Int8Linear for p in parts) and len({p.weight.device for p in parts}) == 1:
         return "int8"
