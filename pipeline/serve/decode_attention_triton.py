@@ -118,16 +118,17 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     splits = -(-length // BLOCK_L)
     block_g = max(16, 1 << (g - 1).bit_length())
     m = torch.empty(b * hkv, splits, block_g, device=query.device, dtype=torch.float32)
-    lse = torch.empty_like(m)
+    sums = torch.empty_like(m)
     acc = torch.empty(b * hkv, splits, block_g, d, device=query.device, dtype=torch.float32)
     out = torch.empty(b, hkv, g, d, device=query.device, dtype=value.dtype)
-    q, k, v = query.contiguous(), key, value
-    assert k.stride(-1) == 1 and v.stride(-1) == 1, "the cache's last dimension must be contiguous"
-    partial[(b * hkv, splits)](q, k, v, keep, m, lse, acc, hkv, g, length, splits, scale,
+    q = query.contiguous()
+    k = key if key.stride(-1) == 1 else key.contiguous()  # the static cache is; anything else is copied
+    v = value if value.stride(-1) == 1 else value.contiguous()
+    partial[(b * hkv, splits)](q, k, v, keep, m, sums, acc, hkv, g, length, splits, scale,
                                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                                v.stride(0), v.stride(1), v.stride(2), keep.stride(0),
                                D=d, BLOCK_G=block_g, BLOCK=BLOCK_L)  # fmt: skip
-    combine[(b * hkv, g)](m, lse, acc, out, splits, out.stride(1), out.stride(2),
+    combine[(b * hkv, g)](m, sums, acc, out, splits, out.stride(1), out.stride(2),
                           D=d, BLOCK_G=block_g, BLOCK_S=max(16, 1 << (splits - 1).bit_length()))  # fmt: skip
     return out
 

@@ -121,7 +121,7 @@ class FusedLinear(nn.Module):
 
 
 def _kind(parts: list[nn.Module]) -> str:
-    """"dense", "int4" or "separate" (module docstring)."""
+    """"dense", "int8", "fp8", "int4" or "separate" (module docstring)."""
     from pipeline.engines.fp8_linear import Fp8Linear
     from pipeline.engines.int8_linear import Int8Linear
     from pipeline.engines.qlinear import Int4Linear
@@ -135,9 +135,9 @@ def _kind(parts: list[nn.Module]) -> str:
         return "separate"  # accelerate's offloading moves weights in at call time: leave its modules alone
     if all(type(p) is nn.Linear for p in parts) and len({(p.weight.dtype, p.weight.device) for p in parts}) == 1:
         return "dense"
-    packed = all("weight_int4pack" in p._buffers and p.out_features % 8 == 0 for p in parts)
     if all(type(p) is Int4Linear for p in parts) and same("group_size", "compute_dtype", "kernel") and (
-            packed or all(p.gemv_cuda for p in parts)):  # fmt: skip
+            all(p.gemv_cuda for p in parts)
+            or all("weight_int4pack" in p._buffers and p.out_features % 8 == 0 for p in parts)):  # fmt: skip
         return "int4"
     if all(type(p) is Int8Linear for p in parts) and len({p.weight.device for p in parts}) == 1:
         return "int8"
