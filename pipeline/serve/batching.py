@@ -21,7 +21,9 @@ batch's free slots, ``max_queued_tokens`` reserved by waiting sequences); the ap
 
 Sampling per sequence uses its own ``torch.Generator`` seeded from the request's ``seed``
 (:func:`pipeline.serve.generate.sample_next_token`), so a reply depends on the seed only, never on its batch.
-Results go to the sequence's ``sink(event, payload)`` callback from the scheduler thread: ``("token", delta)``
+Each step takes the batch's greedy tokens with one device sync, and a reply's text grows by decoding a short
+window of ids per token (:mod:`pipeline.serve.detokenize`), not the whole reply again. Results go to the
+sequence's ``sink(event, payload)`` callback from the scheduler thread: ``("token", delta)``
 with text safe to show (a possible stop-string prefix or an incomplete UTF-8 character is held back);
 ``("logprobs", [TokenLogprob])`` for the tokens chosen since the last one, just before the delta they made (and
 before ``done`` for tokens that showed no text); ``("prompt_logprobs", [TokenLogprob])`` after the prefill with
