@@ -10,8 +10,9 @@ into a few) before capture. Quantized linears must be graph-safe: ``Int4Linear``
 tinygemm; the Triton GEMV tunes during the warm-up, before capture), ``Int8Linear`` and ``Fp8Linear`` are.
 Attention goes through :mod:`pipeline.serve.decode_attention` (installed here: grouped-query decode without
 copying the cache per head), and for the families of :mod:`pipeline.serve.fused_proj` (Llama, Mistral, Qwen2,
-Qwen3) each decode layer runs q|k|v and gate|up as one product each (+10% bf16, +13% INT4 at batch 1 on the H200). Measured on an H200, Llama-3-8B shape, batch 1 (bench/RESULTS.md): bf16 36 tok/s
-eager, 136 graphs, 179-183 graphs+compile (63-66% of the bandwidth bound); INT4 330 tok/s graphs+compile.
+Qwen3) each decode layer runs q|k|v and gate|up as one product each (+10% bf16, +13% INT4 at batch 1 on the
+H200). Measured on an H200, Llama-3-8B shape, batch 1 (bench/RESULTS.md): bf16 36 tok/s eager, 136 graphs,
+179-183 graphs+compile (63-66% of the bandwidth bound); INT4 330 tok/s graphs+compile.
 
 The cache is ours, not transformers' ``StaticCache``: its API moved between the transformers of this repo
 (5.24: ``cumulative_length``, no ``cache_position``) and of the GPU machine (5.17), and a single shared write

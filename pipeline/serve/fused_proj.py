@@ -14,8 +14,8 @@ per-row scales concatenate, the activation quantizer is per token, so every outp
 GEMV over the merged codes (``qweight`` [N, K / 8] and ``scale_zero`` [N, K / G] are row-major in N, so rows
 concatenate), and up to 8 tokens (on the CPU, any number) through PyTorch's int4 kernel over the merged packed
 weight (its tiles start with 8 rows, so rows concatenate too; the [K / G, N, 2] scales are copied, a few MB);
-above 8 tokens on CUDA (prefill) the parts run one by one. Any other mix (block-scaled FP8, bitsandbytes, parts that differ
-in width, group or bias) is called part by part, as before.
+above 8 tokens on CUDA (prefill) the parts run one by one. Any other mix (block-scaled FP8, bitsandbytes, parts
+that differ in width, group or bias) is called part by part, as before.
 
 :func:`decode_layer` is the decoder layer's forward for one token per slot with those products: the body of
 transformers' ``LlamaDecoderLayer``/``LlamaAttention``/``LlamaMLP`` (Mistral and Qwen2 are the same; Qwen3 adds
@@ -74,8 +74,7 @@ class FusedLinear(nn.Module):
         elif self.kind == "int4":
             first = parts[0]
             self.group_size, self.compute_dtype = first.group_size, first.compute_dtype
-            self.gemv = all(p.gemv_cuda for p in parts)  # one token: our CUDA GEMV over the merged codes
-            self.packed = all("weight_int4pack" in p._buffers and p.out_features % 8 == 0 for p in parts)
+            self.gemv, self.packed = _int4_paths(parts)
             self.cpu_kernel = first.kernel == KERNEL_CPU
             self.prefill_dequant = first.prefill_dequant
             if self.gemv:
@@ -135,15 +134,22 @@ def _kind(parts: list[nn.Module]) -> str:
         return "separate"  # accelerate's offloading moves weights in at call time: leave its modules alone
     if all(type(p) is nn.Linear for p in parts) and len({(p.weight.dtype, p.weight.device) for p in parts}) == 1:
         return "dense"
-    if all(type(p) is Int4Linear for p in parts) and same("group_size", "compute_dtype", "kernel") and (
-            all(p.gemv_cuda for p in parts)
-            or all("weight_int4pack" in p._buffers and p.out_features % 8 == 0 for p in parts)):  # fmt: skip
+    if all(type(p) is Int4Linear for p in parts) and same("group_size", "compute_dtype", "kernel") and any(
+            _int4_paths(parts)):  # fmt: skip
         return "int4"
     if all(type(p) is Int8Linear for p in parts) and len({p.weight.device for p in parts}) == 1:
         return "int8"
     if all(type(p) is Fp8Linear and p.block is None for p in parts) and same("kernel", "act_quant", "compute_dtype"):
         return "fp8"
     return "separate"
+
+
+def _int4_paths(parts: list[nn.Module]) -> tuple[bool, bool]:
+    """Which paths of these ``Int4Linear`` parts merged weights can serve: (one token through our CUDA GEMV,
+    PyTorch's packed int4 kernel, whose packed weight starts with tiles of 8 rows)."""
+    gemv = all(p.gemv_cuda for p in parts)
+    packed = all("weight_int4pack" in p._buffers and p.out_features % 8 == 0 for p in parts)
+    return gemv, packed
 
 
 def _rebind(parts: list[nn.Module], name: str, fused: torch.Tensor, parameter: bool = False) -> None:
@@ -176,16 +182,15 @@ def _out(linear: nn.Module) -> int:
     return getattr(linear, "out_features", None) or linear.weight.shape[0]
 
 
-FUSABLE = ("llama", "mistral", "qwen2", "qwen3")  # decode_layer is their layer's forward
-
-
 def fuse_layers(model: nn.Module) -> list[FusedLayer] | None:
     """The merged products of every layer of ``model``, or None where :func:`decode_layer` is not its layer."""
+    from pipeline.serve.graph_step import SAME_LOOP  # the static-cache step's families: decode_layer is their layer
+
     family = getattr(getattr(model, "config", None), "model_type", None)
     layers = model.model.layers
     need = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
             "mlp.up_proj", "mlp.down_proj", "mlp.act_fn", "input_layernorm", "post_attention_layernorm")  # fmt: skip
-    if family not in FUSABLE or not all(_has(layer, n) for layer in layers for n in need):
+    if family not in SAME_LOOP or not all(_has(layer, n) for layer in layers for n in need):
         return None
     if any(not hasattr(importlib.import_module(type(layer.self_attn).__module__), "apply_rotary_pos_emb")
            for layer in layers):  # fmt: skip

@@ -27,8 +27,9 @@ warning where this step refuses the model or it does not compile). Checked for e
 eager step on an H200 (the ``gpu`` tests there); measured through this scheduler on the H200 for the Llama-3-8B
 shape (``bench/decode_speed.py --server``), batch 1 with the server's 4,096-position cache: bf16 19.4 -> 197.5
 tok/s, INT4 15.5 -> 331.4 tok/s (q|k|v and gate|up merged, decode attention skipping the cache's empty blocks on
-CUDA: :mod:`pipeline.serve.fused_proj`, :mod:`pipeline.serve.decode_attention_triton`). On the CPU, ``graphs`` runs the same static-cache step eagerly (no capture) and
-``graphs+compile`` does not compile (inductor on the CPU needs a C compiler and minutes per shape).
+CUDA: :mod:`pipeline.serve.fused_proj`, :mod:`pipeline.serve.decode_attention_triton`). On the CPU, ``graphs``
+runs the same static-cache step eagerly (no capture) and ``graphs+compile`` does not compile (inductor on the CPU
+needs a C compiler and minutes per shape).
 """
 
 from __future__ import annotations
