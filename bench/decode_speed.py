@@ -212,8 +212,11 @@ def profile_step(model, fmt: str, out: dict, prompt: int = 32, steps: int = 8) -
             t[1] += 1
     rows = sorted(({"kernel": k, "us_per_step": v[0] / steps, "calls_per_step": v[1] / steps}
                    for k, v in totals.items()), key=lambda r: -r["us_per_step"])
-    out.setdefault("profile", {})[fmt] = dict(gpu_us_per_step=sum(r["us_per_step"] for r in rows), kernels=rows[:25])
-    print(f"\nprofile {fmt}: GPU busy {out['profile'][fmt]['gpu_us_per_step']:.0f} us/step (batch 1), top kernels:")
+    out.setdefault("profile", {})[fmt] = dict(gpu_us_per_step=sum(r["us_per_step"] for r in rows),
+                                              kernels_per_step=sum(r["calls_per_step"] for r in rows),
+                                              kernels=rows[:25])
+    print(f"\nprofile {fmt}: GPU busy {out['profile'][fmt]['gpu_us_per_step']:.0f} us/step (batch 1), "
+          f"{out['profile'][fmt]['kernels_per_step']:.0f} kernels a step, top kernels:")
     for r in rows[:25]:
         print(f"  {r['us_per_step']:8.1f} us  x{r['calls_per_step']:5.1f}  {r['kernel']}")
     del dec
@@ -371,6 +374,7 @@ def server_speed(model, device, batch, mode, prompt, steps, max_len=None, fuse=T
     return dict(tok_s=batch * (len(full) - 1) / sec, ms_per_step=1e3 * sec / (len(full) - 1), setup_s=setup,
                 finite=True, prefill_ms=float("nan"), full_steps=len(full),
                 fused=sorted({(f.qkv.kind, f.gate_up.kind) for f in fused}) if fused else None,
+                int4_chain=sum(f.int4_chain for f in fused) if fused else 0,
                 compiled_graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before)
 
 
@@ -379,9 +383,11 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--formats", default=None, help="comma list (default: all for the device)")
-    ap.add_argument("--modes", default=None, help="comma list of eager,graphs,graphs+compile; with --server, "
-                    "a graphs mode + \"-nofuse\" keeps q|k|v and gate|up as separate products, + \"-matmulattn\" decode "
-                    "attention as two matrix products instead of the split-K kernel")
+    ap.add_argument("--modes", default=None, help="comma list of eager,graphs,graphs+compile; with --server, a "
+                    "graphs mode + \"-nofuse\" keeps q|k|v and gate|up as separate products, + \"-matmulattn\" decode "
+                    "attention as two matrix products instead of the split-K kernel, + \"-nochain\" INT4's norms, "
+                    "SwiGLU and residual adds outside its one-token GEMVs, + \"-nodefer\" each layer adds its own "
+                    "last residual")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--steps", type=int, default=64)
@@ -422,6 +428,9 @@ def main(argv=None) -> int:
         model = convert(build_model(a.shape, a.device, dtype), fmt, a.device, dtype)
         nbytes = weight_bytes_per_token(model)
         if a.profile and cuda:
+            from pipeline.serve import fused_proj
+
+            fused_proj.INT4_CHAIN = fused_proj.DEFER_RESIDUAL = True  # the server's own step
             try:
                 profile_step(model, fmt, out)
             except Exception as e:  # noqa: BLE001 - the timing rows matter more
@@ -430,10 +439,12 @@ def main(argv=None) -> int:
             for mode in modes:
                 try:
                     if a.server:
-                        from pipeline.serve import decode_attention
+                        from pipeline.serve import decode_attention, fused_proj
 
                         base, *flags = mode.split("-")
                         decode_attention.KERNEL = "matmul" if "matmulattn" in flags else "auto"
+                        fused_proj.INT4_CHAIN = "nochain" not in flags
+                        fused_proj.DEFER_RESIDUAL = "nodefer" not in flags
                         r = server_speed(model, a.device, batch, base, a.prompt, a.steps, a.max_len,
                                          fuse="nofuse" not in flags)
                     else:

@@ -296,7 +296,8 @@ def test_sampled_requests_on_cuda_draw_from_a_cuda_generator_seeded_by_the_reque
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_an_awq_folder_on_cuda_decodes_through_merged_int4_products_as_the_eager_step(tmp_path):
     """The whole GPU decode path as `pipeline serve` runs it on an INT4 folder: the loader's Int4Linear modules,
-    q|k|v and gate|up merged into one GEMV each, the split-K decode attention, CUDA graphs over compiled layers;
+    q|k|v and gate|up merged into one GEMV each (at one token with the norms, SwiGLU and residual adds inside the
+    GEMVs), the split-K decode attention, CUDA graphs over compiled layers;
     greedy ids as the eager step's on the same loaded model (bf16: a flip allowed only at a near-tie)."""
     from pipeline.engines.transformers_engine import load_model
     from pipeline.quant.rtn import quantize_checkpoint_rtn
@@ -304,8 +305,9 @@ def test_an_awq_folder_on_cuda_decodes_through_merged_int4_products_as_the_eager
 
     quantize_checkpoint_rtn(TINY_MODEL, tmp_path / "awq", group_size=128)
     model, tok = load_model(tmp_path / "awq", device="cuda", dtype=torch.bfloat16)
-    step = GraphedStep(model, 8, 256, compile_layers=True, buckets=[8])
+    step = GraphedStep(model, 8, 256, compile_layers=True, buckets=[1, 8])  # 1: the fused one-token chain
     assert {(f.qkv.kind, f.gate_up.kind) for f in step.dec.fused} == {("int4", "int4")}
+    assert all(f.int4_chain for f in step.dec.fused)  # norms, SwiGLU and residual adds inside the GEMVs
     step.warmup()
     check_equal_through_scheduler(model, tok, tie=0.1, step=step, max_context=256)
 

@@ -174,3 +174,46 @@ def test_fused_int4_gemv_equals_its_parts_bit_for_bit_and_shares_their_codes():
     assert all(torch.equal(p(x), b) for p, b in zip(parts, before[0]))  # the parts read the fused codes now
     ptr = fused.qweight.untyped_storage().data_ptr()
     assert all(p.qweight.untyped_storage().data_ptr() == ptr for p in parts)
+
+
+def test_fused_reference_is_transformers_rmsnorm_and_swiglu_in_bf16():
+    """What the fused kernels compute before the product (int4_cuda.fused_reference) is the eager modules' own
+    arithmetic, bit for bit, in bfloat16: LlamaRMSNorm (and Qwen3's, the same forward) and SiLU(gate) * up."""
+    from transformers.activations import ACT2FN
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    gen = torch.Generator().manual_seed(5)
+    norm = LlamaRMSNorm(256, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(256, generator=gen) * 2)
+    norm = norm.to(torch.bfloat16)
+    h = (torch.randn(1, 256, generator=gen) * 3).to(torch.bfloat16)
+    assert torch.equal(int4_cuda.fused_reference(h, norm.weight, norm.variance_epsilon), norm(h))
+    gu = (torch.randn(1, 512, generator=gen) * 4).to(torch.bfloat16)
+    gate, up = gu.chunk(2, dim=-1)
+    assert torch.equal(int4_cuda.fused_reference(gu, silu_mul=True), ACT2FN["silu"](gate) * up)
+
+
+@pytest.mark.gpu
+def test_fused_cuda_gemv_runs_rmsnorm_swiglu_and_the_residual_add_as_the_ops_would():
+    """int4_gemv_fused against the unfused ops on the same codes: the residual add bit for bit; SwiGLU and the
+    RMSNorm up to the roundings the fused kernels skip or approximate (int4_cuda.fused_reference)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    gen = torch.Generator().manual_seed(11)
+    for n, k, dtype in [(200, 1024, torch.bfloat16), (96, 14336, torch.bfloat16), (64, 4096, torch.float16),
+                        (40, 28672, torch.bfloat16)]:
+        q, s, z, _ = _case(n, k, 128, dtype, gen)
+        qweight, sz = int4_triton.repack(q, s, z, "cuda")["qweight"], int4_cuda.pack_scale_zero(s, z).cuda()
+        x = (torch.randn(1, k, generator=gen) * 2).to(dtype).cuda()
+        gu = (torch.randn(1, 2 * k, generator=gen) * 2).to(dtype).cuda()
+        nw = (torch.rand(k, generator=gen) + 0.5).to(dtype).cuda()
+        res = torch.randn(1, n, generator=gen).to(dtype).cuda()
+        plain = int4_cuda.gemv(x, qweight, sz, 128)
+        assert torch.equal(int4_cuda.gemv(x, qweight, sz, 128, residual=res), res + plain)
+        for got, ref in [(int4_cuda.gemv(gu, qweight, sz, 128, silu_mul=True),
+                          int4_cuda.gemv(int4_cuda.fused_reference(gu, silu_mul=True), qweight, sz, 128)),
+                         (int4_cuda.gemv(x, qweight, sz, 128, norm_weight=nw, eps=1e-5),
+                          int4_cuda.gemv(int4_cuda.fused_reference(x, nw, 1e-5), qweight, sz, 128))]:
+            got, ref = got.double(), ref.double()
+            assert ((got - ref).norm() / ref.norm()).item() < 8e-3  # bf16 roundings of the inputs: ~2e-3

@@ -35,6 +35,7 @@ order and the fixed point; the GPU tests (marked ``gpu``) compare the kernel wit
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 
@@ -93,18 +94,67 @@ __device__ __forceinline__ void load_chunk(uint4 (&w)[R], u32 (&s)[R], const uin
   }
 }
 
-template <int R>
-__device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const uint4* __restrict__ qw,
+__device__ __forceinline__ float round_act(float f, bool bf16) { return act_to_f32(f32_to_act(f, bf16), bf16); }
+
+__device__ __forceinline__ void load_act32(float (&xv)[32], const u16* __restrict__ p, bool bf16) {
+  const uint4* xp = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint4 v = xp[i];
+    const u32 parts[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      xv[i * 8 + q * 2] = act_to_f32((u16)(parts[q] & 0xFFFFu), bf16);
+      xv[i * 8 + q * 2 + 1] = act_to_f32((u16)(parts[q] >> 16), bf16);
+    }
+  }
+}
+
+// PRO: what the kernel's input is. 0: the activations x [K]. 1: x is a residual stream and the input is
+// RMSNorm(x) * nw: the product runs over nw * x and is scaled by rsqrt(mean(x^2) + eps) at the end (float32 sum
+// of squares, reduced beside the products, so no block-wide wait before them). 2: x is gate|up [2 K] and the
+// input is silu(gate) * up (fast exp and division; rounded to the activation dtype as the two eager ops round).
+// RES: out = res + (the product, rounded), rounded, as the eager add.
+template <int R, int PRO, bool RES>
+__device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __restrict__ nw,
+                                       const u16* __restrict__ res, const uint4* __restrict__ qw,
                                        const u32* __restrict__ sz, u16* __restrict__ out,
-                                       int N, int K, int G, bool bf16) {
+                                       int N, int K, int G, float eps, bool bf16) {
   __shared__ float red[32 * R];
+  __shared__ float ssum[32];
   const int kt = K >> 5, t = threadIdx.x, lane = t & 31, warp = t >> 5, nwarps = blockDim.x >> 5;
   const bool active = t < kt;
   const int gpr = K / G, g = (t * 32) / G, chunks = (N + R - 1) / R;
   int chunk = blockIdx.x;
   uint4 w[R];
   u32 s[R];
-  load_chunk<R>(w, s, qw, sz, chunk, N, kt, gpr, g, t, active);
+  load_chunk<R>(w, s, qw, sz, chunk, N, kt, gpr, g, t, active);  // weights in flight during the prologue
+
+  float xv[32];
+#pragma unroll
+  for (int j = 0; j < 32; ++j) xv[j] = 0.f;
+  float ss = 0.f;
+  if (active) {
+    load_act32(xv, x + t * 32, bf16);
+    if (PRO == 1) {
+      float wv[32];
+      load_act32(wv, nw + t * 32, bf16);
+#pragma unroll
+      for (int j = 0; j < 32; ++j) { ss += xv[j] * xv[j]; xv[j] *= wv[j]; }
+    }
+    if (PRO == 2) {
+      float up[32];
+      load_act32(up, x + K + t * 32, bf16);
+#pragma unroll
+      for (int j = 0; j < 32; ++j)
+        xv[j] = round_act(round_act(__fdividef(xv[j], 1.f + __expf(-xv[j])), bf16) * up[j], bf16);
+    }
+  }
+  if (PRO == 1) {  // read after the chunk loop's first __syncthreads
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (lane == 0) ssum[warp] = ss;
+  }
 
   // the activations as 16-bit fixed point, split in bytes, packed in the codes' order (once per block)
   u32 xh[8], xl[8];  // [word j][even 0 / odd 1]
@@ -114,18 +164,6 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const uint4* _
 #pragma unroll
   for (int i = 0; i < 8; ++i) { xh[i] = 0u; xl[i] = 0u; }
   if (active) {
-    float xv[32];
-    const uint4* xp = reinterpret_cast<const uint4*>(x) + t * 4;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint4 v = xp[i];
-      const u32 parts[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-      for (int p = 0; p < 4; ++p) {
-        xv[i * 8 + p * 2] = act_to_f32((u16)(parts[p] & 0xFFFFu), bf16);
-        xv[i * 8 + p * 2 + 1] = act_to_f32((u16)(parts[p] >> 16), bf16);
-      }
-    }
     float m = 0.f;
 #pragma unroll
     for (int j = 0; j < 32; ++j) m = fmaxf(m, fabsf(xv[j]));
@@ -152,6 +190,7 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const uint4* _
   }
 
   for (; chunk < chunks; chunk += gridDim.x) {
+    const float rv = (RES && t < R && chunk * R + t < N) ? act_to_f32(res[chunk * R + t], bf16) : 0.f;  // early
     uint4 wn[R];
     u32 sn[R];
     const int next = chunk + gridDim.x;
@@ -181,7 +220,12 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const uint4* _
     if (t < R && chunk * R + t < N) {
       float sum = 0.f;
       for (int i = 0; i < nwarps; ++i) sum += red[i * R + t];
-      out[chunk * R + t] = f32_to_act(sum, bf16);
+      if (PRO == 1) {
+        float total = 0.f;
+        for (int i = 0; i < nwarps; ++i) total += ssum[i];
+        sum *= rsqrtf(total / (float)K + eps);
+      }
+      out[chunk * R + t] = RES ? f32_to_act(rv + round_act(sum, bf16), bf16) : f32_to_act(sum, bf16);
     }
     __syncthreads();
     if (next < chunks) {
@@ -191,17 +235,13 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const uint4* _
   }
 }
 
-#define ENTRY(NAME, BOUND, R, BF16)                                                                     \
-  extern "C" __global__ void __launch_bounds__(BOUND)                                                 \
-  NAME(const u16* x, const uint4* qw, const u32* sz, u16* out, int N, int K, int G) {                 \
-    q4gemv<R>(x, qw, sz, out, N, K, G, BF16);                                                         \
+// entries: q4gemv_<bf16|f16>_<r4|r8|wide>_p<PRO>[_res] (see _name); each compiles only the entry it names
+#define ENTRY(NAME, BOUND, R, PRO, RES, BF16)                                                            \
+  extern "C" __global__ void __launch_bounds__(BOUND)                                                  \
+  NAME(const u16* x, const u16* nw, const u16* res, const uint4* qw, const u32* sz, u16* out, int N,     \
+       int K, int G, double eps) {                                                                     \
+    q4gemv<R, PRO, RES>(x, nw, res, qw, sz, out, N, K, G, (float)eps, BF16);                           \
   }
-ENTRY(q4gemv_bf16_r4, 512, 4, true)
-ENTRY(q4gemv_bf16_r8, 512, 8, true)
-ENTRY(q4gemv_bf16_wide, 1024, 2, true)
-ENTRY(q4gemv_f16_r4, 512, 4, false)
-ENTRY(q4gemv_f16_r8, 512, 8, false)
-ENTRY(q4gemv_f16_wide, 1024, 2, false)
 """
 
 
@@ -277,14 +317,29 @@ def compile_failure(source: str, names) -> str:
     return ""
 
 
-def compile_problem(dtype: torch.dtype, k: int) -> str:
-    """Compile (once) the variants for ``dtype`` and ``k``; "" or the compiler's one-line reason."""
-    return compile_failure(_SOURCE, [_name(dtype, k, rows) for rows in ((2,) if k > WIDE_K else ROWS)])
+PROLOGUES = {"": 0, "rmsnorm": 1, "silu_mul": 2}  # what the kernel's input is (the CUDA source's PRO)
 
 
-def _name(dtype: torch.dtype, k: int, rows: int) -> str:
-    kind = "bf16" if dtype == torch.bfloat16 else "f16"
-    return f"q4gemv_{kind}_wide" if k > WIDE_K else f"q4gemv_{kind}_r{rows}"
+def compile_problem(dtype: torch.dtype, k: int, prologue: str = "", residual: bool = False) -> str:
+    """Compile (once) the variants for ``dtype``, ``k`` and the fusion; "" or the compiler's one-line reason."""
+    try:
+        for rows in (2,) if k > WIDE_K else ROWS:
+            compiled(*_variant(dtype, k, rows, prologue, residual))
+    except Exception as e:  # no CUDA headers, NVRTC missing, an old driver
+        return f"NVRTC compile failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return ""
+
+
+@functools.cache
+def _variant(dtype: torch.dtype, k: int, rows: int, prologue: str, residual: bool) -> tuple[str, str]:
+    """(source, kernel name) of one entry: the template instantiated for this dtype, width, rows and fusion."""
+    bf16 = dtype == torch.bfloat16
+    wide = k > WIDE_K
+    name = (f"q4gemv_{'bf16' if bf16 else 'f16'}_{'wide' if wide else f'r{rows}'}_p{PROLOGUES[prologue]}"
+            f"{'_res' if residual else ''}")
+    entry = (f"ENTRY({name}, {1024 if wide else 512}, {2 if wide else rows}, {PROLOGUES[prologue]}, "
+             f"{'true' if residual else 'false'}, {'true' if bf16 else 'false'})\n")
+    return _SOURCE + entry, name
 
 
 def threads_per_block(k: int) -> int:
@@ -315,20 +370,64 @@ def vector_for_kernel(x: torch.Tensor) -> torch.Tensor:
 
 
 def gemv(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int, rows: int | None = None,
-         blocks_per_sm: int | None = None) -> torch.Tensor:
-    """x [1, K] (bf16/fp16, CUDA) @ dequant(qweight, sz).T -> [1, N] in x's dtype."""
+         blocks_per_sm: int | None = None, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+         silu_mul: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [1, K] (bf16/fp16, CUDA) @ dequant(qweight, sz).T -> [1, N] in x's dtype. Fused (:func:`fused_reference`
+    says what each computes): ``norm_weight`` runs RMSNorm(x) * norm_weight first; ``silu_mul`` takes x as
+    gate|up [1, 2 K] and multiplies by silu(gate) * up; ``residual`` [1, N] is added to the product."""
     n, k = qweight.shape[0], qweight.shape[1] * 8
     x = vector_for_kernel(x)
+    prologue = "rmsnorm" if norm_weight is not None else "silu_mul" if silu_mul else ""
+    nw = vector_for_kernel(norm_weight) if norm_weight is not None else x
+    res = vector_for_kernel(residual) if residual is not None else x
     out = torch.empty(1, n, device=x.device, dtype=x.dtype)
-    r, blocks = launch_shape(n, k, sm_count(x.device.index or 0), rows, blocks_per_sm)
-    compiled(_SOURCE, _name(x.dtype, k, r))(grid=(blocks, 1, 1), block=(threads_per_block(k), 1, 1),
-                                            args=[x, qweight, sz, out, n, k, group])
+    sms = sm_count(x.device.index or 0)
+    r, _ = launch_shape(n, k, sms, rows)
+    variant = _variant(x.dtype, k, r, prologue, residual is not None)
+    if blocks_per_sm is None and prologue:  # a prologue is paid once per block: no more blocks than fit at once
+        blocks_per_sm = resident_blocks(*variant, threads_per_block(k))
+    r, blocks = launch_shape(n, k, sms, rows, blocks_per_sm)
+    compiled(*variant)(grid=(blocks, 1, 1), block=(threads_per_block(k), 1, 1),
+                       args=[x, nw, res, qweight, sz, out, n, k, group, float(eps)])
     return out
 
 
 @functools.cache
+def resident_blocks(source: str, name: str, threads: int) -> int:
+    """How many blocks of ``threads`` of the kernel fit on one SM at once (its registers decide: the driver's
+    occupancy query); 1024 threads' worth where the query is not available."""
+    fallback = max(1, 1024 // threads)
+    try:
+        lib = torch.cuda._utils._get_gpu_runtime_library()
+        count = ctypes.c_int()
+        rc = lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(count), compiled(source, name).func,
+                                                             threads, ctypes.c_size_t(0))  # fmt: skip
+    except (AttributeError, OSError):
+        return fallback
+    return count.value if rc == 0 and count.value > 0 else fallback
+
+
+def fused_reference(x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                    silu_mul: bool = False) -> torch.Tensor:
+    """What the fused kernels stand for, in tensor ops, in x's dtype: transformers' ``LlamaRMSNorm`` (float32 mean
+    of squares, ``x * rsqrt(mean + eps)`` rounded to x's dtype, times the weight) or ``silu(gate) * up`` with
+    gate|up = x, each rounded where the eager ops round. The kernels agree up to those roundings: the norm's
+    factor multiplies the product instead of each input (no rounding of the normed input: closer to the exact
+    value than eager), and SiLU uses the fast exp and division."""
+    if norm_weight is not None:
+        xf = x.float()
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        return norm_weight.to(x.dtype) * normed
+    if silu_mul:
+        gate, up = x.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+    return x
+
+
+@functools.cache
 def custom_op():
-    """``torch.ops.quantship.int4_gemv``: the launch as one opaque op for ``torch.compile`` and graph capture."""
+    """``torch.ops.quantship.int4_gemv`` and ``int4_gemv_fused`` (:func:`gemv`'s keywords): the launches as opaque
+    ops for ``torch.compile`` and graph capture."""
 
     @torch.library.custom_op("quantship::int4_gemv", mutates_args=())
     def op(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
@@ -336,6 +435,16 @@ def custom_op():
 
     @op.register_fake
     def _(x, qweight, sz, group):
+        return x.new_empty(1, qweight.shape[0])
+
+    @torch.library.custom_op("quantship::int4_gemv_fused", mutates_args=())
+    def fused(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int,
+              norm_weight: torch.Tensor | None, eps: float, silu_mul: bool,
+              residual: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        return gemv(x, qweight, sz, group, norm_weight=norm_weight, eps=eps, silu_mul=silu_mul, residual=residual)
+
+    @fused.register_fake
+    def _(x, qweight, sz, group, norm_weight, eps, silu_mul, residual):
         return x.new_empty(1, qweight.shape[0])
 
     return op

@@ -131,14 +131,17 @@ class GraphedDecoder:
     def _forward(self, ids, position_ids, mask, rows, start):
         h = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(h, position_ids=position_ids)
+        pending = None  # fused_proj.decode_layer leaves its last residual add to the next layer
         for i, layer in enumerate(self.inner.layers):
             kv = _LayerKV(self.k[i], self.v[i], rows, self.pos[:ids.shape[0]] if start is None else None, start)
             if start is not None:  # prefill: the model's own layer, eager (a compile per prompt length otherwise)
                 h = _run_layer(layer, h, mask, cos, sin, position_ids, kv, self._kv_name)
             elif self.fused is not None:
-                h = self._layer(layer, self.fused[i], h, mask, cos, sin, kv)
+                h, pending = self._layer(layer, self.fused[i], h, pending, mask, cos, sin, kv)
             else:
                 h = self._layer(layer, h, mask, cos, sin, position_ids, kv, self._kv_name)
+        if pending is not None:
+            h = h + pending
         return self.model.lm_head(self.inner.norm(h[:, -1]))
 
     def _decode(self, n: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ RMS norms on q and k), checked against each family's own forward in tests/test_s
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 import torch
@@ -32,6 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.engines.qlinear import _GEMV_ROWS, KERNEL_CPU
+
+log = logging.getLogger(__name__)
+# Switches for bench/decode_speed.py's comparisons ("-nochain", "-nodefer"), not user settings: the one-token INT4
+# chain of FusedLayer, and decode_layer leaving its last residual add to the next layer's norm.
+INT4_CHAIN = True
+DEFER_RESIDUAL = True
 
 
 class FusedLinear(nn.Module):
@@ -167,7 +174,9 @@ def _rebind(parts: list[nn.Module], name: str, fused: torch.Tensor, parameter: b
 
 class FusedLayer(nn.Module):
     """One decoder layer's merged products: ``qkv`` (q|k|v) and ``gate_up`` (gate|up). A module, so that
-    ``torch.compile`` inlines it as it does the layer (one compiled region for all layers, not one per layer)."""
+    ``torch.compile`` inlines it as it does the layer (one compiled region for all layers, not one per layer).
+    ``int4_chain``: at one token the layer's four INT4 GEMVs also run its norms, SwiGLU and residual adds
+    (:func:`_int4_chain_problem`)."""
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
@@ -176,6 +185,56 @@ class FusedLayer(nn.Module):
         self.gate_up = FusedLinear([mlp.gate_proj, mlp.up_proj])
         self.splits = (_out(attn.q_proj), _out(attn.k_proj), _out(attn.v_proj))
         self.rotary = importlib.import_module(type(attn).__module__).apply_rotary_pos_emb
+        why = _int4_chain_problem(layer, self)
+        self.int4_chain = INT4_CHAIN and not why
+        self.dtype = self.qkv.compute_dtype if self.int4_chain else None
+        if why and self.qkv.kind == "int4":
+            log.debug("decode layer: INT4 products without the fused norms/SwiGLU/residuals (%s)", why)
+
+
+_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # transformers' one RMSNorm forward
+
+
+def _int4_chain_problem(layer: nn.Module, fused: FusedLayer) -> str:
+    """Why ``layer``'s one-token INT4 products cannot also run its norms, SwiGLU and residual adds, or "": q|k|v
+    and gate|up merged on our GEMV, o and down our GEMV without bias, the norms transformers' ``LlamaRMSNorm``
+    (the families of :data:`_RMS_NORMS` share its forward), the activation SiLU, one activation dtype, and the
+    fused kernels compiled."""
+    from pipeline.engines import int4_cuda
+    from pipeline.engines.qlinear import Int4Linear
+
+    o, down, act = layer.self_attn.o_proj, layer.mlp.down_proj, layer.mlp.act_fn
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if not all(f.kind == "int4" and f.gemv for f in (fused.qkv, fused.gate_up)):
+        return "q|k|v or gate|up is not merged on the one-token INT4 GEMV"
+    if not all(type(m) is Int4Linear and m.gemv_cuda and m.bias is None for m in (o, down)):
+        return "o_proj or down_proj is not a bias-free INT4 linear on the one-token GEMV"
+    if not all(type(n).__name__ in _RMS_NORMS and hasattr(n, "variance_epsilon") for n in norms):
+        return f"norm {type(norms[0]).__name__} is not one of {', '.join(_RMS_NORMS)}"
+    if not (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"):
+        return f"activation {type(act).__name__} is not SiLU"
+    dtype = fused.qkv.compute_dtype
+    if {fused.gate_up.compute_dtype, o.compute_dtype, down.compute_dtype, *(n.weight.dtype for n in norms)} != {dtype}:
+        return "the products and norms differ in dtype"
+    for k, prologue, residual in ((o.in_features, "", True), (down.in_features, "silu_mul", True),
+                                  *((m.parts[0].in_features, "rmsnorm", False) for m in (fused.qkv, fused.gate_up))):
+        why = int4_cuda.compile_problem(dtype, k, prologue, residual)
+        if why:
+            return why
+    return ""
+
+
+def _gemv(linear: nn.Module, x: torch.Tensor, norm: nn.Module | None = None, silu_mul: bool = False,
+          residual: torch.Tensor | None = None) -> torch.Tensor:
+    """One token through ``quantship::int4_gemv_fused`` over ``linear``'s codes (an ``Int4Linear`` or an int4
+    ``FusedLinear``): ``norm`` (an RMSNorm) before the product, or ``silu_mul`` on gate|up = x; ``+ residual``."""
+    y = torch.ops.quantship.int4_gemv_fused(
+        x.reshape(1, -1), linear.qweight, linear.scale_zero, linear.group_size,
+        None if norm is None else norm.weight, 0.0 if norm is None else float(norm.variance_epsilon), silu_mul,
+        None if residual is None else residual.reshape(1, -1))  # fmt: skip
+    if linear.bias is not None:
+        y = y + linear.bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], -1)
 
 
 def _out(linear: nn.Module) -> int:
@@ -206,20 +265,34 @@ def _has(obj: Any, dotted: str) -> bool:
     return True
 
 
-def decode_layer(layer: nn.Module, fused: FusedLayer, h: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor, kv: Any) -> torch.Tensor:  # fmt: skip
-    """``layer``'s forward over ``h`` [b, 1, hidden] with the merged products, writing k/v through ``kv.update``."""
+def decode_layer(layer: nn.Module, fused: FusedLayer, h: torch.Tensor, pending: torch.Tensor | None,
+                 mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: Any) -> tuple[torch.Tensor, Any]:
+    """``layer``'s forward over ``h`` [b, 1, hidden] with the merged products, writing k/v through ``kv.update``.
+
+    Returns (residual stream, the MLP output still to add to it or None): the add is left to the next layer, where
+    ``torch.compile`` fuses it with that layer's first norm (one kernel a layer less; the caller adds the last).
+    With ``fused.int4_chain`` at one token the norms, SwiGLU and residual adds run inside the four INT4 GEMVs."""
     from pipeline.serve.decode_attention import decode_attention
 
     attn, mlp = layer.self_attn, layer.mlp
     b, t, _ = h.shape
-    q, k, v = fused.qkv(layer.input_layernorm(h)).split(list(fused.splits), dim=-1)
+    chain = fused.int4_chain and b * t == 1 and h.dtype == fused.dtype
+    if pending is not None:
+        h = h + pending
+    qkv = _gemv(fused.qkv, h, norm=layer.input_layernorm) if chain else fused.qkv(layer.input_layernorm(h))
+    q, k, v = qkv.split(list(fused.splits), dim=-1)
     q, k, v = (z.reshape(b, t, -1, attn.head_dim) for z in (q, k, v))
     if hasattr(attn, "q_norm"):  # Qwen3: RMS norm per head on q and k, before the rotary embedding
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = fused.rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
     k, v = kv.update(k, v.transpose(1, 2), attn.layer_idx)
     out, _ = decode_attention(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
-    h = h + attn.o_proj(out.reshape(b, t, -1))
+    out = out.reshape(b, t, -1)
+    if chain:
+        h = _gemv(attn.o_proj, out, residual=h)
+        gate_up = _gemv(fused.gate_up, h, norm=layer.post_attention_layernorm)
+        return _gemv(mlp.down_proj, gate_up, silu_mul=True, residual=h), None
+    h = h + attn.o_proj(out)
     gate, up = fused.gate_up(layer.post_attention_layernorm(h)).chunk(2, dim=-1)
-    return h + mlp.down_proj(mlp.act_fn(gate) * up)
+    down = mlp.down_proj(mlp.act_fn(gate) * up)
+    return (h, down) if DEFER_RESIDUAL else (h + down, None)
