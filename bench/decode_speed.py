@@ -397,6 +397,8 @@ def main(argv=None) -> int:
     ap.add_argument("--server", action="store_true", help="time through the server's scheduler (docstring)")
     ap.add_argument("--max-len", type=int, default=None, help="--server: the static cache's positions per slot "
                     "(default P + T + 8; the server itself uses 4096)")
+    ap.add_argument("--repeat", type=int, default=1, help="rows per (format, batch, mode), modes interleaved; "
+                    "the last table gives their medians")
     ap.add_argument("--profile", action="store_true", help="also a per-kernel GPU time profile of each format")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -435,33 +437,34 @@ def main(argv=None) -> int:
                 profile_step(model, fmt, out)
             except Exception as e:  # noqa: BLE001 - the timing rows matter more
                 out.setdefault("profile", {})[fmt] = dict(error=repr(e)[:300])
-        for batch in batches:
-            for mode in modes:
-                try:
-                    if a.server:
-                        from pipeline.serve import decode_attention, fused_proj
+        for rep, batch, mode in ((r, b, m) for r in range(a.repeat) for b in batches for m in modes):  # interleaved
+            try:
+                if a.server:
+                    from pipeline.serve import decode_attention, fused_proj
 
-                        base, *flags = mode.split("-")
-                        decode_attention.KERNEL = "matmul" if "matmulattn" in flags else "auto"
-                        fused_proj.INT4_CHAIN = "nochain" not in flags
-                        fused_proj.DEFER_RESIDUAL = "nodefer" not in flags
-                        r = server_speed(model, a.device, batch, base, a.prompt, a.steps, a.max_len,
-                                         fuse="nofuse" not in flags)
-                    else:
-                        r = decode_speed(model, a.device, batch, mode, a.prompt, a.steps)
-                except Exception as e:  # noqa: BLE001 - one failed row must not lose the others
-                    r = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-                r.update(format=fmt, batch=batch, mode=mode, weight_bytes=nbytes)
-                if cuda and "tok_s" in r:
-                    bound_ms = 1e3 * nbytes / (out["copy_bw_GBs"] * 1e9)
-                    r.update(bound_ms=bound_ms, bound_pct=100 * bound_ms / r["ms_per_step"])
-                out["rows"].append(r)
-                print(_row(r), flush=True)
-                _save(a.out)
+                    base, *flags = mode.split("-")
+                    decode_attention.KERNEL = "matmul" if "matmulattn" in flags else "auto"
+                    fused_proj.INT4_CHAIN = "nochain" not in flags
+                    fused_proj.DEFER_RESIDUAL = "nodefer" not in flags
+                    r = server_speed(model, a.device, batch, base, a.prompt, a.steps, a.max_len,
+                                     fuse="nofuse" not in flags)
+                else:
+                    r = decode_speed(model, a.device, batch, mode, a.prompt, a.steps)
+            except Exception as e:  # noqa: BLE001 - one failed row must not lose the others
+                r = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            r.update(format=fmt, batch=batch, mode=mode, weight_bytes=nbytes, repeat=rep)
+            if cuda and "tok_s" in r:
+                bound_ms = 1e3 * nbytes / (out["copy_bw_GBs"] * 1e9)
+                r.update(bound_ms=bound_ms, bound_pct=100 * bound_ms / r["ms_per_step"])
+            out["rows"].append(r)
+            print(_row(r), flush=True)
+            _save(a.out)
         del model
         if cuda:
             torch.cuda.empty_cache()
     _table(out)
+    if a.repeat > 1:
+        _medians(out)
     _save(a.out)
     return 0
 
@@ -488,6 +491,28 @@ def _table(out: dict) -> None:
         pct = f"{r['bound_pct']:.0f}%" if "bound_pct" in r else ""
         print(f"| {r['format']} | {r['batch']} | {r['mode']} | {r['tok_s']:.1f} | {r['ms_per_step']:.2f} | "
               f"{r['weight_bytes'] / 1e9:.3f} | {vs} | {pct} |")
+
+
+def _medians(out: dict) -> None:
+    """Median tok/s per (format, batch, mode) over the repeats, and INT4-style ratios against the reference."""
+    import statistics
+
+    groups: dict[tuple, list[float]] = {}
+    for r in out["rows"]:
+        if "tok_s" in r:
+            groups.setdefault((r["format"], r["batch"], r["mode"]), []).append(r["tok_s"])
+    med = {key: statistics.median(v) for key, v in groups.items()}
+    out["medians"] = [dict(format=f, batch=b, mode=m, tok_s=v, n=len(groups[(f, b, m)]), all=groups[(f, b, m)])
+                      for (f, b, m), v in med.items()]  # fmt: skip
+    best_ref = {b: max(v for (f, bb, _), v in med.items() if f == "ref" and bb == b)
+                for (_, b, _) in med if any(f == "ref" and bb == b for (f, bb, _) in med)}  # fmt: skip
+    print("\n| format | batch | mode | median tok/s (n) | all | vs ref same mode | vs ref's best mode |")
+    print("|---|---|---|---|---|---|---|")
+    for (f, b, m), v in med.items():
+        same = med.get(("ref", b, m))
+        print(f"| {f} | {b} | {m} | {v:.1f} ({len(groups[(f, b, m)])}) | "
+              f"{' / '.join(f'{x:.1f}' for x in groups[(f, b, m)])} | {f'{v / same:.2f}x' if same else ''} | "
+              f"{f'{v / best_ref[b]:.2f}x' if b in best_ref else ''} |")
 
 
 def _save(path):

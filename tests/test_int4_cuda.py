@@ -72,9 +72,10 @@ def test_problems_are_named():
 
 
 def test_launch_shape_picks_a_compiled_variant_and_never_more_blocks_than_chunks():
-    assert int4_cuda.launch_shape(1024, 4096, 132) == (4, 256)  # 1024 / 8 chunks would not fill 2 waves
-    assert int4_cuda.launch_shape(4096, 4096, 132) == (8, 512)
-    assert int4_cuda.launch_shape(57344, 8192, 132) == (8, 132 * 4)  # persistent: 4 blocks of 256 threads
+    assert int4_cuda.launch_shape(1024, 4096, 132) == (4, 256)  # 256 chunks of 4 rows: one block each
+    assert int4_cuda.launch_shape(4096, 4096, 132, blocks_per_sm=5) == (4, 132 * 5)  # persistent, 5 blocks an SM
+    assert int4_cuda.launch_shape(4096, 4096, 132, rows=8) == (8, 512)
+    assert int4_cuda.launch_shape(57344, 8192, 132) == (4, 132 * 4)  # default: 4 blocks of 256 threads
     assert int4_cuda.launch_shape(8192, 28672, 132) == (2, 132)  # the 1024-thread variant, 2 rows a chunk
     assert int4_cuda.launch_shape(8192, 28672, 132, rows=8) == (2, 132)
     assert int4_cuda.launch_shape(40, 4096, 132, blocks_per_sm=8) == (4, 10)

@@ -347,13 +347,11 @@ def threads_per_block(k: int) -> int:
 
 
 def launch_shape(n: int, k: int, sms: int, rows: int | None = None, blocks_per_sm: int | None = None):
-    """(rows per chunk, blocks) for a [N, K] weight: 2 rows for K above WIDE_K; else 8 (4 where that leaves too few
-    chunks to fill the GPU); persistent blocks, ``blocks_per_sm`` of them per SM (default: 1024 threads' worth),
-    never more than there are chunks."""
-    if k > WIDE_K:
-        rows = 2
-    elif rows is None:
-        rows = 8 if n // 8 >= 2 * sms else 4
+    """(rows per chunk, blocks) for a [N, K] weight: 2 rows for K above WIDE_K, else 4 (the H200's 8B shapes:
+    q|k|v 6.7 against 7.4 us with 8, gate|up 18.4 against 20.7, down 13.6 against 15.4; bench/RESULTS.md);
+    persistent blocks, ``blocks_per_sm`` of them per SM (:func:`gemv` passes the occupancy query's; default
+    1024 threads' worth), never more than there are chunks."""
+    rows = 2 if k > WIDE_K else rows or 4
     bps = blocks_per_sm or max(1, 1024 // threads_per_block(k))
     return rows, max(1, min(-(-n // rows), sms * bps))
 
@@ -382,9 +380,10 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int, r
     res = vector_for_kernel(residual) if residual is not None else x
     out = torch.empty(1, n, device=x.device, dtype=x.dtype)
     sms = sm_count(x.device.index or 0)
+    rows = rows or (8 if silu_mul else None)  # H200, 8B down with SwiGLU: 17.6 us at 8 rows, 19.6 at 4 (RESULTS)
     r, _ = launch_shape(n, k, sms, rows)
     variant = _variant(x.dtype, k, r, prologue, residual is not None)
-    if blocks_per_sm is None and prologue:  # a prologue is paid once per block: no more blocks than fit at once
+    if blocks_per_sm is None:  # as many blocks as fit on the GPU at once (a prologue is paid once per block)
         blocks_per_sm = resident_blocks(*variant, threads_per_block(k))
     r, blocks = launch_shape(n, k, sms, rows, blocks_per_sm)
     compiled(*variant)(grid=(blocks, 1, 1), block=(threads_per_block(k), 1, 1),

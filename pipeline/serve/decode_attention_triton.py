@@ -10,8 +10,9 @@ INT4 11% slower than a 72-position one. Here the cache is cut in blocks of ``BLO
 (sequence, key/value head, block) loads the block's mask and, where nothing in it is kept, writes an empty
 partial without touching the keys; else it computes the group's scores (the query heads that share the key/value
 head, padded to 16 rows for ``tl.dot``), the block's maximum, sum of exponentials and weighted values. A second
-kernel combines the partials of each (sequence, head) with the usual log-sum-exp rescaling. Shapes stay static,
-so the CUDA graphs and ``torch.compile`` see one opaque op (``torch.ops.quantship.decode_attention``).
+kernel combines the partials of each (sequence, head) with the usual log-sum-exp rescaling, reading only the
+blocks that were not empty (an empty block writes its maximum, -inf, and nothing else). Shapes stay static, so
+the CUDA graphs and ``torch.compile`` see one opaque op (``torch.ops.quantship.decode_attention``).
 
 Why by hand: PyTorch's fused attention kernels parallelise a one-token query over heads only, and they read
 every masked position (bench/RESULTS.md: 75 us a layer through cuDNN's kernel at 4,096 positions); FlashInfer's
@@ -66,21 +67,19 @@ def _kernels(interpret: bool):
         offs_d = tl.arange(0, D)
         live = tl.load(mask_ptr + b * sm_b + offs_l, mask=offs_l < L, other=0) != 0
         part = (bh * S + s) * BLOCK_G + offs_g
-        if tl.sum(live.to(tl.int32), axis=0) == 0:
+        if tl.sum(live.to(tl.int32), axis=0) == 0:  # only the maximum: _combine reads nothing else of it
             tl.store(m_ptr + part, tl.full([BLOCK_G], float("-inf"), tl.float32))
-            tl.store(l_ptr + part, tl.zeros([BLOCK_G], tl.float32))
-            tl.store(acc_ptr + part[:, None] * D + offs_d[None, :], tl.zeros([BLOCK_G, D], tl.float32))
         else:
             q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_g[:, None] * sq_g + offs_d[None, :],
                         mask=offs_g[:, None] < G, other=0.0)  # fmt: skip
             k = tl.load(k_ptr + b * sk_b + h * sk_h + offs_l[:, None] * sk_l + offs_d[None, :],
                         mask=live[:, None], other=0.0)  # fmt: skip
+            v = tl.load(v_ptr + b * sv_b + h * sv_h + offs_l[:, None] * sv_l + offs_d[None, :],
+                        mask=live[:, None], other=0.0)  # fmt: skip  (issued with k, used after the scores)
             scores = tl.dot(q, tl.trans(k), out_dtype=tl.float32) * scale
             scores = tl.where(live[None, :], scores, float("-inf"))
             m = tl.max(scores, axis=1)
             p = tl.exp(scores - m[:, None])
-            v = tl.load(v_ptr + b * sv_b + h * sv_h + offs_l[:, None] * sv_l + offs_d[None, :],
-                        mask=live[:, None], other=0.0)  # fmt: skip
             acc = tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
             tl.store(m_ptr + part, m)
             tl.store(l_ptr + part, tl.sum(p, axis=1))
@@ -97,8 +96,9 @@ def _kernels(interpret: bool):
         part = (bh * S + offs_s) * BLOCK_G + g
         ms = tl.load(m_ptr + part, mask=offs_s < S, other=float("-inf"))
         w = tl.exp(ms - tl.max(ms, axis=0))  # 0 for an empty partial; the token's own position is always kept
-        total = tl.sum(w * tl.load(l_ptr + part, mask=offs_s < S, other=0.0), axis=0)
-        acc = tl.load(acc_ptr + part[:, None] * D + offs_d[None, :], mask=offs_s[:, None] < S, other=0.0)
+        full = (offs_s < S) & (ms > float("-inf"))  # an empty partial wrote its maximum only: skip its sum and acc
+        total = tl.sum(w * tl.load(l_ptr + part, mask=full, other=0.0), axis=0)
+        acc = tl.load(acc_ptr + part[:, None] * D + offs_d[None, :], mask=full[:, None], other=0.0)
         out = tl.sum(w[:, None] * acc, axis=0) / total
         tl.store(out_ptr + bh * so_bh + g * so_g + offs_d, out.to(out_ptr.dtype.element_ty))
 
