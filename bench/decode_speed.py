@@ -430,9 +430,10 @@ def main(argv=None) -> int:
         model = convert(build_model(a.shape, a.device, dtype), fmt, a.device, dtype)
         nbytes = weight_bytes_per_token(model)
         if a.profile and cuda:
-            from pipeline.serve import fused_proj
+            from pipeline.serve import decode_attention, fused_proj
 
             fused_proj.INT4_CHAIN = fused_proj.DEFER_RESIDUAL = True  # the server's own step
+            decode_attention.KERNEL = "auto"
             try:
                 profile_step(model, fmt, out)
             except Exception as e:  # noqa: BLE001 - the timing rows matter more
