@@ -14,8 +14,9 @@ its low 8 mantissa bits replaced by the integer zero point. Every float16 and bf
 exactly (15 mantissa bits remain), so ``(q - z) * s`` is the checkpoint's own arithmetic.
 
 The kernel: thread ``t`` owns the 32 columns ``32 t .. 32 t + 31`` (so one block spans K, up to 32 768); blocks
-are persistent (about ``blocks_per_sm`` per SM) and walk chunks of ``R`` rows, the next chunk's 16-byte weight
-loads issued before the current chunk is computed (register double-buffering). The products are integer:
+are persistent (as many per SM as fit, by the driver's occupancy query) and walk chunks of ``R`` rows (4; 8 with
+the SwiGLU prologue), the next chunk's 16-byte weight loads issued before the current chunk is computed
+(register double-buffering). The products are integer:
 
 - the thread's 32 activations become 16-bit fixed point with one power-of-two scale (largest magnitude mapped
   below 2^14), split into a signed high byte and an unsigned low byte and packed four to a register in the
@@ -28,6 +29,10 @@ loads issued before the current chunk is computed (register double-buffering). T
   rounding beyond float32 is the activations' to 16 bits, at most 2^-15 of the 32 values' largest magnitude
   (bfloat16's own step is 2^-8 of each value); then a warp shuffle reduction and a sum over the block's warps,
   written in the activation dtype (bfloat16 or float16).
+
+Fused variants (``quantship::int4_gemv_fused``, the one-token decode layer of ``serve/fused_proj.py``): the
+input may be RMSNorm(x) (its factor applied to the result, the sum of squares reduced beside the products) or
+silu(gate) * up, and the output may have a residual added; :func:`fused_reference` says what they stand for.
 
 The arithmetic is mirrored in tensor ops by :func:`reference_dot` so the CPU tests check the packing, the byte
 order and the fixed point; the GPU tests (marked ``gpu``) compare the kernel with the float64 product.
