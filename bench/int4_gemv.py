@@ -84,15 +84,13 @@ def speed(shapes: dict) -> list[dict]:
                 res[f"R{r}/b{bps}"] = graph_time([lambda m=m, r=r, b=bps: int4_cuda.gemv(
                     x, m.qweight, m.scale_zero, 128, rows=r, blocks_per_sm=b) for m in mods])
         h, nw = torch.randn(1, k, device="cuda").bfloat16(), torch.rand(k, device="cuda").bfloat16()
-        gu, res_n = torch.randn(1, 2 * k, device="cuda").bfloat16(), torch.randn(1, n, device="cuda").bfloat16()
+        res_n = torch.randn(1, n, device="cuda").bfloat16()
         fusions = {"+rmsnorm": dict(norm_weight=nw, eps=1e-5), "+residual": dict(residual=res_n),
-                   "+silu_mul+residual": dict(silu_mul=True, residual=res_n)}  # serve/fused_proj's one-token chain
+                   "+rmsnorm+swiglu": dict(norm_weight=nw, eps=1e-5, swiglu=True)}  # fused_proj's one-token chain
         for fname, kw in fusions.items():
-            xin = gu if kw.get("silu_mul") else h
             for bps in (None, 1, 2, 4):
                 res[f"ours{fname}" + (f"/b{bps}" if bps else "")] = graph_time([
-                    lambda m=m, b=bps, kw=kw, xin=xin: int4_cuda.gemv(xin, m.qweight, m.scale_zero, 128,
-                                                                      blocks_per_sm=b, **kw)
+                    lambda m=m, b=bps, kw=kw: int4_cuda.gemv(h, m.qweight, m.scale_zero, 128, blocks_per_sm=b, **kw)
                     for m in mods])  # fmt: skip
         q4_bytes = n * k // 2 + n * (k // 128) * 4
         row = dict(shape=label, n=n, k=k, default=default, bf16_bytes=n * k * 2, q4_bytes=q4_bytes)

@@ -14,9 +14,9 @@ its low 8 mantissa bits replaced by the integer zero point. Every float16 and bf
 exactly (15 mantissa bits remain), so ``(q - z) * s`` is the checkpoint's own arithmetic.
 
 The kernel: thread ``t`` owns the 32 columns ``32 t .. 32 t + 31`` (so one block spans K, up to 32 768); blocks
-are persistent (as many per SM as fit, by the driver's occupancy query) and walk chunks of ``R`` rows (4; 8 with
-the SwiGLU prologue), the next chunk's 16-byte weight loads issued before the current chunk is computed
-(register double-buffering). The products are integer:
+are persistent (as many per SM as fit, by the driver's occupancy query) and walk chunks of ``R`` rows (4), the
+next chunk's 16-byte weight loads issued before the current chunk is computed (register double-buffering). The
+products are integer:
 
 - the thread's 32 activations become 16-bit fixed point with one power-of-two scale (largest magnitude mapped
   below 2^14), split into a signed high byte and an unsigned low byte and packed four to a register in the
@@ -31,8 +31,9 @@ the SwiGLU prologue), the next chunk's 16-byte weight loads issued before the cu
   written in the activation dtype (bfloat16 or float16).
 
 Fused variants (``quantship::int4_gemv_fused``, the one-token decode layer of ``serve/fused_proj.py``): the
-input may be RMSNorm(x) (its factor applied to the result, the sum of squares reduced beside the products) or
-silu(gate) * up, and the output may have a residual added; :func:`fused_reference` says what they stand for.
+input may be RMSNorm(x) (its factor applied to the result, the sum of squares reduced beside the products), and
+the output may have a residual added, or be silu(gate) * up over the rows' two halves (a chunk then holds rows
+of both halves, so the epilogue has each gate with its up); :func:`fused_reference` says what they stand for.
 
 The arithmetic is mirrored in tensor ops by :func:`reference_dot` so the CPU tests check the packing, the byte
 order and the fixed point; the GPU tests (marked ``gpu``) compare the kernel with the float64 product.
@@ -86,14 +87,17 @@ __device__ __forceinline__ int dp4a_us(u32 a, int b, int c) {  // unsigned bytes
 __device__ __forceinline__ u32 dp4a_uu(u32 a, u32 b, u32 c) {  // unsigned bytes . unsigned bytes + c
   u32 d; asm("dp4a.u32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
 }
-template <int R>
+// Rows of chunk ``chunk``: R consecutive rows, or with PAIRS (the SwiGLU epilogue over gate|up) rows i .. i + R/2 - 1
+// of the first half (gate) and the same rows of the second half (up), i = chunk * R/2.
+template <int R, bool PAIRS>
 __device__ __forceinline__ void load_chunk(uint4 (&w)[R], u32 (&s)[R], const uint4* __restrict__ qw,
                                            const u32* __restrict__ sz, int chunk, int N, int kt, int gpr, int g,
                                            int t, bool active) {
 #pragma unroll
   for (int u = 0; u < R; ++u) {
-    const int n = chunk * R + u;
-    const bool ok = active && n < N;
+    const int i = chunk * (R / 2) + u % (R / 2);
+    const int n = PAIRS ? (u < R / 2 ? i : (N >> 1) + i) : chunk * R + u;
+    const bool ok = active && (PAIRS ? i < (N >> 1) : n < N);
     w[u] = ok ? load_stream(qw + (size_t)n * kt + t) : make_uint4(0u, 0u, 0u, 0u);
     s[u] = ok ? __ldg(sz + (size_t)n * gpr + g) : 0u;
   }
@@ -115,25 +119,28 @@ __device__ __forceinline__ void load_act32(float (&xv)[32], const u16* __restric
   }
 }
 
-// PRO: what the kernel's input is. 0: the activations x [K]. 1: x is a residual stream and the input is
-// RMSNorm(x) * nw: the product runs over nw * x and is scaled by rsqrt(mean(x^2) + eps) at the end (float32 sum
-// of squares, reduced beside the products, so no block-wide wait before them). 2: x is gate|up [2 K] and the
-// input is silu(gate) * up (fast exp and division; rounded to the activation dtype as the two eager ops round).
-// RES: out = res + (the product, rounded), rounded, as the eager add.
-template <int R, int PRO, bool RES>
+// NORM: x is a residual stream and the input is RMSNorm(x) * nw: the product runs over nw * x and is scaled by
+// rsqrt(mean(x^2) + eps) at the end (float32 sum of squares, reduced beside the products, so no block-wide wait
+// before them). EPI 0: out = the product. EPI 1: out = res + (the product, rounded), rounded, as the eager add.
+// EPI 2 (SwiGLU over gate|up = the rows' two halves): out[i] = silu(gate_i) * up_i, N / 2 outputs, each value
+// rounded where the eager ops (the product, silu, the multiplication) round.
+template <int R, bool NORM, int EPI>
 __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __restrict__ nw,
                                        const u16* __restrict__ res, const uint4* __restrict__ qw,
                                        const u32* __restrict__ sz, u16* __restrict__ out,
                                        int N, int K, int G, float eps, bool bf16) {
+  constexpr bool PAIRS = EPI == 2;
+  constexpr int OUT = PAIRS ? R / 2 : R;  // outputs per chunk
   __shared__ float red[32 * R];
   __shared__ float ssum[32];
   const int kt = K >> 5, t = threadIdx.x, lane = t & 31, warp = t >> 5, nwarps = blockDim.x >> 5;
   const bool active = t < kt;
-  const int gpr = K / G, g = (t * 32) / G, chunks = (N + R - 1) / R;
+  const int nout = PAIRS ? N >> 1 : N;
+  const int gpr = K / G, g = (t * 32) / G, chunks = (nout + OUT - 1) / OUT;
   int chunk = blockIdx.x;
   uint4 w[R];
   u32 s[R];
-  load_chunk<R>(w, s, qw, sz, chunk, N, kt, gpr, g, t, active);  // weights in flight during the prologue
+  load_chunk<R, PAIRS>(w, s, qw, sz, chunk, N, kt, gpr, g, t, active);  // weights in flight during the prologue
 
   float xv[32];
 #pragma unroll
@@ -141,21 +148,14 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
   float ss = 0.f;
   if (active) {
     load_act32(xv, x + t * 32, bf16);
-    if (PRO == 1) {
+    if (NORM) {
       float wv[32];
       load_act32(wv, nw + t * 32, bf16);
 #pragma unroll
       for (int j = 0; j < 32; ++j) { ss += xv[j] * xv[j]; xv[j] *= wv[j]; }
     }
-    if (PRO == 2) {
-      float up[32];
-      load_act32(up, x + K + t * 32, bf16);
-#pragma unroll
-      for (int j = 0; j < 32; ++j)
-        xv[j] = round_act(round_act(__fdividef(xv[j], 1.f + __expf(-xv[j])), bf16) * up[j], bf16);
-    }
   }
-  if (PRO == 1) {  // read after the chunk loop's first __syncthreads
+  if (NORM) {  // read after the chunk loop's first __syncthreads
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
     if (lane == 0) ssum[warp] = ss;
@@ -195,11 +195,12 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
   }
 
   for (; chunk < chunks; chunk += gridDim.x) {
-    const float rv = (RES && t < R && chunk * R + t < N) ? act_to_f32(res[chunk * R + t], bf16) : 0.f;  // early
+    const int o = chunk * OUT + t;  // this thread's output, for t < OUT
+    const float rv = (EPI == 1 && t < OUT && o < nout) ? act_to_f32(res[o], bf16) : 0.f;  // loaded early
     uint4 wn[R];
     u32 sn[R];
     const int next = chunk + gridDim.x;
-    if (next < chunks) load_chunk<R>(wn, sn, qw, sz, next, N, kt, gpr, g, t, active);
+    if (next < chunks) load_chunk<R, PAIRS>(wn, sn, qw, sz, next, N, kt, gpr, g, t, active);
 #pragma unroll
     for (int u = 0; u < R; ++u) {
       const u32 words[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
@@ -222,15 +223,24 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
       if (lane == 0) red[warp * R + u] = v;
     }
     __syncthreads();
-    if (t < R && chunk * R + t < N) {
-      float sum = 0.f;
+    if (t < OUT && o < nout) {
+      float sum = 0.f, up = 0.f;
       for (int i = 0; i < nwarps; ++i) sum += red[i * R + t];
-      if (PRO == 1) {
+      if (PAIRS)
+        for (int i = 0; i < nwarps; ++i) up += red[i * R + t + R / 2];
+      if (NORM) {
         float total = 0.f;
         for (int i = 0; i < nwarps; ++i) total += ssum[i];
-        sum *= rsqrtf(total / (float)K + eps);
+        const float f = rsqrtf(total / (float)K + eps);
+        sum *= f;
+        up *= f;
       }
-      out[chunk * R + t] = RES ? f32_to_act(rv + round_act(sum, bf16), bf16) : f32_to_act(sum, bf16);
+      if (EPI == 2) {
+        const float gate = round_act(sum, bf16);
+        out[o] = f32_to_act(round_act(gate / (1.f + expf(-gate)), bf16) * round_act(up, bf16), bf16);
+      } else {
+        out[o] = EPI == 1 ? f32_to_act(rv + round_act(sum, bf16), bf16) : f32_to_act(sum, bf16);
+      }
     }
     __syncthreads();
     if (next < chunks) {
@@ -240,12 +250,12 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
   }
 }
 
-// entries: q4gemv_<bf16|f16>_<r4|r8|wide>_p<PRO>[_res] (see _name); each compiles only the entry it names
-#define ENTRY(NAME, BOUND, R, PRO, RES, BF16)                                                            \
+// entries: q4gemv_<bf16|f16>_<r4|r8|wide>[_norm][_res|_swiglu] (see _variant); each compiles only its own
+#define ENTRY(NAME, BOUND, R, NORM, EPI, BF16)                                                           \
   extern "C" __global__ void __launch_bounds__(BOUND)                                                  \
   NAME(const u16* x, const u16* nw, const u16* res, const uint4* qw, const u32* sz, u16* out, int N,     \
        int K, int G, double eps) {                                                                     \
-    q4gemv<R, PRO, RES>(x, nw, res, qw, sz, out, N, K, G, (float)eps, BF16);                           \
+    q4gemv<R, NORM, EPI>(x, nw, res, qw, sz, out, N, K, G, (float)eps, BF16);                          \
   }
 """
 
@@ -322,28 +332,28 @@ def compile_failure(source: str, names) -> str:
     return ""
 
 
-PROLOGUES = {"": 0, "rmsnorm": 1, "silu_mul": 2}  # what the kernel's input is (the CUDA source's PRO)
+EPILOGUES = {"": 0, "residual": 1, "swiglu": 2}  # what the kernel writes (the CUDA source's EPI)
 
 
-def compile_problem(dtype: torch.dtype, k: int, prologue: str = "", residual: bool = False) -> str:
+def compile_problem(dtype: torch.dtype, k: int, norm: bool = False, epilogue: str = "") -> str:
     """Compile (once) the variants for ``dtype``, ``k`` and the fusion; "" or the compiler's one-line reason."""
     try:
         for rows in (2,) if k > WIDE_K else ROWS:
-            compiled(*_variant(dtype, k, rows, prologue, residual))
+            compiled(*_variant(dtype, k, rows, norm, epilogue))
     except Exception as e:  # no CUDA headers, NVRTC missing, an old driver
         return f"NVRTC compile failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     return ""
 
 
 @functools.cache
-def _variant(dtype: torch.dtype, k: int, rows: int, prologue: str, residual: bool) -> tuple[str, str]:
+def _variant(dtype: torch.dtype, k: int, rows: int, norm: bool, epilogue: str) -> tuple[str, str]:
     """(source, kernel name) of one entry: the template instantiated for this dtype, width, rows and fusion."""
     bf16 = dtype == torch.bfloat16
     wide = k > WIDE_K
-    name = (f"q4gemv_{'bf16' if bf16 else 'f16'}_{'wide' if wide else f'r{rows}'}_p{PROLOGUES[prologue]}"
-            f"{'_res' if residual else ''}")
-    entry = (f"ENTRY({name}, {1024 if wide else 512}, {2 if wide else rows}, {PROLOGUES[prologue]}, "
-             f"{'true' if residual else 'false'}, {'true' if bf16 else 'false'})\n")
+    name = (f"q4gemv_{'bf16' if bf16 else 'f16'}_{'wide' if wide else f'r{rows}'}{'_norm' if norm else ''}"
+            f"{'_' + epilogue if epilogue else ''}")
+    entry = (f"ENTRY({name}, {1024 if wide else 512}, {2 if wide else rows}, {'true' if norm else 'false'}, "
+             f"{EPILOGUES[epilogue]}, {'true' if bf16 else 'false'})\n")
     return _SOURCE + entry, name
 
 
@@ -374,26 +384,44 @@ def vector_for_kernel(x: torch.Tensor) -> torch.Tensor:
 
 def gemv(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int, rows: int | None = None,
          blocks_per_sm: int | None = None, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-         silu_mul: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+         swiglu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [1, K] (bf16/fp16, CUDA) @ dequant(qweight, sz).T -> [1, N] in x's dtype. Fused (:func:`fused_reference`
-    says what each computes): ``norm_weight`` runs RMSNorm(x) * norm_weight first; ``silu_mul`` takes x as
-    gate|up [1, 2 K] and multiplies by silu(gate) * up; ``residual`` [1, N] is added to the product."""
+    says what each computes): ``norm_weight`` runs RMSNorm(x) * norm_weight first; ``swiglu`` takes the N rows as
+    gate|up and returns silu(gate) * up [1, N / 2]; ``residual`` [1, N] is added to the product."""
     n, k = qweight.shape[0], qweight.shape[1] * 8
+    if swiglu and (n % 2 or residual is not None):
+        raise ValueError(f"the SwiGLU epilogue needs an even number of rows and no residual, got N = {n}")
     x = vector_for_kernel(x)
-    prologue = "rmsnorm" if norm_weight is not None else "silu_mul" if silu_mul else ""
+    epilogue = "swiglu" if swiglu else "residual" if residual is not None else ""
     nw = vector_for_kernel(norm_weight) if norm_weight is not None else x
     res = vector_for_kernel(residual) if residual is not None else x
-    out = torch.empty(1, n, device=x.device, dtype=x.dtype)
+    out = torch.empty(1, n // 2 if swiglu else n, device=x.device, dtype=x.dtype)
     sms = sm_count(x.device.index or 0)
-    rows = rows or (8 if silu_mul else None)  # H200, 8B down with SwiGLU: 17.6 us at 8 rows, 19.6 at 4 (RESULTS)
     r, _ = launch_shape(n, k, sms, rows)
-    variant = _variant(x.dtype, k, r, prologue, residual is not None)
+    variant = _variant(x.dtype, k, r, norm_weight is not None, epilogue)
     if blocks_per_sm is None:  # as many blocks as fit on the GPU at once (a prologue is paid once per block)
         blocks_per_sm = resident_blocks(*variant, threads_per_block(k))
     r, blocks = launch_shape(n, k, sms, rows, blocks_per_sm)
     compiled(*variant)(grid=(blocks, 1, 1), block=(threads_per_block(k), 1, 1),
                        args=[x, nw, res, qweight, sz, out, n, k, group, float(eps)])
     return out
+
+
+def fused_reference(x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                    silu_mul: bool = False) -> torch.Tensor:
+    """What the fused kernels stand for, in tensor ops, in x's dtype: transformers' ``LlamaRMSNorm`` (float32 mean
+    of squares, ``x * rsqrt(mean + eps)`` rounded to x's dtype, times the weight) before the product, or
+    ``silu(gate) * up`` after it with gate|up = x, each rounded where the eager ops round. The SwiGLU epilogue
+    rounds as these ops do; the norm's factor multiplies the product instead of each input (no rounding of the
+    normed input: closer to the exact value than eager)."""
+    if norm_weight is not None:
+        xf = x.float()
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        return norm_weight.to(x.dtype) * normed
+    if silu_mul:
+        gate, up = x.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+    return x
 
 
 @functools.cache
@@ -411,23 +439,6 @@ def resident_blocks(source: str, name: str, threads: int) -> int:
     return count.value if rc == 0 and count.value > 0 else fallback
 
 
-def fused_reference(x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-                    silu_mul: bool = False) -> torch.Tensor:
-    """What the fused kernels stand for, in tensor ops, in x's dtype: transformers' ``LlamaRMSNorm`` (float32 mean
-    of squares, ``x * rsqrt(mean + eps)`` rounded to x's dtype, times the weight) or ``silu(gate) * up`` with
-    gate|up = x, each rounded where the eager ops round. The kernels agree up to those roundings: the norm's
-    factor multiplies the product instead of each input (no rounding of the normed input: closer to the exact
-    value than eager), and SiLU uses the fast exp and division."""
-    if norm_weight is not None:
-        xf = x.float()
-        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-        return norm_weight.to(x.dtype) * normed
-    if silu_mul:
-        gate, up = x.chunk(2, dim=-1)
-        return torch.nn.functional.silu(gate) * up
-    return x
-
-
 @functools.cache
 def custom_op():
     """``torch.ops.quantship.int4_gemv`` and ``int4_gemv_fused`` (:func:`gemv`'s keywords): the launches as opaque
@@ -443,12 +454,12 @@ def custom_op():
 
     @torch.library.custom_op("quantship::int4_gemv_fused", mutates_args=())
     def fused(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int,
-              norm_weight: torch.Tensor | None, eps: float, silu_mul: bool,
+              norm_weight: torch.Tensor | None, eps: float, swiglu: bool,
               residual: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-        return gemv(x, qweight, sz, group, norm_weight=norm_weight, eps=eps, silu_mul=silu_mul, residual=residual)
+        return gemv(x, qweight, sz, group, norm_weight=norm_weight, eps=eps, swiglu=swiglu, residual=residual)
 
     @fused.register_fake
-    def _(x, qweight, sz, group, norm_weight, eps, silu_mul, residual):
-        return x.new_empty(1, qweight.shape[0])
+    def _(x, qweight, sz, group, norm_weight, eps, swiglu, residual):
+        return x.new_empty(1, qweight.shape[0] // 2 if swiglu else qweight.shape[0])
 
     return op

@@ -197,9 +197,9 @@ _RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm") 
 
 def _int4_chain_problem(layer: nn.Module, fused: FusedLayer) -> str:
     """Why ``layer``'s one-token INT4 products cannot also run its norms, SwiGLU and residual adds, or "": q|k|v
-    and gate|up merged on our GEMV, o and down our GEMV without bias, the norms transformers' ``LlamaRMSNorm``
-    (the families of :data:`_RMS_NORMS` share its forward), the activation SiLU, one activation dtype, and the
-    fused kernels compiled."""
+    and gate|up merged on our GEMV (gate|up without bias, its halves equal), o and down our GEMV without bias, the
+    norms transformers' ``LlamaRMSNorm`` (the families of :data:`_RMS_NORMS` share its forward), the activation
+    SiLU, one activation dtype, and the fused kernels compiled."""
     from pipeline.engines import int4_cuda
     from pipeline.engines.qlinear import Int4Linear
 
@@ -209,6 +209,9 @@ def _int4_chain_problem(layer: nn.Module, fused: FusedLayer) -> str:
         return "q|k|v or gate|up is not merged on the one-token INT4 GEMV"
     if not all(type(m) is Int4Linear and m.gemv_cuda and m.bias is None for m in (o, down)):
         return "o_proj or down_proj is not a bias-free INT4 linear on the one-token GEMV"
+    gate, up = fused.gate_up.parts
+    if fused.gate_up.bias is not None or gate.out_features != up.out_features:
+        return "gate and up differ in width or have a bias (SwiGLU after the product needs neither)"
     if not all(type(n).__name__ in _RMS_NORMS and hasattr(n, "variance_epsilon") for n in norms):
         return f"norm {type(norms[0]).__name__} is not one of {', '.join(_RMS_NORMS)}"
     if not (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"):
@@ -216,23 +219,24 @@ def _int4_chain_problem(layer: nn.Module, fused: FusedLayer) -> str:
     dtype = fused.qkv.compute_dtype
     if {fused.gate_up.compute_dtype, o.compute_dtype, down.compute_dtype, *(n.weight.dtype for n in norms)} != {dtype}:
         return "the products and norms differ in dtype"
-    for k, prologue, residual in ((o.in_features, "", True), (down.in_features, "silu_mul", True),
-                                  *((m.parts[0].in_features, "rmsnorm", False) for m in (fused.qkv, fused.gate_up))):
-        why = int4_cuda.compile_problem(dtype, k, prologue, residual)
+    for k, norm, epilogue in ((o.in_features, False, "residual"), (down.in_features, False, "residual"),
+                              (fused.qkv.parts[0].in_features, True, ""), (gate.in_features, True, "swiglu")):
+        why = int4_cuda.compile_problem(dtype, k, norm, epilogue)
         if why:
             return why
     return ""
 
 
-def _gemv(linear: nn.Module, x: torch.Tensor, norm: nn.Module | None = None, silu_mul: bool = False,
+def _gemv(linear: nn.Module, x: torch.Tensor, norm: nn.Module | None = None, swiglu: bool = False,
           residual: torch.Tensor | None = None) -> torch.Tensor:
     """One token through ``quantship::int4_gemv_fused`` over ``linear``'s codes (an ``Int4Linear`` or an int4
-    ``FusedLinear``): ``norm`` (an RMSNorm) before the product, or ``silu_mul`` on gate|up = x; ``+ residual``."""
+    ``FusedLinear``): ``norm`` (an RMSNorm) before the product; after it ``+ residual``, or with ``swiglu``
+    silu(gate) * up over gate|up (half the width)."""
     y = torch.ops.quantship.int4_gemv_fused(
         x.reshape(1, -1), linear.qweight, linear.scale_zero, linear.group_size,
-        None if norm is None else norm.weight, 0.0 if norm is None else float(norm.variance_epsilon), silu_mul,
+        None if norm is None else norm.weight, 0.0 if norm is None else float(norm.variance_epsilon), swiglu,
         None if residual is None else residual.reshape(1, -1))  # fmt: skip
-    if linear.bias is not None:
+    if linear.bias is not None:  # q|k|v's (Qwen2); the chain refuses a biased gate|up
         y = y + linear.bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], -1)
 
@@ -290,8 +294,8 @@ def decode_layer(layer: nn.Module, fused: FusedLayer, h: torch.Tensor, pending: 
     out = out.reshape(b, t, -1)
     if chain:
         h = _gemv(attn.o_proj, out, residual=h)
-        gate_up = _gemv(fused.gate_up, h, norm=layer.post_attention_layernorm)
-        return _gemv(mlp.down_proj, gate_up, silu_mul=True, residual=h), None
+        act = _gemv(fused.gate_up, h, norm=layer.post_attention_layernorm, swiglu=True)
+        return _gemv(mlp.down_proj, act, residual=h), None
     h = h + attn.o_proj(out)
     gate, up = fused.gate_up(layer.post_attention_layernorm(h)).chunk(2, dim=-1)
     down = mlp.down_proj(mlp.act_fn(gate) * up)
