@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.decode_speed import graph_time  # noqa: E402
+from bench.decode_micro import graph_time  # noqa: E402
 
 SHAPES = {  # label: (N, K)
     "8b q/o": (4096, 4096), "8b k/v": (1024, 4096), "8b qkv fused": (6144, 4096), "8b gate/up": (14336, 4096),
