@@ -68,7 +68,8 @@ def _ptxas_usage(ptxas: str, ptx: str, arch: int) -> dict:
     regs = re.search(r"Used (\d+) registers", err)
     spill = re.search(r"(\d+) bytes spill stores", err)
     stack = re.search(r"(\d+) bytes stack frame", err)
-    return dict(registers=int(regs.group(1)) if regs else None, spill_store_bytes=int(spill.group(1)) if spill else None,
+    return dict(registers=int(regs.group(1)) if regs else None,
+                spill_store_bytes=int(spill.group(1)) if spill else None,
                 stack_bytes=int(stack.group(1)) if stack else None)
 
 
@@ -117,7 +118,8 @@ def attention_variants(arch: int) -> list[dict]:
                 cubin.write_bytes(kern.asm["cubin"])
                 out = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
             regs, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
-            rows.append(dict(kernel="_partial", block=block, warps=warps, registers=int(regs.group(1)) if regs else None,
+            rows.append(dict(kernel="_partial", block=block, warps=warps,
+                             registers=int(regs.group(1)) if regs else None,
                              stack_bytes=int(stack.group(1)) if stack else None,
                              chosen=block == dat.BLOCK_L and warps == dat.PARTIAL_WARPS))  # fmt: skip
     return rows
