@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 MAX_K = 32 * 1024  # one block of 1024 threads x 32 columns
 WIDE_K = 16 * 1024  # above: the 1024-thread variant, 2 rows a chunk (64 registers a thread)
-ROWS = (4, 8)  # rows per chunk of the compiled variants up to WIDE_K
+ROWS = (4, 8)  # rows per chunk up to WIDE_K that gemv(rows=...) takes (4 by default: chunk_rows)
 
 # Device helpers both one-token kernels use (this module's and ``int8_cuda``'s): activation conversions, a
 # streaming 16-byte load that bypasses L1, four bytes packed into a word.
@@ -322,10 +322,11 @@ def compiled(source: str, name: str):
     return torch.cuda._compile_kernel(source, name)
 
 
-def compile_failure(source: str, names) -> str:
-    """Compile every kernel of ``names``; "" or the compiler's one-line reason (the caller keeps its fallback)."""
+def compile_failure(kernels) -> str:
+    """Compile every ``(source, name)`` of ``kernels``; "" or the compiler's one-line reason (the caller keeps its
+    fallback)."""
     try:
-        for name in names:
+        for source, name in kernels:
             compiled(source, name)
     except Exception as e:  # no CUDA headers, NVRTC missing, an old driver
         return f"NVRTC compile failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
@@ -336,13 +337,9 @@ EPILOGUES = {"": 0, "residual": 1, "swiglu": 2}  # what the kernel writes (the C
 
 
 def compile_problem(dtype: torch.dtype, k: int, norm: bool = False, epilogue: str = "") -> str:
-    """Compile (once) the variants for ``dtype``, ``k`` and the fusion; "" or the compiler's one-line reason."""
-    try:
-        for rows in (2,) if k > WIDE_K else ROWS:
-            compiled(*_variant(dtype, k, rows, norm, epilogue))
-    except Exception as e:  # no CUDA headers, NVRTC missing, an old driver
-        return f"NVRTC compile failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-    return ""
+    """Compile (once) the variant :func:`gemv` launches for ``dtype``, ``k`` and the fusion; "" or the compiler's
+    one-line reason. Other row counts (``gemv(rows=...)``) compile at their first use."""
+    return compile_failure([_variant(dtype, k, chunk_rows(k), norm, epilogue)])
 
 
 @functools.cache
@@ -361,12 +358,17 @@ def threads_per_block(k: int) -> int:
     return -(-k // 32 // 32) * 32
 
 
+def chunk_rows(k: int, rows: int | None = None) -> int:
+    """Rows per chunk: 2 for K above WIDE_K (the 1024-thread variant), else ``rows`` or 4 (the H200's 8B shapes:
+    q|k|v 6.7 against 7.4 us with 8, gate|up 18.4 against 20.7, down 13.6 against 15.4; bench/RESULTS.md)."""
+    return 2 if k > WIDE_K else rows or 4
+
+
 def launch_shape(n: int, k: int, sms: int, rows: int | None = None, blocks_per_sm: int | None = None):
-    """(rows per chunk, blocks) for a [N, K] weight: 2 rows for K above WIDE_K, else 4 (the H200's 8B shapes:
-    q|k|v 6.7 against 7.4 us with 8, gate|up 18.4 against 20.7, down 13.6 against 15.4; bench/RESULTS.md);
-    persistent blocks, ``blocks_per_sm`` of them per SM (:func:`gemv` passes the occupancy query's; default
-    1024 threads' worth), never more than there are chunks."""
-    rows = 2 if k > WIDE_K else rows or 4
+    """(rows per chunk (:func:`chunk_rows`), blocks) for a [N, K] weight: persistent blocks, ``blocks_per_sm`` of
+    them per SM (:func:`gemv` passes the occupancy query's; default 1024 threads' worth), never more than there
+    are chunks."""
+    rows = chunk_rows(k, rows)
     bps = blocks_per_sm or max(1, 1024 // threads_per_block(k))
     return rows, max(1, min(-(-n // rows), sms * bps))
 
@@ -396,12 +398,10 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int, r
     nw = vector_for_kernel(norm_weight) if norm_weight is not None else x
     res = vector_for_kernel(residual) if residual is not None else x
     out = torch.empty(1, n // 2 if swiglu else n, device=x.device, dtype=x.dtype)
-    sms = sm_count(x.device.index or 0)
-    r, _ = launch_shape(n, k, sms, rows)
-    variant = _variant(x.dtype, k, r, norm_weight is not None, epilogue)
+    variant = _variant(x.dtype, k, chunk_rows(k, rows), norm_weight is not None, epilogue)
     if blocks_per_sm is None:  # as many blocks as fit on the GPU at once (a prologue is paid once per block)
         blocks_per_sm = resident_blocks(*variant, threads_per_block(k))
-    r, blocks = launch_shape(n, k, sms, rows, blocks_per_sm)
+    _, blocks = launch_shape(n, k, sm_count(x.device.index or 0), rows, blocks_per_sm)
     compiled(*variant)(grid=(blocks, 1, 1), block=(threads_per_block(k), 1, 1),
                        args=[x, nw, res, qweight, sz, out, n, k, group, float(eps)])
     return out

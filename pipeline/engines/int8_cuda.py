@@ -151,7 +151,7 @@ def _name(dtype: torch.dtype, k: int) -> str:
 
 def compile_problem(k: int) -> str:
     """Compile (once) the variants for ``k``; "" or the compiler's one-line reason (the caller keeps _int_mm)."""
-    return compile_failure(_SOURCE, [_name(dtype, k) for dtype in (torch.bfloat16, torch.float16)])
+    return compile_failure([(_SOURCE, _name(dtype, k)) for dtype in (torch.bfloat16, torch.float16)])
 
 
 def gemv(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:

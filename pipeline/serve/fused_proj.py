@@ -195,7 +195,6 @@ class FusedLayer(nn.Module):
         self.rotary = importlib.import_module(type(attn).__module__).apply_rotary_pos_emb
         why = _int4_chain_problem(layer, self)
         self.int4_chain = INT4_CHAIN and not why
-        self.dtype = self.qkv.compute_dtype if self.int4_chain else None
         if why and self.qkv.kind == "int4":
             log.debug("decode layer: INT4 products without the fused norms/SwiGLU/residuals (%s)", why)
 
@@ -288,7 +287,7 @@ def decode_layer(layer: nn.Module, fused: FusedLayer, h: torch.Tensor, pending: 
 
     attn, mlp = layer.self_attn, layer.mlp
     b, t, _ = h.shape
-    chain = fused.int4_chain and b * t == 1 and h.dtype == fused.dtype
+    chain = fused.int4_chain and b * t == 1 and h.dtype == fused.qkv.compute_dtype
     if pending is not None:
         h = h + pending
     qkv = _gemv(fused.qkv, h, norm=layer.input_layernorm) if chain else fused.qkv(layer.input_layernorm(h))
