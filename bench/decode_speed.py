@@ -186,14 +186,17 @@ def decode_speed(model, device, batch, mode, prompt, steps) -> dict:
                 prefill_ms=1e3 * min(prefill_s))  # the best of the slots' prefills (the first one warms up)
 
 
-def profile_step(model, fmt: str, out: dict, prompt: int = 32, steps: int = 8) -> None:
-    """GPU time per decode step at batch 1 by kernel (torch.profiler over the compiled static-cache step run
-    without graph capture, so every kernel is seen; durations are the kernels', launch gaps excluded)."""
+def profile_step(model, fmt: str, out: dict, prompt: int = 32, steps: int = 8, graphs: bool = False,
+                 max_len: int | None = None) -> None:
+    """GPU time per decode step at batch 1 by kernel (torch.profiler over the compiled static-cache step). Without
+    graphs every kernel is launched on its own (durations are the kernels', launch gaps excluded); with
+    ``graphs`` the step is the server's CUDA graph and ``span_us_per_step`` (first kernel's start to the last one's
+    end, over the steps) minus the busy time is the idle time between the graph's kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     from pipeline.serve.cuda_graphs import GraphedDecoder
 
-    dec = GraphedDecoder(model, max_batch=1, max_len=prompt + steps + 16, buckets=[1], graphs=False,
+    dec = GraphedDecoder(model, max_batch=1, max_len=max_len or prompt + steps + 16, buckets=[1], graphs=graphs,
                          compile_layers=True)
     dec.prefill(0, torch.randint(0, model.config.vocab_size, (prompt,)))
     tok = torch.zeros(1, dtype=torch.long, device="cuda")
@@ -205,19 +208,25 @@ def profile_step(model, fmt: str, out: dict, prompt: int = 32, steps: int = 8) -
             tok = dec.step(tok).argmax(-1)
         torch.cuda.synchronize()
     totals: dict[str, list] = {}
+    starts, ends = [], []
     for ev in prof.events():
         if ev.device_type.name == "CUDA":
             t = totals.setdefault(ev.name[:90], [0.0, 0])
             t[0] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
             t[1] += 1
+            starts.append(ev.time_range.start)
+            ends.append(ev.time_range.end)
     rows = sorted(({"kernel": k, "us_per_step": v[0] / steps, "calls_per_step": v[1] / steps}
                    for k, v in totals.items()), key=lambda r: -r["us_per_step"])
-    out.setdefault("profile", {})[fmt] = dict(gpu_us_per_step=sum(r["us_per_step"] for r in rows),
-                                              kernels_per_step=sum(r["calls_per_step"] for r in rows),
-                                              kernels=rows[:25])
-    print(f"\nprofile {fmt}: GPU busy {out['profile'][fmt]['gpu_us_per_step']:.0f} us/step (batch 1), "
-          f"{out['profile'][fmt]['kernels_per_step']:.0f} kernels a step, top kernels:")
-    for r in rows[:25]:
+    key = fmt + ("-graphs" if graphs else "")
+    res = out.setdefault("profile", {})[key] = dict(
+        gpu_us_per_step=sum(r["us_per_step"] for r in rows), kernels_per_step=sum(r["calls_per_step"] for r in rows),
+        span_us_per_step=(max(ends) - min(starts)) / steps if starts else None, max_len=dec.max_len,
+        kernels=rows[:30])
+    span = f", span {res['span_us_per_step']:.0f} us/step" if starts else ""
+    print(f"\nprofile {key}: GPU busy {res['gpu_us_per_step']:.0f} us/step (batch 1){span}, "
+          f"{res['kernels_per_step']:.0f} kernels a step, top kernels:")
+    for r in rows[:30]:
         print(f"  {r['us_per_step']:8.1f} us  x{r['calls_per_step']:5.1f}  {r['kernel']}")
     del dec
 
@@ -295,7 +304,7 @@ def main(argv=None) -> int:
                     "graphs mode + \"-nofuse\" keeps q|k|v and gate|up as separate products, + \"-matmulattn\" decode "
                     "attention as two matrix products instead of the split-K kernel, + \"-nochain\" INT4's norms, "
                     "SwiGLU and residual adds outside its one-token GEMVs, + \"-nodefer\" each layer adds its own "
-                    "last residual")
+                    "last residual, + \"-pfN\" the INT4 chain prefetches N MiB of the next product into L2 (0: off)")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--steps", type=int, default=64)
@@ -347,7 +356,8 @@ def main(argv=None) -> int:
             fused_proj.INT4_CHAIN = fused_proj.DEFER_RESIDUAL = True  # the server's own step
             decode_attention.KERNEL = "auto"
             try:
-                profile_step(model, fmt, out)
+                profile_step(model, fmt, out, max_len=a.max_len)
+                profile_step(model, fmt, out, graphs=True, max_len=a.max_len)
             except Exception as e:  # noqa: BLE001 - the timing rows matter more
                 out.setdefault("profile", {})[fmt] = dict(error=repr(e)[:300])
         for rep, batch, mode in ((r, b, m) for r in range(a.repeat) for b in batches for m in modes):  # interleaved
@@ -359,6 +369,10 @@ def main(argv=None) -> int:
                     decode_attention.KERNEL = "matmul" if "matmulattn" in flags else "auto"
                     fused_proj.INT4_CHAIN = "nochain" not in flags
                     fused_proj.DEFER_RESIDUAL = "nodefer" not in flags
+                    from pipeline.engines import int4_cuda
+
+                    pf = [f for f in flags if f.startswith("pf")]  # "-pf0": no L2 prefetch, "-pf8": 8 MiB
+                    int4_cuda.PREFETCH_BYTES = int(pf[-1][2:]) << 20 if pf else int4_cuda.PREFETCH_DEFAULT
                     r = server_speed(model, a.device, batch, base, a.prompt, a.steps, a.max_len,
                                      fuse="nofuse" not in flags)
                 else:

@@ -151,7 +151,7 @@ def test_int4_parts_on_the_cpu_kernel_merge_their_packed_weights_exactly():
 
     torch.manual_seed(6)
     parts = [Int4Linear(quantize_groupwise(torch.randn(n, 256), 4, 64), bias=torch.randn(n), dtype=torch.bfloat16)
-             for n in (96, 32, 64)]  # fmt: skip
+             for n in (128, 64, 96)]  # fmt: skip
     assert {p.kernel for p in parts} == {KERNEL_CPU}
     xs = [torch.randn(m, 256).to(torch.bfloat16) for m in (1, 3, 20)]
     before = [torch.cat([p(x) for p in parts], dim=-1) for x in xs]
@@ -163,3 +163,9 @@ def test_int4_parts_on_the_cpu_kernel_merge_their_packed_weights_exactly():
     assert all(p.weight_int4pack.untyped_storage().data_ptr() == ptr for p in parts)
     odd = [Int4Linear(quantize_groupwise(torch.randn(n, 256), 4, 64), dtype=torch.bfloat16) for n in (12, 8)]
     assert FusedLinear(odd).kind == "separate"  # 12 rows: the packed kernel refuses them (dequantize path)
+    # 96 rows end in a short block of the CPU packing (64 rows with AVX-512): merged, they would read another
+    # part's rows as theirs (wrong outputs on an AVX-512 machine), so the parts stay separate, and stay exact
+    short = [Int4Linear(quantize_groupwise(torch.randn(n, 256), 4, 64), dtype=torch.bfloat16) for n in (96, 32, 64)]
+    fused = FusedLinear(short)
+    assert fused.kind == "separate"
+    assert torch.equal(fused(xs[1]), torch.cat([p(xs[1]) for p in short], dim=-1))

@@ -159,11 +159,19 @@ def _kind(parts: list[nn.Module]) -> str:
     return "separate"
 
 
+# Rows of PyTorch's packed int4 weight that are laid out together: tiles of 8 rows on CUDA (tinygemm); on the CPU
+# blocks of four float vectors (int4mm_kernel.cpp's BLOCK_N: 32 rows with AVX2, 64 with AVX-512), the last block of
+# a part packed as a short one. Parts concatenate where every part but the last fills whole blocks.
+_PACK_ROWS = {"cuda": 8, "cpu": 64}
+
+
 def _int4_paths(parts: list[nn.Module]) -> tuple[bool, bool]:
     """Which paths of these ``Int4Linear`` parts merged weights can serve: (one token through our CUDA GEMV,
-    PyTorch's packed int4 kernel, whose packed weight starts with tiles of 8 rows)."""
+    PyTorch's packed int4 kernel, whose packed rows concatenate in whole blocks: :data:`_PACK_ROWS`)."""
     gemv = all(p.gemv_cuda for p in parts)
-    packed = all("weight_int4pack" in p._buffers and p.out_features % 8 == 0 for p in parts)
+    block = _PACK_ROWS["cpu" if parts[0].kernel == KERNEL_CPU else "cuda"]
+    packed = all("weight_int4pack" in p._buffers for p in parts) and all(
+        p.out_features % (8 if i == len(parts) - 1 else block) == 0 for i, p in enumerate(parts))
     return gemv, packed
 
 
@@ -195,6 +203,7 @@ class FusedLayer(nn.Module):
         self.rotary = importlib.import_module(type(attn).__module__).apply_rotary_pos_emb
         why = _int4_chain_problem(layer, self)
         self.int4_chain = INT4_CHAIN and not why
+        self.after = None  # the next layer's q|k|v where it is on the chain too (fuse_layers), for down's prefetch
         if why and self.qkv.kind == "int4":
             log.debug("decode layer: INT4 products without the fused norms/SwiGLU/residuals (%s)", why)
 
@@ -235,14 +244,17 @@ def _int4_chain_problem(layer: nn.Module, fused: FusedLayer) -> str:
 
 
 def _gemv(linear: nn.Module, x: torch.Tensor, norm: nn.Module | None = None, swiglu: bool = False,
-          residual: torch.Tensor | None = None) -> torch.Tensor:
+          residual: torch.Tensor | None = None, after: nn.Module | None = None,
+          after_swiglu: bool = False) -> torch.Tensor:
     """One token through ``quantship::int4_gemv_fused`` over ``linear``'s codes (an ``Int4Linear`` or an int4
     ``FusedLinear``): ``norm`` (an RMSNorm) before the product; after it ``+ residual``, or with ``swiglu``
-    silu(gate) * up over gate|up (half the width)."""
+    silu(gate) * up over gate|up (half the width). ``after``: the chain's next product (``after_swiglu``: gate|up),
+    whose first weights this launch prefetches into L2 (``int4_cuda.prefetch_regions``)."""
     y = torch.ops.quantship.int4_gemv_fused(
         x.reshape(1, -1), linear.qweight, linear.scale_zero, linear.group_size,
         None if norm is None else norm.weight, 0.0 if norm is None else float(norm.variance_epsilon), swiglu,
-        None if residual is None else residual.reshape(1, -1))  # fmt: skip
+        None if residual is None else residual.reshape(1, -1), None if after is None else after.qweight,
+        None if after is None else after.scale_zero, after_swiglu)  # fmt: skip
     if linear.bias is not None:  # q|k|v's (Qwen2); the chain refuses a biased gate|up
         y = y + linear.bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], -1)
@@ -265,7 +277,11 @@ def fuse_layers(model: nn.Module) -> list[FusedLayer] | None:
     if any(not hasattr(importlib.import_module(type(layer.self_attn).__module__), "apply_rotary_pos_emb")
            for layer in layers):  # fmt: skip
         return None
-    return [FusedLayer(layer) for layer in layers]
+    fused = [FusedLayer(layer) for layer in layers]
+    for this, nxt in zip(fused, fused[1:]):
+        if this.int4_chain and nxt.int4_chain:
+            this.__dict__["after"] = nxt.qkv  # a reference, not a submodule: the next layer owns it
+    return fused
 
 
 def _has(obj: Any, dotted: str) -> bool:
@@ -290,7 +306,9 @@ def decode_layer(layer: nn.Module, fused: FusedLayer, h: torch.Tensor, pending: 
     chain = fused.int4_chain and b * t == 1 and h.dtype == fused.qkv.compute_dtype
     if pending is not None:
         h = h + pending
-    qkv = _gemv(fused.qkv, h, norm=layer.input_layernorm) if chain else fused.qkv(layer.input_layernorm(h))
+    o_proj = attn.o_proj
+    qkv = _gemv(fused.qkv, h, norm=layer.input_layernorm, after=o_proj) if chain else fused.qkv(
+        layer.input_layernorm(h))
     q, k, v = qkv.split(list(fused.splits), dim=-1)
     q, k, v = (z.reshape(b, t, -1, attn.head_dim) for z in (q, k, v))
     if hasattr(attn, "q_norm"):  # Qwen3: RMS norm per head on q and k, before the rotary embedding
@@ -300,9 +318,9 @@ def decode_layer(layer: nn.Module, fused: FusedLayer, h: torch.Tensor, pending: 
     out, _ = decode_attention(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
     out = out.reshape(b, t, -1)
     if chain:
-        h = _gemv(attn.o_proj, out, residual=h)
-        act = _gemv(fused.gate_up, h, norm=layer.post_attention_layernorm, swiglu=True)
-        return _gemv(mlp.down_proj, act, residual=h), None
+        h = _gemv(o_proj, out, residual=h, after=fused.gate_up, after_swiglu=True)
+        act = _gemv(fused.gate_up, h, norm=layer.post_attention_layernorm, swiglu=True, after=mlp.down_proj)
+        return _gemv(mlp.down_proj, act, residual=h, after=fused.after), None
     h = h + attn.o_proj(out)
     gate, up = fused.gate_up(layer.post_attention_layernorm(h)).chunk(2, dim=-1)
     down = mlp.down_proj(mlp.act_fn(gate) * up)
