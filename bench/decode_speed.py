@@ -304,7 +304,7 @@ def main(argv=None) -> int:
                     "graphs mode + \"-nofuse\" keeps q|k|v and gate|up as separate products, + \"-matmulattn\" decode "
                     "attention as two matrix products instead of the split-K kernel, + \"-nochain\" INT4's norms, "
                     "SwiGLU and residual adds outside its one-token GEMVs, + \"-nodefer\" each layer adds its own "
-                    "last residual, + \"-pfN\" the INT4 chain prefetches N MiB of the next product into L2 (0: off)")
+                    "last residual)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--steps", type=int, default=64)
@@ -369,10 +369,6 @@ def main(argv=None) -> int:
                     decode_attention.KERNEL = "matmul" if "matmulattn" in flags else "auto"
                     fused_proj.INT4_CHAIN = "nochain" not in flags
                     fused_proj.DEFER_RESIDUAL = "nodefer" not in flags
-                    from pipeline.engines import int4_cuda
-
-                    pf = [f for f in flags if f.startswith("pf")]  # "-pf0": no L2 prefetch, "-pf8": 8 MiB
-                    int4_cuda.PREFETCH_BYTES = int(pf[-1][2:]) << 20 if pf else int4_cuda.PREFETCH_DEFAULT
                     r = server_speed(model, a.device, batch, base, a.prompt, a.steps, a.max_len,
                                      fuse="nofuse" not in flags)
                 else:

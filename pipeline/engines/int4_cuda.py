@@ -103,14 +103,6 @@ __device__ __forceinline__ void load_chunk(uint4 (&w)[R], u32 (&s)[R], const uin
   }
 }
 
-// L2 prefetch of ``lines`` 128-byte lines from ``p``, spread over the grid's threads (a hint: no register waits on it)
-__device__ __forceinline__ void prefetch_l2(const char* p, int lines) {
-  const int stride = gridDim.x * blockDim.x;
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < lines; i += stride)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p + (size_t)i * 128));
-}
-struct Prefetch { const char* p[4]; int lines[4]; };  // the next product's first weights (:func:`prefetch_regions`)
-
 __device__ __forceinline__ float round_act(float f, bool bf16) { return act_to_f32(f32_to_act(f, bf16), bf16); }
 
 __device__ __forceinline__ void load_act32(float (&xv)[32], const u16* __restrict__ p, bool bf16) {
@@ -136,7 +128,7 @@ template <int R, bool NORM, int EPI>
 __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __restrict__ nw,
                                        const u16* __restrict__ res, const uint4* __restrict__ qw,
                                        const u32* __restrict__ sz, u16* __restrict__ out,
-                                       int N, int K, int G, float eps, bool bf16, const Prefetch& pf) {
+                                       int N, int K, int G, float eps, bool bf16) {
   constexpr bool PAIRS = EPI == 2;
   constexpr int OUT = PAIRS ? R / 2 : R;  // outputs per chunk
   __shared__ float red[32 * R];
@@ -208,12 +200,7 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
     uint4 wn[R];
     u32 sn[R];
     const int next = chunk + gridDim.x;
-    if (next < chunks) {
-      load_chunk<R, PAIRS>(wn, sn, qw, sz, next, N, kt, gpr, g, t, active);
-    } else {  // this block's loads are all issued: start the next product's from DRAM into L2
-#pragma unroll
-      for (int i = 0; i < 4; ++i) prefetch_l2(pf.p[i], pf.lines[i]);
-    }
+    if (next < chunks) load_chunk<R, PAIRS>(wn, sn, qw, sz, next, N, kt, gpr, g, t, active);
 #pragma unroll
     for (int u = 0; u < R; ++u) {
       const u32 words[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
@@ -267,10 +254,8 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
 #define ENTRY(NAME, BOUND, R, NORM, EPI, BF16)                                                           \
   extern "C" __global__ void __launch_bounds__(BOUND)                                                  \
   NAME(const u16* x, const u16* nw, const u16* res, const uint4* qw, const u32* sz, u16* out, int N,     \
-       int K, int G, double eps, const char* p0, int l0, const char* p1, int l1, const char* p2, int l2,  \
-       const char* p3, int l3) {                                                                       \
-    const Prefetch pf = {{p0, p1, p2, p3}, {l0, l1, l2, l3}};                                          \
-    q4gemv<R, NORM, EPI>(x, nw, res, qw, sz, out, N, K, G, (float)eps, BF16, pf);                      \
+       int K, int G, double eps) {                                                                     \
+    q4gemv<R, NORM, EPI>(x, nw, res, qw, sz, out, N, K, G, (float)eps, BF16);                          \
   }
 """
 
@@ -401,13 +386,10 @@ def vector_for_kernel(x: torch.Tensor) -> torch.Tensor:
 
 def gemv(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int, rows: int | None = None,
          blocks_per_sm: int | None = None, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-         swiglu: bool = False, residual: torch.Tensor | None = None,
-         prefetch: tuple[torch.Tensor, torch.Tensor, bool] | None = None) -> torch.Tensor:
+         swiglu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [1, K] (bf16/fp16, CUDA) @ dequant(qweight, sz).T -> [1, N] in x's dtype. Fused (:func:`fused_reference`
     says what each computes): ``norm_weight`` runs RMSNorm(x) * norm_weight first; ``swiglu`` takes the N rows as
-    gate|up and returns silu(gate) * up [1, N / 2]; ``residual`` [1, N] is added to the product. ``prefetch``:
-    the next product's (qweight, scale_zero, swiglu), whose first rows this launch brings into L2
-    (:func:`prefetch_regions`)."""
+    gate|up and returns silu(gate) * up [1, N / 2]; ``residual`` [1, N] is added to the product."""
     n, k = qweight.shape[0], qweight.shape[1] * 8
     if swiglu and (n % 2 or residual is not None):
         raise ValueError(f"the SwiGLU epilogue needs an even number of rows and no residual, got N = {n}")
@@ -420,38 +402,9 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int, r
     if blocks_per_sm is None:  # as many blocks as fit on the GPU at once (a prologue is paid once per block)
         blocks_per_sm = resident_blocks(*variant, threads_per_block(k))
     _, blocks = launch_shape(n, k, sm_count(x.device.index or 0), rows, blocks_per_sm)
-    regions = prefetch_regions(*prefetch) if prefetch is not None else []
-    regions += [(x, 0)] * (4 - len(regions))
     compiled(*variant)(grid=(blocks, 1, 1), block=(threads_per_block(k), 1, 1),
-                       args=[x, nw, res, qweight, sz, out, n, k, group, float(eps), *(v for r in regions for v in r)])
+                       args=[x, nw, res, qweight, sz, out, n, k, group, float(eps)])
     return out
-
-
-PREFETCH_DEFAULT = 16 << 20
-PREFETCH_BYTES = PREFETCH_DEFAULT  # per launch, at most; 0 turns the prefetch off (bench/decode_speed.py's "-pf0")
-
-
-def prefetch_regions(qweight: torch.Tensor, sz: torch.Tensor, pairs: bool = False,
-                     budget: int | None = None) -> list[tuple[torch.Tensor, int]]:
-    """(start, 128-byte lines) of the first rows of a [N, K] product's codes and scales, in the order its chunks
-    read them (with ``pairs``, the SwiGLU layout, the same rows of both halves), ``budget`` bytes in all
-    (:data:`PREFETCH_BYTES`; at most 4 regions).
-
-    Why: a one-token GEMV of the 8B shapes moves 9-62 MB, and its first loads wait a full DRAM latency after a
-    launch gap, while the blocks of the kernel before it have run out of loads to issue (their tail). A block
-    that has issued its last loads starts these lines on their way into L2 (50 MB on the H100/H200), so the next
-    product's first wave finds them there."""
-    budget = PREFETCH_BYTES if budget is None else budget
-    halves = 2 if pairs else 1
-    n = qweight.shape[0] // halves
-    row_bytes = qweight.shape[1] * qweight.element_size() + sz.shape[1] * sz.element_size()
-    take = min(n, budget // (row_bytes * halves))
-    regions = []
-    for h in range(halves if take else 0):
-        for t in (qweight, sz):
-            part = t[h * n : h * n + take]
-            regions.append((part, -(-part.numel() * part.element_size() // 128)))
-    return regions
 
 
 def fused_reference(x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
@@ -501,16 +454,12 @@ def custom_op():
 
     @torch.library.custom_op("quantship::int4_gemv_fused", mutates_args=())
     def fused(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int,
-              norm_weight: torch.Tensor | None, eps: float, swiglu: bool, residual: torch.Tensor | None,
-              next_qweight: torch.Tensor | None = None, next_sz: torch.Tensor | None = None,
-              next_swiglu: bool = False) -> torch.Tensor:  # fmt: skip
-        after = (next_qweight, next_sz, next_swiglu) if next_qweight is not None and next_sz is not None else None
-        return gemv(x, qweight, sz, group, norm_weight=norm_weight, eps=eps, swiglu=swiglu, residual=residual,
-                    prefetch=after)
+              norm_weight: torch.Tensor | None, eps: float, swiglu: bool,
+              residual: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        return gemv(x, qweight, sz, group, norm_weight=norm_weight, eps=eps, swiglu=swiglu, residual=residual)
 
     @fused.register_fake
-    def _(x, qweight, sz, group, norm_weight, eps, swiglu, residual, next_qweight=None, next_sz=None,
-          next_swiglu=False):
+    def _(x, qweight, sz, group, norm_weight, eps, swiglu, residual):
         return x.new_empty(1, qweight.shape[0] // 2 if swiglu else qweight.shape[0])
 
     return op

@@ -203,7 +203,6 @@ class FusedLayer(nn.Module):
         self.rotary = importlib.import_module(type(attn).__module__).apply_rotary_pos_emb
         why = _int4_chain_problem(layer, self)
         self.int4_chain = INT4_CHAIN and not why
-        self.after = None  # the next layer's q|k|v where it is on the chain too (fuse_layers), for down's prefetch
         if why and self.qkv.kind == "int4":
             log.debug("decode layer: INT4 products without the fused norms/SwiGLU/residuals (%s)", why)
 
@@ -244,17 +243,14 @@ def _int4_chain_problem(layer: nn.Module, fused: FusedLayer) -> str:
 
 
 def _gemv(linear: nn.Module, x: torch.Tensor, norm: nn.Module | None = None, swiglu: bool = False,
-          residual: torch.Tensor | None = None, after: nn.Module | None = None,
-          after_swiglu: bool = False) -> torch.Tensor:
+          residual: torch.Tensor | None = None) -> torch.Tensor:
     """One token through ``quantship::int4_gemv_fused`` over ``linear``'s codes (an ``Int4Linear`` or an int4
     ``FusedLinear``): ``norm`` (an RMSNorm) before the product; after it ``+ residual``, or with ``swiglu``
-    silu(gate) * up over gate|up (half the width). ``after``: the chain's next product (``after_swiglu``: gate|up),
-    whose first weights this launch prefetches into L2 (``int4_cuda.prefetch_regions``)."""
+    silu(gate) * up over gate|up (half the width)."""
     y = torch.ops.quantship.int4_gemv_fused(
         x.reshape(1, -1), linear.qweight, linear.scale_zero, linear.group_size,
         None if norm is None else norm.weight, 0.0 if norm is None else float(norm.variance_epsilon), swiglu,
-        None if residual is None else residual.reshape(1, -1), None if after is None else after.qweight,
-        None if after is None else after.scale_zero, after_swiglu)  # fmt: skip
+        None if residual is None else residual.reshape(1, -1))  # fmt: skip
     if linear.bias is not None:  # q|k|v's (Qwen2); the chain refuses a biased gate|up
         y = y + linear.bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], -1)
@@ -277,11 +273,7 @@ def fuse_layers(model: nn.Module) -> list[FusedLayer] | None:
     if any(not hasattr(importlib.import_module(type(layer.self_attn).__module__), "apply_rotary_pos_emb")
            for layer in layers):  # fmt: skip
         return None
-    fused = [FusedLayer(layer) for layer in layers]
-    for this, nxt in zip(fused, fused[1:]):
-        if this.int4_chain and nxt.int4_chain:
-            this.__dict__["after"] = nxt.qkv  # a reference, not a submodule: the next layer owns it
-    return fused
+    return [FusedLayer(layer) for layer in layers]
 
 
 def _has(obj: Any, dotted: str) -> bool:
@@ -306,9 +298,7 @@ def decode_layer(layer: nn.Module, fused: FusedLayer, h: torch.Tensor, pending: 
     chain = fused.int4_chain and b * t == 1 and h.dtype == fused.qkv.compute_dtype
     if pending is not None:
         h = h + pending
-    o_proj = attn.o_proj
-    qkv = _gemv(fused.qkv, h, norm=layer.input_layernorm, after=o_proj) if chain else fused.qkv(
-        layer.input_layernorm(h))
+    qkv = _gemv(fused.qkv, h, norm=layer.input_layernorm) if chain else fused.qkv(layer.input_layernorm(h))
     q, k, v = qkv.split(list(fused.splits), dim=-1)
     q, k, v = (z.reshape(b, t, -1, attn.head_dim) for z in (q, k, v))
     if hasattr(attn, "q_norm"):  # Qwen3: RMS norm per head on q and k, before the rotary embedding
@@ -318,9 +308,9 @@ def decode_layer(layer: nn.Module, fused: FusedLayer, h: torch.Tensor, pending: 
     out, _ = decode_attention(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
     out = out.reshape(b, t, -1)
     if chain:
-        h = _gemv(o_proj, out, residual=h, after=fused.gate_up, after_swiglu=True)
-        act = _gemv(fused.gate_up, h, norm=layer.post_attention_layernorm, swiglu=True, after=mlp.down_proj)
-        return _gemv(mlp.down_proj, act, residual=h, after=fused.after), None
+        h = _gemv(attn.o_proj, out, residual=h)
+        act = _gemv(fused.gate_up, h, norm=layer.post_attention_layernorm, swiglu=True)
+        return _gemv(mlp.down_proj, act, residual=h), None
     h = h + attn.o_proj(out)
     gate, up = fused.gate_up(layer.post_attention_layernorm(h)).chunk(2, dim=-1)
     down = mlp.down_proj(mlp.act_fn(gate) * up)
