@@ -304,7 +304,7 @@ def main(argv=None) -> int:
                     "graphs mode + \"-nofuse\" keeps q|k|v and gate|up as separate products, + \"-matmulattn\" decode "
                     "attention as two matrix products instead of the split-K kernel, + \"-nochain\" INT4's norms, "
                     "SwiGLU and residual adds outside its one-token GEMVs, + \"-nodefer\" each layer adds its own "
-                    "last residual)
+                    "last residual, + \"-norope\" the rotary embedding and cache write outside INT4's q|k|v GEMV")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--steps", type=int, default=64)
@@ -353,7 +353,7 @@ def main(argv=None) -> int:
         if a.profile and cuda:
             from pipeline.serve import decode_attention, fused_proj
 
-            fused_proj.INT4_CHAIN = fused_proj.DEFER_RESIDUAL = True  # the server's own step
+            fused_proj.INT4_CHAIN = fused_proj.DEFER_RESIDUAL = fused_proj.ROPE_IN_QKV = True  # the server's step
             decode_attention.KERNEL = "auto"
             try:
                 profile_step(model, fmt, out, max_len=a.max_len)
@@ -369,6 +369,7 @@ def main(argv=None) -> int:
                     decode_attention.KERNEL = "matmul" if "matmulattn" in flags else "auto"
                     fused_proj.INT4_CHAIN = "nochain" not in flags
                     fused_proj.DEFER_RESIDUAL = "nodefer" not in flags
+                    fused_proj.ROPE_IN_QKV = "norope" not in flags
                     r = server_speed(model, a.device, batch, base, a.prompt, a.steps, a.max_len,
                                      fuse="nofuse" not in flags)
                 else:

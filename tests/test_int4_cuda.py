@@ -219,3 +219,58 @@ def test_fused_cuda_gemv_runs_rmsnorm_swiglu_and_the_residual_add_as_the_ops_wou
         assert ((normed.double() - ref.double()).norm() / ref.double().norm()).item() < 8e-3  # ~2e-3: bf16 steps
         both = int4_cuda.gemv(x, qweight, sz, 128, norm_weight=nw, eps=1e-5, swiglu=True)
         assert torch.equal(both, int4_cuda.fused_reference(normed, silu_mul=True))
+
+
+def test_rope_reference_is_transformers_rotary_and_ropewrite_names_what_it_refuses():
+    """The rotary epilogue's arithmetic (int4_cuda.rope_reference) is transformers' apply_rotary_pos_emb over q and
+    k (rotate_half's pairs, whole heads), exactly in float32; RopeWrite.problem refuses what the kernel cannot
+    take, by name."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    gen = torch.Generator().manual_seed(21)
+    hd, hq, hkv = 64, 4, 2
+    qkv = torch.randn(1, (hq + 2 * hkv) * hd, generator=gen)
+    cos, sin = torch.randn(hd, generator=gen), torch.randn(hd, generator=gen)
+    q, k, v = int4_cuda.rope_reference(qkv, cos, sin, hq * hd, hd)
+    q0, k0, v0 = qkv.reshape(-1).split([hq * hd, hkv * hd, hkv * hd])
+    want_q, want_k = apply_rotary_pos_emb(q0.reshape(1, hq, 1, hd), k0.reshape(1, hkv, 1, hd), cos[None, None],
+                                          sin[None, None])  # fmt: skip
+    assert torch.equal(q, want_q.reshape(1, -1)) and torch.equal(k, want_k.reshape(hkv, hd))
+    assert torch.equal(v, v0.reshape(hkv, hd))
+    cache = torch.zeros(2, hkv, 16, hd)
+    ok = int4_cuda.RopeWrite(cos, sin, torch.zeros(1, dtype=torch.long), cache, cache.clone(), hq * hd, hd)
+    n = (hq + 2 * hkv) * hd
+    assert ok.problem(n, 512) == ""
+    assert "whole heads" in ok.problem(n + 4, 512)
+    assert "pairs 4" in ok.problem(n, 512, rows=8)
+    assert "partial rotary" in ok._replace(cos=cos[:32], sin=sin[:32]).problem(n, 512)
+    assert "caches" in ok._replace(k_cache=cache.transpose(2, 3)).problem(n, 512)
+    assert "int64" in ok._replace(pos=torch.zeros(1)).problem(n, 512)
+
+
+@pytest.mark.gpu
+def test_rotary_epilogue_writes_q_and_the_cache_as_the_reference():
+    """int4_gemv_rope: RMSNorm, q|k|v, the rotary embedding and the cache write in one kernel give the normed
+    product's q, k, v rotated as int4_cuda.rope_reference does, bit for bit, k and v at slot 0's position and
+    nothing else of the cache touched."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    gen = torch.Generator().manual_seed(23)
+    for hd, hq, hkv, k, dtype in [(128, 8, 2, 1024, torch.bfloat16), (64, 6, 3, 512, torch.float16)]:
+        n = (hq + 2 * hkv) * hd
+        q, s, z, _ = _case(n, k, 128, dtype, gen)
+        qweight, sz = int4_triton.repack(q, s, z, "cuda")["qweight"], int4_cuda.pack_scale_zero(s, z).cuda()
+        x = (torch.randn(1, k, generator=gen) * 2).to(dtype).cuda()
+        nw = (torch.rand(k, generator=gen) + 0.5).to(dtype).cuda()
+        cos, sin = (torch.randn(hd, generator=gen).to(dtype).cuda() for _ in range(2))
+        kc, vc = (torch.randn(3, hkv, 32, hd, generator=gen).to(dtype).cuda() for _ in range(2))
+        k0, v0 = kc.clone(), vc.clone()
+        pos = torch.tensor([5, 9, 11], device="cuda")
+        rope = int4_cuda.RopeWrite(cos, sin, pos, kc, vc, hq * hd, hd)
+        got = int4_cuda.gemv(x, qweight, sz, 128, norm_weight=nw, eps=1e-5, rope=rope)
+        plain = int4_cuda.gemv(x, qweight, sz, 128, norm_weight=nw, eps=1e-5)
+        want_q, want_k, want_v = int4_cuda.rope_reference(plain, cos, sin, hq * hd, hd)
+        assert torch.equal(got, want_q)
+        assert torch.equal(kc[0, :, 5], want_k) and torch.equal(vc[0, :, 5], want_v)
+        k0[0, :, 5], v0[0, :, 5] = want_k, want_v
+        assert torch.equal(kc, k0) and torch.equal(vc, v0)

@@ -44,6 +44,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+from typing import NamedTuple
 
 import torch
 
@@ -87,17 +88,29 @@ __device__ __forceinline__ int dp4a_us(u32 a, int b, int c) {  // unsigned bytes
 __device__ __forceinline__ u32 dp4a_uu(u32 a, u32 b, u32 c) {  // unsigned bytes . unsigned bytes + c
   u32 d; asm("dp4a.u32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
 }
-// Rows of chunk ``chunk``: R consecutive rows, or with PAIRS (the SwiGLU epilogue over gate|up) rows i .. i + R/2 - 1
-// of the first half (gate) and the same rows of the second half (up), i = chunk * R/2.
-template <int R, bool PAIRS>
+// Row ``u`` of chunk ``chunk`` (-1 past the end). MAP 0: R consecutive rows. MAP 1 (the SwiGLU epilogue over
+// gate|up): rows i .. i + R/2 - 1 of the first half (gate) and the same rows of the second half (up), i = chunk *
+// R/2. MAP 2 (the rotary epilogue over q|k|v, R = 4, heads of HD rows): rows j, j + 1 of a head and their rotary
+// partners j + HD/2, j + HD/2 + 1, j = 2 * (chunk % (HD / 4)).
+template <int R, int MAP>
+__device__ __forceinline__ int chunk_row(int chunk, int u, int N, int hd) {
+  if (MAP == 2) {
+    const int head = chunk / (hd >> 2), j = (chunk % (hd >> 2)) * 2;
+    const int n = head * hd + (u < 2 ? j + u : (hd >> 1) + j + u - 2);
+    return n < N ? n : -1;
+  }
+  const int i = chunk * (R / 2) + u % (R / 2);
+  if (MAP == 1) return i < (N >> 1) ? (u < R / 2 ? i : (N >> 1) + i) : -1;
+  return chunk * R + u < N ? chunk * R + u : -1;
+}
+template <int R, int MAP>
 __device__ __forceinline__ void load_chunk(uint4 (&w)[R], u32 (&s)[R], const uint4* __restrict__ qw,
                                            const u32* __restrict__ sz, int chunk, int N, int kt, int gpr, int g,
-                                           int t, bool active) {
+                                           int t, bool active, int hd) {
 #pragma unroll
   for (int u = 0; u < R; ++u) {
-    const int i = chunk * (R / 2) + u % (R / 2);
-    const int n = PAIRS ? (u < R / 2 ? i : (N >> 1) + i) : chunk * R + u;
-    const bool ok = active && (PAIRS ? i < (N >> 1) : n < N);
+    const int n = chunk_row<R, MAP>(chunk, u, N, hd);
+    const bool ok = active && n >= 0;
     w[u] = ok ? load_stream(qw + (size_t)n * kt + t) : make_uint4(0u, 0u, 0u, 0u);
     s[u] = ok ? __ldg(sz + (size_t)n * gpr + g) : 0u;
   }
@@ -123,13 +136,20 @@ __device__ __forceinline__ void load_act32(float (&xv)[32], const u16* __restric
 // rsqrt(mean(x^2) + eps) at the end (float32 sum of squares, reduced beside the products, so no block-wide wait
 // before them). EPI 0: out = the product. EPI 1: out = res + (the product, rounded), rounded, as the eager add.
 // EPI 2 (SwiGLU over gate|up = the rows' two halves): out[i] = silu(gate_i) * up_i, N / 2 outputs, each value
-// rounded where the eager ops (the product, silu, the multiplication) round.
+// rounded where the eager ops (the product, silu, the multiplication) round. EPI 3 (the rotary embedding over
+// q|k|v, one token of cache slot 0): ``res`` is cos, ``rope.sin`` sin (HD each), the products are rounded to the activation
+// dtype and rotated (rotate_half's pairs, in float32, rounded once, as the compiled step's fused kernel does);
+// q goes to ``out`` (QROWS outputs), k and v to this token's position (*pos) of ``kc``/``vc`` ([heads, positions,
+// HD] with heads HSTRIDE apart).
+struct Rope { const u16* sin; const long long* pos; u16* kc; u16* vc; int qrows, hd, hstride; };
+
 template <int R, bool NORM, int EPI>
 __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __restrict__ nw,
                                        const u16* __restrict__ res, const uint4* __restrict__ qw,
                                        const u32* __restrict__ sz, u16* __restrict__ out,
-                                       int N, int K, int G, float eps, bool bf16) {
+                                       int N, int K, int G, float eps, bool bf16, const Rope rope) {
   constexpr bool PAIRS = EPI == 2;
+  constexpr int MAP = EPI == 2 ? 1 : EPI == 3 ? 2 : 0;
   constexpr int OUT = PAIRS ? R / 2 : R;  // outputs per chunk
   __shared__ float red[32 * R];
   __shared__ float ssum[32];
@@ -140,7 +160,7 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
   int chunk = blockIdx.x;
   uint4 w[R];
   u32 s[R];
-  load_chunk<R, PAIRS>(w, s, qw, sz, chunk, N, kt, gpr, g, t, active);  // weights in flight during the prologue
+  load_chunk<R, MAP>(w, s, qw, sz, chunk, N, kt, gpr, g, t, active, rope.hd);  // in flight during the prologue
 
   float xv[32];
 #pragma unroll
@@ -197,10 +217,11 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
   for (; chunk < chunks; chunk += gridDim.x) {
     const int o = chunk * OUT + t;  // this thread's output, for t < OUT
     const float rv = (EPI == 1 && t < OUT && o < nout) ? act_to_f32(res[o], bf16) : 0.f;  // loaded early
+    const int row = EPI == 3 && t < R ? chunk_row<R, MAP>(chunk, t, N, rope.hd) : -1;
     uint4 wn[R];
     u32 sn[R];
     const int next = chunk + gridDim.x;
-    if (next < chunks) load_chunk<R, PAIRS>(wn, sn, qw, sz, next, N, kt, gpr, g, t, active);
+    if (next < chunks) load_chunk<R, MAP>(wn, sn, qw, sz, next, N, kt, gpr, g, t, active, rope.hd);
 #pragma unroll
     for (int u = 0; u < R; ++u) {
       const u32 words[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
@@ -223,7 +244,33 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
       if (lane == 0) red[warp * R + u] = v;
     }
     __syncthreads();
-    if (t < OUT && o < nout) {
+    if (EPI == 3 && row >= 0) {  // R == 4: output t, its rotary partner t ^ 2 (the same pair of the other half)
+      float mine = 0.f, other = 0.f;
+      for (int i = 0; i < nwarps; ++i) { mine += red[i * R + t]; other += red[i * R + (t ^ 2)]; }
+      if (NORM) {
+        float total = 0.f;
+        for (int i = 0; i < nwarps; ++i) total += ssum[i];
+        const float f = rsqrtf(total / (float)K + eps);
+        mine *= f;
+        other *= f;
+      }
+      const float a = round_act(mine, bf16), b = round_act(other, bf16);
+      const int d = row % rope.hd, kvrows = (N - rope.qrows) >> 1;
+      if (row < rope.qrows + kvrows) {  // q or k: rotated
+        const float c = act_to_f32(res[d], bf16), sn = act_to_f32(rope.sin[d], bf16);
+        const float v = __fadd_rn(__fmul_rn(a, c), __fmul_rn(t < 2 ? -b : b, sn));
+        if (row < rope.qrows) {
+          out[row] = f32_to_act(v, bf16);
+        } else {
+          const int kr = row - rope.qrows;
+          rope.kc[(size_t)(kr / rope.hd) * rope.hstride + (size_t)(*rope.pos) * rope.hd + d] = f32_to_act(v, bf16);
+        }
+      } else {
+        const int vr = row - rope.qrows - kvrows;
+        rope.vc[(size_t)(vr / rope.hd) * rope.hstride + (size_t)(*rope.pos) * rope.hd + d] = f32_to_act(a, bf16);
+      }
+    }
+    if (EPI != 3 && t < OUT && o < nout) {
       float sum = 0.f, up = 0.f;
       for (int i = 0; i < nwarps; ++i) sum += red[i * R + t];
       if (PAIRS)
@@ -254,8 +301,10 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
 #define ENTRY(NAME, BOUND, R, NORM, EPI, BF16)                                                           \
   extern "C" __global__ void __launch_bounds__(BOUND)                                                  \
   NAME(const u16* x, const u16* nw, const u16* res, const uint4* qw, const u32* sz, u16* out, int N,     \
-       int K, int G, double eps) {                                                                     \
-    q4gemv<R, NORM, EPI>(x, nw, res, qw, sz, out, N, K, G, (float)eps, BF16);                          \
+       int K, int G, double eps, const u16* sn, const long long* pos, u16* kc, u16* vc, int qrows, int hd,  \
+       int hstride) {                                                                                  \
+    const Rope rope = {sn, pos, kc, vc, qrows, hd, hstride};                                           \
+    q4gemv<R, NORM, EPI>(x, nw, res, qw, sz, out, N, K, G, (float)eps, BF16, rope);                    \
   }
 """
 
@@ -333,7 +382,7 @@ def compile_failure(kernels) -> str:
     return ""
 
 
-EPILOGUES = {"": 0, "residual": 1, "swiglu": 2}  # what the kernel writes (the CUDA source's EPI)
+EPILOGUES = {"": 0, "residual": 1, "swiglu": 2, "rope": 3}  # what the kernel writes (the CUDA source's EPI)
 
 
 def compile_problem(dtype: torch.dtype, k: int, norm: bool = False, epilogue: str = "") -> str:
@@ -386,25 +435,87 @@ def vector_for_kernel(x: torch.Tensor) -> torch.Tensor:
 
 def gemv(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int, rows: int | None = None,
          blocks_per_sm: int | None = None, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-         swiglu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+         swiglu: bool = False, residual: torch.Tensor | None = None, rope: "RopeWrite | None" = None) -> torch.Tensor:
     """x [1, K] (bf16/fp16, CUDA) @ dequant(qweight, sz).T -> [1, N] in x's dtype. Fused (:func:`fused_reference`
-    says what each computes): ``norm_weight`` runs RMSNorm(x) * norm_weight first; ``swiglu`` takes the N rows as
-    gate|up and returns silu(gate) * up [1, N / 2]; ``residual`` [1, N] is added to the product."""
+    and :func:`rope_reference` say what each computes): ``norm_weight`` runs RMSNorm(x) * norm_weight first;
+    ``swiglu`` takes the N rows as gate|up and returns silu(gate) * up [1, N / 2]; ``residual`` [1, N] is added to
+    the product; ``rope`` takes the rows as q|k|v, rotates q and k, writes k and v into the cache at this token's
+    position and returns q [1, rope.q_rows]."""
     n, k = qweight.shape[0], qweight.shape[1] * 8
     if swiglu and (n % 2 or residual is not None):
         raise ValueError(f"the SwiGLU epilogue needs an even number of rows and no residual, got N = {n}")
+    if rope is not None and (swiglu or residual is not None or rope.problem(n, k, rows)):
+        raise ValueError(f"the rotary epilogue takes q|k|v alone: {rope.problem(n, k, rows) or 'no other epilogue'}")
     x = vector_for_kernel(x)
-    epilogue = "swiglu" if swiglu else "residual" if residual is not None else ""
+    epilogue = "rope" if rope is not None else "swiglu" if swiglu else "residual" if residual is not None else ""
     nw = vector_for_kernel(norm_weight) if norm_weight is not None else x
     res = vector_for_kernel(residual) if residual is not None else x
-    out = torch.empty(1, n // 2 if swiglu else n, device=x.device, dtype=x.dtype)
+    width = rope.q_rows if rope is not None else n // 2 if swiglu else n
+    out = torch.empty(1, width, device=x.device, dtype=x.dtype)
+    if rope is not None:
+        res = vector_for_kernel(rope.cos)
+        extra = [vector_for_kernel(rope.sin), rope.pos, rope.k_cache, rope.v_cache, rope.q_rows, rope.head_dim,
+                 rope.k_cache.stride(1)]
+    else:
+        extra = [x, x, x, x, 0, 0, 0]
     variant = _variant(x.dtype, k, chunk_rows(k, rows), norm_weight is not None, epilogue)
     if blocks_per_sm is None:  # as many blocks as fit on the GPU at once (a prologue is paid once per block)
         blocks_per_sm = resident_blocks(*variant, threads_per_block(k))
     _, blocks = launch_shape(n, k, sm_count(x.device.index or 0), rows, blocks_per_sm)
     compiled(*variant)(grid=(blocks, 1, 1), block=(threads_per_block(k), 1, 1),
-                       args=[x, nw, res, qweight, sz, out, n, k, group, float(eps)])
+                       args=[x, nw, res, qweight, sz, out, n, k, group, float(eps), *extra])
     return out
+
+
+class RopeWrite(NamedTuple):
+    """What the rotary epilogue needs (``gemv(rope=...)``): this token's ``cos``/``sin`` [head_dim] (the model's
+    rotary embedding, in the activation dtype), ``pos`` (int64 on the GPU: its first value is the cache position to
+    write), the caches ``k_cache``/``v_cache`` [slots, kv heads, positions, head_dim] (contiguous in the last two;
+    the token is slot 0's), and the layout of q|k|v: ``q_rows`` rows of q, then k and v of equal width, heads of
+    ``head_dim`` rows."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    pos: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    q_rows: int
+    head_dim: int
+
+    def problem(self, n: int, k: int, rows: int | None = None) -> str:
+        """Why the epilogue cannot take this [N, K] q|k|v and these tensors, or ""."""
+        hd, kv = self.head_dim, n - self.q_rows
+        if hd % 4 or self.q_rows % hd or kv % (2 * hd) or self.q_rows <= 0:
+            return f"q|k|v of {n} rows with {self.q_rows} of q in heads of {hd} (needs whole heads, hd % 4 == 0)"
+        if chunk_rows(k, rows) != 4:
+            return f"K = {k} at {chunk_rows(k, rows)} rows a chunk (the epilogue pairs 4)"
+        if self.cos.numel() != hd or self.sin.numel() != hd:
+            return f"cos/sin of {self.cos.numel()} values for heads of {hd} (a partial rotary embedding)"
+        if self.cos.dtype != self.sin.dtype:
+            return "cos and sin differ in dtype"
+        caches = (self.k_cache, self.v_cache)
+        if any(c.dim() != 4 or c.shape[1] * hd != kv // 2 or c.shape[3] != hd or c.stride(3) != 1
+               or c.stride(2) != hd for c in caches) or self.k_cache.stride() != self.v_cache.stride():  # fmt: skip
+            return "k/v caches not [slots, kv heads, positions, head_dim] with contiguous positions"
+        if self.pos.dtype != torch.int64 or self.pos.numel() < 1:
+            return "pos is not an int64 tensor"
+        return ""
+
+
+def rope_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_rows: int,
+                   head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the rotary epilogue computes from the q|k|v product ``qkv`` [1, N] (in the activation dtype): q and k
+    rotated by transformers' ``apply_rotary_pos_emb`` (rotate_half's pairs) in float32 and rounded once, as the
+    compiled step's fused kernel does; (q [1, q_rows], k [kv heads, head_dim], v [kv heads, head_dim])."""
+    kv = (qkv.shape[-1] - q_rows) // 2
+    q, k, v = qkv.reshape(-1).split([q_rows, kv, kv])
+
+    def rotate(z: torch.Tensor) -> torch.Tensor:
+        z = z.float().reshape(-1, head_dim)
+        half = torch.cat([-z[:, head_dim // 2 :], z[:, : head_dim // 2]], dim=-1)
+        return (z * cos.float().reshape(1, -1) + half * sin.float().reshape(1, -1)).to(qkv.dtype)
+
+    return rotate(q).reshape(1, -1), rotate(k), v.reshape(-1, head_dim)
 
 
 def fused_reference(x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
@@ -441,8 +552,9 @@ def resident_blocks(source: str, name: str, threads: int) -> int:
 
 @functools.cache
 def custom_op():
-    """``torch.ops.quantship.int4_gemv`` and ``int4_gemv_fused`` (:func:`gemv`'s keywords): the launches as opaque
-    ops for ``torch.compile`` and graph capture."""
+    """``torch.ops.quantship.int4_gemv``, ``int4_gemv_fused`` and ``int4_gemv_rope`` (:func:`gemv`'s keywords; the
+    last writes this token's k and v into the cache it is given): the launches as opaque ops for ``torch.compile``
+    and graph capture."""
 
     @torch.library.custom_op("quantship::int4_gemv", mutates_args=())
     def op(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
@@ -461,5 +573,16 @@ def custom_op():
     @fused.register_fake
     def _(x, qweight, sz, group, norm_weight, eps, swiglu, residual):
         return x.new_empty(1, qweight.shape[0] // 2 if swiglu else qweight.shape[0])
+
+    @torch.library.custom_op("quantship::int4_gemv_rope", mutates_args=("k_cache", "v_cache"))
+    def rope(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int, norm_weight: torch.Tensor,
+             eps: float, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
+             v_cache: torch.Tensor, q_rows: int, head_dim: int) -> torch.Tensor:  # fmt: skip
+        return gemv(x, qweight, sz, group, norm_weight=norm_weight, eps=eps,
+                    rope=RopeWrite(cos, sin, pos, k_cache, v_cache, q_rows, head_dim))
+
+    @rope.register_fake
+    def _(x, qweight, sz, group, norm_weight, eps, cos, sin, pos, k_cache, v_cache, q_rows, head_dim):
+        return x.new_empty(1, q_rows)
 
     return op

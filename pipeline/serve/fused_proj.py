@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 # chain of FusedLayer, and decode_layer leaving its last residual add to the next layer's norm.
 INT4_CHAIN = True
 DEFER_RESIDUAL = True
+ROPE_IN_QKV = True  # the chain's q|k|v GEMV also rotates q and k and writes k and v into the cache ("-norope")
 
 
 class FusedLinear(nn.Module):
@@ -205,6 +206,10 @@ class FusedLayer(nn.Module):
         self.int4_chain = INT4_CHAIN and not why
         if why and self.qkv.kind == "int4":
             log.debug("decode layer: INT4 products without the fused norms/SwiGLU/residuals (%s)", why)
+        why = _rope_problem(layer, self) if self.int4_chain else "no INT4 chain"
+        self.rope_chain = ROPE_IN_QKV and not why
+        if why and self.int4_chain:
+            log.debug("decode layer: the rotary embedding and cache write outside the q|k|v GEMV (%s)", why)
 
 
 _RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # transformers' one RMSNorm forward
@@ -240,6 +245,30 @@ def _int4_chain_problem(layer: nn.Module, fused: FusedLayer) -> str:
         if why:
             return why
     return ""
+
+
+# transformers' modules whose apply_rotary_pos_emb is the rotate_half form over whole heads that the rotary epilogue
+# computes (Qwen3 normalises q and k first: excluded by its q_norm)
+_ROPE_MODULES = tuple(f"transformers.models.{m}.modeling_{m}" for m in ("llama", "mistral", "qwen2"))
+
+
+def _rope_problem(layer: nn.Module, fused: FusedLayer) -> str:
+    """Why the q|k|v GEMV of ``layer``'s INT4 chain cannot also apply the rotary embedding and write k and v into
+    the cache (``int4_cuda.RopeWrite``), or "": the family's rotary is transformers' rotate_half form, no norm on
+    q and k, no q|k|v bias (it would come before the rotation), whole heads, and the variant compiled."""
+    from pipeline.engines import int4_cuda
+
+    attn = layer.self_attn
+    if fused.rotary.__module__ not in _ROPE_MODULES:
+        return f"rotary embedding of {fused.rotary.__module__}"
+    if hasattr(attn, "q_norm") or fused.qkv.bias is not None:
+        return "a norm on q and k, or a q|k|v bias, comes before the rotation"
+    q_rows, k = fused.splits[0], fused.qkv.parts[0].in_features
+    rows = sum(fused.splits)
+    hd = attn.head_dim
+    if hd % 4 or q_rows % hd or fused.splits[1] != fused.splits[2] or fused.splits[1] % hd or k > int4_cuda.WIDE_K:
+        return f"q|k|v widths {fused.splits} in heads of {hd} with K = {k}"
+    return int4_cuda.compile_problem(fused.qkv.compute_dtype, k, True, "rope") or ("" if rows else "no rows")
 
 
 def _gemv(linear: nn.Module, x: torch.Tensor, norm: nn.Module | None = None, swiglu: bool = False,
@@ -298,13 +327,23 @@ def decode_layer(layer: nn.Module, fused: FusedLayer, h: torch.Tensor, pending: 
     chain = fused.int4_chain and b * t == 1 and h.dtype == fused.qkv.compute_dtype
     if pending is not None:
         h = h + pending
-    qkv = _gemv(fused.qkv, h, norm=layer.input_layernorm) if chain else fused.qkv(layer.input_layernorm(h))
-    q, k, v = qkv.split(list(fused.splits), dim=-1)
-    q, k, v = (z.reshape(b, t, -1, attn.head_dim) for z in (q, k, v))
-    if hasattr(attn, "q_norm"):  # Qwen3: RMS norm per head on q and k, before the rotary embedding
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = fused.rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-    k, v = kv.update(k, v.transpose(1, 2), attn.layer_idx)
+    if chain and fused.rope_chain and cos.shape[-1] == attn.head_dim and getattr(kv, "start", 0) is None:
+        # one kernel: RMSNorm, q|k|v, the rotary embedding, k and v into the cache at slot 0's position
+        norm = layer.input_layernorm
+        q = torch.ops.quantship.int4_gemv_rope(
+            h.reshape(1, -1), fused.qkv.qweight, fused.qkv.scale_zero, fused.qkv.group_size, norm.weight,
+            float(norm.variance_epsilon), cos.reshape(-1), sin.reshape(-1), kv.pos, kv.k, kv.v, fused.splits[0],
+            attn.head_dim)  # fmt: skip
+        q = q.reshape(b, t, -1, attn.head_dim).transpose(1, 2)
+        k, v = kv.k[:b], kv.v[:b]
+    else:
+        qkv = _gemv(fused.qkv, h, norm=layer.input_layernorm) if chain else fused.qkv(layer.input_layernorm(h))
+        q, k, v = qkv.split(list(fused.splits), dim=-1)
+        q, k, v = (z.reshape(b, t, -1, attn.head_dim) for z in (q, k, v))
+        if hasattr(attn, "q_norm"):  # Qwen3: RMS norm per head on q and k, before the rotary embedding
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = fused.rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        k, v = kv.update(k, v.transpose(1, 2), attn.layer_idx)
     out, _ = decode_attention(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
     out = out.reshape(b, t, -1)
     if chain:
