@@ -84,7 +84,7 @@ def gemv_variants(arch: int) -> list[dict]:
     lib = ctypes.CDLL(nvrtc)
     rows = []
     for k in (4096, 14336, 28672):
-        for norm, epilogue in ((False, ""), (False, "residual"), (True, ""), (True, "swiglu")):
+        for norm, epilogue in ((False, ""), (False, "residual"), (True, ""), (True, "swiglu"), (True, "rope")):
             for r in (2,) if k > int4_cuda.WIDE_K else int4_cuda.ROWS:
                 source, name = int4_cuda._variant(torch.bfloat16, k, r, norm, epilogue)
                 use = _ptxas_usage(ptxas, _nvrtc_ptx(lib, source, arch), arch)

@@ -358,3 +358,21 @@ def test_serve_decode_setting_reaches_the_engine(monkeypatch):
     assert res.exit_code == 0 and seen == {"mode": "graphs"}, res.output
     res = CliRunner().invoke(main, ["serve", str(TINY_MODEL), "--port", "0"], catch_exceptions=False)
     assert seen == {"mode": "eager"}  # auto
+
+
+def test_greedy_ids_are_argmax_with_ties_nan_and_any_vocab():
+    """The step's in-graph greedy tokens (cuda_graphs.greedy_ids, two stages) are ``argmax(-1)`` exactly: the first
+    of tied maxima (within a stretch and across stretches), NaN as the maximum, rows of -inf, and vocabularies with
+    a divisor near their square root (128256) or none (a prime: the padded path)."""
+    from pipeline.serve.cuda_graphs import _stretch, greedy_ids
+
+    gen = torch.Generator().manual_seed(3)
+    assert _stretch(128256) is not None and _stretch(32003) is None
+    for vocab in (128256, 32003, 50, 151936):
+        x = torch.randn(6, vocab, generator=gen).to(torch.bfloat16)
+        x[1, [7, vocab - 3]] = 50.0  # a tie across stretches: the first wins
+        x[2, [vocab // 2, vocab // 2 + 1]] = 60.0  # a tie inside one stretch
+        x[3, vocab - 1] = float("nan")
+        x[4] = float("-inf")
+        x[5, 0] = 70.0
+        assert torch.equal(greedy_ids(x), x.argmax(dim=-1)), vocab

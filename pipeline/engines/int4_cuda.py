@@ -299,7 +299,7 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
 
 // entries: q4gemv_<bf16|f16>_<r4|r8|wide>[_norm][_res|_swiglu] (see _variant); each compiles only its own
 #define ENTRY(NAME, BOUND, R, NORM, EPI, BF16)                                                           \
-  extern "C" __global__ void __launch_bounds__(BOUND)                                                  \
+  extern "C" __global__ void __launch_bounds__ BOUND                                                   \
   NAME(const u16* x, const u16* nw, const u16* res, const uint4* qw, const u32* sz, u16* out, int N,     \
        int K, int G, double eps, const u16* sn, const long long* pos, u16* kc, u16* vc, int qrows, int hd,  \
        int hstride) {                                                                                  \
@@ -396,11 +396,18 @@ def _variant(dtype: torch.dtype, k: int, rows: int, norm: bool, epilogue: str) -
     """(source, kernel name) of one entry: the template instantiated for this dtype, width, rows and fusion."""
     bf16 = dtype == torch.bfloat16
     wide = k > WIDE_K
-    name = (f"q4gemv_{'bf16' if bf16 else 'f16'}_{'wide' if wide else f'r{rows}'}{'_norm' if norm else ''}"
-            f"{'_' + epilogue if epilogue else ''}")
-    entry = (f"ENTRY({name}, {1024 if wide else 512}, {2 if wide else rows}, {'true' if norm else 'false'}, "
+    threads = threads_per_block(k)
+    name = (f"q4gemv_{'bf16' if bf16 else 'f16'}_{'wide' if wide else f'r{rows}'}_t{threads}"
+            f"{'_norm' if norm else ''}{'_' + epilogue if epilogue else ''}")
+    # registers capped so that MIN_THREADS_PER_SM of them fit (ptxas for sm_90: the rotary variant took 104 and
+    # 4 blocks of 128 threads an SM under a 512-thread bound, 96 and 5 under this one; bench/kernel_resources.py)
+    bound = f"{threads}, {max(1, MIN_THREADS_PER_SM // threads) if rows <= 4 else 1}" if not wide else "1024, 1"
+    entry = (f"ENTRY({name}, ({bound}), {2 if wide else rows}, {'true' if norm else 'false'}, "
              f"{EPILOGUES[epilogue]}, {'true' if bf16 else 'false'})\n")
     return _SOURCE + entry, name
+
+
+MIN_THREADS_PER_SM = 640  # the launch bounds' second figure (up to 4 rows): 5 blocks of 128 threads (K = 4096)
 
 
 def threads_per_block(k: int) -> int:

@@ -379,8 +379,10 @@ class Scheduler:
         state.past += 1
         state.lengths = [n + 1 for n in state.lengths]
         self.steps += 1
-        # Every row's greedy token in one kernel and one device sync (argmax of bf16 logits = of their float32)
-        greedy = logits.argmax(dim=-1).tolist()
+        # Every row's greedy token with one device sync (argmax of bf16 logits = of their float32); a step that
+        # computes them itself (the graphed step, inside its graph) saves the argmax kernel
+        own = getattr(self.step, "greedy_tokens", None)
+        greedy = (own(len(batch)) if own is not None else logits.argmax(dim=-1)).tolist()
         for b, seq in enumerate(batch):
             if not seq.cancelled.is_set():
                 self._advance(seq, logits[b], greedy[b])

@@ -110,6 +110,10 @@ class GraphedStep:
         self.dec.pos[:n].copy_(state.position_ids[:, 0])
         return self.dec.step(state.input_ids[:, 0])
 
+    def greedy_tokens(self, n: int) -> torch.Tensor:
+        """The argmax of the last call's ``n`` rows, computed inside the step (``GraphedDecoder.greedy_tokens``)."""
+        return self.dec.greedy_tokens(n)
+
     # -- membership changes
 
     def _take(self, state: Any) -> None:
