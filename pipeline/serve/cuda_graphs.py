@@ -149,13 +149,28 @@ class GraphedDecoder:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             self._layer = torch.compile(self._layer, dynamic=False)
         self._greedy = torch.compile(greedy_ids, dynamic=False) if compile_layers else greedy_ids
+        # the step's first and last work (embedding and rotary; the last add, norm and lm_head) as compiled regions
+        # too: ~10 small kernels each become one or two (prefill keeps the eager ones: a shape per prompt length)
+        self._embed_step, self._logits_step = self._embed, self._logits
+        if compile_layers:
+            self._embed_step = torch.compile(self._embed, dynamic=False)
+            self._logits_step = torch.compile(self._logits, dynamic=False)
         self._kv_name = _cache_kwarg(inner.layers[0])
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     # -- the forward over our cache -----------------------------------------------------------------------------
-    def _forward(self, ids, position_ids, mask, rows, start):
+    def _embed(self, ids, position_ids):
         h = self.inner.embed_tokens(ids)
-        cos, sin = self.inner.rotary_emb(h, position_ids=position_ids)
+        return (h, *self.inner.rotary_emb(h, position_ids=position_ids))
+
+    def _logits(self, h, pending):
+        if pending is not None:
+            h = h + pending
+        return self.model.lm_head(self.inner.norm(h[:, -1]))
+
+    def _forward(self, ids, position_ids, mask, rows, start):
+        decode = start is None
+        h, cos, sin = (self._embed_step if decode else self._embed)(ids, position_ids)
         pending = None  # fused_proj.decode_layer leaves its last residual add to the next layer
         for i, layer in enumerate(self.inner.layers):
             kv = _LayerKV(self.k[i], self.v[i], rows, self.pos[:ids.shape[0]] if start is None else None, start)
@@ -165,9 +180,7 @@ class GraphedDecoder:
                 h, pending = self._layer(layer, self.fused[i], h, pending, mask, cos, sin, kv)
             else:
                 h = self._layer(layer, h, mask, cos, sin, position_ids, kv, self._kv_name)
-        if pending is not None:
-            h = h + pending
-        return self.model.lm_head(self.inner.norm(h[:, -1]))
+        return (self._logits_step if decode else self._logits)(h, pending)
 
     def _decode(self, n: int) -> torch.Tensor:
         pos = self.pos[:n]
