@@ -274,3 +274,12 @@ def test_rotary_epilogue_writes_q_and_the_cache_as_the_reference():
         assert torch.equal(kc[0, :, 5], want_k) and torch.equal(vc[0, :, 5], want_v)
         k0[0, :, 5], v0[0, :, 5] = want_k, want_v
         assert torch.equal(kc, k0) and torch.equal(vc, v0)
+        # with the last layer's MLP output to add first: the input is x + add rounded as the eager add, and
+        # x + add comes back as the next residual stream
+        add = torch.randn(1, k, generator=gen).to(dtype).cuda()
+        h = torch.empty_like(x)
+        got = int4_cuda.gemv(x, qweight, sz, 128, norm_weight=nw, eps=1e-5, rope=rope, add=add, add_out=h)
+        assert torch.equal(h, x + add)
+        plain = int4_cuda.gemv(x + add, qweight, sz, 128, norm_weight=nw, eps=1e-5)
+        want_q, want_k, _ = int4_cuda.rope_reference(plain, cos, sin, hq * hd, hd)
+        assert torch.equal(got, want_q) and torch.equal(kc[0, :, 5], want_k)

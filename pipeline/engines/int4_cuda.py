@@ -118,13 +118,16 @@ __device__ __forceinline__ void load_chunk(uint4 (&w)[R], u32 (&s)[R], const uin
 
 __device__ __forceinline__ float round_act(float f, bool bf16) { return act_to_f32(f32_to_act(f, bf16), bf16); }
 
-struct Rope { const u16* sin; const long long* pos; u16* kc; u16* vc; int qrows, hd, hstride; };
+// The rotary epilogue's inputs, and NORM's optional ``add`` (x + add is normed; block 0 writes it to ``hout``)
+struct Rope {
+  const u16* sin; const long long* pos; u16* kc; u16* vc; int qrows, hd, hstride; const u16* add; u16* hout;
+};
 
 // The epilogue's inputs for chunk ``chunk`` (thread t < OUT): EPI 1 the residual of its output; EPI 3 the cos and
 // sin of its row's position in the head (q and k rows; ``res`` is cos).
 template <int R, int MAP, int EPI>
-__device__ __forceinline__ void load_side(float (&side)[2], const u16* __restrict__ res, const Rope& rope, int chunk,
-                                          int N, int nout, int OUT, int t, bool bf16) {
+__device__ __forceinline__ void load_side(float (&side)[2], const u16* __restrict__ res, const Rope& rope,
+                                          int chunk, int N, int nout, int OUT, int t, bool bf16) {
   if (EPI == 1 && t < OUT && chunk * OUT + t < nout) side[0] = act_to_f32(res[chunk * OUT + t], bf16);
   if (EPI == 3 && t < R) {
     const int row = chunk_row<R, MAP>(chunk, t, N, rope.hd);
@@ -155,8 +158,8 @@ __device__ __forceinline__ void load_act32(float (&xv)[32], const u16* __restric
 // before them). EPI 0: out = the product. EPI 1: out = res + (the product, rounded), rounded, as the eager add.
 // EPI 2 (SwiGLU over gate|up = the rows' two halves): out[i] = silu(gate_i) * up_i, N / 2 outputs, each value
 // rounded where the eager ops (the product, silu, the multiplication) round. EPI 3 (the rotary embedding over
-// q|k|v, one token of cache slot 0): ``res`` is cos, ``rope.sin`` sin (HD each), the products are rounded to the activation
-// dtype and rotated (rotate_half's pairs, in float32, rounded once, as the compiled step's fused kernel does);
+// q|k|v, one token of cache slot 0): ``res`` is cos, ``rope.sin`` sin (HD each), the products are rounded to the
+// activation dtype and rotated (rotate_half's pairs, in float32, rounded once, as the compiled step's kernel does);
 // q goes to ``out`` (QROWS outputs), k and v to this token's position (*pos) of ``kc``/``vc`` ([heads, positions,
 // HD] with heads HSTRIDE apart).
 template <int R, bool NORM, int EPI>
@@ -190,6 +193,23 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
   float ss = 0.f;
   if (active) {
     load_act32(xv, x + t * 32, bf16);
+    if (NORM && rope.add != nullptr) {  // x + add (the last layer's MLP output), rounded as the eager add
+      float av[32];
+      load_act32(av, rope.add + t * 32, bf16);
+#pragma unroll
+      for (int j = 0; j < 32; ++j) xv[j] = round_act(xv[j] + av[j], bf16);
+      if (blockIdx.x == 0) {  // the new residual stream, once
+        uint4* hp = reinterpret_cast<uint4*>(rope.hout + t * 32);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          u32 q[4];
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            q[j] = (u32)f32_to_act(xv[i * 8 + 2 * j], bf16) | ((u32)f32_to_act(xv[i * 8 + 2 * j + 1], bf16) << 16);
+          hp[i] = make_uint4(q[0], q[1], q[2], q[3]);
+        }
+      }
+    }
     if (NORM) {
       float wv[32];
       load_act32(wv, nw + t * 32, bf16);
@@ -329,8 +349,8 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
   extern "C" __global__ void __launch_bounds__ BOUND                                                   \
   NAME(const u16* x, const u16* nw, const u16* res, const uint4* qw, const u32* sz, u16* out, int N,     \
        int K, int G, double eps, const u16* sn, const long long* pos, u16* kc, u16* vc, int qrows, int hd,  \
-       int hstride) {                                                                                  \
-    const Rope rope = {sn, pos, kc, vc, qrows, hd, hstride};                                           \
+       int hstride, const u16* add, u16* hout, int has_add) {                                          \
+    const Rope rope = {sn, pos, kc, vc, qrows, hd, hstride, has_add ? add : nullptr, hout};            \
     q4gemv<R, NORM, EPI>(x, nw, res, qw, sz, out, N, K, G, (float)eps, BF16, rope);                    \
   }
 """
@@ -469,15 +489,19 @@ def vector_for_kernel(x: torch.Tensor) -> torch.Tensor:
 
 def gemv(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int, rows: int | None = None,
          blocks_per_sm: int | None = None, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-         swiglu: bool = False, residual: torch.Tensor | None = None, rope: "RopeWrite | None" = None) -> torch.Tensor:
+         swiglu: bool = False, residual: torch.Tensor | None = None, rope: "RopeWrite | None" = None,
+         add: torch.Tensor | None = None, add_out: torch.Tensor | None = None) -> torch.Tensor:
     """x [1, K] (bf16/fp16, CUDA) @ dequant(qweight, sz).T -> [1, N] in x's dtype. Fused (:func:`fused_reference`
     and :func:`rope_reference` say what each computes): ``norm_weight`` runs RMSNorm(x) * norm_weight first;
     ``swiglu`` takes the N rows as gate|up and returns silu(gate) * up [1, N / 2]; ``residual`` [1, N] is added to
     the product; ``rope`` takes the rows as q|k|v, rotates q and k, writes k and v into the cache at this token's
-    position and returns q [1, rope.q_rows]."""
+    position and returns q [1, rope.q_rows]. ``add`` [1, K] (with ``norm_weight``): the input is x + add, rounded
+    as the eager add, and is also written to ``add_out`` [1, K] (the decoder's next residual stream)."""
     n, k = qweight.shape[0], qweight.shape[1] * 8
     if swiglu and (n % 2 or residual is not None):
         raise ValueError(f"the SwiGLU epilogue needs an even number of rows and no residual, got N = {n}")
+    if (add is None) != (add_out is None) or (add is not None and norm_weight is None):
+        raise ValueError("add needs add_out and norm_weight (it is the normed input's residual stream)")
     if rope is not None and (swiglu or residual is not None or rope.problem(n, k, rows)):
         raise ValueError(f"the rotary epilogue takes q|k|v alone: {rope.problem(n, k, rows) or 'no other epilogue'}")
     x = vector_for_kernel(x)
@@ -492,6 +516,9 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int, r
                  rope.k_cache.stride(1)]
     else:
         extra = [x, x, x, x, 0, 0, 0]
+    extra += [vector_for_kernel(add), add_out, 1] if add is not None else [x, x, 0]
+    if add_out is not None and not (add_out.is_contiguous() and add_out.data_ptr() % 16 == 0 and add_out.numel() == k):
+        raise ValueError("add_out must be a contiguous, 16-byte aligned [1, K] tensor")
     variant = _variant(x.dtype, k, chunk_rows(k, rows), norm_weight is not None, epilogue)
     if blocks_per_sm is None:  # as many blocks as fit on the GPU at once (a prologue is paid once per block)
         blocks_per_sm = resident_blocks(*variant, threads_per_block(k))
@@ -609,14 +636,19 @@ def custom_op():
         return x.new_empty(1, qweight.shape[0] // 2 if swiglu else qweight.shape[0])
 
     @torch.library.custom_op("quantship::int4_gemv_rope", mutates_args=("k_cache", "v_cache"))
-    def rope(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int, norm_weight: torch.Tensor,
-             eps: float, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
-             v_cache: torch.Tensor, q_rows: int, head_dim: int) -> torch.Tensor:  # fmt: skip
-        return gemv(x, qweight, sz, group, norm_weight=norm_weight, eps=eps,
-                    rope=RopeWrite(cos, sin, pos, k_cache, v_cache, q_rows, head_dim))
+    def rope(x: torch.Tensor, add: torch.Tensor | None, qweight: torch.Tensor, sz: torch.Tensor, group: int,
+             norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+             k_cache: torch.Tensor, v_cache: torch.Tensor, q_rows: int,
+             head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(q, x + add) with ``add``, else (q, an empty tensor): see :func:`gemv`."""
+        h = torch.empty(1, x.shape[-1] if add is not None else 0, device=x.device, dtype=x.dtype)
+        q = gemv(x, qweight, sz, group, norm_weight=norm_weight, eps=eps, add=add,
+                 add_out=h if add is not None else None,
+                 rope=RopeWrite(cos, sin, pos, k_cache, v_cache, q_rows, head_dim))
+        return q, h
 
     @rope.register_fake
-    def _(x, qweight, sz, group, norm_weight, eps, cos, sin, pos, k_cache, v_cache, q_rows, head_dim):
-        return x.new_empty(1, q_rows)
+    def _(x, add, qweight, sz, group, norm_weight, eps, cos, sin, pos, k_cache, v_cache, q_rows, head_dim):
+        return x.new_empty(1, q_rows), x.new_empty(1, x.shape[-1] if add is not None else 0)
 
     return op

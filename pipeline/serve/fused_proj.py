@@ -325,15 +325,20 @@ def decode_layer(layer: nn.Module, fused: FusedLayer, h: torch.Tensor, pending: 
     attn, mlp = layer.self_attn, layer.mlp
     b, t, _ = h.shape
     chain = fused.int4_chain and b * t == 1 and h.dtype == fused.qkv.compute_dtype
-    if pending is not None:
+    rope = chain and fused.rope_chain and cos.shape[-1] == attn.head_dim and getattr(kv, "start", 0) is None
+    if pending is not None and not (rope and pending.dtype == h.dtype):
         h = h + pending
-    if chain and fused.rope_chain and cos.shape[-1] == attn.head_dim and getattr(kv, "start", 0) is None:
-        # one kernel: RMSNorm, q|k|v, the rotary embedding, k and v into the cache at slot 0's position
+        pending = None
+    if rope:
+        # one kernel: the last layer's residual add, RMSNorm, q|k|v, the rotary embedding, k and v into the cache
+        # at slot 0's position
         norm = layer.input_layernorm
-        q = torch.ops.quantship.int4_gemv_rope(
-            h.reshape(1, -1), fused.qkv.qweight, fused.qkv.scale_zero, fused.qkv.group_size, norm.weight,
-            float(norm.variance_epsilon), cos.reshape(-1), sin.reshape(-1), kv.pos, kv.k, kv.v, fused.splits[0],
-            attn.head_dim)  # fmt: skip
+        q, added = torch.ops.quantship.int4_gemv_rope(
+            h.reshape(1, -1), None if pending is None else pending.reshape(1, -1), fused.qkv.qweight,
+            fused.qkv.scale_zero, fused.qkv.group_size, norm.weight, float(norm.variance_epsilon), cos.reshape(-1),
+            sin.reshape(-1), kv.pos, kv.k, kv.v, fused.splits[0], attn.head_dim)  # fmt: skip
+        if pending is not None:
+            h = added.reshape(h.shape)
         q = q.reshape(b, t, -1, attn.head_dim).transpose(1, 2)
         k, v = kv.k[:b], kv.v[:b]
     else:
@@ -349,6 +354,8 @@ def decode_layer(layer: nn.Module, fused: FusedLayer, h: torch.Tensor, pending: 
     if chain:
         h = _gemv(attn.o_proj, out, residual=h)
         act = _gemv(fused.gate_up, h, norm=layer.post_attention_layernorm, swiglu=True)
+        if fused.rope_chain:  # the next layer's q|k|v GEMV (or the final norm) adds it
+            return h, _gemv(mlp.down_proj, act)
         return _gemv(mlp.down_proj, act, residual=h), None
     h = h + attn.o_proj(out)
     gate, up = fused.gate_up(layer.post_attention_layernorm(h)).chunk(2, dim=-1)
