@@ -304,8 +304,7 @@ def main(argv=None) -> int:
                     "graphs mode + \"-nofuse\" keeps q|k|v and gate|up as separate products, + \"-matmulattn\" decode "
                     "attention as two matrix products instead of the split-K kernel, + \"-nochain\" INT4's norms, "
                     "SwiGLU and residual adds outside its one-token GEMVs, + \"-nodefer\" each layer adds its own "
-                    "last residual, + \"-norope\" the rotary embedding and cache write outside INT4's q|k|v GEMV, + "
-                    "\"-splitcombine\" decode attention's partials combined by a second kernel")
+                    "last residual, + \"-norope\" the rotary embedding and cache write outside INT4's q|k|v GEMV")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--steps", type=int, default=64)
@@ -368,9 +367,6 @@ def main(argv=None) -> int:
 
                     base, *flags = mode.split("-")
                     decode_attention.KERNEL = "matmul" if "matmulattn" in flags else "auto"
-                    from pipeline.serve import decode_attention_triton
-
-                    decode_attention_triton.FUSED_COMBINE = "splitcombine" not in flags
                     fused_proj.INT4_CHAIN = "nochain" not in flags
                     fused_proj.DEFER_RESIDUAL = "nodefer" not in flags
                     fused_proj.ROPE_IN_QKV = "norope" not in flags

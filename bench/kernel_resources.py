@@ -105,25 +105,23 @@ def attention_variants(arch: int) -> list[dict]:
     partial, _ = dat._kernels(False)
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     sig = {name: "i32" for name in ("HKV", "G", "L", "S", "sq_b", "sq_h", "sq_g", "sk_b", "sk_h", "sk_l", "sv_b",
-                                    "sv_h", "sv_l", "sm_b", "so_bh", "so_g")}  # fmt: skip
+                                    "sv_h", "sv_l", "sm_b")}  # fmt: skip
     sig.update(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", mask_ptr="*i1", m_ptr="*fp32", l_ptr="*fp32",
-               acc_ptr="*fp32", scale="fp32", count_ptr="*i32", out_ptr="*bf16", D="constexpr",
-               BLOCK_G="constexpr", BLOCK="constexpr", BLOCK_S="constexpr", FUSED="constexpr")
+               acc_ptr="*fp32", scale="fp32", D="constexpr", BLOCK_G="constexpr", BLOCK="constexpr")
     rows = []
-    for block, warps, fused in [(b, w, f) for b in (64, 128, 256) for w in (4, 8) for f in (True, False)]:
-        consts = {"D": 128, "BLOCK_G": 16, "BLOCK": block, "BLOCK_S": 32, "FUSED": fused}
-        kern = triton.compile(ASTSource(partial, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": warps})  # fmt: skip
-        with tempfile.TemporaryDirectory() as d:
-            cubin = Path(d) / "k.cubin"
-            cubin.write_bytes(kern.asm["cubin"])
-            out = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
-        regs, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
-        rows.append(dict(kernel="_partial" + (" +combine" if fused else ""), block=block, warps=warps,
-                         registers=int(regs.group(1)) if regs else None,
-                         stack_bytes=int(stack.group(1)) if stack else None,
-                         chosen=block == dat.BLOCK_L and warps == dat.PARTIAL_WARPS
-                         and fused == dat.FUSED_COMBINE))  # fmt: skip
+    for block in (64, 128, 256):
+        for warps in (4, 8):
+            kern = triton.compile(ASTSource(partial, sig, constexprs={"D": 128, "BLOCK_G": 16, "BLOCK": block}),
+                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})  # fmt: skip
+            with tempfile.TemporaryDirectory() as d:
+                cubin = Path(d) / "k.cubin"
+                cubin.write_bytes(kern.asm["cubin"])
+                out = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+            regs, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
+            rows.append(dict(kernel="_partial", block=block, warps=warps,
+                             registers=int(regs.group(1)) if regs else None,
+                             stack_bytes=int(stack.group(1)) if stack else None,
+                             chosen=block == dat.BLOCK_L and warps == dat.PARTIAL_WARPS))  # fmt: skip
     return rows
 
 
@@ -140,8 +138,7 @@ def main(argv=None) -> int:
               f"{r['spill_store_bytes']} |")
     for r in res["attention"]:
         mark = " (used)" if r["chosen"] else ""
-        what = "combining its partials" if "combine" in r["kernel"] else "partials only"
-        print(f"| decode attention, {r['block']} positions, {what}{mark} | | {32 * r['warps']} | {r['registers']} | "
+        print(f"| decode attention, {r['block']} positions{mark} | | {32 * r['warps']} | {r['registers']} | "
               f"{r['stack_bytes']} | |")
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))

@@ -9,12 +9,10 @@ products (:func:`pipeline.serve.decode_attention.decode_attention`) read all of 
 INT4 11% slower than a 72-position one. Here the cache is cut in blocks of ``BLOCK_L`` positions; one program per
 (sequence, key/value head, block) loads the block's mask and, where nothing in it is kept, writes an empty
 partial without touching the keys; else it computes the group's scores (the query heads that share the key/value
-head, padded to 16 rows for ``tl.dot``), the block's maximum, sum of exponentials and weighted values. The last
-program of each (sequence, key/value head) to finish (an atomic count per head, reset by that program) combines
-the partials with the usual log-sum-exp rescaling, reading only the blocks that were not empty (an empty block
-writes its maximum, -inf, and nothing else); ``FUSED_COMBINE = False`` leaves that to a second kernel, as
-before (one launch a layer more). Shapes stay static, so the CUDA graphs and ``torch.compile`` see one opaque op
-(``torch.ops.quantship.decode_attention``).
+head, padded to 16 rows for ``tl.dot``), the block's maximum, sum of exponentials and weighted values. A second
+kernel combines the partials of each (sequence, head) with the usual log-sum-exp rescaling, reading only the
+blocks that were not empty (an empty block writes its maximum, -inf, and nothing else). Shapes stay static, so
+the CUDA graphs and ``torch.compile`` see one opaque op (``torch.ops.quantship.decode_attention``).
 
 Why by hand: PyTorch's fused attention kernels parallelise a one-token query over heads only, and they read
 every masked position (bench/RESULTS.md: 75 us a layer through cuDNN's kernel at 4,096 positions); FlashInfer's
@@ -62,9 +60,8 @@ def _kernels(interpret: bool):
 
     @triton.jit
     def _partial(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, HKV, G, L, S, scale,
-                 sq_b, sq_h, sq_g, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, count_ptr, out_ptr, so_bh, so_g,
-                 D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
-                 FUSED: tl.constexpr):  # fmt: skip
+                 sq_b, sq_h, sq_g, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b,
+                 D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
         bh = tl.program_id(0)
         s = tl.program_id(1)
         b = bh // HKV
@@ -91,29 +88,6 @@ def _kernels(interpret: bool):
             tl.store(m_ptr + part, m)
             tl.store(l_ptr + part, tl.sum(p, axis=1))
             tl.store(acc_ptr + part[:, None] * D + offs_d[None, :], acc)
-        if FUSED:  # the last program of this (sequence, head) to finish combines the partials: no second kernel
-            tl.debug_barrier()  # every thread's partial stores before the release below
-            done = tl.atomic_add(count_ptr + bh, 1, sem="acq_rel")
-            if done == S - 1:
-                offs_s = tl.arange(0, BLOCK_S)
-                grid = (bh * S + offs_s[:, None]) * BLOCK_G + offs_g[None, :]  # [BLOCK_S, BLOCK_G]
-                ms = tl.load(m_ptr + grid, mask=offs_s[:, None] < S, other=float("-inf"), cache_modifier=".cg")
-                top = tl.max(ms, axis=0)
-                full = (offs_s[:, None] < S) & (ms > float("-inf"))
-                w = tl.exp(ms - top[None, :])
-                total = tl.sum(w * tl.load(l_ptr + grid, mask=full, other=0.0, cache_modifier=".cg"), axis=0)
-                out = tl.zeros([BLOCK_G, D], dtype=tl.float32)
-                for i in range(0, BLOCK_S):  # live partials only (an empty one wrote its maximum, -inf, alone)
-                    row = (bh * S + i) * BLOCK_G + offs_g
-                    mi = tl.load(m_ptr + row, mask=(offs_g * 0 + i) < S, other=float("-inf"), cache_modifier=".cg")
-                    live_i = mi > float("-inf")
-                    a = tl.load(acc_ptr + row[:, None] * D + offs_d[None, :], mask=live_i[:, None], other=0.0,
-                                cache_modifier=".cg")  # fmt: skip
-                    out += tl.where(live_i, tl.exp(mi - top), 0.0)[:, None] * a
-                out = out / total[:, None]
-                tl.store(out_ptr + bh * so_bh + offs_g[:, None] * so_g + offs_d[None, :],
-                         out.to(out_ptr.dtype.element_ty), mask=offs_g[:, None] < G)  # fmt: skip
-                tl.store(count_ptr + bh, 0)  # ready for the next launch (a CUDA graph replays this one)
 
     @triton.jit
     def _combine(m_ptr, l_ptr, acc_ptr, out_ptr, S, so_bh, so_g,
@@ -154,32 +128,13 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     q = query.contiguous()
     k = key if key.stride(-1) == 1 else key.contiguous()  # the static cache is; anything else is copied
     v = value if value.stride(-1) == 1 else value.contiguous()
-    block_s = max(16, 1 << (splits - 1).bit_length())
-    fused = FUSED_COMBINE
-    count = _counters(query.device, b * hkv) if fused else m
     partial[(b * hkv, splits)](q, k, v, keep, m, sums, acc, hkv, g, length, splits, scale,
                                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                               v.stride(0), v.stride(1), v.stride(2), keep.stride(0), count, out, out.stride(1),
-                               out.stride(2), D=d, BLOCK_G=block_g, BLOCK=BLOCK_L, BLOCK_S=block_s, FUSED=fused,
-                               num_warps=PARTIAL_WARPS)  # fmt: skip
-    if not fused:
-        combine[(b * hkv, g)](m, sums, acc, out, splits, out.stride(1), out.stride(2),
-                              D=d, BLOCK_G=block_g, BLOCK_S=block_s)  # fmt: skip
+                               v.stride(0), v.stride(1), v.stride(2), keep.stride(0),
+                               D=d, BLOCK_G=block_g, BLOCK=BLOCK_L, num_warps=PARTIAL_WARPS)  # fmt: skip
+    combine[(b * hkv, g)](m, sums, acc, out, splits, out.stride(1), out.stride(2),
+                          D=d, BLOCK_G=block_g, BLOCK_S=max(16, 1 << (splits - 1).bit_length()))  # fmt: skip
     return out
-
-
-FUSED_COMBINE = True  # the last partial program combines (bench/decode_speed.py's "-splitcombine" turns it off)
-_COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """Finished-program counts per (sequence, head), zero between launches (each launch's last program resets
-    its own); one buffer per device and size, made at the first (eager, warm-up) call, so a captured graph
-    replays with it."""
-    key = (str(device), n)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(n, device=device, dtype=torch.int32)
-    return _COUNTERS[key]
 
 
 @functools.cache
