@@ -48,8 +48,8 @@ had issued their last loads (decode 342-335 against 355 tok/s without), a cp.asy
 memory (340-350 against 382), unconditional loads and one barrier a chunk (each slower in a sweep of the three).
 
 The CUDA C source is :mod:`pipeline.engines.int4_cuda_kernel`. The arithmetic is mirrored in tensor ops by
-:func:`reference_dot` so the CPU tests check the packing, the byte
-order and the fixed point; the GPU tests (marked ``gpu``) compare the kernel with the float64 product.
+:func:`reference_dot` so the CPU tests check the packing, the byte order and the fixed point; the GPU tests
+(marked ``gpu``) compare the kernel with the float64 product.
 """
 
 from __future__ import annotations
