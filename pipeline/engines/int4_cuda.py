@@ -218,6 +218,8 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int, r
         raise ValueError("add needs add_out and norm_weight (it is the normed input's residual stream)")
     if rope is not None and (swiglu or residual is not None or rope.problem(n, k, rows)):
         raise ValueError(f"the rotary epilogue takes q|k|v alone: {rope.problem(n, k, rows) or 'no other epilogue'}")
+    if rope is not None and {rope.cos.dtype, rope.k_cache.dtype, rope.v_cache.dtype} != {x.dtype}:
+        raise ValueError(f"the rotary epilogue reads cos/sin and writes the caches in x's dtype {x.dtype}")
     x = vector_for_kernel(x)
     epilogue = "rope" if rope is not None else "swiglu" if swiglu else "residual" if residual is not None else ""
     nw = vector_for_kernel(norm_weight) if norm_weight is not None else x

@@ -46,6 +46,7 @@ The rows ``n .. bucket-1`` of a replay compute throwaway tokens (their positions
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -89,6 +90,7 @@ def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
     return (stretch * width + where.gather(-1, stretch)).reshape(n)
 
 
+@functools.cache
 def _stretch(vocab: int) -> int | None:
     """A divisor of ``vocab`` between sqrt(vocab) / 4 and 4 sqrt(vocab) (the one nearest sqrt), or None."""
     root = int(vocab**0.5)

@@ -268,12 +268,10 @@ def _rope_problem(layer: nn.Module, fused: FusedLayer) -> str:
         return f"rotary embedding of {fused.rotary.__module__}"
     if hasattr(attn, "q_norm") or fused.qkv.bias is not None:
         return "a norm on q and k, or a q|k|v bias, comes before the rotation"
-    q_rows, k = fused.splits[0], fused.qkv.parts[0].in_features
-    rows = sum(fused.splits)
-    hd = attn.head_dim
+    q_rows, k, hd = fused.splits[0], fused.qkv.parts[0].in_features, attn.head_dim
     if hd % 4 or q_rows % hd or fused.splits[1] != fused.splits[2] or fused.splits[1] % hd or k > int4_cuda.WIDE_K:
         return f"q|k|v widths {fused.splits} in heads of {hd} with K = {k}"
-    return int4_cuda.compile_problem(fused.qkv.compute_dtype, k, True, "rope") or ("" if rows else "no rows")
+    return int4_cuda.compile_problem(fused.qkv.compute_dtype, k, True, "rope")
 
 
 def _gemv(linear: nn.Module, x: torch.Tensor, norm: nn.Module | None = None, swiglu: bool = False,
@@ -330,7 +328,8 @@ def decode_layer(layer: nn.Module, fused: FusedLayer, h: torch.Tensor, pending: 
     attn, mlp = layer.self_attn, layer.mlp
     b, t, _ = h.shape
     chain = fused.int4_chain and b * t == 1 and h.dtype == fused.qkv.compute_dtype
-    rope = chain and fused.rope_chain and cos.shape[-1] == attn.head_dim and getattr(kv, "start", 0) is None
+    rope = (chain and fused.rope_chain and cos.shape[-1] == attn.head_dim and getattr(kv, "start", 0) is None
+            and cos.dtype == h.dtype and kv.k.dtype == h.dtype)
     if pending is not None and not (rope and pending.dtype == h.dtype):
         h = h + pending
         pending = None
