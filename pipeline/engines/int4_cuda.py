@@ -61,7 +61,7 @@ from typing import NamedTuple
 
 import torch
 
-from pipeline.engines.int4_cuda_kernel import CUDA_PRELUDE, SOURCE as _SOURCE  # noqa: F401 (int8_cuda's prelude)
+from pipeline.engines.int4_cuda_kernel import SOURCE as _SOURCE
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +216,9 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int, r
         raise ValueError(f"the SwiGLU epilogue needs an even number of rows and no residual, got N = {n}")
     if (add is None) != (add_out is None) or (add is not None and norm_weight is None):
         raise ValueError("add needs add_out and norm_weight (it is the normed input's residual stream)")
-    if rope is not None and (swiglu or residual is not None or rope.problem(n, k, rows)):
-        raise ValueError(f"the rotary epilogue takes q|k|v alone: {rope.problem(n, k, rows) or 'no other epilogue'}")
+    why = "" if rope is None else rope.problem(n, k, rows)
+    if rope is not None and (swiglu or residual is not None or why):
+        raise ValueError(f"the rotary epilogue takes q|k|v alone: {why or 'no other epilogue'}")
     if rope is not None and {rope.cos.dtype, rope.k_cache.dtype, rope.v_cache.dtype} != {x.dtype}:
         raise ValueError(f"the rotary epilogue reads cos/sin and writes the caches in x's dtype {x.dtype}")
     x = vector_for_kernel(x)

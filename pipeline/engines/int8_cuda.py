@@ -21,7 +21,6 @@ import functools
 import torch
 
 from pipeline.engines.int4_cuda import (
-    CUDA_PRELUDE,
     WIDE_K,
     compile_failure,
     compiled,
@@ -31,6 +30,7 @@ from pipeline.engines.int4_cuda import (
     threads_per_block,
     vector_for_kernel,
 )
+from pipeline.engines.int4_cuda_kernel import CUDA_PRELUDE
 
 _SOURCE = CUDA_PRELUDE + r"""
 __device__ __forceinline__ int dp4a_ss(u32 a, u32 b, int c) {
