@@ -304,7 +304,8 @@ def main(argv=None) -> int:
                     "graphs mode + \"-nofuse\" keeps q|k|v and gate|up as separate products, + \"-matmulattn\" decode "
                     "attention as two matrix products instead of the split-K kernel, + \"-nochain\" INT4's norms, "
                     "SwiGLU and residual adds outside its one-token GEMVs, + \"-nodefer\" each layer adds its own "
-                    "last residual, + \"-norope\" the rotary embedding and cache write outside INT4's q|k|v GEMV")
+                    "last residual, + \"-norope\" the rotary embedding and cache write outside INT4's q|k|v GEMV, + \"-nopdl\" every "
+                    "kernel launched without programmatic dependent launch")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--steps", type=int, default=64)
@@ -363,6 +364,7 @@ def main(argv=None) -> int:
         for rep, batch, mode in ((r, b, m) for r in range(a.repeat) for b in batches for m in modes):  # interleaved
             try:
                 if a.server:
+                    from pipeline.engines import cuda_launch
                     from pipeline.serve import decode_attention, fused_proj
 
                     base, *flags = mode.split("-")
@@ -370,6 +372,7 @@ def main(argv=None) -> int:
                     fused_proj.INT4_CHAIN = "nochain" not in flags
                     fused_proj.DEFER_RESIDUAL = "nodefer" not in flags
                     fused_proj.ROPE_IN_QKV = "norope" not in flags
+                    cuda_launch.PDL = "nopdl" not in flags
                     r = server_speed(model, a.device, batch, base, a.prompt, a.steps, a.max_len,
                                      fuse="nofuse" not in flags)
                 else:

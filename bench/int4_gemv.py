@@ -30,6 +30,11 @@ SHAPES = {  # label: (N, K)
 }
 
 
+# the fusion each 8B product has in the server's one-token chain (q|k|v's rotary epilogue needs a cache: its norm)
+CHAIN_FUSION = {"8b q/o": "+residual", "8b qkv fused": "+rmsnorm", "8b gate|up fused": "+rmsnorm+swiglu",
+                "8b down": "+residual"}
+
+
 def exactness() -> list[dict]:
     from pipeline.engines import int4_cuda, int4_triton
 
@@ -92,6 +97,15 @@ def speed(shapes: dict) -> list[dict]:
                 res[f"ours{fname}" + (f"/b{bps}" if bps else "")] = graph_time([
                     lambda m=m, b=bps, kw=kw: int4_cuda.gemv(h, m.qweight, m.scale_zero, 128, blocks_per_sm=b, **kw)
                     for m in mods])  # fmt: skip
+        chain_fusion = CHAIN_FUSION.get(label, {})
+        kw = {"+rmsnorm": fusions["+rmsnorm"], "+rmsnorm+swiglu": fusions["+rmsnorm+swiglu"],
+              "+residual": fusions["+residual"], "": {}}[chain_fusion]
+        for stages in (0, 2, 3, 4, 6):  # shared-memory stages (int4_cuda.STAGES), every one allowed
+            int4_cuda.STAGES, int4_cuda.MAX_STAGE_BYTES = stages, 220 * 1024
+            for fname, fkw in (("", {}), (chain_fusion, kw)) if chain_fusion else (("", {}),):
+                res[f"ours{fname}/s{stages}"] = graph_time([
+                    lambda m=m, kw=fkw: int4_cuda.gemv(h, m.qweight, m.scale_zero, 128, **kw) for m in mods])
+        int4_cuda.STAGES, int4_cuda.MAX_STAGE_BYTES = STAGES_DEFAULT
         q4_bytes = n * k // 2 + n * (k // 128) * 4
         row = dict(shape=label, n=n, k=k, default=default, bf16_bytes=n * k * 2, q4_bytes=q4_bytes)
         for name, t in res.items():
@@ -103,6 +117,58 @@ def speed(shapes: dict) -> list[dict]:
         del mods
         torch.cuda.empty_cache()
     return out
+
+
+def layer_chain(layers: int = 8) -> dict:
+    """Programmatic dependent launch (``cuda_launch.PDL``) on and off: a graph of Llama-3-8B layers' four one-token
+    products as the decode chain runs them (norm + q|k|v, o + residual, norm + gate|up + SwiGLU, down + residual),
+    each reading the one before, over ``layers`` layers' weights in rotation (no L2 reuse), and a graph of 200
+    dependent 64-row products (nearly nothing but launch latency). Microseconds a layer / a product."""
+    from pipeline.engines import cuda_launch, int4_cuda
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def weight(n, k):
+        q = torch.randint(-2**31, 2**31 - 1, (n, k // 8), device="cuda", dtype=torch.int32, generator=gen)
+        group = min(128, k)
+        s = torch.rand(n, k // group, device="cuda", generator=gen) * 2e-3 + 1e-3
+        return q, int4_cuda.pack_scale_zero(s, torch.full_like(s, 8, dtype=torch.int32)), group
+
+    d, f = 4096, 14336
+    ws = [(weight(6144, d), weight(d, d), weight(2 * f, d), weight(d, f)) for _ in range(layers)]
+    nw = torch.rand(d, device="cuda").bfloat16() + 0.5
+    x = torch.randn(1, d, device="cuda").bfloat16()
+    stages_default = int4_cuda.STAGES
+
+    def layer(w, h):
+        a = int4_cuda.gemv(h, *w[0], norm_weight=nw, eps=1e-5)[:, :d]
+        h = int4_cuda.gemv(a, *w[1], residual=h)
+        m = int4_cuda.gemv(h, *w[2], norm_weight=nw, eps=1e-5, swiglu=True)
+        return int4_cuda.gemv(m, *w[3], residual=h)
+
+    state = {"h": x}
+
+    def step(w):
+        state["h"] = layer(w, state["h"])
+
+    tiny = weight(64, 64)  # K = 64: one warp a block, nothing to read but 2 KB
+    small = {"h": x[:, :64].clone()}
+
+    def tiny_step():
+        small["h"] = int4_cuda.gemv(small["h"], *tiny)
+
+    out = {}
+    for _ in range(2):
+        for pdl, stages in ((False, 0), (True, 0), (False, stages_default), (True, stages_default)):
+            cuda_launch.PDL, int4_cuda.STAGES = pdl, stages
+            key = f"{'pdl' if pdl else 'plain'} s{stages}"
+            out.setdefault(f"layer {key}", []).append(1e6 * graph_time([lambda w=w: step(w) for w in ws], iters=64))
+            out.setdefault(f"64-row product {key}", []).append(1e6 * graph_time([tiny_step]))
+    cuda_launch.PDL, int4_cuda.STAGES = True, stages_default
+    res = {name: min(v) for name, v in out.items()}
+    print("layer chain (us): " + "  ".join(f"{k} {v:.1f} ({' / '.join(f'{t:.1f}' for t in out[k])})"
+                                           for k, v in res.items()), flush=True)
+    return dict(us=res, all=out)
 
 
 def speed_int8(shapes: dict) -> list[dict]:
@@ -130,10 +196,14 @@ def speed_int8(shapes: dict) -> list[dict]:
     return out
 
 
+STAGES_DEFAULT = (4, 110 * 1024)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--chain-only", action="store_true", help="only the exactness check and the layer chain")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to measure (this bench needs an NVIDIA GPU)")
@@ -142,6 +212,15 @@ def main(argv=None) -> int:
     res["exactness"] = exactness()
     worst = max(r["rel_err"] for r in res["exactness"])
     print(f"exactness: worst relative error against float64 {worst:.2e} over {len(res['exactness'])} cases")
+    global STAGES_DEFAULT
+    from pipeline.engines import int4_cuda
+
+    STAGES_DEFAULT = int4_cuda.STAGES, int4_cuda.MAX_STAGE_BYTES
+    res["layer_chain"] = layer_chain()
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=1))
+    if a.chain_only:
+        return 0
     res["speed"] = speed({s: SHAPES[s] for s in a.shapes.split(",")})
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))

@@ -85,8 +85,9 @@ def gemv_variants(arch: int) -> list[dict]:
     rows = []
     for k in (4096, 14336, 28672):
         for norm, epilogue in ((False, ""), (False, "residual"), (True, ""), (True, "swiglu"), (True, "rope")):
-            for r in (2,) if k > int4_cuda.WIDE_K else int4_cuda.ROWS:
-                source, name = int4_cuda._variant(torch.bfloat16, k, r, norm, epilogue)
+            shapes = [(2, 0)] if k > int4_cuda.WIDE_K else [(r, 0) for r in int4_cuda.ROWS] + [(4, int4_cuda.STAGES)]
+            for r, stages in shapes:  # the register double buffer, and (4 rows) the shared-memory stages
+                source, name = int4_cuda._variant(torch.bfloat16, k, r, norm, epilogue, stages)
                 use = _ptxas_usage(ptxas, _nvrtc_ptx(lib, source, arch), arch)
                 rows.append(dict(kernel=name, k=k, threads=int4_cuda.threads_per_block(k), **use))
     return rows
@@ -107,12 +108,14 @@ def attention_variants(arch: int) -> list[dict]:
     sig = {name: "i32" for name in ("HKV", "G", "L", "S", "sq_b", "sq_h", "sq_g", "sk_b", "sk_h", "sk_l", "sv_b",
                                     "sv_h", "sv_l", "sm_b")}  # fmt: skip
     sig.update(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", mask_ptr="*i1", m_ptr="*fp32", l_ptr="*fp32",
-               acc_ptr="*fp32", scale="fp32", D="constexpr", BLOCK_G="constexpr", BLOCK="constexpr")
+               acc_ptr="*fp32", scale="fp32", D="constexpr", BLOCK_G="constexpr", BLOCK="constexpr",
+               PDL="constexpr")
     rows = []
     for block in (64, 128, 256):
         for warps in (4, 8):
-            kern = triton.compile(ASTSource(partial, sig, constexprs={"D": 128, "BLOCK_G": 16, "BLOCK": block}),
-                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})  # fmt: skip
+            constexprs = {"D": 128, "BLOCK_G": 16, "BLOCK": block, "PDL": True}  # as launched on the H200
+            kern = triton.compile(ASTSource(partial, sig, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": warps, "launch_pdl": True})  # fmt: skip
             with tempfile.TemporaryDirectory() as d:
                 cubin = Path(d) / "k.cubin"
                 cubin.write_bytes(kern.asm["cubin"])

@@ -283,3 +283,75 @@ def test_rotary_epilogue_writes_q_and_the_cache_as_the_reference():
         plain = int4_cuda.gemv(x + add, qweight, sz, 128, norm_weight=nw, eps=1e-5)
         want_q, want_k, _ = int4_cuda.rope_reference(plain, cos, sin, hq * hd, hd)
         assert torch.equal(got, want_q) and torch.equal(kc[0, :, 5], want_k)
+
+
+@pytest.mark.gpu
+def test_a_graph_of_dependent_gemvs_launched_with_pdl_equals_plain_launches():
+    """Programmatic dependent launch (pipeline.engines.cuda_launch): each GEMV of a chain reads the one before
+    it, launched early and waiting in griddepcontrol.wait; a graph of them replayed over fresh inputs gives what
+    plain launches give, bit for bit (a kernel that read x before the wait would read the last replay's)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from pipeline.engines import cuda_launch
+
+    if not cuda_launch.pdl_available(0):
+        pytest.skip("PDL needs compute capability 9.0")
+    gen = torch.Generator().manual_seed(29)
+    k = 4096
+    layers = []
+    for n, group in ((2 * k, 128), (k, 64), (k, 128)):
+        q, s, z, _ = _case(n, k, group, torch.bfloat16, gen)
+        layers.append((int4_triton.repack(q, s, z, "cuda")["qweight"], int4_cuda.pack_scale_zero(s, z).cuda(), group))
+    nw = (torch.rand(k, generator=gen) + 0.5).to(torch.bfloat16).cuda()
+
+    def chain(x):
+        h = int4_cuda.gemv(x, *layers[0], norm_weight=nw, eps=1e-5, swiglu=True)
+        h = int4_cuda.gemv(h, *layers[1], residual=x)
+        return int4_cuda.gemv(h, *layers[2], residual=h)
+
+    x = torch.zeros(1, k, device="cuda", dtype=torch.bfloat16)
+    try:
+        cuda_launch.PDL = True
+        chain(x)  # compiled before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = chain(x)
+        cuda_launch.PDL = False
+        for _ in range(3):
+            x.copy_(torch.randn(1, k, generator=gen).to(torch.bfloat16))
+            graph.replay()
+            assert torch.equal(y, chain(x))
+    finally:
+        cuda_launch.PDL = True
+
+
+@pytest.mark.gpu
+def test_shared_memory_stages_give_the_register_paths_results_bit_for_bit():
+    """int4_cuda.STAGES: on sm_90+ the chunks come through bulk copies into shared-memory stages; every epilogue,
+    both dtypes, partial last chunks (N not a multiple of 4 rows) and 8B's down width give what the register
+    double buffer gives, bit for bit; a scale row that is not 16 bytes (K / group % 4) keeps the registers."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the stages need sm_90 (bulk copies)")
+    gen = torch.Generator().manual_seed(31)
+    for n, k, group, dtype in [(4098, 4096, 128, torch.bfloat16), (38, 512, 32, torch.float16),
+                               (4096, 14336, 128, torch.bfloat16), (22, 1024, 64, torch.bfloat16)]:
+        q, s, z, _ = _case(n, k, group, dtype, gen)
+        qweight, sz = int4_triton.repack(q, s, z, "cuda")["qweight"], int4_cuda.pack_scale_zero(s, z).cuda()
+        assert int4_cuda.stages_for(n, k, group, 4, qweight, sz) >= 2
+        x = (torch.randn(1, k, generator=gen) * 2).to(dtype).cuda()
+        nw = (torch.rand(k, generator=gen) + 0.5).to(dtype).cuda()
+        res = torch.randn(1, n, generator=gen).to(dtype).cuda()
+        for kw in ({}, dict(norm_weight=nw, eps=1e-5), dict(residual=res), dict(norm_weight=nw, swiglu=True)):
+            got, saved = {}, int4_cuda.STAGES
+            try:
+                for stages in (0, 4):
+                    int4_cuda.STAGES = stages
+                    got[stages] = int4_cuda.gemv(x, qweight, sz, group, **kw)
+            finally:
+                int4_cuda.STAGES = saved
+            assert torch.equal(got[0], got[4]), (n, k, group, kw)
+    q, s, z, _ = _case(8, 11008, 128, torch.bfloat16, gen)  # 86 scale words a row
+    qweight, sz = int4_triton.repack(q, s, z, "cuda")["qweight"], int4_cuda.pack_scale_zero(s, z).cuda()
+    assert int4_cuda.stages_for(8, 11008, 128, 4, qweight, sz) == 0

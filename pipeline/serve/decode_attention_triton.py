@@ -29,6 +29,8 @@ import os
 
 import torch
 
+from pipeline.engines import cuda_launch
+
 # Cache positions per program, and its warps. Compiled for sm_90 (Triton 3.6, head dim 128, 16 query rows), 256
 # positions with 4 warps spilled ~4.9 KB a thread to local memory (32 registers + stack), so the one live block of
 # a short sequence took ~6 us a layer on the H200; 128 positions with 8 warps use 181 registers and no stack.
@@ -57,11 +59,15 @@ def eligible(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) 
 def _kernels(interpret: bool):
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     @triton.jit
     def _partial(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, HKV, G, L, S, scale,
                  sq_b, sq_h, sq_g, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b,
-                 D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                 D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+        if PDL:  # launched early (programmatic dependent launch): wait for q and the cache write, let the next go
+            gdc_wait()
+            gdc_launch_dependents()
         bh = tl.program_id(0)
         s = tl.program_id(1)
         b = bh // HKV
@@ -91,7 +97,10 @@ def _kernels(interpret: bool):
 
     @triton.jit
     def _combine(m_ptr, l_ptr, acc_ptr, out_ptr, S, so_bh, so_g,
-                 D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+                 D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         # one program per (sequence x key/value head, query head of the group): all its partials in one load
         bh = tl.program_id(0)
         g = tl.program_id(1)
@@ -120,6 +129,9 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if keep.stride(-1) != 1:
         keep = keep.contiguous()
     splits = -(-length // BLOCK_L)
+    # programmatic dependent launch (pipeline.engines.cuda_launch) on Hopper and later: the kernels wait first
+    on = query.is_cuda and cuda_launch.PDL and cuda_launch.pdl_available(query.device.index or 0)
+    pdl = dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
     block_g = max(16, 1 << (g - 1).bit_length())
     m = torch.empty(b * hkv, splits, block_g, device=query.device, dtype=torch.float32)
     sums = torch.empty_like(m)
@@ -131,9 +143,9 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     partial[(b * hkv, splits)](q, k, v, keep, m, sums, acc, hkv, g, length, splits, scale,
                                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                                v.stride(0), v.stride(1), v.stride(2), keep.stride(0),
-                               D=d, BLOCK_G=block_g, BLOCK=BLOCK_L, num_warps=PARTIAL_WARPS)  # fmt: skip
+                               D=d, BLOCK_G=block_g, BLOCK=BLOCK_L, num_warps=PARTIAL_WARPS, **pdl)  # fmt: skip
     combine[(b * hkv, g)](m, sums, acc, out, splits, out.stride(1), out.stride(2),
-                          D=d, BLOCK_G=block_g, BLOCK_S=max(16, 1 << (splits - 1).bit_length()))  # fmt: skip
+                          D=d, BLOCK_G=block_g, BLOCK_S=max(16, 1 << (splits - 1).bit_length()), **pdl)  # fmt: skip
     return out
 
 
