@@ -30,11 +30,6 @@ SHAPES = {  # label: (N, K)
 }
 
 
-# the fusion each 8B product has in the server's one-token chain (q|k|v's rotary epilogue needs a cache: its norm)
-CHAIN_FUSION = {"8b q/o": "+residual", "8b qkv fused": "+rmsnorm", "8b gate|up fused": "+rmsnorm+swiglu",
-                "8b down": "+residual"}
-
-
 def exactness() -> list[dict]:
     from pipeline.engines import int4_cuda, int4_triton
 
@@ -97,15 +92,6 @@ def speed(shapes: dict) -> list[dict]:
                 res[f"ours{fname}" + (f"/b{bps}" if bps else "")] = graph_time([
                     lambda m=m, b=bps, kw=kw: int4_cuda.gemv(h, m.qweight, m.scale_zero, 128, blocks_per_sm=b, **kw)
                     for m in mods])  # fmt: skip
-        chain_fusion = CHAIN_FUSION.get(label, {})
-        kw = {"+rmsnorm": fusions["+rmsnorm"], "+rmsnorm+swiglu": fusions["+rmsnorm+swiglu"],
-              "+residual": fusions["+residual"], "": {}}[chain_fusion]
-        for stages in (0, 2, 3, 4, 6):  # shared-memory stages (int4_cuda.STAGES), every one allowed
-            int4_cuda.STAGES, int4_cuda.MAX_STAGE_BYTES = stages, 220 * 1024
-            for fname, fkw in (("", {}), (chain_fusion, kw)) if chain_fusion else (("", {}),):
-                res[f"ours{fname}/s{stages}"] = graph_time([
-                    lambda m=m, kw=fkw: int4_cuda.gemv(h, m.qweight, m.scale_zero, 128, **kw) for m in mods])
-        int4_cuda.STAGES, int4_cuda.MAX_STAGE_BYTES = STAGES_DEFAULT
         q4_bytes = n * k // 2 + n * (k // 128) * 4
         row = dict(shape=label, n=n, k=k, default=default, bf16_bytes=n * k * 2, q4_bytes=q4_bytes)
         for name, t in res.items():
@@ -138,7 +124,7 @@ def layer_chain(layers: int = 8) -> dict:
     ws = [(weight(6144, d), weight(d, d), weight(2 * f, d), weight(d, f)) for _ in range(layers)]
     nw = torch.rand(d, device="cuda").bfloat16() + 0.5
     x = torch.randn(1, d, device="cuda").bfloat16()
-    stages_default = int4_cuda.STAGES
+    min_chunks_default = int4_cuda.MIN_CHUNKS
 
     def layer(w, h):
         a = int4_cuda.gemv(h, *w[0], norm_weight=nw, eps=1e-5)[:, :d]
@@ -159,15 +145,16 @@ def layer_chain(layers: int = 8) -> dict:
 
     out = {}
     for _ in range(2):
-        for pdl, stages in ((False, 0), (True, 0), (False, stages_default), (True, stages_default)):
-            cuda_launch.PDL, int4_cuda.STAGES = pdl, stages
-            key = f"{'pdl' if pdl else 'plain'} s{stages}"
+        for pdl, min_chunks in ((False, 0), (True, 0), (True, 2), (True, 3), (True, 4), (True, 6)):
+            cuda_launch.PDL, int4_cuda.MIN_CHUNKS = pdl, min_chunks
+            key = f"{'pdl' if pdl else 'plain'} min chunks {min_chunks}"
             out.setdefault(f"layer {key}", []).append(1e6 * graph_time([lambda w=w: step(w) for w in ws], iters=64))
-            out.setdefault(f"64-row product {key}", []).append(1e6 * graph_time([tiny_step]))
-    cuda_launch.PDL, int4_cuda.STAGES = True, stages_default
+            if not min_chunks:
+                out.setdefault(f"64-row product {key}", []).append(1e6 * graph_time([tiny_step]))
+    cuda_launch.PDL, int4_cuda.MIN_CHUNKS = True, min_chunks_default
     res = {name: min(v) for name, v in out.items()}
-    print("layer chain (us): " + "  ".join(f"{k} {v:.1f} ({' / '.join(f'{t:.1f}' for t in out[k])})"
-                                           for k, v in res.items()), flush=True)
+    for k, v in res.items():
+        print(f"layer chain: {k:32s} {v:6.1f} us  ({' / '.join(f'{t:.1f}' for t in out[k])})", flush=True)
     return dict(us=res, all=out)
 
 
@@ -196,9 +183,6 @@ def speed_int8(shapes: dict) -> list[dict]:
     return out
 
 
-STAGES_DEFAULT = (4, 110 * 1024)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
@@ -212,10 +196,6 @@ def main(argv=None) -> int:
     res["exactness"] = exactness()
     worst = max(r["rel_err"] for r in res["exactness"])
     print(f"exactness: worst relative error against float64 {worst:.2e} over {len(res['exactness'])} cases")
-    global STAGES_DEFAULT
-    from pipeline.engines import int4_cuda
-
-    STAGES_DEFAULT = int4_cuda.STAGES, int4_cuda.MAX_STAGE_BYTES
     res["layer_chain"] = layer_chain()
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))

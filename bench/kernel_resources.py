@@ -85,9 +85,8 @@ def gemv_variants(arch: int) -> list[dict]:
     rows = []
     for k in (4096, 14336, 28672):
         for norm, epilogue in ((False, ""), (False, "residual"), (True, ""), (True, "swiglu"), (True, "rope")):
-            shapes = [(2, 0)] if k > int4_cuda.WIDE_K else [(r, 0) for r in int4_cuda.ROWS] + [(4, int4_cuda.STAGES)]
-            for r, stages in shapes:  # the register double buffer, and (4 rows) the shared-memory stages
-                source, name = int4_cuda._variant(torch.bfloat16, k, r, norm, epilogue, stages)
+            for r in (2,) if k > int4_cuda.WIDE_K else int4_cuda.ROWS:
+                source, name = int4_cuda._variant(torch.bfloat16, k, r, norm, epilogue)
                 use = _ptxas_usage(ptxas, _nvrtc_ptx(lib, source, arch), arch)
                 rows.append(dict(kernel=name, k=k, threads=int4_cuda.threads_per_block(k), **use))
     return rows

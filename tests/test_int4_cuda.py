@@ -324,34 +324,3 @@ def test_a_graph_of_dependent_gemvs_launched_with_pdl_equals_plain_launches():
     finally:
         cuda_launch.PDL = True
 
-
-@pytest.mark.gpu
-def test_shared_memory_stages_give_the_register_paths_results_bit_for_bit():
-    """int4_cuda.STAGES: on sm_90+ the chunks come through bulk copies into shared-memory stages; every epilogue,
-    both dtypes, partial last chunks (N not a multiple of 4 rows) and 8B's down width give what the register
-    double buffer gives, bit for bit; a scale row that is not 16 bytes (K / group % 4) keeps the registers."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("the stages need sm_90 (bulk copies)")
-    gen = torch.Generator().manual_seed(31)
-    for n, k, group, dtype in [(4098, 4096, 128, torch.bfloat16), (38, 512, 32, torch.float16),
-                               (4096, 14336, 128, torch.bfloat16), (22, 1024, 64, torch.bfloat16)]:
-        q, s, z, _ = _case(n, k, group, dtype, gen)
-        qweight, sz = int4_triton.repack(q, s, z, "cuda")["qweight"], int4_cuda.pack_scale_zero(s, z).cuda()
-        assert int4_cuda.stages_for(n, k, group, 4, qweight, sz) >= 2
-        x = (torch.randn(1, k, generator=gen) * 2).to(dtype).cuda()
-        nw = (torch.rand(k, generator=gen) + 0.5).to(dtype).cuda()
-        res = torch.randn(1, n, generator=gen).to(dtype).cuda()
-        for kw in ({}, dict(norm_weight=nw, eps=1e-5), dict(residual=res), dict(norm_weight=nw, swiglu=True)):
-            got, saved = {}, int4_cuda.STAGES
-            try:
-                for stages in (0, 4):
-                    int4_cuda.STAGES = stages
-                    got[stages] = int4_cuda.gemv(x, qweight, sz, group, **kw)
-            finally:
-                int4_cuda.STAGES = saved
-            assert torch.equal(got[0], got[4]), (n, k, group, kw)
-    q, s, z, _ = _case(8, 11008, 128, torch.bfloat16, gen)  # 86 scale words a row
-    qweight, sz = int4_triton.repack(q, s, z, "cuda")["qweight"], int4_cuda.pack_scale_zero(s, z).cuda()
-    assert int4_cuda.stages_for(8, 11008, 128, 4, qweight, sz) == 0

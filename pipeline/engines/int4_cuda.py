@@ -149,54 +149,29 @@ def compile_failure(kernels) -> str:
 EPILOGUES = {"": 0, "residual": 1, "swiglu": 2, "rope": 3}  # what the kernel writes (the CUDA source's EPI)
 
 
-def compile_problem(dtype: torch.dtype, k: int, norm: bool = False, epilogue: str = "", stages: int = 0) -> str:
-    """Compile (once) the variant :func:`gemv` launches for ``dtype``, ``k``, the fusion and the stages; "" or the
-    compiler's one-line reason. Other row counts (``gemv(rows=...)``) compile at their first use."""
-    return compile_failure([_variant(dtype, k, chunk_rows(k), norm, epilogue, stages)])
+def compile_problem(dtype: torch.dtype, k: int, norm: bool = False, epilogue: str = "") -> str:
+    """Compile (once) the variant :func:`gemv` launches for ``dtype``, ``k`` and the fusion; "" or the compiler's
+    one-line reason. Other row counts (``gemv(rows=...)``) compile at their first use."""
+    return compile_failure([_variant(dtype, k, chunk_rows(k), norm, epilogue)])
 
 
 @functools.cache
-def _variant(dtype: torch.dtype, k: int, rows: int, norm: bool, epilogue: str, stages: int = 0) -> tuple[str, str]:
-    """(source, kernel name) of one entry: the template instantiated for this dtype, width, rows, fusion and
-    shared-memory stages (0: the register double buffer)."""
+def _variant(dtype: torch.dtype, k: int, rows: int, norm: bool, epilogue: str) -> tuple[str, str]:
+    """(source, kernel name) of one entry: the template instantiated for this dtype, width, rows and fusion."""
     bf16 = dtype == torch.bfloat16
     wide = k > WIDE_K
     threads = threads_per_block(k)
     name = (f"q4gemv_{'bf16' if bf16 else 'f16'}_{'wide' if wide else f'r{rows}'}_t{threads}"
-            f"{'_norm' if norm else ''}{'_' + epilogue if epilogue else ''}{f'_s{stages}' if stages else ''}")
+            f"{'_norm' if norm else ''}{'_' + epilogue if epilogue else ''}")
     # registers capped so that MIN_THREADS_PER_SM of them fit (ptxas for sm_90: the rotary variant took 104 and
-    # 4 blocks of 128 threads an SM under a 512-thread bound, 96 and 5 under this one; bench/kernel_resources.py);
-    # with stages (no registers for the next chunk) two 448-thread blocks of 8B's down fit too
-    per_sm = max(1, MIN_THREADS_PER_SM // threads) if rows <= 4 else 1
-    if stages:
-        per_sm = max(1, min(MIN_THREADS_PER_SM // 128, 1024 // threads))
-    bound = f"{threads}, {per_sm}" if not wide else "1024, 1"
+    # 4 blocks of 128 threads an SM under a 512-thread bound, 96 and 5 under this one; bench/kernel_resources.py)
+    bound = f"{threads}, {max(1, MIN_THREADS_PER_SM // threads) if rows <= 4 else 1}" if not wide else "1024, 1"
     entry = (f"ENTRY({name}, ({bound}), {2 if wide else rows}, {'true' if norm else 'false'}, "
-             f"{EPILOGUES[epilogue]}, {'true' if bf16 else 'false'}, {stages})\n")
+             f"{EPILOGUES[epilogue]}, {'true' if bf16 else 'false'})\n")
     return _SOURCE + entry, name
 
 
-STAGES = 4  # chunks a block keeps in flight through shared memory on sm_90+ (0: registers; "-nostages")
-MAX_STAGE_BYTES = 110 * 1024  # fewer stages where they would take more: two blocks an SM still fit (8B's down: 3)
-
-
-def stages_for(n: int, k: int, group: int, rows: int, qweight: torch.Tensor, sz: torch.Tensor) -> int:
-    """Shared-memory stages for this product (:data:`STAGES`), or 0 where the bulk copies cannot take it: before
-    sm_90 (no TMA), above WIDE_K, other than 4 rows a chunk, scale rows not a multiple of 16 bytes (K / group
-    % 4), pointers not 16-byte aligned, or not two stages in :data:`MAX_STAGE_BYTES`."""
-    if not STAGES or k > WIDE_K or rows != 4 or (k // group) % 4:
-        return 0
-    if qweight.data_ptr() % 16 or sz.data_ptr() % 16 or torch.cuda.get_device_capability(qweight.device) < (9, 0):
-        return 0
-    stages = min(STAGES, MAX_STAGE_BYTES // stage_bytes(k, group, rows, 1))
-    return stages if stages >= 2 else 0
-
-
-def stage_bytes(k: int, group: int, rows: int, stages: int) -> int:
-    """The dynamic shared memory of ``stages`` stages: each a chunk's codes and scale words."""
-    return stages * rows * (k // 2 + (k // group) * 4)
-
-
+MIN_CHUNKS = 0  # fewer blocks an SM where each would get fewer chunks than this (0: as many as fit)
 MIN_THREADS_PER_SM = 640  # the launch bounds' second figure (up to 4 rows): 5 blocks of 128 threads (K = 4096)
 
 
@@ -265,15 +240,15 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int, r
     extra += [vector_for_kernel(add), add_out, 1] if add is not None else [x, x, 0]
     if add_out is not None and not (add_out.is_contiguous() and add_out.data_ptr() % 16 == 0 and add_out.numel() == k):
         raise ValueError("add_out must be a contiguous, 16-byte aligned [1, K] tensor")
-    r = chunk_rows(k, rows)
-    stages = stages_for(n, k, group, r, qweight, sz)
-    smem = stage_bytes(k, group, r, stages)
-    variant = _variant(x.dtype, k, r, norm_weight is not None, epilogue, stages)
-    if blocks_per_sm is None:  # as many blocks as fit on the GPU at once (a prologue is paid once per block)
-        blocks_per_sm = resident_blocks(*variant, threads_per_block(k), smem)
-    _, blocks = launch_shape(n, k, sm_count(x.device.index or 0), rows, blocks_per_sm)
-    launch(kernel(*variant, smem), (blocks, 1, 1), (threads_per_block(k), 1, 1),
-           [x, nw, res, qweight, sz, out, n, k, group, float(eps), *extra], shared_mem=smem)
+    variant = _variant(x.dtype, k, chunk_rows(k, rows), norm_weight is not None, epilogue)
+    sms = sm_count(x.device.index or 0)
+    if blocks_per_sm is None:  # as many blocks as fit on the GPU at once (a prologue is paid once per block) ...
+        blocks_per_sm = resident_blocks(*variant, threads_per_block(k))
+        if MIN_CHUNKS:  # ... unless that leaves a block fewer than MIN_CHUNKS chunks
+            blocks_per_sm = max(1, min(blocks_per_sm, -(-n // (chunk_rows(k, rows) * sms * MIN_CHUNKS))))
+    _, blocks = launch_shape(n, k, sms, rows, blocks_per_sm)
+    launch(compiled(*variant), (blocks, 1, 1), (threads_per_block(k), 1, 1),
+           [x, nw, res, qweight, sz, out, n, k, group, float(eps), *extra])
     return out
 
 
@@ -346,26 +321,15 @@ def fused_reference(x: torch.Tensor, norm_weight: torch.Tensor | None = None, ep
 
 
 @functools.cache
-def kernel(source: str, name: str, smem: int):
-    """:func:`compiled`, allowed ``smem`` bytes of dynamic shared memory (above 48 KB it must be asked for)."""
-    k = compiled(source, name)
-    if smem > 48 * 1024:  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-        rc = torch.cuda._utils._get_gpu_runtime_library().cuFuncSetAttribute(k.func, 8, ctypes.c_int(smem))
-        if rc != 0:
-            raise RuntimeError(f"{name}: {smem} bytes of shared memory refused (CUDA driver error {rc})")
-    return k
-
-
-@functools.cache
-def resident_blocks(source: str, name: str, threads: int, smem: int = 0) -> int:
-    """How many blocks of ``threads`` of the kernel fit on one SM at once (its registers and shared memory decide:
-    the driver's occupancy query); 1024 threads' worth where the query is not available."""
+def resident_blocks(source: str, name: str, threads: int) -> int:
+    """How many blocks of ``threads`` of the kernel fit on one SM at once (its registers decide: the driver's
+    occupancy query); 1024 threads' worth where the query is not available."""
     fallback = max(1, 1024 // threads)
     try:
         lib = torch.cuda._utils._get_gpu_runtime_library()
         count = ctypes.c_int()
-        rc = lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(count), kernel(source, name, smem).func,
-                                                             threads, ctypes.c_size_t(smem))  # fmt: skip
+        rc = lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(count), compiled(source, name).func,
+                                                             threads, ctypes.c_size_t(0))  # fmt: skip
     except (AttributeError, OSError):
         return fallback
     return count.value if rc == 0 and count.value > 0 else fallback

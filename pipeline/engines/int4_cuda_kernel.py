@@ -39,36 +39,6 @@ __device__ __forceinline__ int dp4a_us(u32 a, int b, int c) {  // unsigned bytes
 __device__ __forceinline__ u32 dp4a_uu(u32 a, u32 b, u32 c) {  // unsigned bytes . unsigned bytes + c
   u32 d; asm("dp4a.u32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
 }
-// Hopper's bulk copies (TMA without a tensor map) into shared memory, completed on an mbarrier (sm_90 and later;
-// the kernels with stages only compile there: the launcher picks them on such GPUs alone).
-typedef unsigned long long u64;
-__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void bar_init(u64* bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(bar)) : "memory");
-  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void bar_expect(u64* bar, u32 bytes) {  // this phase completes when ``bytes`` arrived
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(smem_addr(bar)), "r"(bytes) : "memory");
-#endif
-}
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, u32 bytes, u64* bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-               :: "r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
-#endif
-}
-__device__ __forceinline__ void bar_wait(u64* bar, u32 parity) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  u32 done = 0;
-  while (!done)
-    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-                 : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
-#endif
-}
-
 // Row ``u`` of chunk ``chunk`` (-1 past the end). MAP 0: R consecutive rows. MAP 1 (the SwiGLU epilogue over
 // gate|up): rows i .. i + R/2 - 1 of the first half (gate) and the same rows of the second half (up), i = chunk *
 // R/2. MAP 2 (the rotary epilogue over q|k|v, R = 4, heads of HD rows): rows j, j + 1 of a head and their rotary
@@ -94,29 +64,6 @@ __device__ __forceinline__ void load_chunk(uint4 (&w)[R], u32 (&s)[R], const uin
     const bool ok = active && n >= 0;
     w[u] = ok ? load_stream(qw + (size_t)n * kt + t) : make_uint4(0u, 0u, 0u, 0u);
     s[u] = ok ? __ldg(sz + (size_t)n * gpr + g) : 0u;
-  }
-}
-
-// Stages: thread 0 copies chunk ``chunk``'s rows (codes, then their scale words) into stage ``st`` of shared memory:
-// every MAP's chunk is two runs of R/2 consecutive rows, each one bulk copy (rows past the end are not copied).
-template <int R, int MAP>
-__device__ __forceinline__ void issue_chunk(unsigned char* smem, u64* bar, const uint4* __restrict__ qw,
-                                           const u32* __restrict__ sz, int chunk, int N, int kt, int gpr, int hd) {
-  const u32 rowb = (u32)kt * 16u, scaleb = (u32)gpr * 4u;
-  int first[2], count[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    first[h] = chunk_row<R, MAP>(chunk, h * (R / 2), N, hd);
-    count[h] = 0;
-#pragma unroll
-    for (int u = h * (R / 2); u < (h + 1) * (R / 2); ++u) count[h] += chunk_row<R, MAP>(chunk, u, N, hd) >= 0;
-  }
-  bar_expect(bar, (u32)(count[0] + count[1]) * (rowb + scaleb));
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    if (count[h] == 0) continue;
-    bulk_load(smem + h * (R / 2) * rowb, qw + (size_t)first[h] * kt, count[h] * rowb, bar);
-    bulk_load(smem + R * rowb + h * (R / 2) * scaleb, sz + (size_t)first[h] * gpr, count[h] * scaleb, bar);
   }
 }
 
@@ -166,7 +113,7 @@ __device__ __forceinline__ void load_act32(float (&xv)[32], const u16* __restric
 // activation dtype and rotated (rotate_half's pairs, in float32, rounded once, as the compiled step's kernel does);
 // q goes to ``out`` (QROWS outputs), k and v to this token's position (*pos) of ``kc``/``vc`` ([heads, positions,
 // HD] with heads HSTRIDE apart).
-template <int R, bool NORM, int EPI, int S>
+template <int R, bool NORM, int EPI>
 __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __restrict__ nw,
                                        const u16* __restrict__ res, const uint4* __restrict__ qw,
                                        const u32* __restrict__ sz, u16* __restrict__ out,
@@ -183,27 +130,12 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
   int chunk = blockIdx.x;
   uint4 w[R];
   u32 s[R];
-  // S > 0: S stages of shared memory (each a chunk's codes, then its scale words), filled by bulk copies, so S
-  // chunks a block are in flight, not one; else the next chunk is loaded into registers while one is computed
-  extern __shared__ __align__(16) unsigned char stage_mem[];
-  __shared__ u64 full[S > 0 ? S : 1];
-  const int stage_bytes = R * (kt * 16 + gpr * 4);
-  if (S > 0) {
-    if (t == 0) {
-      for (int i = 0; i < S; ++i) bar_init(&full[i]);
-    }
-    __syncthreads();
-    if (t == 0) {
-      for (int i = 0; i < S && chunk + i * (int)gridDim.x < chunks; ++i)
-        issue_chunk<R, MAP>(stage_mem + i * stage_bytes, &full[i], qw, sz, chunk + i * gridDim.x, N, kt, gpr, rope.hd);
-    }
-  } else {
-    load_chunk<R, MAP>(w, s, qw, sz, chunk, N, kt, gpr, g, t, active, rope.hd);  // in flight during the prologue
-  }
-  // Programmatic dependent launch (pipeline.engines.cuda_launch): the weights above are all this kernel reads before
-  // the kernel before it has completed; then the next one may be launched (its blocks start as ours leave).
-  grid_wait();
+  load_chunk<R, MAP>(w, s, qw, sz, chunk, N, kt, gpr, g, t, active, rope.hd);  // in flight during the prologue
+  // Programmatic dependent launch (pipeline.engines.cuda_launch): the next kernel may be launched now (its blocks
+  // start where ours leave room, and issue their own weight loads); the weights above are all this kernel reads
+  // before the kernel before it has completed.
   grid_launch_next();
+  grid_wait();
   // The epilogue's own inputs (the residual, the rotary cos/sin) are loaded a chunk ahead too: loaded in the chunk
   // they serve, they arrived after the arithmetic, and the block waited for them at every chunk (8B down with the
   // residual on the H200: 18.5 us, a chunk ahead 15.7, plain 13.5).
@@ -289,20 +221,8 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
     u32 sn[R];
     float side_next[2] = {0.f, 0.f};
     const int next = chunk + gridDim.x;
-    const int st = S > 0 ? it % S : 0;
-    if (S > 0) {  // this chunk's stage: wait for its copies, take this thread's codes and scale words
-      bar_wait(&full[st], (u32)(it / (S > 0 ? S : 1)) & 1u);
-      const uint4* ws = reinterpret_cast<const uint4*>(stage_mem + st * stage_bytes);
-      const u32* ss = reinterpret_cast<const u32*>(stage_mem + st * stage_bytes + R * kt * 16);
-#pragma unroll
-      for (int u = 0; u < R; ++u) {
-        const bool ok = active && chunk_row<R, MAP>(chunk, u, N, rope.hd) >= 0;
-        w[u] = ok ? ws[u * kt + t] : make_uint4(0u, 0u, 0u, 0u);
-        s[u] = ok ? ss[u * gpr + g] : 0u;
-      }
-    }
     if (next < chunks) {
-      if (S == 0) load_chunk<R, MAP>(wn, sn, qw, sz, next, N, kt, gpr, g, t, active, rope.hd);
+      load_chunk<R, MAP>(wn, sn, qw, sz, next, N, kt, gpr, g, t, active, rope.hd);
       load_side<R, MAP, EPI>(side_next, res, rope, next, N, nout, OUT, t, bf16);
     }
 #pragma unroll
@@ -327,9 +247,6 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
       if (lane == 0) part[warp * R + u] = v;
     }
     __syncthreads();
-    if (S > 0 && t == 0 && chunk + S * (int)gridDim.x < chunks)  // the stage is read: refill it, S chunks on
-      issue_chunk<R, MAP>(stage_mem + st * stage_bytes, &full[st], qw, sz, chunk + S * gridDim.x, N, kt, gpr,
-                          rope.hd);
     if (NORM && it == 0) {
       float total = 0.f;
       for (int i = 0; i < nwarps; ++i) total += ssum[i];
@@ -376,9 +293,7 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
     __syncthreads();  // (one barrier a chunk with red double-buffered measured slower: 20.2 against 18.7 us)
     if (next < chunks) {
 #pragma unroll
-      for (int u = 0; u < R; ++u) {
-        if (S == 0) { w[u] = wn[u]; s[u] = sn[u]; }
-      }
+      for (int u = 0; u < R; ++u) { w[u] = wn[u]; s[u] = sn[u]; }
       side[0] = side_next[0];
       side[1] = side_next[1];
     }
@@ -386,12 +301,12 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
 }
 
 // entries: q4gemv_<bf16|f16>_<r4|r8|wide>[_norm][_res|_swiglu] (see _variant); each compiles only its own
-#define ENTRY(NAME, BOUND, R, NORM, EPI, BF16, S)                                                         \
+#define ENTRY(NAME, BOUND, R, NORM, EPI, BF16)                                                           \
   extern "C" __global__ void __launch_bounds__ BOUND                                                   \
   NAME(const u16* x, const u16* nw, const u16* res, const uint4* qw, const u32* sz, u16* out, int N,     \
        int K, int G, double eps, const u16* sn, const long long* pos, u16* kc, u16* vc, int qrows, int hd,  \
        int hstride, const u16* add, u16* hout, int has_add) {                                          \
     const Rope rope = {sn, pos, kc, vc, qrows, hd, hstride, has_add ? add : nullptr, hout};            \
-    q4gemv<R, NORM, EPI, S>(x, nw, res, qw, sz, out, N, K, G, (float)eps, BF16, rope);                  \
+    q4gemv<R, NORM, EPI>(x, nw, res, qw, sz, out, N, K, G, (float)eps, BF16, rope);                    \
   }
 """

@@ -65,9 +65,9 @@ def _kernels(interpret: bool):
     def _partial(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, HKV, G, L, S, scale,
                  sq_b, sq_h, sq_g, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b,
                  D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
-        if PDL:  # launched early (programmatic dependent launch): wait for q and the cache write, let the next go
-            gdc_wait()
+        if PDL:  # launched early (programmatic dependent launch): let the next go, wait for q and the cache write
             gdc_launch_dependents()
+            gdc_wait()
         bh = tl.program_id(0)
         s = tl.program_id(1)
         b = bh // HKV
@@ -99,8 +99,8 @@ def _kernels(interpret: bool):
     def _combine(m_ptr, l_ptr, acc_ptr, out_ptr, S, so_bh, so_g,
                  D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
         if PDL:
-            gdc_wait()
             gdc_launch_dependents()
+            gdc_wait()
         # one program per (sequence x key/value head, query head of the group): all its partials in one load
         bh = tl.program_id(0)
         g = tl.program_id(1)
