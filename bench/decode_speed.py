@@ -296,9 +296,6 @@ def server_speed(model, device, batch, mode, prompt, steps, max_len=None, fuse=T
 
 
 def main(argv=None) -> int:
-    from pipeline.engines import int4_cuda
-
-    min_chunks = int4_cuda.MIN_CHUNKS  # the default, for modes without "-mcN"
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     ap.add_argument("--device", default="cpu")
@@ -307,9 +304,8 @@ def main(argv=None) -> int:
                     "graphs mode + \"-nofuse\" keeps q|k|v and gate|up as separate products, + \"-matmulattn\" decode "
                     "attention as two matrix products instead of the split-K kernel, + \"-nochain\" INT4's norms, "
                     "SwiGLU and residual adds outside its one-token GEMVs, + \"-nodefer\" each layer adds its own "
-                    "last residual, + \"-norope\" the rotary embedding and cache write outside INT4's q|k|v GEMV, + \"-nopdl\" every "
-                    "kernel launched without programmatic dependent launch, + \"-mcN\" INT4 GEMVs with at least N chunks a "
-                    "block (int4_cuda.MIN_CHUNKS)")
+                    "last residual, + \"-norope\" the rotary embedding and cache write outside INT4's q|k|v GEMV, "
+                    "+ \"-nopdl\" every kernel launched without programmatic dependent launch")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--steps", type=int, default=64)
@@ -377,7 +373,6 @@ def main(argv=None) -> int:
                     fused_proj.DEFER_RESIDUAL = "nodefer" not in flags
                     fused_proj.ROPE_IN_QKV = "norope" not in flags
                     cuda_launch.PDL = "nopdl" not in flags
-                    int4_cuda.MIN_CHUNKS = next((int(f[2:]) for f in flags if f.startswith("mc")), min_chunks)
                     r = server_speed(model, a.device, batch, base, a.prompt, a.steps, a.max_len,
                                      fuse="nofuse" not in flags)
                 else:

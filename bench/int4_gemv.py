@@ -124,7 +124,6 @@ def layer_chain(layers: int = 8) -> dict:
     ws = [(weight(6144, d), weight(d, d), weight(2 * f, d), weight(d, f)) for _ in range(layers)]
     nw = torch.rand(d, device="cuda").bfloat16() + 0.5
     x = torch.randn(1, d, device="cuda").bfloat16()
-    min_chunks_default = int4_cuda.MIN_CHUNKS
 
     def layer(w, h):
         a = int4_cuda.gemv(h, *w[0], norm_weight=nw, eps=1e-5)[:, :d]
@@ -145,13 +144,12 @@ def layer_chain(layers: int = 8) -> dict:
 
     out = {}
     for _ in range(2):
-        for pdl, min_chunks in ((False, 0), (True, 0), (True, 2), (True, 3), (True, 4), (True, 6)):
-            cuda_launch.PDL, int4_cuda.MIN_CHUNKS = pdl, min_chunks
-            key = f"{'pdl' if pdl else 'plain'} min chunks {min_chunks}"
+        for pdl in (False, True):
+            cuda_launch.PDL = pdl
+            key = "pdl" if pdl else "plain"
             out.setdefault(f"layer {key}", []).append(1e6 * graph_time([lambda w=w: step(w) for w in ws], iters=64))
-            if not min_chunks:
-                out.setdefault(f"64-row product {key}", []).append(1e6 * graph_time([tiny_step]))
-    cuda_launch.PDL, int4_cuda.MIN_CHUNKS = True, min_chunks_default
+            out.setdefault(f"64-row product {key}", []).append(1e6 * graph_time([tiny_step]))
+    cuda_launch.PDL = True
     res = {name: min(v) for name, v in out.items()}
     for k, v in res.items():
         print(f"layer chain: {k:32s} {v:6.1f} us  ({' / '.join(f'{t:.1f}' for t in out[k])})", flush=True)

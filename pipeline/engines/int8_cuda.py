@@ -30,9 +30,10 @@ from pipeline.engines.int4_cuda import (
     threads_per_block,
     vector_for_kernel,
 )
+from pipeline.engines.cuda_launch import GRID_SYNC, launch
 from pipeline.engines.int4_cuda_kernel import CUDA_PRELUDE
 
-_SOURCE = CUDA_PRELUDE + r"""
+_SOURCE = CUDA_PRELUDE + GRID_SYNC + r"""
 __device__ __forceinline__ int dp4a_ss(u32 a, u32 b, int c) {
   int d; asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
 }
@@ -75,6 +76,8 @@ __device__ __forceinline__ void q8gemv(const uint4* __restrict__ x, const uint4*
   int chunk = blockIdx.x;
   uint4 w[R][2];
   load_chunk<R>(w, qw, chunk, N, kt, t, active);
+  grid_launch_next();  // programmatic dependent launch (pipeline.engines.cuda_launch): only weights read above
+  grid_wait();
   // the token's activations: 32 per thread, their absolute maximum over the whole row (block reduction), then
   // int8 exactly as quantize_per_token_int8 does it
   float xv[32];
@@ -163,8 +166,8 @@ def gemv(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) -> torch.
     # 4 rows a chunk (launch_shape makes it 2 above WIDE_K): each row is two 16-byte loads a thread, twice the int4
     # kernel's registers, so the compiled variants are r4 and wide only
     _, blocks = launch_shape(n, k, sm_count(x.device.index or 0), rows=4)
-    compiled(_SOURCE, _name(x.dtype, k))(grid=(blocks, 1, 1), block=(threads_per_block(k), 1, 1),
-                                         args=[x, w_int8, w_scale, out, n, k])
+    launch(compiled(_SOURCE, _name(x.dtype, k)), (blocks, 1, 1), (threads_per_block(k), 1, 1),
+           [x, w_int8, w_scale, out, n, k])
     return out
 
 
