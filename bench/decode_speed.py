@@ -123,12 +123,27 @@ def convert(model, fmt: str, device, dtype):
     return model
 
 
-def weight_bytes_per_token(model) -> int:
-    """Bytes of every parameter and buffer a decode step reads (all but the embedding table, of which one row)."""
+# Int4Linear keeps up to three 4-bit copies (module docstring of pipeline.engines.qlinear); a decode step reads one:
+# our one-token GEMV's (qweight + scale_zero) at batch 1 where it runs, tinygemm's for 2-8 tokens
+_INT4_UNREAD = {True: ("weight_int4pack", "scales_and_zeros", "scales_t", "zeros_t"),
+                False: ("qweight", "scales_t", "zeros_t", "scale_zero")}
+
+
+def weight_bytes_per_token(model, batch: int = 1) -> int:
+    """Bytes of the parameters and buffers a decode step of ``batch`` tokens reads: all but the embedding table (of
+    which one row), and of an INT4 linear only the copy that step's kernel reads (the JSON before 2026-12-01
+    counted every copy, so its INT4 "% of bound" was about twice the real one)."""
+    from pipeline.engines.qlinear import Int4Linear
+
     emb = model.model.embed_tokens.weight
+    skip = {emb.data_ptr()}
+    for m in model.modules():
+        if isinstance(m, Int4Linear) and getattr(m, "gemv_cuda", False):
+            unread = _INT4_UNREAD[batch == 1]
+            skip |= {t.data_ptr() for name, t in m.named_buffers(recurse=False) if name in unread and t is not None}
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() != emb.data_ptr() and t.dtype != torch.int64:
+        if t.data_ptr() not in skip and t.dtype != torch.int64:
             total += t.numel() * t.element_size()
     return total
 
@@ -350,7 +365,7 @@ def main(argv=None) -> int:
         _save(a.out)
     for fmt in formats:
         model = convert(build_model(a.shape, a.device, dtype), fmt, a.device, dtype)
-        nbytes = weight_bytes_per_token(model)
+        nbytes = {b: weight_bytes_per_token(model, b) for b in batches}
         if a.profile and cuda:
             from pipeline.serve import decode_attention, fused_proj
 
@@ -379,9 +394,9 @@ def main(argv=None) -> int:
                     r = decode_speed(model, a.device, batch, mode, a.prompt, a.steps)
             except Exception as e:  # noqa: BLE001 - one failed row must not lose the others
                 r = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-            r.update(format=fmt, batch=batch, mode=mode, weight_bytes=nbytes, repeat=rep)
+            r.update(format=fmt, batch=batch, mode=mode, weight_bytes=nbytes[batch], repeat=rep)
             if cuda and "tok_s" in r:
-                bound_ms = 1e3 * nbytes / (out["copy_bw_GBs"] * 1e9)
+                bound_ms = 1e3 * nbytes[batch] / (out["copy_bw_GBs"] * 1e9)
                 r.update(bound_ms=bound_ms, bound_pct=100 * bound_ms / r["ms_per_step"])
             out["rows"].append(r)
             print(_row(r), flush=True)

@@ -12,7 +12,9 @@ partial without touching the keys; else it computes the group's scores (the quer
 head, padded to 16 rows for ``tl.dot``), the block's maximum, sum of exponentials and weighted values. A second
 kernel combines the partials of each (sequence, head) with the usual log-sum-exp rescaling, reading only the
 blocks that were not empty (an empty block writes its maximum, -inf, and nothing else). Shapes stay static, so
-the CUDA graphs and ``torch.compile`` see one opaque op (``torch.ops.quantship.decode_attention``).
+the CUDA graphs and ``torch.compile`` see one opaque op (``torch.ops.quantship.decode_attention``). On sm_90+ both
+kernels are launched with programmatic dependent launch (:mod:`pipeline.engines.cuda_launch`): each lets the next
+kernel launch, then waits for the one before it, so the o projection's GEMV loads its weights during attention.
 
 Why by hand: PyTorch's fused attention kernels parallelise a one-token query over heads only, and they read
 every masked position (bench/RESULTS.md: 75 us a layer through cuDNN's kernel at 4,096 positions); FlashInfer's
