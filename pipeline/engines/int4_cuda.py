@@ -50,8 +50,8 @@ Tried on the H200 and dropped (bench/RESULTS.md): an L2 prefetch of the next pro
 had issued their last loads (decode 342-335 against 355 tok/s without), a cp.async ring of 2-6 chunks in shared
 memory (340-350 against 382), unconditional loads and one barrier a chunk (each slower in a sweep of the three);
 with PDL, shared-memory stages filled by Hopper bulk copies (4 chunks a block in flight: an 8B layer 57-58 us
-against 48), two chunks loaded before the wait, fewer blocks for the small products, and two 448-thread blocks an
-SM for down (each slower in decode).
+against 48), and, each slower in decode, two chunks loaded before the wait, fewer blocks for the small products,
+and two 448-thread blocks an SM for down.
 
 The CUDA C source is :mod:`pipeline.engines.int4_cuda_kernel`. The arithmetic is mirrored in tensor ops by
 :func:`reference_dot` so the CPU tests check the packing, the byte order and the fixed point; the GPU tests
