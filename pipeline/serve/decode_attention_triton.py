@@ -49,6 +49,16 @@ def available() -> bool:
     return True
 
 
+@functools.cache
+def pdl_capable() -> bool:
+    """This Triton launches with programmatic dependent launch (``launch_pdl``, ``gdc_wait``: Triton 3.4 and later)."""
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def eligible(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """One query per sequence on CUDA (or on the CPU under ``TRITON_INTERPRET=1``) with a boolean keep-mask."""
     on = query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
@@ -61,7 +71,11 @@ def eligible(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) 
 def _kernels(interpret: bool):
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    except ImportError:  # a Triton without grid dependency control: pdl_capable() is False, PDL never set
+        gdc_launch_dependents = gdc_wait = None
 
     @triton.jit
     def _partial(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, HKV, G, L, S, scale,
@@ -132,7 +146,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         keep = keep.contiguous()
     splits = -(-length // BLOCK_L)
     # programmatic dependent launch (pipeline.engines.cuda_launch) on Hopper and later: the kernels wait first
-    on = query.is_cuda and cuda_launch.PDL and cuda_launch.pdl_available(query.device.index or 0)
+    on = query.is_cuda and cuda_launch.PDL and pdl_capable() and cuda_launch.pdl_available(query.device.index or 0)
     pdl = dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
     block_g = max(16, 1 << (g - 1).bit_length())
     m = torch.empty(b * hkv, splits, block_g, device=query.device, dtype=torch.float32)
