@@ -138,7 +138,7 @@ def weight_bytes_per_token(model, batch: int = 1) -> int:
     emb = model.model.embed_tokens.weight
     skip = {emb.data_ptr()}
     for m in model.modules():
-        if isinstance(m, Int4Linear) and getattr(m, "gemv_cuda", False):
+        if isinstance(m, Int4Linear) and m.gemv_cuda:
             unread = _INT4_UNREAD[batch == 1]
             skip |= {t.data_ptr() for name, t in m.named_buffers(recurse=False) if name in unread and t is not None}
     total = 0

@@ -35,4 +35,3 @@ def test_kernel_args_are_pointers_c_ints_and_doubles():
     assert ctypes.cast(array[2], ctypes.POINTER(ctypes.c_double)).contents.value == 0.5
     with pytest.raises(TypeError, match="bool"):
         cuda_launch.kernel_args([True])
-

@@ -323,4 +323,3 @@ def test_a_graph_of_dependent_gemvs_launched_with_pdl_equals_plain_launches():
             assert torch.equal(y, chain(x))
     finally:
         cuda_launch.PDL = True
-

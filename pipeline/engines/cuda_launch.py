@@ -95,18 +95,16 @@ def pdl_available(index: int) -> bool:
     return torch.version.hip is None and torch.cuda.get_device_capability(index) >= (9, 0) and _launch_ex() is not None
 
 
-def launch(kernel, grid: tuple[int, int, int], block: tuple[int, int, int], args: list, shared_mem: int = 0) -> None:
+def launch(kernel, grid: tuple[int, int, int], block: tuple[int, int, int], args: list) -> None:
     """Launch ``kernel`` (a ``torch.cuda._compile_kernel`` result whose source waits with ``grid_wait`` before it
     reads or writes anything earlier kernels touch) on the current stream, with PDL where :func:`pdl_available`
     and :data:`PDL` say so, else through PyTorch's own launcher."""
     index = torch.cuda.current_device()
     if not (PDL and pdl_available(index)):
-        kernel(grid=grid, block=block, args=args, shared_mem=shared_mem)
+        kernel(grid=grid, block=block, args=args)
         return
-    params, keep = kernel_args(args)
-    config, attrs = launch_config(grid, block, torch.cuda.current_stream().cuda_stream, pdl=True)
-    config.shared_mem = shared_mem
+    params, _values = kernel_args(args)  # the values params points at live until the call returns
+    config, _attrs = launch_config(grid, block, torch.cuda.current_stream().cuda_stream, pdl=True)
     rc = _launch_ex()(ctypes.byref(config), kernel.func, params, None)
     if rc != 0:
         raise RuntimeError(f"cuLaunchKernelEx failed with CUDA driver error {rc} (programmatic dependent launch)")
-    del keep, attrs

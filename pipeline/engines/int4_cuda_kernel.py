@@ -6,7 +6,8 @@ launch logic reads in one sitting; ``CUDA_PRELUDE`` is shared with ``int8_cuda``
 from pipeline.engines.cuda_launch import GRID_SYNC
 
 # Device helpers both one-token kernels use (this module's and ``int8_cuda``'s): activation conversions, a
-# streaming 16-byte load that bypasses L1, four bytes packed into a word.
+# streaming 16-byte load that bypasses L1, four bytes packed into a word; then the grid dependency control of
+# programmatic dependent launch (``GRID_SYNC``).
 CUDA_PRELUDE = r"""
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -30,9 +31,9 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
 __device__ __forceinline__ u32 pack4(int a, int b, int c, int d) {
   return (u32)(a & 0xFF) | ((u32)(b & 0xFF) << 8) | ((u32)(c & 0xFF) << 16) | ((u32)(d & 0xFF) << 24);
 }
-"""
+""" + GRID_SYNC
 
-SOURCE = CUDA_PRELUDE + GRID_SYNC + r"""
+SOURCE = CUDA_PRELUDE + r"""
 __device__ __forceinline__ int dp4a_us(u32 a, int b, int c) {  // unsigned bytes . signed bytes + c
   int d; asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
 }

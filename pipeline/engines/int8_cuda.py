@@ -30,10 +30,10 @@ from pipeline.engines.int4_cuda import (
     threads_per_block,
     vector_for_kernel,
 )
-from pipeline.engines.cuda_launch import GRID_SYNC, launch
+from pipeline.engines.cuda_launch import launch
 from pipeline.engines.int4_cuda_kernel import CUDA_PRELUDE
 
-_SOURCE = CUDA_PRELUDE + GRID_SYNC + r"""
+_SOURCE = CUDA_PRELUDE + r"""
 __device__ __forceinline__ int dp4a_ss(u32 a, u32 b, int c) {
   int d; asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
 }

@@ -72,9 +72,9 @@ def _kernels(interpret: bool):
     import triton
     import triton.language as tl
 
-    try:
+    if pdl_capable():
         from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-    except ImportError:  # a Triton without grid dependency control: pdl_capable() is False, PDL never set
+    else:  # a Triton without grid dependency control: PDL is never set, the names are never reached
         gdc_launch_dependents = gdc_wait = None
 
     @triton.jit
@@ -145,7 +145,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if keep.stride(-1) != 1:
         keep = keep.contiguous()
     splits = -(-length // BLOCK_L)
-    # programmatic dependent launch (pipeline.engines.cuda_launch) on Hopper and later: the kernels wait first
+    # programmatic dependent launch (pipeline.engines.cuda_launch) on Hopper and later: each kernel lets the next
+    # launch, then waits for the one before it
     on = query.is_cuda and cuda_launch.PDL and pdl_capable() and cuda_launch.pdl_available(query.device.index or 0)
     pdl = dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
     block_g = max(16, 1 << (g - 1).bit_length())
