@@ -212,6 +212,8 @@ def test_fused_cuda_gemv_runs_rmsnorm_swiglu_and_the_residual_add_as_the_ops_wou
         res = torch.randn(1, n, generator=gen).to(dtype).cuda()
         plain = int4_cuda.gemv(x, qweight, sz, 128)
         assert torch.equal(int4_cuda.gemv(x, qweight, sz, 128, residual=res), res + plain)
+        # an L2 prefetch of other weights (here its own, and a ragged view) changes nothing of the result
+        assert torch.equal(int4_cuda.gemv(x, qweight, sz, 128, prefetch=(qweight, sz.reshape(-1)[1:])), plain)
         swiglu = int4_cuda.gemv(x, qweight, sz, 128, swiglu=True)
         assert swiglu.shape == (1, n // 2) and torch.equal(swiglu, int4_cuda.fused_reference(plain, silu_mul=True))
         normed = int4_cuda.gemv(x, qweight, sz, 128, norm_weight=nw, eps=1e-5)
@@ -219,6 +221,21 @@ def test_fused_cuda_gemv_runs_rmsnorm_swiglu_and_the_residual_add_as_the_ops_wou
         assert ((normed.double() - ref.double()).norm() / ref.double().norm()).item() < 8e-3  # ~2e-3: bf16 steps
         both = int4_cuda.gemv(x, qweight, sz, 128, norm_weight=nw, eps=1e-5, swiglu=True)
         assert torch.equal(both, int4_cuda.fused_reference(normed, silu_mul=True))
+        for rows in (2, 8) if k <= int4_cuda.WIDE_K else ():  # other chunk shapes: the same epilogues
+            plain = int4_cuda.gemv(x, qweight, sz, 128, rows)
+            assert torch.equal(int4_cuda.gemv(x, qweight, sz, 128, rows, residual=res), res + plain)
+            swiglu = int4_cuda.gemv(x, qweight, sz, 128, rows, swiglu=True)
+            assert torch.equal(swiglu, int4_cuda.fused_reference(plain, silu_mul=True))
+
+
+def test_prefetch_args_give_whole_aligned_cuda_tensors_and_nothing_else():
+    """The L2 prefetch ranges (int4_cuda.prefetch_args): two (pointer, bytes) pairs; a CPU tensor, None or no
+    tensor prefetch nothing; more than two tensors is a caller's error."""
+    dummy = torch.zeros(4)
+    assert int4_cuda.prefetch_args(dummy, ()) == [dummy, 0, dummy, 0]
+    assert int4_cuda.prefetch_args(dummy, (torch.zeros(64), None)) == [dummy, 0, dummy, 0]  # not on CUDA
+    with pytest.raises(ValueError, match="at most two"):
+        int4_cuda.prefetch_args(dummy, (dummy, dummy, dummy))
 
 
 def test_rope_reference_is_transformers_rotary_and_ropewrite_names_what_it_refuses():
@@ -242,7 +259,8 @@ def test_rope_reference_is_transformers_rotary_and_ropewrite_names_what_it_refus
     n = (hq + 2 * hkv) * hd
     assert ok.problem(n, 512) == ""
     assert "whole heads" in ok.problem(n + 4, 512)
-    assert "pairs 4" in ok.problem(n, 512, rows=8)
+    assert ok.problem(n, 512, rows=8) == ""  # 8 rows: 4 of a head and their partners
+    assert "K <= 16384" in ok.problem(n, 32 * 1024)  # the 1024-thread variant
     assert "partial rotary" in ok._replace(cos=cos[:32], sin=sin[:32]).problem(n, 512)
     assert "caches" in ok._replace(k_cache=cache.transpose(2, 3)).problem(n, 512)
     assert "int64" in ok._replace(pos=torch.zeros(1)).problem(n, 512)
@@ -256,7 +274,9 @@ def test_rotary_epilogue_writes_q_and_the_cache_as_the_reference():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     gen = torch.Generator().manual_seed(23)
-    for hd, hq, hkv, k, dtype in [(128, 8, 2, 1024, torch.bfloat16), (64, 6, 3, 512, torch.float16)]:
+    for hd, hq, hkv, k, dtype, rows in [(128, 8, 2, 1024, torch.bfloat16, 4), (64, 6, 3, 512, torch.float16, 4),
+                                        (128, 8, 2, 1024, torch.bfloat16, 8), (64, 6, 3, 512, torch.float16, 8),
+                                        (128, 8, 2, 1024, torch.bfloat16, 2)]:
         n = (hq + 2 * hkv) * hd
         q, s, z, _ = _case(n, k, 128, dtype, gen)
         qweight, sz = int4_triton.repack(q, s, z, "cuda")["qweight"], int4_cuda.pack_scale_zero(s, z).cuda()
@@ -267,8 +287,8 @@ def test_rotary_epilogue_writes_q_and_the_cache_as_the_reference():
         k0, v0 = kc.clone(), vc.clone()
         pos = torch.tensor([5, 9, 11], device="cuda")
         rope = int4_cuda.RopeWrite(cos, sin, pos, kc, vc, hq * hd, hd)
-        got = int4_cuda.gemv(x, qweight, sz, 128, norm_weight=nw, eps=1e-5, rope=rope)
-        plain = int4_cuda.gemv(x, qweight, sz, 128, norm_weight=nw, eps=1e-5)
+        got = int4_cuda.gemv(x, qweight, sz, 128, norm_weight=nw, eps=1e-5, rope=rope, rows=rows)
+        plain = int4_cuda.gemv(x, qweight, sz, 128, rows, norm_weight=nw, eps=1e-5)
         want_q, want_k, want_v = int4_cuda.rope_reference(plain, cos, sin, hq * hd, hd)
         assert torch.equal(got, want_q)
         assert torch.equal(kc[0, :, 5], want_k) and torch.equal(vc[0, :, 5], want_v)
@@ -278,9 +298,10 @@ def test_rotary_epilogue_writes_q_and_the_cache_as_the_reference():
         # x + add comes back as the next residual stream
         add = torch.randn(1, k, generator=gen).to(dtype).cuda()
         h = torch.empty_like(x)
-        got = int4_cuda.gemv(x, qweight, sz, 128, norm_weight=nw, eps=1e-5, rope=rope, add=add, add_out=h)
+        got = int4_cuda.gemv(x, qweight, sz, 128, norm_weight=nw, eps=1e-5, rope=rope, add=add, add_out=h,
+                              rows=rows)
         assert torch.equal(h, x + add)
-        plain = int4_cuda.gemv(x + add, qweight, sz, 128, norm_weight=nw, eps=1e-5)
+        plain = int4_cuda.gemv(x + add, qweight, sz, 128, rows, norm_weight=nw, eps=1e-5)
         want_q, want_k, _ = int4_cuda.rope_reference(plain, cos, sin, hq * hd, hd)
         assert torch.equal(got, want_q) and torch.equal(kc[0, :, 5], want_k)
 

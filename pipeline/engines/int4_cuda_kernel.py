@@ -42,13 +42,13 @@ __device__ __forceinline__ u32 dp4a_uu(u32 a, u32 b, u32 c) {  // unsigned bytes
 }
 // Row ``u`` of chunk ``chunk`` (-1 past the end). MAP 0: R consecutive rows. MAP 1 (the SwiGLU epilogue over
 // gate|up): rows i .. i + R/2 - 1 of the first half (gate) and the same rows of the second half (up), i = chunk *
-// R/2. MAP 2 (the rotary epilogue over q|k|v, R = 4, heads of HD rows): rows j, j + 1 of a head and their rotary
-// partners j + HD/2, j + HD/2 + 1, j = 2 * (chunk % (HD / 4)).
+// R/2. MAP 2 (the rotary epilogue over q|k|v, heads of HD rows, HD % R == 0): rows j .. j + R/2 - 1 of a head and
+// their rotary partners j + HD/2 .. j + HD/2 + R/2 - 1, j = R/2 * (chunk % (HD / R)).
 template <int R, int MAP>
 __device__ __forceinline__ int chunk_row(int chunk, int u, int N, int hd) {
   if (MAP == 2) {
-    const int head = chunk / (hd >> 2), j = (chunk % (hd >> 2)) * 2;
-    const int n = head * hd + (u < 2 ? j + u : (hd >> 1) + j + u - 2);
+    const int per = hd / R, head = chunk / per, j = (chunk % per) * (R / 2);
+    const int n = head * hd + (u < R / 2 ? j + u : (hd >> 1) + j + u - R / 2);
     return n < N ? n : -1;
   }
   const int i = chunk * (R / 2) + u % (R / 2);
@@ -91,11 +91,25 @@ __device__ __forceinline__ int warp_sum_rows(float (&v)[R], int lane) {
   return R == 1 ? 0 : lane / (32 / R);
 }
 
+// This block's share of [p, p + bytes) prefetched into L2 with one bulk prefetch by thread 0 (Hopper's
+// ``cp.async.bulk.prefetch``; nothing before sm_90): the next product's weights, read while this kernel and the
+// ones between are latency-bound. p 16-byte aligned, bytes % 16 == 0.
+__device__ __forceinline__ void prefetch_l2_share(const char* p, int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (threadIdx.x != 0 || bytes <= 0) return;
+  const int units = bytes >> 4, per = (units + (int)gridDim.x - 1) / (int)gridDim.x, lo = (int)blockIdx.x * per;
+  const int n = min(per, units - lo);
+  if (n > 0)
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p + (size_t)lo * 16), "r"(n * 16) : "memory");
+#endif
+}
+
 __device__ __forceinline__ float round_act(float f, bool bf16) { return act_to_f32(f32_to_act(f, bf16), bf16); }
 
 // The rotary epilogue's inputs, and NORM's optional ``add`` (x + add is normed; block 0 writes it to ``hout``)
 struct Rope {
   const u16* sin; const long long* pos; u16* kc; u16* vc; int qrows, hd, hstride; const u16* add; u16* hout;
+  const char* pfa; int pfa_bytes; const char* pfb; int pfb_bytes;  // the next product's weights to prefetch
 };
 
 // The epilogue's inputs for chunk ``chunk`` (thread t < OUT): EPI 1 the residual of its output; EPI 3 the cos and
@@ -155,6 +169,8 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
   uint4 w[R];
   u32 s[R];
   load_chunk<R, MAP>(w, s, qw, sz, chunk, N, kt, gpr, g, t, active, rope.hd);  // in flight during the prologue
+  prefetch_l2_share(rope.pfa, rope.pfa_bytes);
+  prefetch_l2_share(rope.pfb, rope.pfb_bytes);
   // Programmatic dependent launch (pipeline.engines.cuda_launch): the next kernel may be launched now (its blocks
   // start where ours leave room, and issue their own weight loads); the weights above are all this kernel reads
   // before the kernel before it has completed.
@@ -276,9 +292,29 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
       for (int i = 0; i < nwarps; ++i) total += ssum[i];
       norm = rsqrtf(total / (float)K + eps);
     }
-    if (EPI == 3 && row >= 0) {  // R == 4: output t, its rotary partner t ^ 2 (the same pair of the other half)
-      float mine = 0.f, other = 0.f;
-      for (int i = 0; i < nwarps; ++i) { mine += part[i * R + t]; other += part[i * R + (t ^ 2)]; }
+    // The block's sums of the chunk's rows over its warps, in warp 0 (every output thread, t < R, is there): lane
+    // r * 32/R + j adds the partials of row r from warps j, j + 32/R, ..., then 5 - log2(R) shuffles sum them
+    // (one thread adding all nwarps in a row kept the block waiting at the next barrier: 14 loads for down).
+    float mine = 0.f, other = 0.f;  // the totals of row t and of its partner (rotary: t ^ R/2; SwiGLU: t + R/2)
+#if !WARP0_REDUCE
+    if (t < R)
+      for (int i = 0; i < nwarps; ++i) {
+        mine += part[i * R + t];
+        other += part[i * R + (EPI == 3 ? t ^ (R / 2) : (t + R / 2) % R)];
+      }
+#else
+    if (warp == 0) {
+      constexpr int L = 32 / R;
+      float acc = 0.f;
+      for (int i = lane % L; i < nwarps; i += L) acc += part[i * R + lane / L];
+#pragma unroll
+      for (int m = L / 2; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
+      const int tr = t < R ? t : 0;
+      mine = __shfl_sync(0xffffffffu, acc, tr * L);
+      other = __shfl_sync(0xffffffffu, acc, (EPI == 3 ? tr ^ (R / 2) : (tr + R / 2) % R) * L);
+    }
+#endif
+    if (EPI == 3 && row >= 0) {  // output t, its rotary partner t ^ R/2 (the same row of the other half)
       if (NORM) {
         mine *= norm;
         other *= norm;
@@ -286,7 +322,7 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
       const float a = round_act(mine, bf16), b = round_act(other, bf16);
       const int d = row % rope.hd, kvrows = (N - rope.qrows) >> 1;
       if (row < rope.qrows + kvrows) {  // q or k: rotated (side: this row's cos and sin)
-        const float v = __fadd_rn(__fmul_rn(a, side[0]), __fmul_rn(t < 2 ? -b : b, side[1]));
+        const float v = __fadd_rn(__fmul_rn(a, side[0]), __fmul_rn(t < R / 2 ? -b : b, side[1]));
         if (row < rope.qrows) {
           out[row] = f32_to_act(v, bf16);
         } else {
@@ -299,10 +335,7 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
       }
     }
     if (EPI != 3 && t < OUT && o < nout) {
-      float sum = 0.f, up = 0.f;
-      for (int i = 0; i < nwarps; ++i) sum += part[i * R + t];
-      if (PAIRS)
-        for (int i = 0; i < nwarps; ++i) up += part[i * R + t + R / 2];
+      float sum = mine, up = other;
       if (NORM) {
         sum *= norm;
         up *= norm;
@@ -329,8 +362,10 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
   extern "C" __global__ void __launch_bounds__ BOUND                                                   \
   NAME(const u16* x, const u16* nw, const u16* res, const uint4* qw, const u32* sz, u16* out, int N,     \
        int K, int G, double eps, const u16* sn, const long long* pos, u16* kc, u16* vc, int qrows, int hd,  \
-       int hstride, const u16* add, u16* hout, int has_add) {                                          \
-    const Rope rope = {sn, pos, kc, vc, qrows, hd, hstride, has_add ? add : nullptr, hout};            \
+       int hstride, const u16* add, u16* hout, int has_add, const char* pfa, int pfa_bytes, const char* pfb,  \
+       int pfb_bytes) {                                                                                \
+    const Rope rope = {sn, pos, kc, vc, qrows, hd, hstride, has_add ? add : nullptr, hout, pfa, pfa_bytes,  \
+                       pfb, pfb_bytes};                                                                \
     q4gemv<R, NORM, EPI>(x, nw, res, qw, sz, out, N, K, G, (float)eps, BF16, rope);                    \
   }
 """

@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 INT4_CHAIN = True
 DEFER_RESIDUAL = True
 ROPE_IN_QKV = True  # the chain's q|k|v GEMV also rotates q and k and writes k and v into the cache ("-norope")
+CHAIN_ROWS = {"qkv": 4, "o": 4, "gate_up": 4, "down": 4}  # rows a chunk of the chain's GEMVs ("-r8", "-r2", ...)
+# Which of the chain's GEMVs prefetch the next product's weights into L2 ("-pfnone", "-pfo", "-pfqkv"): "o", q|k|v's
+# GEMV prefetches o's (read after attention); "qkv", down's prefetches the next layer's q|k|v
+PREFETCH_L2: frozenset = frozenset()
 
 
 class FusedLinear(nn.Module):
@@ -213,6 +217,7 @@ class FusedLayer(nn.Module):
             log.debug("decode layer: INT4 products without the fused norms/SwiGLU/residuals (%s)", why)
         why = _rope_problem(layer, self) if self.int4_chain else "no INT4 chain"
         self.rope_chain = ROPE_IN_QKV and not why
+        self.next_qkv = _Next(None)  # the next layer's q|k|v (fuse_layers), whose weights down may prefetch
         if why and self.int4_chain:
             log.debug("decode layer: the rotary embedding and cache write outside the q|k|v GEMV (%s)", why)
 
@@ -275,14 +280,16 @@ def _rope_problem(layer: nn.Module, fused: FusedLayer) -> str:
 
 
 def _gemv(linear: nn.Module, x: torch.Tensor, norm: nn.Module | None = None, swiglu: bool = False,
-          residual: torch.Tensor | None = None) -> torch.Tensor:
+          residual: torch.Tensor | None = None, prefetch: nn.Module | None = None, rows: int = 0) -> torch.Tensor:
     """One token through ``quantship::int4_gemv_fused`` over ``linear``'s codes (an ``Int4Linear`` or an int4
     ``FusedLinear``): ``norm`` (an RMSNorm) before the product; after it ``+ residual``, or with ``swiglu``
-    silu(gate) * up over gate|up (half the width)."""
+    silu(gate) * up over gate|up (half the width); ``prefetch``: the next product, whose weights the kernel
+    prefetches into L2."""
+    pf = (None, None) if prefetch is None else (prefetch.qweight, prefetch.scale_zero)
     y = torch.ops.quantship.int4_gemv_fused(
         x.reshape(1, -1), linear.qweight, linear.scale_zero, linear.group_size,
         None if norm is None else norm.weight, 0.0 if norm is None else float(norm.variance_epsilon), swiglu,
-        None if residual is None else residual.reshape(1, -1))  # fmt: skip
+        None if residual is None else residual.reshape(1, -1), rows, *pf)  # fmt: skip
     if linear.bias is not None:  # q|k|v's (Qwen2); the chain refuses a biased gate|up
         y = y + linear.bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], -1)
@@ -305,7 +312,20 @@ def fuse_layers(model: nn.Module) -> list[FusedLayer] | None:
     if any(not hasattr(importlib.import_module(type(layer.self_attn).__module__), "apply_rotary_pos_emb")
            for layer in layers):  # fmt: skip
         return None
-    return [FusedLayer(layer) for layer in layers]
+    fused = [FusedLayer(layer) for layer in layers]
+    for a, b in zip(fused, fused[1:]):
+        a.next_qkv = _Next(b.qkv)
+    return fused
+
+
+class _Next:
+    """The next layer's q|k|v product, called to get it (held outside the module tree: not a submodule twice)."""
+
+    def __init__(self, module: nn.Module | None) -> None:
+        self.module = module
+
+    def __call__(self) -> nn.Module | None:
+        return self.module
 
 
 def _has(obj: Any, dotted: str) -> bool:
@@ -340,13 +360,15 @@ def decode_layer(layer: nn.Module, fused: FusedLayer, h: torch.Tensor, pending: 
         q, added = torch.ops.quantship.int4_gemv_rope(
             h.reshape(1, -1), None if pending is None else pending.reshape(1, -1), fused.qkv.qweight,
             fused.qkv.scale_zero, fused.qkv.group_size, norm.weight, float(norm.variance_epsilon), cos.reshape(-1),
-            sin.reshape(-1), kv.pos, kv.k, kv.v, fused.splits[0], attn.head_dim)  # fmt: skip
+            sin.reshape(-1), kv.pos, kv.k, kv.v, fused.splits[0], attn.head_dim, CHAIN_ROWS["qkv"],
+            *((attn.o_proj.qweight, attn.o_proj.scale_zero) if "o" in PREFETCH_L2 else (None, None)))  # fmt: skip
         if pending is not None:
             h = added.reshape(h.shape)
         q = q.reshape(b, t, -1, attn.head_dim).transpose(1, 2)
         k, v = kv.k[:b], kv.v[:b]
     else:
-        qkv = _gemv(fused.qkv, h, norm=layer.input_layernorm) if chain else fused.qkv(layer.input_layernorm(h))
+        qkv = (_gemv(fused.qkv, h, norm=layer.input_layernorm, rows=CHAIN_ROWS["qkv"]) if chain
+               else fused.qkv(layer.input_layernorm(h)))
         q, k, v = qkv.split(list(fused.splits), dim=-1)
         q, k, v = (z.reshape(b, t, -1, attn.head_dim) for z in (q, k, v))
         if hasattr(attn, "q_norm"):  # Qwen3: RMS norm per head on q and k, before the rotary embedding
@@ -356,11 +378,13 @@ def decode_layer(layer: nn.Module, fused: FusedLayer, h: torch.Tensor, pending: 
     out, _ = decode_attention(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
     out = out.reshape(b, t, -1)
     if chain:
-        h = _gemv(attn.o_proj, out, residual=h)
-        act = _gemv(fused.gate_up, h, norm=layer.post_attention_layernorm, swiglu=True)
+        h = _gemv(attn.o_proj, out, residual=h, rows=CHAIN_ROWS["o"])
+        act = _gemv(fused.gate_up, h, norm=layer.post_attention_layernorm, swiglu=True, rows=CHAIN_ROWS["gate_up"])
         if fused.rope_chain:  # the next layer's q|k|v GEMV (or the final norm) adds it
-            return h, _gemv(mlp.down_proj, act)
-        return _gemv(mlp.down_proj, act, residual=h), None
+            nxt = fused.next_qkv() if "qkv" in PREFETCH_L2 else None
+            return h, _gemv(mlp.down_proj, act, prefetch=nxt if nxt is not None and nxt.kind == "int4" else None,
+                            rows=CHAIN_ROWS["down"])
+        return _gemv(mlp.down_proj, act, residual=h, rows=CHAIN_ROWS["down"]), None
     h = h + attn.o_proj(out)
     gate, up = fused.gate_up(layer.post_attention_layernorm(h)).chunk(2, dim=-1)
     down = mlp.down_proj(mlp.act_fn(gate) * up)
