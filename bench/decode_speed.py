@@ -320,10 +320,9 @@ def main(argv=None) -> int:
                     "attention as two matrix products instead of the split-K kernel, + \"-nochain\" INT4's norms, "
                     "SwiGLU and residual adds outside its one-token GEMVs, + \"-nodefer\" each layer adds its own "
                     "last residual, + \"-norope\" the rotary embedding and cache write outside INT4's q|k|v GEMV, "
-                    "+ \"-nopdl\" every kernel launched without programmatic dependent launch, + \"-r8\" / \"-r2\" the INT4 "
-                    "chain at 8 / 2 rows a chunk (\"-r2down\": down only, \"-r2small\": q|k|v and o), + \"-pfo\" / "
-                    "\"-pfqkv\" L2 prefetches of the next product's weights (fused_proj.PREFETCH_L2), + \"-serialred\" "
-                    "one thread a row sums the warps' partials")
+                    "+ \"-nopdl\" every kernel launched without programmatic dependent launch, + \"-rowsQOGD\" the INT4 "
+                    "chain's rows a chunk for q|k|v, o, gate|up, down (e.g. \"-rows4442\"), + \"-DNAME=VALUE\" a switch of the INT4 "
+                    "kernel's source (int4_cuda.DEFINES), + \"-attn64\" decode attention in blocks of 64 positions")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--steps", type=int, default=64)
@@ -382,21 +381,23 @@ def main(argv=None) -> int:
         for rep, batch, mode in ((r, b, m) for r in range(a.repeat) for b in batches for m in modes):  # interleaved
             try:
                 if a.server:
-                    from pipeline.engines import cuda_launch, int4_cuda
+                    from pipeline.engines import cuda_launch
                     from pipeline.serve import decode_attention, fused_proj
 
                     base, *flags = mode.split("-")
                     decode_attention.KERNEL = "matmul" if "matmulattn" in flags else "auto"
+                    from pipeline.serve import decode_attention_triton as dat
+
+                    dat.BLOCK_L, dat.PARTIAL_WARPS = (64, 4) if "attn64" in flags else (128, 8)
                     fused_proj.INT4_CHAIN = "nochain" not in flags
                     fused_proj.DEFER_RESIDUAL = "nodefer" not in flags
                     fused_proj.ROPE_IN_QKV = "norope" not in flags
                     cuda_launch.PDL = "nopdl" not in flags
-                    rows = {"r8": (8, 8, 8, 8), "r2": (2, 2, 2, 2), "r2down": (4, 4, 4, 2), "r2small": (2, 2, 4, 4)}
-                    shape = next((rows[f] for f in flags if f in rows), (4, 4, 4, 4))
-                    fused_proj.CHAIN_ROWS = dict(zip(("qkv", "o", "gate_up", "down"), shape))
-                    int4_cuda.WARP0_REDUCE = "serialred" not in flags
-                    links = {"pfnone": set(), "pfo": {"o"}, "pfqkv": {"qkv"}}
-                    fused_proj.PREFETCH_L2 = frozenset(next((links[f] for f in flags if f in links), set()))
+                    shape = next((f[4:] for f in flags if f.startswith("rows") and len(f) == 8), "4444")
+                    fused_proj.CHAIN_ROWS = dict(zip(("qkv", "o", "gate_up", "down"), map(int, shape)))
+                    from pipeline.engines import int4_cuda
+
+                    int4_cuda.DEFINES = " ".join(f[1:] for f in flags if f.startswith("D"))
                     r = server_speed(model, a.device, batch, base, a.prompt, a.steps, a.max_len,
                                      fuse="nofuse" not in flags)
                 else:

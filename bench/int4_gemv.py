@@ -109,9 +109,8 @@ def layer_chain(layers: int = 8) -> dict:
     """A graph of Llama-3-8B layers' four one-token products as the decode chain runs them (norm + q|k|v, o +
     residual, norm + gate|up + SwiGLU, down + residual), each reading the one before, over ``layers`` layers'
     weights in rotation (no L2 reuse): plain launches, programmatic dependent launch (``cuda_launch.PDL``), and
-    with PDL 8 rows a chunk and the L2 prefetches of the next product's weights (q|k|v's of o's, down's of the next
-    layer's q|k|v: ``fused_proj.PREFETCH_L2``); each product alone over the layers; and a graph of 200 dependent
-    64-row products (nearly nothing but launch latency). Microseconds a layer / a product."""
+    with PDL 2 and 8 rows a chunk; each product alone over the layers; and a graph of 200 dependent 64-row
+    products (nearly nothing but launch latency). Microseconds a layer / a product."""
     from pipeline.engines import cuda_launch, int4_cuda
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -126,18 +125,15 @@ def layer_chain(layers: int = 8) -> dict:
     ws = [(weight(6144, d), weight(d, d), weight(2 * f, d), weight(d, f)) for _ in range(layers)]
     nw = torch.rand(d, device="cuda").bfloat16() + 0.5
     x = torch.randn(1, d, device="cuda").bfloat16()
-    cfg = {"rows": 4, "pf": False}
-
-    def pf(w):
-        return (w[0], w[1]) if cfg["pf"] else ()
+    cfg = {"rows": 4}
 
     def layer(i, h):
-        w, nxt = ws[i], ws[(i + 1) % layers]
+        w = ws[i]
         r = cfg["rows"]
-        a = int4_cuda.gemv(h, *w[0], r, norm_weight=nw, eps=1e-5, prefetch=pf(w[1]))[:, :d]
+        a = int4_cuda.gemv(h, *w[0], r, norm_weight=nw, eps=1e-5)[:, :d]
         h = int4_cuda.gemv(a, *w[1], r, residual=h)
         m = int4_cuda.gemv(h, *w[2], r, norm_weight=nw, eps=1e-5, swiglu=True)
-        return int4_cuda.gemv(m, *w[3], r, residual=h, prefetch=pf(nxt[0]))
+        return int4_cuda.gemv(m, *w[3], r, residual=h)
 
     state = {"h": x}
 
@@ -156,23 +152,19 @@ def layer_chain(layers: int = 8) -> dict:
     def tiny_step():
         small["h"] = int4_cuda.gemv(small["h"], *tiny)
 
-    configs = {"plain": (False, 4, False, True), "pdl": (True, 4, False, True), "pdl prefetch": (True, 4, True, True),
-               "pdl rows 2": (True, 2, False, True), "pdl rows 8": (True, 8, False, True),
-               "pdl serial reduction": (True, 4, False, False)}
+    configs = {"plain": (False, 4), "pdl": (True, 4), "pdl rows 2": (True, 2), "pdl rows 8": (True, 8)}
     out = {}
     for _ in range(2):
-        for key, (pdl, rows, prefetch, warp0) in configs.items():
+        for key, (pdl, rows) in configs.items():
             cuda_launch.PDL = pdl
-            int4_cuda.WARP0_REDUCE = warp0
-            cfg.update(rows=rows, pf=prefetch)
+            cfg.update(rows=rows)
             out.setdefault(f"layer {key}", []).append(
                 1e6 * graph_time([lambda i=i: step(i) for i in range(layers)], iters=64))
-            if not prefetch:
-                for j, name in enumerate(("q|k|v", "o", "gate|up", "down")):
-                    out.setdefault(f"{name} alone {key}", []).append(1e6 * graph_time(alone(j), iters=64))
-            if rows == 4 and not prefetch:
+            for j, name in enumerate(("q|k|v", "o", "gate|up", "down")):
+                out.setdefault(f"{name} alone {key}", []).append(1e6 * graph_time(alone(j), iters=64))
+            if rows == 4:
                 out.setdefault(f"64-row product {key}", []).append(1e6 * graph_time([tiny_step]))
-    cuda_launch.PDL = int4_cuda.WARP0_REDUCE = True
+    cuda_launch.PDL = True
     res = {name: min(v) for name, v in out.items()}
     for k, v in res.items():
         print(f"layer chain: {k:32s} {v:6.1f} us  ({' / '.join(f'{t:.1f}' for t in out[k])})", flush=True)

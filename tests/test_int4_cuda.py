@@ -212,8 +212,6 @@ def test_fused_cuda_gemv_runs_rmsnorm_swiglu_and_the_residual_add_as_the_ops_wou
         res = torch.randn(1, n, generator=gen).to(dtype).cuda()
         plain = int4_cuda.gemv(x, qweight, sz, 128)
         assert torch.equal(int4_cuda.gemv(x, qweight, sz, 128, residual=res), res + plain)
-        # an L2 prefetch of other weights (here its own, and a ragged view) changes nothing of the result
-        assert torch.equal(int4_cuda.gemv(x, qweight, sz, 128, prefetch=(qweight, sz.reshape(-1)[1:])), plain)
         swiglu = int4_cuda.gemv(x, qweight, sz, 128, swiglu=True)
         assert swiglu.shape == (1, n // 2) and torch.equal(swiglu, int4_cuda.fused_reference(plain, silu_mul=True))
         normed = int4_cuda.gemv(x, qweight, sz, 128, norm_weight=nw, eps=1e-5)
@@ -226,16 +224,6 @@ def test_fused_cuda_gemv_runs_rmsnorm_swiglu_and_the_residual_add_as_the_ops_wou
             assert torch.equal(int4_cuda.gemv(x, qweight, sz, 128, rows, residual=res), res + plain)
             swiglu = int4_cuda.gemv(x, qweight, sz, 128, rows, swiglu=True)
             assert torch.equal(swiglu, int4_cuda.fused_reference(plain, silu_mul=True))
-
-
-def test_prefetch_args_give_whole_aligned_cuda_tensors_and_nothing_else():
-    """The L2 prefetch ranges (int4_cuda.prefetch_args): two (pointer, bytes) pairs; a CPU tensor, None or no
-    tensor prefetch nothing; more than two tensors is a caller's error."""
-    dummy = torch.zeros(4)
-    assert int4_cuda.prefetch_args(dummy, ()) == [dummy, 0, dummy, 0]
-    assert int4_cuda.prefetch_args(dummy, (torch.zeros(64), None)) == [dummy, 0, dummy, 0]  # not on CUDA
-    with pytest.raises(ValueError, match="at most two"):
-        int4_cuda.prefetch_args(dummy, (dummy, dummy, dummy))
 
 
 def test_rope_reference_is_transformers_rotary_and_ropewrite_names_what_it_refuses():

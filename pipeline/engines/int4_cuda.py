@@ -161,11 +161,15 @@ def compile_problem(dtype: torch.dtype, k: int, norm: bool = False, epilogue: st
 
 def _variant(dtype: torch.dtype, k: int, rows: int, norm: bool, epilogue: str) -> tuple[str, str]:
     """(source, kernel name) of one entry: the template instantiated for this dtype, width, rows and fusion."""
-    return _variant_of(dtype, k, rows, norm, epilogue, WARP0_REDUCE)
+    return _variant_with(dtype, k, rows, norm, epilogue, DEFINES)
+
+
+DEFINES = ""  # "NAME=VALUE ..." for the kernel source's switches (benchmarks compare variants; empty in use)
 
 
 @functools.cache
-def _variant_of(dtype: torch.dtype, k: int, rows: int, norm: bool, epilogue: str, warp0: bool) -> tuple[str, str]:
+def _variant_with(dtype: torch.dtype, k: int, rows: int, norm: bool, epilogue: str, defines: str) -> tuple[str, str]:
+
     bf16 = dtype == torch.bfloat16
     wide = k > WIDE_K
     threads = threads_per_block(k)
@@ -177,10 +181,10 @@ def _variant_of(dtype: torch.dtype, k: int, rows: int, norm: bool, epilogue: str
     bound = f"{threads}, {max(1, per_sm // threads)}" if not wide else "1024, 1"
     entry = (f"ENTRY({name}, ({bound}), {2 if wide else rows}, {'true' if norm else 'false'}, "
              f"{EPILOGUES[epilogue]}, {'true' if bf16 else 'false'})\n")
-    return f"#define WARP0_REDUCE {int(warp0)}\n" + _SOURCE + entry, name
+    switches = "".join(f"#define {d.replace('=', ' ', 1)}\n" for d in defines.split())
+    return switches + _SOURCE + entry, name
 
 
-WARP0_REDUCE = True  # experiment switch (bench "-serialred"): warp 0 sums a chunk's rows over the warps
 MIN_THREADS_PER_SM = 640  # the launch bounds' second figure (up to 4 rows): 5 blocks of 128 threads (K = 4096)
 MIN_THREADS_PER_SM_R2 = 896  # 2 rows: 7 blocks of 128 threads, 2 of 448 (72 registers)
 MIN_THREADS_PER_SM_R8 = 512  # 8 rows: 4 blocks of 128 threads (128 registers; uncapped they took 150-160)
@@ -219,16 +223,13 @@ def vector_for_kernel(x: torch.Tensor) -> torch.Tensor:
 def gemv(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int, rows: int | None = None,
          blocks_per_sm: int | None = None, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
          swiglu: bool = False, residual: torch.Tensor | None = None, rope: "RopeWrite | None" = None,
-         add: torch.Tensor | None = None, add_out: torch.Tensor | None = None,
-         prefetch: tuple[torch.Tensor | None, ...] = ()) -> torch.Tensor:
+         add: torch.Tensor | None = None, add_out: torch.Tensor | None = None) -> torch.Tensor:
     """x [1, K] (bf16/fp16, CUDA) @ dequant(qweight, sz).T -> [1, N] in x's dtype. Fused (:func:`fused_reference`
     and :func:`rope_reference` say what each computes): ``norm_weight`` runs RMSNorm(x) * norm_weight first;
     ``swiglu`` takes the N rows as gate|up and returns silu(gate) * up [1, N / 2]; ``residual`` [1, N] is added to
     the product; ``rope`` takes the rows as q|k|v, rotates q and k, writes k and v into the cache at this token's
     position and returns q [1, rope.q_rows]. ``add`` [1, K] (with ``norm_weight``): the input is x + add, rounded
-    as the eager add, and is also written to ``add_out`` [1, K] (the decoder's next residual stream).
-    ``prefetch``: up to two tensors (the next product's codes and scale words) the blocks prefetch into L2 as they
-    start (:func:`prefetch_args`)."""
+    as the eager add, and is also written to ``add_out`` [1, K] (the decoder's next residual stream)."""
     n, k = qweight.shape[0], qweight.shape[1] * 8
     if swiglu and (n % 2 or residual is not None):
         raise ValueError(f"the SwiGLU epilogue needs an even number of rows and no residual, got N = {n}")
@@ -252,7 +253,6 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int, r
     else:
         extra = [x, x, x, x, 0, 0, 0]
     extra += [vector_for_kernel(add), add_out, 1] if add is not None else [x, x, 0]
-    extra += prefetch_args(x, prefetch)
     if add_out is not None and not (add_out.is_contiguous() and add_out.data_ptr() % 16 == 0 and add_out.numel() == k):
         raise ValueError("add_out must be a contiguous, 16-byte aligned [1, K] tensor")
     variant = _variant(x.dtype, k, chunk_rows(k, rows), norm_weight is not None, epilogue)
@@ -261,20 +261,6 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int, r
     _, blocks = launch_shape(n, k, sm_count(x.device.index or 0), rows, blocks_per_sm)
     launch(compiled(*variant), (blocks, 1, 1), (threads_per_block(k), 1, 1),
            [x, nw, res, qweight, sz, out, n, k, group, float(eps), *extra])
-    return out
-
-
-def prefetch_args(dummy: torch.Tensor, tensors: tuple[torch.Tensor | None, ...]) -> list:
-    """The kernel's two (pointer, bytes) prefetch ranges for up to two ``tensors``: each whole, its length rounded
-    down to 16 bytes as the bulk prefetch takes it; none for None, an absent one, or one that is not a contiguous,
-    16-byte aligned CUDA tensor under 2 GiB (``dummy``, 0 bytes)."""
-    if len(tensors) > 2:
-        raise ValueError(f"at most two tensors to prefetch, got {len(tensors)}")
-    out: list = []
-    for t in (*tensors, None, None)[:2]:
-        size = 0 if t is None else t.numel() * t.element_size() // 16 * 16
-        ok = t is not None and t.is_cuda and t.is_contiguous() and t.data_ptr() % 16 == 0 and 0 < size < 1 << 31
-        out += [t, size] if ok else [dummy, 0]
     return out
 
 
@@ -376,36 +362,32 @@ def custom_op():
     def _(x, qweight, sz, group):
         return x.new_empty(1, qweight.shape[0])
 
-    # ``rows``: rows a chunk (0: chunk_rows' default); ``pf_codes``/``pf_scales``: the next product's weights, to
-    # prefetch into L2 (None: nothing)
+    # ``rows``: rows a chunk (0: chunk_rows' default)
     @torch.library.custom_op("quantship::int4_gemv_fused", mutates_args=())
     def fused(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int,
               norm_weight: torch.Tensor | None, eps: float, swiglu: bool, residual: torch.Tensor | None,
-              rows: int = 0, pf_codes: torch.Tensor | None = None,
-              pf_scales: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+              rows: int = 0) -> torch.Tensor:  # fmt: skip
         return gemv(x, qweight, sz, group, rows or None, norm_weight=norm_weight, eps=eps, swiglu=swiglu,
-                    residual=residual, prefetch=(pf_codes, pf_scales))
+                    residual=residual)
 
     @fused.register_fake
-    def _(x, qweight, sz, group, norm_weight, eps, swiglu, residual, rows=0, pf_codes=None, pf_scales=None):
+    def _(x, qweight, sz, group, norm_weight, eps, swiglu, residual, rows=0):
         return x.new_empty(1, qweight.shape[0] // 2 if swiglu else qweight.shape[0])
 
     @torch.library.custom_op("quantship::int4_gemv_rope", mutates_args=("k_cache", "v_cache"))
     def rope(x: torch.Tensor, add: torch.Tensor | None, qweight: torch.Tensor, sz: torch.Tensor, group: int,
              norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
-             k_cache: torch.Tensor, v_cache: torch.Tensor, q_rows: int, head_dim: int, rows: int = 0,
-             pf_codes: torch.Tensor | None = None,
-             pf_scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+             k_cache: torch.Tensor, v_cache: torch.Tensor, q_rows: int, head_dim: int,
+             rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """(q, x + add) with ``add``, else (q, an empty tensor): see :func:`gemv`."""
         h = torch.empty(1, x.shape[-1] if add is not None else 0, device=x.device, dtype=x.dtype)
         q = gemv(x, qweight, sz, group, rows or None, norm_weight=norm_weight, eps=eps, add=add,
-                 add_out=h if add is not None else None, prefetch=(pf_codes, pf_scales),
+                 add_out=h if add is not None else None,
                  rope=RopeWrite(cos, sin, pos, k_cache, v_cache, q_rows, head_dim))
         return q, h
 
     @rope.register_fake
-    def _(x, add, qweight, sz, group, norm_weight, eps, cos, sin, pos, k_cache, v_cache, q_rows, head_dim, rows=0,
-          pf_codes=None, pf_scales=None):  # fmt: skip
+    def _(x, add, qweight, sz, group, norm_weight, eps, cos, sin, pos, k_cache, v_cache, q_rows, head_dim, rows=0):
         return x.new_empty(1, q_rows), x.new_empty(1, x.shape[-1] if add is not None else 0)
 
     return op

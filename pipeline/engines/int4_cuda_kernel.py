@@ -34,6 +34,9 @@ __device__ __forceinline__ u32 pack4(int a, int b, int c, int d) {
 """ + GRID_SYNC
 
 SOURCE = CUDA_PRELUDE + r"""
+#ifndef EARLY_NORM_WEIGHT  // switches a benchmark may set (int4_cuda.DEFINES)
+#define EARLY_NORM_WEIGHT 1
+#endif
 __device__ __forceinline__ int dp4a_us(u32 a, int b, int c) {  // unsigned bytes . signed bytes + c
   int d; asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
 }
@@ -91,25 +94,11 @@ __device__ __forceinline__ int warp_sum_rows(float (&v)[R], int lane) {
   return R == 1 ? 0 : lane / (32 / R);
 }
 
-// This block's share of [p, p + bytes) prefetched into L2 with one bulk prefetch by thread 0 (Hopper's
-// ``cp.async.bulk.prefetch``; nothing before sm_90): the next product's weights, read while this kernel and the
-// ones between are latency-bound. p 16-byte aligned, bytes % 16 == 0.
-__device__ __forceinline__ void prefetch_l2_share(const char* p, int bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (threadIdx.x != 0 || bytes <= 0) return;
-  const int units = bytes >> 4, per = (units + (int)gridDim.x - 1) / (int)gridDim.x, lo = (int)blockIdx.x * per;
-  const int n = min(per, units - lo);
-  if (n > 0)
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p + (size_t)lo * 16), "r"(n * 16) : "memory");
-#endif
-}
-
 __device__ __forceinline__ float round_act(float f, bool bf16) { return act_to_f32(f32_to_act(f, bf16), bf16); }
 
 // The rotary epilogue's inputs, and NORM's optional ``add`` (x + add is normed; block 0 writes it to ``hout``)
 struct Rope {
   const u16* sin; const long long* pos; u16* kc; u16* vc; int qrows, hd, hstride; const u16* add; u16* hout;
-  const char* pfa; int pfa_bytes; const char* pfb; int pfb_bytes;  // the next product's weights to prefetch
 };
 
 // The epilogue's inputs for chunk ``chunk`` (thread t < OUT): EPI 1 the residual of its output; EPI 3 the cos and
@@ -128,11 +117,10 @@ __device__ __forceinline__ void load_side(float (&side)[2], const u16* __restric
   }
 }
 
-__device__ __forceinline__ void load_act32(float (&xv)[32], const u16* __restrict__ p, bool bf16) {
-  const uint4* xp = reinterpret_cast<const uint4*>(p);
+__device__ __forceinline__ void act32(float (&xv)[32], const uint4 (&raw)[4], bool bf16) {  // 32 values, unpacked
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const uint4 v = xp[i];
+    const uint4 v = raw[i];
     const u32 parts[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
@@ -140,6 +128,11 @@ __device__ __forceinline__ void load_act32(float (&xv)[32], const u16* __restric
       xv[i * 8 + q * 2 + 1] = act_to_f32((u16)(parts[q] >> 16), bf16);
     }
   }
+}
+__device__ __forceinline__ void load_act32(float (&xv)[32], const u16* __restrict__ p, bool bf16) {
+  const uint4* xp = reinterpret_cast<const uint4*>(p);
+  const uint4 raw[4] = {xp[0], xp[1], xp[2], xp[3]};
+  act32(xv, raw, bf16);
 }
 
 // NORM: x is a residual stream and the input is RMSNorm(x) * nw: the product runs over nw * x and is scaled by
@@ -169,11 +162,18 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
   uint4 w[R];
   u32 s[R];
   load_chunk<R, MAP>(w, s, qw, sz, chunk, N, kt, gpr, g, t, active, rope.hd);  // in flight during the prologue
-  prefetch_l2_share(rope.pfa, rope.pfa_bytes);
-  prefetch_l2_share(rope.pfb, rope.pfb_bytes);
   // Programmatic dependent launch (pipeline.engines.cuda_launch): the next kernel may be launched now (its blocks
   // start where ours leave room, and issue their own weight loads); the weights above are all this kernel reads
   // before the kernel before it has completed.
+  // NORM: the norm's weight is a parameter, not an earlier kernel's output: loaded before the wait too (not at 2
+  // rows a chunk, whose register cap it would make spill)
+  constexpr bool EARLY_NW = EARLY_NORM_WEIGHT && NORM && R >= 4;
+  uint4 nw_raw[4];
+  if (EARLY_NW && active) {
+    const uint4* np = reinterpret_cast<const uint4*>(nw + t * 32);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) nw_raw[i] = np[i];
+  }
   grid_launch_next();
   grid_wait();
   // The epilogue's own inputs (the residual, the rotary cos/sin) are loaded a chunk ahead too: loaded in the chunk
@@ -208,7 +208,8 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
     }
     if (NORM) {
       float wv[32];
-      load_act32(wv, nw + t * 32, bf16);
+      if (EARLY_NW) act32(wv, nw_raw, bf16);
+      else load_act32(wv, nw + t * 32, bf16);
 #pragma unroll
       for (int j = 0; j < 32; ++j) { ss += xv[j] * xv[j]; xv[j] *= wv[j]; }
     }
@@ -292,28 +293,12 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
       for (int i = 0; i < nwarps; ++i) total += ssum[i];
       norm = rsqrtf(total / (float)K + eps);
     }
-    // The block's sums of the chunk's rows over its warps, in warp 0 (every output thread, t < R, is there): lane
-    // r * 32/R + j adds the partials of row r from warps j, j + 32/R, ..., then 5 - log2(R) shuffles sum them
-    // (one thread adding all nwarps in a row kept the block waiting at the next barrier: 14 loads for down).
     float mine = 0.f, other = 0.f;  // the totals of row t and of its partner (rotary: t ^ R/2; SwiGLU: t + R/2)
-#if !WARP0_REDUCE
-    if (t < R)
-      for (int i = 0; i < nwarps; ++i) {
-        mine += part[i * R + t];
-        other += part[i * R + (EPI == 3 ? t ^ (R / 2) : (t + R / 2) % R)];
-      }
-#else
-    if (warp == 0) {
-      constexpr int L = 32 / R;
-      float acc = 0.f;
-      for (int i = lane % L; i < nwarps; i += L) acc += part[i * R + lane / L];
-#pragma unroll
-      for (int m = L / 2; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
-      const int tr = t < R ? t : 0;
-      mine = __shfl_sync(0xffffffffu, acc, tr * L);
-      other = __shfl_sync(0xffffffffu, acc, (EPI == 3 ? tr ^ (R / 2) : (tr + R / 2) % R) * L);
+    if (t < R) {  // (warp 0 summing them with shuffles, 2 loads a lane: no faster in the chain, slower in decode)
+      for (int i = 0; i < nwarps; ++i) mine += part[i * R + t];
+      if (EPI == 3 || PAIRS)
+        for (int i = 0; i < nwarps; ++i) other += part[i * R + (EPI == 3 ? t ^ (R / 2) : (t + R / 2) % R)];
     }
-#endif
     if (EPI == 3 && row >= 0) {  // output t, its rotary partner t ^ R/2 (the same row of the other half)
       if (NORM) {
         mine *= norm;
@@ -362,10 +347,8 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
   extern "C" __global__ void __launch_bounds__ BOUND                                                   \
   NAME(const u16* x, const u16* nw, const u16* res, const uint4* qw, const u32* sz, u16* out, int N,     \
        int K, int G, double eps, const u16* sn, const long long* pos, u16* kc, u16* vc, int qrows, int hd,  \
-       int hstride, const u16* add, u16* hout, int has_add, const char* pfa, int pfa_bytes, const char* pfb,  \
-       int pfb_bytes) {                                                                                \
-    const Rope rope = {sn, pos, kc, vc, qrows, hd, hstride, has_add ? add : nullptr, hout, pfa, pfa_bytes,  \
-                       pfb, pfb_bytes};                                                                \
+       int hstride, const u16* add, u16* hout, int has_add) {                                          \
+    const Rope rope = {sn, pos, kc, vc, qrows, hd, hstride, has_add ? add : nullptr, hout};            \
     q4gemv<R, NORM, EPI>(x, nw, res, qw, sz, out, N, K, G, (float)eps, BF16, rope);                    \
   }
 """

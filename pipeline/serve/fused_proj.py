@@ -54,9 +54,6 @@ INT4_CHAIN = True
 DEFER_RESIDUAL = True
 ROPE_IN_QKV = True  # the chain's q|k|v GEMV also rotates q and k and writes k and v into the cache ("-norope")
 CHAIN_ROWS = {"qkv": 4, "o": 4, "gate_up": 4, "down": 4}  # rows a chunk of the chain's GEMVs ("-r8", "-r2", ...)
-# Which of the chain's GEMVs prefetch the next product's weights into L2 ("-pfnone", "-pfo", "-pfqkv"): "o", q|k|v's
-# GEMV prefetches o's (read after attention); "qkv", down's prefetches the next layer's q|k|v
-PREFETCH_L2: frozenset = frozenset()
 
 
 class FusedLinear(nn.Module):
@@ -217,7 +214,6 @@ class FusedLayer(nn.Module):
             log.debug("decode layer: INT4 products without the fused norms/SwiGLU/residuals (%s)", why)
         why = _rope_problem(layer, self) if self.int4_chain else "no INT4 chain"
         self.rope_chain = ROPE_IN_QKV and not why
-        self.next_qkv = _Next(None)  # the next layer's q|k|v (fuse_layers), whose weights down may prefetch
         if why and self.int4_chain:
             log.debug("decode layer: the rotary embedding and cache write outside the q|k|v GEMV (%s)", why)
 
@@ -280,16 +276,14 @@ def _rope_problem(layer: nn.Module, fused: FusedLayer) -> str:
 
 
 def _gemv(linear: nn.Module, x: torch.Tensor, norm: nn.Module | None = None, swiglu: bool = False,
-          residual: torch.Tensor | None = None, prefetch: nn.Module | None = None, rows: int = 0) -> torch.Tensor:
+          residual: torch.Tensor | None = None, rows: int = 0) -> torch.Tensor:
     """One token through ``quantship::int4_gemv_fused`` over ``linear``'s codes (an ``Int4Linear`` or an int4
     ``FusedLinear``): ``norm`` (an RMSNorm) before the product; after it ``+ residual``, or with ``swiglu``
-    silu(gate) * up over gate|up (half the width); ``prefetch``: the next product, whose weights the kernel
-    prefetches into L2."""
-    pf = (None, None) if prefetch is None else (prefetch.qweight, prefetch.scale_zero)
+    silu(gate) * up over gate|up (half the width); ``rows``: rows a chunk (0: the kernel's default)."""
     y = torch.ops.quantship.int4_gemv_fused(
         x.reshape(1, -1), linear.qweight, linear.scale_zero, linear.group_size,
         None if norm is None else norm.weight, 0.0 if norm is None else float(norm.variance_epsilon), swiglu,
-        None if residual is None else residual.reshape(1, -1), rows, *pf)  # fmt: skip
+        None if residual is None else residual.reshape(1, -1), rows)  # fmt: skip
     if linear.bias is not None:  # q|k|v's (Qwen2); the chain refuses a biased gate|up
         y = y + linear.bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], -1)
@@ -312,20 +306,7 @@ def fuse_layers(model: nn.Module) -> list[FusedLayer] | None:
     if any(not hasattr(importlib.import_module(type(layer.self_attn).__module__), "apply_rotary_pos_emb")
            for layer in layers):  # fmt: skip
         return None
-    fused = [FusedLayer(layer) for layer in layers]
-    for a, b in zip(fused, fused[1:]):
-        a.next_qkv = _Next(b.qkv)
-    return fused
-
-
-class _Next:
-    """The next layer's q|k|v product, called to get it (held outside the module tree: not a submodule twice)."""
-
-    def __init__(self, module: nn.Module | None) -> None:
-        self.module = module
-
-    def __call__(self) -> nn.Module | None:
-        return self.module
+    return [FusedLayer(layer) for layer in layers]
 
 
 def _has(obj: Any, dotted: str) -> bool:
@@ -360,8 +341,7 @@ def decode_layer(layer: nn.Module, fused: FusedLayer, h: torch.Tensor, pending: 
         q, added = torch.ops.quantship.int4_gemv_rope(
             h.reshape(1, -1), None if pending is None else pending.reshape(1, -1), fused.qkv.qweight,
             fused.qkv.scale_zero, fused.qkv.group_size, norm.weight, float(norm.variance_epsilon), cos.reshape(-1),
-            sin.reshape(-1), kv.pos, kv.k, kv.v, fused.splits[0], attn.head_dim, CHAIN_ROWS["qkv"],
-            *((attn.o_proj.qweight, attn.o_proj.scale_zero) if "o" in PREFETCH_L2 else (None, None)))  # fmt: skip
+            sin.reshape(-1), kv.pos, kv.k, kv.v, fused.splits[0], attn.head_dim, CHAIN_ROWS["qkv"])  # fmt: skip
         if pending is not None:
             h = added.reshape(h.shape)
         q = q.reshape(b, t, -1, attn.head_dim).transpose(1, 2)
@@ -381,9 +361,7 @@ def decode_layer(layer: nn.Module, fused: FusedLayer, h: torch.Tensor, pending: 
         h = _gemv(attn.o_proj, out, residual=h, rows=CHAIN_ROWS["o"])
         act = _gemv(fused.gate_up, h, norm=layer.post_attention_layernorm, swiglu=True, rows=CHAIN_ROWS["gate_up"])
         if fused.rope_chain:  # the next layer's q|k|v GEMV (or the final norm) adds it
-            nxt = fused.next_qkv() if "qkv" in PREFETCH_L2 else None
-            return h, _gemv(mlp.down_proj, act, prefetch=nxt if nxt is not None and nxt.kind == "int4" else None,
-                            rows=CHAIN_ROWS["down"])
+            return h, _gemv(mlp.down_proj, act, rows=CHAIN_ROWS["down"])
         return _gemv(mlp.down_proj, act, residual=h, rows=CHAIN_ROWS["down"]), None
     h = h + attn.o_proj(out)
     gate, up = fused.gate_up(layer.post_attention_layernorm(h)).chunk(2, dim=-1)
