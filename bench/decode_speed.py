@@ -321,8 +321,7 @@ def main(argv=None) -> int:
                     "SwiGLU and residual adds outside its one-token GEMVs, + \"-nodefer\" each layer adds its own "
                     "last residual, + \"-norope\" the rotary embedding and cache write outside INT4's q|k|v GEMV, "
                     "+ \"-nopdl\" every kernel launched without programmatic dependent launch, + \"-rowsQOGD\" the INT4 "
-                    "chain's rows a chunk for q|k|v, o, gate|up, down (e.g. \"-rows4442\"), + \"-DNAME=VALUE\" a switch of the INT4 "
-                    "kernel's source (int4_cuda.DEFINES), + \"-attn64\" decode attention in blocks of 64 positions")
+                    "chain's rows a chunk for q|k|v, o, gate|up, down (e.g. \"-rows4442\"), + \"-attn64\" decode attention in blocks of 64 positions")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--steps", type=int, default=64)
@@ -395,9 +394,6 @@ def main(argv=None) -> int:
                     cuda_launch.PDL = "nopdl" not in flags
                     shape = next((f[4:] for f in flags if f.startswith("rows") and len(f) == 8), "4444")
                     fused_proj.CHAIN_ROWS = dict(zip(("qkv", "o", "gate_up", "down"), map(int, shape)))
-                    from pipeline.engines import int4_cuda
-
-                    int4_cuda.DEFINES = " ".join(f[1:] for f in flags if f.startswith("D"))
                     r = server_speed(model, a.device, batch, base, a.prompt, a.steps, a.max_len,
                                      fuse="nofuse" not in flags)
                 else:

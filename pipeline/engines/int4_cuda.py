@@ -159,16 +159,9 @@ def compile_problem(dtype: torch.dtype, k: int, norm: bool = False, epilogue: st
     return compile_failure([_variant(dtype, k, chunk_rows(k), norm, epilogue)])
 
 
+@functools.cache
 def _variant(dtype: torch.dtype, k: int, rows: int, norm: bool, epilogue: str) -> tuple[str, str]:
     """(source, kernel name) of one entry: the template instantiated for this dtype, width, rows and fusion."""
-    return _variant_with(dtype, k, rows, norm, epilogue, DEFINES)
-
-
-DEFINES = ""  # "NAME=VALUE ..." for the kernel source's switches (benchmarks compare variants; empty in use)
-
-
-@functools.cache
-def _variant_with(dtype: torch.dtype, k: int, rows: int, norm: bool, epilogue: str, defines: str) -> tuple[str, str]:
 
     bf16 = dtype == torch.bfloat16
     wide = k > WIDE_K
@@ -181,8 +174,7 @@ def _variant_with(dtype: torch.dtype, k: int, rows: int, norm: bool, epilogue: s
     bound = f"{threads}, {max(1, per_sm // threads)}" if not wide else "1024, 1"
     entry = (f"ENTRY({name}, ({bound}), {2 if wide else rows}, {'true' if norm else 'false'}, "
              f"{EPILOGUES[epilogue]}, {'true' if bf16 else 'false'})\n")
-    switches = "".join(f"#define {d.replace('=', ' ', 1)}\n" for d in defines.split())
-    return switches + _SOURCE + entry, name
+    return _SOURCE + entry, name
 
 
 MIN_THREADS_PER_SM = 640  # the launch bounds' second figure (up to 4 rows): 5 blocks of 128 threads (K = 4096)

@@ -34,9 +34,6 @@ __device__ __forceinline__ u32 pack4(int a, int b, int c, int d) {
 """ + GRID_SYNC
 
 SOURCE = CUDA_PRELUDE + r"""
-#ifndef EARLY_NORM_WEIGHT  // switches a benchmark may set (int4_cuda.DEFINES)
-#define EARLY_NORM_WEIGHT 1
-#endif
 __device__ __forceinline__ int dp4a_us(u32 a, int b, int c) {  // unsigned bytes . signed bytes + c
   int d; asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
 }
@@ -117,10 +114,11 @@ __device__ __forceinline__ void load_side(float (&side)[2], const u16* __restric
   }
 }
 
-__device__ __forceinline__ void act32(float (&xv)[32], const uint4 (&raw)[4], bool bf16) {  // 32 values, unpacked
+__device__ __forceinline__ void load_act32(float (&xv)[32], const u16* __restrict__ p, bool bf16) {
+  const uint4* xp = reinterpret_cast<const uint4*>(p);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const uint4 v = raw[i];
+    const uint4 v = xp[i];
     const u32 parts[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
@@ -128,11 +126,6 @@ __device__ __forceinline__ void act32(float (&xv)[32], const uint4 (&raw)[4], bo
       xv[i * 8 + q * 2 + 1] = act_to_f32((u16)(parts[q] >> 16), bf16);
     }
   }
-}
-__device__ __forceinline__ void load_act32(float (&xv)[32], const u16* __restrict__ p, bool bf16) {
-  const uint4* xp = reinterpret_cast<const uint4*>(p);
-  const uint4 raw[4] = {xp[0], xp[1], xp[2], xp[3]};
-  act32(xv, raw, bf16);
 }
 
 // NORM: x is a residual stream and the input is RMSNorm(x) * nw: the product runs over nw * x and is scaled by
@@ -165,15 +158,6 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
   // Programmatic dependent launch (pipeline.engines.cuda_launch): the next kernel may be launched now (its blocks
   // start where ours leave room, and issue their own weight loads); the weights above are all this kernel reads
   // before the kernel before it has completed.
-  // NORM: the norm's weight is a parameter, not an earlier kernel's output: loaded before the wait too (not at 2
-  // rows a chunk, whose register cap it would make spill)
-  constexpr bool EARLY_NW = EARLY_NORM_WEIGHT && NORM && R >= 4;
-  uint4 nw_raw[4];
-  if (EARLY_NW && active) {
-    const uint4* np = reinterpret_cast<const uint4*>(nw + t * 32);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) nw_raw[i] = np[i];
-  }
   grid_launch_next();
   grid_wait();
   // The epilogue's own inputs (the residual, the rotary cos/sin) are loaded a chunk ahead too: loaded in the chunk
@@ -208,8 +192,7 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
     }
     if (NORM) {
       float wv[32];
-      if (EARLY_NW) act32(wv, nw_raw, bf16);
-      else load_act32(wv, nw + t * 32, bf16);
+      load_act32(wv, nw + t * 32, bf16);
 #pragma unroll
       for (int j = 0; j < 32; ++j) { ss += xv[j] * xv[j]; xv[j] *= wv[j]; }
     }
