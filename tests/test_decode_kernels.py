@@ -88,6 +88,19 @@ def test_triton_kernel_needs_cuda_and_four_bits():
     assert Int4Linear(qw).kernel != KERNEL_TRITON  # auto on the CPU: the CPU paths
 
 
+def test_int4_route_picks_the_gemv_for_one_token_and_the_dequant_matmul_above_its_threshold():
+    """qlinear.int4_route, shared by Int4Linear and the merged serve-time products: one token on the GEMV where
+    it is built; prefill (above 8 tokens) dequantize + matmul; cuda-triton always; PyTorch's kernel otherwise."""
+    from pipeline.engines.qlinear import _GEMV_ROWS, int4_route
+
+    assert int4_route(1, True, _GEMV_ROWS) == "gemv"
+    assert int4_route(1, False, _GEMV_ROWS) == "packed"  # no GEMV built (CPU, or it did not compile)
+    assert int4_route(_GEMV_ROWS, True, _GEMV_ROWS) == "packed"
+    assert int4_route(_GEMV_ROWS + 1, True, _GEMV_ROWS) == "dequant-matmul"
+    assert int4_route(1, False, 0) == "dequant-matmul"  # kernel="cuda-triton": every token count
+    assert int4_route(512, False, None) == "packed"  # the CPU: PyTorch's kernel at any length
+
+
 def _greedy_reference(model, prompt, new):
     out = model.generate(prompt[None], max_new_tokens=new, min_new_tokens=new, do_sample=False)
     return out[0, len(prompt):].tolist()

@@ -197,7 +197,7 @@ def test_fused_reference_is_transformers_rmsnorm_and_swiglu_in_bf16():
 
 @pytest.mark.gpu
 def test_fused_cuda_gemv_runs_rmsnorm_swiglu_and_the_residual_add_as_the_ops_would():
-    """int4_gemv_fused against the unfused ops on the same codes: the residual add and SwiGLU over the product's
+    """int4_gemv's fusions against the unfused ops on the same codes: the residual add and SwiGLU over the product's
     two halves bit for bit; the RMSNorm up to the rounding of the normed input it skips
     (int4_cuda.fused_reference)."""
     if not torch.cuda.is_available():

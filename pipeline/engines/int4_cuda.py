@@ -30,7 +30,7 @@ products are integer:
   (bfloat16's own step is 2^-8 of each value); then a warp shuffle reduction and a sum over the block's warps,
   written in the activation dtype (bfloat16 or float16).
 
-Fused variants (``quantship::int4_gemv_fused``, the one-token decode layer of ``serve/fused_proj.py``): the
+Fused variants (``quantship::int4_gemv``'s options, the one-token decode layer of ``serve/fused_proj.py``): the
 input may be RMSNorm(x) (its factor applied to the result, the sum of squares reduced beside the products), and
 the output may have a residual added, or be silu(gate) * up over the rows' two halves (a chunk then holds rows
 of both halves, so the epilogue has each gate with its up); :func:`fused_reference` says what they stand for.
@@ -342,28 +342,20 @@ def resident_blocks(source: str, name: str, threads: int) -> int:
 
 @functools.cache
 def custom_op():
-    """``torch.ops.quantship.int4_gemv``, ``int4_gemv_fused`` and ``int4_gemv_rope`` (:func:`gemv`'s keywords; the
-    last writes this token's k and v into the cache it is given): the launches as opaque ops for ``torch.compile``
-    and graph capture."""
+    """``torch.ops.quantship.int4_gemv`` and ``int4_gemv_rope`` (:func:`gemv`'s keywords; the second writes this
+    token's k and v into the cache it is given): the launches as opaque ops for ``torch.compile`` and graph
+    capture. ``int4_gemv``'s fusions are optional (a plain product by default); ``rows``: rows a chunk (0: the
+    default)."""
 
     @torch.library.custom_op("quantship::int4_gemv", mutates_args=())
-    def op(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
-        return gemv(x, qweight, sz, group)
-
-    @op.register_fake
-    def _(x, qweight, sz, group):
-        return x.new_empty(1, qweight.shape[0])
-
-    # ``rows``: rows a chunk (0: chunk_rows' default)
-    @torch.library.custom_op("quantship::int4_gemv_fused", mutates_args=())
-    def fused(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int,
-              norm_weight: torch.Tensor | None, eps: float, swiglu: bool, residual: torch.Tensor | None,
-              rows: int = 0) -> torch.Tensor:  # fmt: skip
+    def op(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int,
+           norm_weight: torch.Tensor | None = None, eps: float = 0.0, swiglu: bool = False,
+           residual: torch.Tensor | None = None, rows: int = 0) -> torch.Tensor:  # fmt: skip
         return gemv(x, qweight, sz, group, rows or None, norm_weight=norm_weight, eps=eps, swiglu=swiglu,
                     residual=residual)
 
-    @fused.register_fake
-    def _(x, qweight, sz, group, norm_weight, eps, swiglu, residual, rows=0):
+    @op.register_fake
+    def _(x, qweight, sz, group, norm_weight=None, eps=0.0, swiglu=False, residual=None, rows=0):
         return x.new_empty(1, qweight.shape[0] // 2 if swiglu else qweight.shape[0])
 
     @torch.library.custom_op("quantship::int4_gemv_rope", mutates_args=("k_cache", "v_cache"))

@@ -154,6 +154,26 @@ def _choose_kernel(qw: QuantizedWeight, device: torch.device, dtype: torch.dtype
     return packed, ""
 
 
+def int4_route(rows: int, gemv: bool, dequant_above: int | None) -> str:
+    """The kernel an INT4 product of ``rows`` tokens takes (``Int4Linear`` and the serve-time merged products
+    share it): "gemv" (one token, where our CUDA GEMV is built), "dequant-matmul" (the Triton dequantize + cuBLAS,
+    above ``dequant_above`` tokens: :data:`_GEMV_ROWS` for prefill, 0 under ``kernel="cuda-triton"``, None never),
+    else "packed" (PyTorch's int4 kernel)."""
+    if gemv and rows == 1:
+        return "gemv"
+    if dequant_above is not None and rows > dequant_above:
+        return "dequant-matmul"
+    return "packed"
+
+
+def int4pack_mm(x2: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: torch.Tensor,
+                cpu: bool) -> torch.Tensor:  # fmt: skip
+    """PyTorch's packed int4 product (tinygemm on CUDA, its CPU kernel with ``cpu``) of x2 [M, K]."""
+    aten = torch.ops.aten
+    op = aten._weight_int4pack_mm_for_cpu if cpu else aten._weight_int4pack_mm
+    return op(x2, packed, group, scales_and_zeros)
+
+
 class Int4Linear(nn.Module):
     """A linear layer with group-wise 4-bit weights, built from a ``QuantizedWeight`` on its target device
     (other widths up to 8 bits, e.g. GPTQ 2/8-bit, run on the dequantize path).
@@ -252,9 +272,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("g_idx", g_idx)
 
     def _run_packed(self, x2: torch.Tensor) -> torch.Tensor:
-        aten = torch.ops.aten
-        op = aten._weight_int4pack_mm_for_cpu if self.kernel == KERNEL_CPU else aten._weight_int4pack_mm
-        return op(x2, self.weight_int4pack, self.group_size, self.scales_and_zeros)
+        return int4pack_mm(x2, self.weight_int4pack, self.group_size, self.scales_and_zeros, self.kernel == KERNEL_CPU)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight [out, in] = (q - z) * s (the dequantize path; also what tests compare against)."""
@@ -274,14 +292,18 @@ class Int4Linear(nn.Module):
             y = x2 @ self.dequantized_weight().to(x.dtype).t()
         elif x2.shape[0] == 0:
             y = x2.new_zeros(0, self.out_features)
-        elif self.gemv_cuda and x2.shape[0] == 1:
-            y = torch.ops.quantship.int4_gemv(x2.to(self.compute_dtype), self.qweight, self.scale_zero,
-                                              self.group_size).to(x.dtype)
-        elif self.kernel == KERNEL_TRITON or (self.prefill_dequant and x2.shape[0] > _GEMV_ROWS):
-            y = torch.ops.quantship.int4_matmul(x2.to(self.compute_dtype).contiguous(), self.qweight, self.scales_t,
-                                                self.zeros_t, self.group_size).to(x.dtype)
         else:
-            y = self._run_packed(x2.to(self.compute_dtype).contiguous()).to(x.dtype)
+            above = 0 if self.kernel == KERNEL_TRITON else _GEMV_ROWS if self.prefill_dequant else None
+            route = int4_route(x2.shape[0], self.gemv_cuda, above)
+            x2 = x2.to(self.compute_dtype)
+            if route == "gemv":
+                y = torch.ops.quantship.int4_gemv(x2, self.qweight, self.scale_zero, self.group_size)
+            elif route == "dequant-matmul":
+                y = torch.ops.quantship.int4_matmul(x2.contiguous(), self.qweight, self.scales_t, self.zeros_t,
+                                                    self.group_size)  # fmt: skip
+            else:
+                y = self._run_packed(x2.contiguous())
+            y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)

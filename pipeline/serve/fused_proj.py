@@ -23,7 +23,7 @@ RMS norms on q and k), checked against each family's own forward in tests/test_s
 last residual add is left to the next layer, where ``torch.compile`` fuses it with that layer's first norm.
 
 The one-token INT4 chain (``FusedLayer.int4_chain``): where every product of a layer is on our CUDA GEMV, a
-single token runs the whole layer's non-attention work inside its four GEMVs (``quantship::int4_gemv_fused``):
+single token runs the whole layer's non-attention work inside its four GEMVs (``quantship::int4_gemv``'s fusions):
 the input RMSNorm in q|k|v's, the residual add in o's, the second RMSNorm and SwiGLU in gate|up's (its output is
 silu(gate) * up), the residual add in down's: 4 kernels a layer fewer. On the H200 (Llama-3-8B shape, batch 1,
 bench/RESULTS.md) it took INT4 from 322 to 361 tok/s with the kernels of that day; with today's faster plain
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.engines.qlinear import _GEMV_ROWS, KERNEL_CPU
+from pipeline.engines.qlinear import _GEMV_ROWS, KERNEL_CPU, int4_route, int4pack_mm
 
 log = logging.getLogger(__name__)
 # Switches for bench/decode_speed.py's comparisons ("-nochain", "-nodefer"), not user settings: the one-token INT4
@@ -120,16 +120,16 @@ class FusedLinear(nn.Module):
             return self.int8(x)
         if self.kind == "fp8":
             return self.fp8(x)
-        if self.kind == "int4":
+        if self.kind == "int4":  # the parts' own routes (qlinear.int4_route) over the merged weights
             rows = x.shape[:-1].numel()
             x2 = x.reshape(rows, -1).to(self.compute_dtype)
-            if self.gemv and rows == 1:
+            route = int4_route(rows, self.gemv, _GEMV_ROWS if self.prefill_dequant else None)
+            if route == "gemv":
                 y = torch.ops.quantship.int4_gemv(x2, self.qweight, self.scale_zero, self.group_size)
-            elif self.packed and rows > 0 and (self.cpu_kernel or not (self.prefill_dequant and rows > _GEMV_ROWS)):
-                aten = torch.ops.aten
-                op = aten._weight_int4pack_mm_for_cpu if self.cpu_kernel else aten._weight_int4pack_mm
-                y = op(x2.contiguous(), self.weight_int4pack, self.group_size, self.scales_and_zeros)
-            else:
+            elif route == "packed" and self.packed and rows > 0:
+                y = int4pack_mm(x2.contiguous(), self.weight_int4pack, self.group_size, self.scales_and_zeros,
+                                self.cpu_kernel)  # fmt: skip
+            else:  # prefill's dequantize + matmul, or packed weights that do not concatenate: part by part
                 return torch.cat([p(x) for p in self.parts], dim=-1)
             y = y.to(x.dtype)
             if self.bias is not None:
@@ -277,10 +277,10 @@ def _rope_problem(layer: nn.Module, fused: FusedLayer) -> str:
 
 def _gemv(linear: nn.Module, x: torch.Tensor, norm: nn.Module | None = None, swiglu: bool = False,
           residual: torch.Tensor | None = None, rows: int = 0) -> torch.Tensor:
-    """One token through ``quantship::int4_gemv_fused`` over ``linear``'s codes (an ``Int4Linear`` or an int4
+    """One token through ``quantship::int4_gemv``'s fusions over ``linear``'s codes (an ``Int4Linear`` or an int4
     ``FusedLinear``): ``norm`` (an RMSNorm) before the product; after it ``+ residual``, or with ``swiglu``
     silu(gate) * up over gate|up (half the width); ``rows``: rows a chunk (0: the kernel's default)."""
-    y = torch.ops.quantship.int4_gemv_fused(
+    y = torch.ops.quantship.int4_gemv(
         x.reshape(1, -1), linear.qweight, linear.scale_zero, linear.group_size,
         None if norm is None else norm.weight, 0.0 if norm is None else float(norm.variance_epsilon), swiglu,
         None if residual is None else residual.reshape(1, -1), rows)  # fmt: skip
