@@ -89,6 +89,12 @@ def gemv_variants(arch: int) -> list[dict]:
                 source, name = int4_cuda._variant(torch.bfloat16, k, r, norm, epilogue)
                 use = _ptxas_usage(ptxas, _nvrtc_ptx(lib, source, arch), arch)
                 rows.append(dict(kernel=name, k=k, threads=int4_cuda.threads_per_block(k), **use))
+    from pipeline.engines import int4_mma
+
+    for seg in (2, 4, 8):  # the tensor-core product of 2-16 tokens (groups of 32, 64, 128+)
+        for hi in (False, True):
+            source, name = int4_mma._variant(seg, hi)
+            rows.append(dict(kernel=name, k=None, threads=128, **_ptxas_usage(ptxas, _nvrtc_ptx(lib, source, arch), arch)))
     return rows
 
 

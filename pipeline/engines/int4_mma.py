@@ -1,0 +1,248 @@
+"""INT4 products of 2 to 16 tokens on NVIDIA tensor cores, in CUDA C compiled with NVRTC at first use (as
+:mod:`pipeline.engines.int4_cuda`'s one-token GEMV is).
+
+Why by hand: at 2-16 tokens a decode step is still bound by reading the weights, and PyTorch's int4 kernel
+(tinygemm) ran the Llama-3-8B shapes at M = 8 slower than bf16 cuBLAS on the H200 (gate/up 40.6 against
+30.3 us, bench/RESULTS.md), so INT4 decoded 8 sequences at 0.81x bf16; gemlite 0.6 was no faster. Marlin and
+Machete, which do this well, ship inside vLLM's and TensorRT-LLM's own builds only.
+
+Layout (:func:`pack`): ``qmma`` int32 [N / 8, K / 128, 32, 4]: for each tile of 8 output rows and each 128 codes
+of K, the 16 bytes each of a warp's 32 lanes reads with one load, holding exactly the codes of ``mma.m16n8k16``'s
+B fragment over 8 steps of 16 (lane ``4 g + c`` owns row ``g`` of the tile; in step ``t`` it needs codes
+``16 t + 2 c + {0, 1}`` and ``16 t + 8 + 2 c + {0, 1}``). Word ``j`` holds steps ``2 j`` and ``2 j + 1``;
+nibble ``i`` and nibble ``i + 4`` are a pair's two codes, so one mask gives both as the low bits of two bfloat16
+halves: OR-ing 0x4300 makes each ``128 + q`` exactly. Scales and zeros are ``int4_cuda.pack_scale_zero``'s words,
+the ones the one-token GEMV reads.
+
+Arithmetic: ``(128 + q) - (128 + z)`` is exact in bfloat16, times the scale rounded to bfloat16 gives the weight
+rounded to bfloat16 (two roundings: the scale's and the product's, as tinygemm's bfloat16 scales have), and the
+tensor cores multiply by the bfloat16 activations with float32 sums; the output is rounded once to bfloat16.
+:func:`reference` is the same in tensor ops (the CPU tests check the layout and the arithmetic against it; the GPU
+tests check the kernel against it).
+
+The kernel: blocks of four warps take tiles of 8 rows in turn (persistent, as many blocks as fit); the four warps
+split K (unit ``u``, 128 codes, goes to warp ``u % 4``), each keeps two units' loads in flight, and the four
+partial [M, 8] tiles are summed through shared memory. Rows of A past M are zero registers (M <= 8 uses half of
+the 16-row instruction).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from pipeline.engines import int4_cuda
+from pipeline.engines.cuda_launch import launch
+from pipeline.engines.int4_cuda_kernel import CUDA_PRELUDE
+
+log = logging.getLogger(__name__)
+
+MAX_M = 16  # tokens per call (one 16-row tensor-core tile)
+WARPS = 4
+
+_SOURCE = CUDA_PRELUDE + r"""
+__device__ __forceinline__ u32 fma_bf16x2(u32 a, u32 b, u32 c) {
+  u32 d; asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
+}
+__device__ __forceinline__ void mma16816(float (&acc)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+               : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// bfloat16 of a float32 scale, in both halves
+__device__ __forceinline__ u32 bf16x2_of(float f) { const u32 h = f32_to_act(f, true); return h | (h << 16); }
+
+// One unit (128 codes of K, 8 steps of 16) of this lane's tile row into acc. SEG: steps per scale word (G / 16,
+// at most 8).
+template <int SEG, bool HI>
+__device__ __forceinline__ void unit(float (&acc)[4], uint4 w, const u32* __restrict__ x0, const u32* __restrict__ x1,
+                                     bool r0, bool r1, const u32* __restrict__ szrow, int u, int G, int c) {
+  const u32 words[4] = {w.x, w.y, w.z, w.w};
+  u32 ss = 0u, zz = 0u;
+#pragma unroll
+  for (int t = 0; t < 8; ++t) {
+    const int k = (u << 7) + (t << 4);
+    if (t % SEG == 0) {  // this segment's scale and zero: -(128 + z) and s, bfloat16 in both halves
+      const u32 word = __ldg(szrow + k / G);
+      ss = bf16x2_of(__uint_as_float(word & 0xFFFFFF00u));
+      const u32 nz = f32_to_act(-(float)(128 + (int)(word & 0xFFu)), true);
+      zz = nz | (nz << 16);
+    }
+    const u32 wj = words[t >> 1];
+    const int i0 = (t & 1) * 2;
+    const u32 one = 0x3F803F80u;  // 1.0, 1.0
+    const u32 q0 = ((wj >> (4 * i0)) & 0x000F000Fu) | 0x43004300u;
+    const u32 q1 = ((wj >> (4 * i0 + 4)) & 0x000F000Fu) | 0x43004300u;
+    const u32 b0 = fma_bf16x2(fma_bf16x2(q0, one, zz), ss, 0x80008000u);  // ((128 + q) - (128 + z)) * s
+    const u32 b1 = fma_bf16x2(fma_bf16x2(q1, one, zz), ss, 0x80008000u);
+    const int xi = (k >> 1) + c;
+    const u32 a0 = r0 ? x0[xi] : 0u, a2 = r0 ? x0[xi + 4] : 0u;
+    const u32 a1 = HI && r1 ? x1[xi] : 0u, a3 = HI && r1 ? x1[xi + 4] : 0u;
+    mma16816(acc, a0, a1, a2, a3, b0, b1);
+  }
+}
+
+template <int SEG, bool HI>
+__device__ __forceinline__ void q4mma(const u16* __restrict__ x, const uint4* __restrict__ qm,
+                                      const u32* __restrict__ sz, u16* __restrict__ out, int M, int N, int K, int G) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+  const int units = K >> 7, tiles = N >> 3, gpr = K / G;
+  __shared__ float red[4][32][4];
+  const bool r0 = g < M, r1 = g + 8 < M;
+  const u32* x0 = reinterpret_cast<const u32*>(x + (size_t)(r0 ? g : 0) * K);
+  const u32* x1 = reinterpret_cast<const u32*>(x + (size_t)(r1 ? g + 8 : 0) * K);
+  int tile = blockIdx.x;
+  // the first tile's first two units: weights only, so before the wait for the kernel before (PDL)
+  uint4 w0 = make_uint4(0u, 0u, 0u, 0u), w1 = w0;
+  if (tile < tiles && warp < units) w0 = load_stream(qm + ((size_t)tile * units + warp) * 32 + lane);
+  if (tile < tiles && warp + 4 < units) w1 = load_stream(qm + ((size_t)tile * units + warp + 4) * 32 + lane);
+  grid_launch_next();
+  grid_wait();
+  for (; tile < tiles; tile += gridDim.x) {
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    const u32* szrow = sz + (size_t)(tile * 8 + g) * gpr;
+    for (int u = warp; u < units; u += 8) {  // two units a turn: u and u + 4, the next two in flight
+      const int v = u + 4;
+      uint4 n0 = make_uint4(0u, 0u, 0u, 0u), n1 = n0;
+      const int next_tile = tile + gridDim.x;
+      if (u + 8 < units) {
+        n0 = load_stream(qm + ((size_t)tile * units + u + 8) * 32 + lane);
+        if (u + 12 < units) n1 = load_stream(qm + ((size_t)tile * units + u + 12) * 32 + lane);
+      } else if (next_tile < tiles) {  // the next tile's first two units
+        n0 = load_stream(qm + ((size_t)next_tile * units + warp) * 32 + lane);
+        if (warp + 4 < units) n1 = load_stream(qm + ((size_t)next_tile * units + warp + 4) * 32 + lane);
+      }
+      unit<SEG, HI>(acc, w0, x0, x1, r0, r1, szrow, u, G, c);
+      if (v < units) unit<SEG, HI>(acc, w1, x0, x1, r0, r1, szrow, v, G, c);
+      w0 = n0;
+      w1 = n1;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) red[warp][lane][i] = acc[i];
+    __syncthreads();
+    if (warp == 0) {
+      float s[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s[i] = red[0][lane][i] + red[1][lane][i] + red[2][lane][i] + red[3][lane][i];
+      const int col = tile * 8 + 2 * c;  // c0, c1: row g; c2, c3: row g + 8
+      if (g < M) {
+        out[(size_t)g * N + col] = f32_to_act(s[0], true);
+        out[(size_t)g * N + col + 1] = f32_to_act(s[1], true);
+      }
+      if (g + 8 < M) {
+        out[(size_t)(g + 8) * N + col] = f32_to_act(s[2], true);
+        out[(size_t)(g + 8) * N + col + 1] = f32_to_act(s[3], true);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+#define ENTRY(NAME, SEG, HI)                                                                              \
+  extern "C" __global__ void __launch_bounds__(128) NAME(const u16* x, const uint4* qm, const u32* sz, u16* out, \
+                                                          int M, int N, int K, int G) {                \
+    q4mma<SEG, HI>(x, qm, sz, out, M, N, K, G);                                                         \
+  }
+"""
+
+
+def problem(n: int, k: int, group: int, device: torch.device, dtype: torch.dtype) -> str:
+    """Why the kernel cannot run this [N, K] linear, or ""."""
+    if device.type != "cuda":
+        return f"device {device.type}"
+    if dtype != torch.bfloat16:
+        return f"activations in {dtype} (the kernel is bfloat16)"
+    if n % 8 or k % 128:
+        return f"[{n}, {k}] (needs N % 8 == 0 and K % 128 == 0)"
+    if group % 16 or k % group or (group < 128 and 128 % group):
+        return f"group {group} (needs 16, 32, 64 or a multiple of 128 dividing K)"
+    if torch.cuda.get_device_capability(device.index or 0) < (8, 0):
+        return "a GPU before sm_80 (bfloat16 tensor cores)"
+    if not hasattr(torch.cuda, "_compile_kernel"):
+        return "this torch has no torch.cuda._compile_kernel (NVRTC)"
+    return ""
+
+
+@functools.cache
+def _variant(seg: int, hi: bool) -> tuple[str, str]:
+    name = f"q4mma_bf16_s{seg}{'_m16' if hi else ''}"
+    return _SOURCE + f"ENTRY({name}, {seg}, {'true' if hi else 'false'})\n", name
+
+
+def _seg(group: int) -> int:
+    return min(group, 128) // 16
+
+
+def compile_problem(group: int) -> str:
+    """Compile (once) both variants for ``group``; "" or the compiler's one-line reason."""
+    return int4_cuda.compile_failure([_variant(_seg(group), False), _variant(_seg(group), True)])
+
+
+def pack(qweight: torch.Tensor) -> torch.Tensor:
+    """``int4_triton.repack``'s qweight (int32 [N, K / 8], code ``8 i + j`` in nibble ``j`` of word ``i``) ->
+    int32 [N / 8, K / 128, 32, 4] (module docstring), on qweight's device."""
+    n, k = qweight.shape[0], qweight.shape[1] * 8
+    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
+    codes = (qweight[..., None] >> shifts) & 15  # [N, K / 8, 8]
+    # k = 128 U + 16 (2 j + tt) + 8 h + 2 c + e; tile row r: n = 8 T + r
+    v = codes.reshape(n // 8, 8, k // 128, 4, 2, 2, 4, 2)  # T, r, U, j, tt, h, c, e
+    v = v.permute(0, 2, 1, 6, 3, 4, 5, 7).to(torch.int64)  # T, U, r, c, j, tt, h, e
+    nib = torch.arange(2, device=qweight.device)
+    shift = 4 * ((nib[:, None, None] * 2 + nib[None, :, None]) + 4 * nib[None, None, :])  # tt, h, e
+    words = (v << shift).sum(dim=(-3, -2, -1))  # T, U, r, c, j
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.reshape(n // 8, k // 128, 32, 4).contiguous()
+
+
+def unpack(qmma: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`pack`: codes [N, K] (int32 in [0, 16))."""
+    tiles, units = qmma.shape[:2]
+    w = qmma.reshape(tiles, units, 8, 4, 4).to(torch.int64) & 0xFFFFFFFF  # T, U, r, c, j
+    nib = torch.arange(2, device=qmma.device)
+    shift = 4 * ((nib[:, None, None] * 2 + nib[None, :, None]) + 4 * nib[None, None, :])  # tt, h, e
+    codes = (w[..., None, None, None] >> shift) & 15  # T, U, r, c, j, tt, h, e
+    codes = codes.permute(0, 2, 1, 4, 5, 6, 3, 7)  # T, r, U, j, tt, h, c, e
+    return codes.reshape(tiles * 8, units * 128).to(torch.int32)
+
+
+def reference(x: torch.Tensor, qmma: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+    """What the kernel computes, in tensor ops: the weight ``(q - z) * bf16(s)`` rounded to bfloat16, times x
+    (bfloat16) with float32 sums -> [M, N] float32 (the kernel then rounds to bfloat16)."""
+    codes = unpack(qmma).float()
+    scale, zero = int4_cuda.unpack_scale_zero(sz)
+    s = scale.to(torch.bfloat16).float().repeat_interleave(group, dim=1)
+    w = ((codes - zero.float().repeat_interleave(group, dim=1)) * s).to(torch.bfloat16).float()
+    return x.to(torch.bfloat16).float() @ w.t()
+
+
+def matmul(x: torch.Tensor, qmma: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+    """x [M, K] bfloat16 (CUDA, 1 <= M <= 16) @ the dequantized weight's transpose -> [M, N] bfloat16."""
+    m, k = x.shape
+    n = qmma.shape[0] * 8
+    if not 1 <= m <= MAX_M or k != qmma.shape[1] * 128 or x.dtype != torch.bfloat16:
+        raise ValueError(f"int4_mma.matmul takes 1..{MAX_M} bfloat16 rows of K = {qmma.shape[1] * 128}, "
+                         f"got {tuple(x.shape)} {x.dtype}")
+    x = x.contiguous()
+    out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
+    source, name = _variant(_seg(group), m > 8)
+    blocks = min(n // 8, int4_cuda.sm_count(x.device.index or 0) * int4_cuda.resident_blocks(source, name, 128))
+    launch(int4_cuda.compiled(source, name), (blocks, 1, 1), (128, 1, 1), [x, qmma, sz, out, m, n, k, group])
+    return out
+
+
+@functools.cache
+def custom_op():
+    """``torch.ops.quantship.int4_mma`` (:func:`matmul`) as an opaque op for ``torch.compile`` and graph capture."""
+
+    @torch.library.custom_op("quantship::int4_mma", mutates_args=())
+    def op(x: torch.Tensor, qmma: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+        return matmul(x, qmma, sz, group)
+
+    @op.register_fake
+    def _(x, qmma, sz, group):
+        return x.new_empty(x.shape[0], qmma.shape[0] * 8)
+
+    return op
