@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.decode_micro import graph_time  # noqa: E402
 
 SHAPES = {"q|k|v": (6144, 4096), "o": (4096, 4096), "gate|up": (28672, 4096), "down": (4096, 14336)}
+CONFIGS = ((2, 8), (4, 4), (4, 8), (4, 16), (8, 8))  # (tiles of 8 rows a block, warps a block)
 
 
 def _weight(n: int, k: int, group: int, gen: torch.Generator):
@@ -68,14 +69,16 @@ def speed(ms=(1, 2, 4, 8, 16)) -> list[dict]:
         for m in ms:
             x = torch.randn(m, k, device="cuda").bfloat16()
             res = {"bf16": graph_time([lambda t=t: t(x) for t in lins]),
-                   "tinygemm": graph_time([lambda t=t: t._run_packed(x) for t in mods]),
-                   "int4_mma": graph_time([lambda p=p: int4_mma.matmul(x, p[0], p[1], 128) for p in packs])}
+                   "tinygemm": graph_time([lambda t=t: t._run_packed(x) for t in mods])}
+            for tiles, warps in CONFIGS:
+                res[f"mma t{tiles} w{warps}"] = graph_time([
+                    lambda p=p, t=tiles, w=warps: int4_mma.matmul(x, p[0], p[1], 128, t, w) for p in packs])
             q4_bytes = n * k // 2 + n * (k // 128) * 4
             row = dict(shape=label, n=n, k=k, m=m)
             for name, t in res.items():
                 row[name] = dict(us=t * 1e6, gb_s=(n * k * 2 if name == "bf16" else q4_bytes) / t / 1e9)
             out.append(row)
-            print(f"{label:8s} M={m:2d}  " + "  ".join(f"{nm} {v['us']:6.1f} us ({v['gb_s']:5.0f} GB/s)"
+            print(f"{label:8s} M={m:2d}  " + "  ".join(f"{nm} {v['us']:6.1f}"
                                                       for nm, v in row.items() if isinstance(v, dict)), flush=True)
         del lins, mods, packs
         torch.cuda.empty_cache()

@@ -55,79 +55,97 @@ __device__ __forceinline__ void mma16816(float (&acc)[4], u32 a0, u32 a1, u32 a2
 // bfloat16 of a float32 scale, in both halves
 __device__ __forceinline__ u32 bf16x2_of(float f) { const u32 h = f32_to_act(f, true); return h | (h << 16); }
 
-// One unit (128 codes of K, 8 steps of 16) of this lane's tile row into acc. SEG: steps per scale word (G / 16,
-// at most 8).
-template <int SEG, bool HI>
-__device__ __forceinline__ void unit(float (&acc)[4], uint4 w, const u32* __restrict__ x0, const u32* __restrict__ x1,
-                                     bool r0, bool r1, const u32* __restrict__ szrow, int u, int G, int c) {
-  const u32 words[4] = {w.x, w.y, w.z, w.w};
-  u32 ss = 0u, zz = 0u;
+// The scale and zero of row ``row``'s segment at code k: -(128 + z) and s, bfloat16 in both halves
+__device__ __forceinline__ void scale_zero(u32& ss, u32& zz, const u32* __restrict__ sz, int row, int gpr, int k,
+                                           int G) {
+  const u32 word = __ldg(sz + (size_t)row * gpr + k / G);
+  ss = bf16x2_of(__uint_as_float(word & 0xFFFFFF00u));
+  const u32 nz = f32_to_act(-(float)(128 + (int)(word & 0xFFu)), true);
+  zz = nz | (nz << 16);
+}
+
+// One unit (128 codes of K, 8 steps of 16) of NT tiles into acc: the A fragment loaded once a step, NT
+// instructions. SEG: steps per scale word (G / 16, at most 8).
+template <int SEG, bool HI, int NT>
+__device__ __forceinline__ void unit(float (&acc)[NT][4], const uint4 (&w)[NT], const u32* __restrict__ x0,
+                                     const u32* __restrict__ x1, bool r0, bool r1, const u32* __restrict__ sz,
+                                     int row0, int tiles_left, int gpr, int u, int G, int c) {
+  u32 ss[NT], zz[NT];
 #pragma unroll
   for (int t = 0; t < 8; ++t) {
     const int k = (u << 7) + (t << 4);
-    if (t % SEG == 0) {  // this segment's scale and zero: -(128 + z) and s, bfloat16 in both halves
-      const u32 word = __ldg(szrow + k / G);
-      ss = bf16x2_of(__uint_as_float(word & 0xFFFFFF00u));
-      const u32 nz = f32_to_act(-(float)(128 + (int)(word & 0xFFu)), true);
-      zz = nz | (nz << 16);
+    if (t % SEG == 0) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+        if (j < tiles_left) scale_zero(ss[j], zz[j], sz, row0 + 8 * j, gpr, k, G);
     }
-    const u32 wj = words[t >> 1];
-    const int i0 = (t & 1) * 2;
-    const u32 one = 0x3F803F80u;  // 1.0, 1.0
-    const u32 q0 = ((wj >> (4 * i0)) & 0x000F000Fu) | 0x43004300u;
-    const u32 q1 = ((wj >> (4 * i0 + 4)) & 0x000F000Fu) | 0x43004300u;
-    const u32 b0 = fma_bf16x2(fma_bf16x2(q0, one, zz), ss, 0x80008000u);  // ((128 + q) - (128 + z)) * s
-    const u32 b1 = fma_bf16x2(fma_bf16x2(q1, one, zz), ss, 0x80008000u);
     const int xi = (k >> 1) + c;
     const u32 a0 = r0 ? x0[xi] : 0u, a2 = r0 ? x0[xi + 4] : 0u;
     const u32 a1 = HI && r1 ? x1[xi] : 0u, a3 = HI && r1 ? x1[xi + 4] : 0u;
-    mma16816(acc, a0, a1, a2, a3, b0, b1);
+    const int i0 = (t & 1) * 2;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const u32 wj = t < 2 ? w[j].x : t < 4 ? w[j].y : t < 6 ? w[j].z : w[j].w;
+      const u32 one = 0x3F803F80u;  // 1.0, 1.0
+      const u32 q0 = ((wj >> (4 * i0)) & 0x000F000Fu) | 0x43004300u;
+      const u32 q1 = ((wj >> (4 * i0 + 4)) & 0x000F000Fu) | 0x43004300u;
+      const u32 b0 = fma_bf16x2(fma_bf16x2(q0, one, zz[j]), ss[j], 0x80008000u);  // ((128 + q) - (128 + z)) * s
+      const u32 b1 = fma_bf16x2(fma_bf16x2(q1, one, zz[j]), ss[j], 0x80008000u);
+      mma16816(acc[j], a0, a1, a2, a3, b0, b1);
+    }
   }
 }
 
-template <int SEG, bool HI>
+template <int NT>
+__device__ __forceinline__ void load_unit(uint4 (&w)[NT], const uint4* __restrict__ qm, int tile0, int tiles,
+                                          int units, int u, int lane) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+    w[j] = tile0 + j < tiles && u < units ? load_stream(qm + ((size_t)(tile0 + j) * units + u) * 32 + lane)
+                                          : make_uint4(0u, 0u, 0u, 0u);
+}
+
+// Blocks of W warps take NT tiles of 8 rows at a time (persistent); the warps split K (unit u to warp u % W), each
+// keeps its next unit's loads in flight; the W partial [M, 8 NT] tiles are summed through shared memory.
+template <int SEG, bool HI, int NT, int W>
 __device__ __forceinline__ void q4mma(const u16* __restrict__ x, const uint4* __restrict__ qm,
                                       const u32* __restrict__ sz, u16* __restrict__ out, int M, int N, int K, int G) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
-  const int units = K >> 7, tiles = N >> 3, gpr = K / G;
-  __shared__ float red[4][32][4];
+  const int units = K >> 7, tiles = N >> 3, gpr = K / G, groups = (tiles + NT - 1) / NT;
+  __shared__ float red[W][NT][32][4];
   const bool r0 = g < M, r1 = g + 8 < M;
   const u32* x0 = reinterpret_cast<const u32*>(x + (size_t)(r0 ? g : 0) * K);
   const u32* x1 = reinterpret_cast<const u32*>(x + (size_t)(r1 ? g + 8 : 0) * K);
-  int tile = blockIdx.x;
-  // the first tile's first two units: weights only, so before the wait for the kernel before (PDL)
-  uint4 w0 = make_uint4(0u, 0u, 0u, 0u), w1 = w0;
-  if (tile < tiles && warp < units) w0 = load_stream(qm + ((size_t)tile * units + warp) * 32 + lane);
-  if (tile < tiles && warp + 4 < units) w1 = load_stream(qm + ((size_t)tile * units + warp + 4) * 32 + lane);
+  int group = blockIdx.x;
+  uint4 w[NT];
+  load_unit<NT>(w, qm, group * NT, tiles, units, warp, lane);  // weights only: before the wait (PDL)
   grid_launch_next();
   grid_wait();
-  for (; tile < tiles; tile += gridDim.x) {
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    const u32* szrow = sz + (size_t)(tile * 8 + g) * gpr;
-    for (int u = warp; u < units; u += 8) {  // two units a turn: u and u + 4, the next two in flight
-      const int v = u + 4;
-      uint4 n0 = make_uint4(0u, 0u, 0u, 0u), n1 = n0;
-      const int next_tile = tile + gridDim.x;
-      if (u + 8 < units) {
-        n0 = load_stream(qm + ((size_t)tile * units + u + 8) * 32 + lane);
-        if (u + 12 < units) n1 = load_stream(qm + ((size_t)tile * units + u + 12) * 32 + lane);
-      } else if (next_tile < tiles) {  // the next tile's first two units
-        n0 = load_stream(qm + ((size_t)next_tile * units + warp) * 32 + lane);
-        if (warp + 4 < units) n1 = load_stream(qm + ((size_t)next_tile * units + warp + 4) * 32 + lane);
-      }
-      unit<SEG, HI>(acc, w0, x0, x1, r0, r1, szrow, u, G, c);
-      if (v < units) unit<SEG, HI>(acc, w1, x0, x1, r0, r1, szrow, v, G, c);
-      w0 = n0;
-      w1 = n1;
+  for (; group < groups; group += gridDim.x) {
+    const int tile0 = group * NT;
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    for (int u = warp; u < units; u += W) {
+      uint4 nw[NT];
+      if (u + W < units) load_unit<NT>(nw, qm, tile0, tiles, units, u + W, lane);
+      else load_unit<NT>(nw, qm, (group + gridDim.x) * NT, tiles, units, warp, lane);  // the next group's first
+      unit<SEG, HI, NT>(acc, w, x0, x1, r0, r1, sz, tile0 * 8 + g, tiles - tile0, gpr, u, G, c);
+#pragma unroll
+      for (int j = 0; j < NT; ++j) w[j] = nw[j];
     }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) red[warp][lane][i] = acc[i];
-    __syncthreads();
-    if (warp == 0) {
-      float s[4];
+    for (int j = 0; j < NT; ++j)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) s[i] = red[0][lane][i] + red[1][lane][i] + red[2][lane][i] + red[3][lane][i];
-      const int col = tile * 8 + 2 * c;  // c0, c1: row g; c2, c3: row g + 8
+      for (int i = 0; i < 4; ++i) red[warp][j][lane][i] = acc[j][i];
+    __syncthreads();
+    for (int j = warp; j < NT; j += W) {  // warp j writes tile j: c0, c1 row g; c2, c3 row g + 8
+      if (tile0 + j >= tiles) break;
+      float s[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int v = 0; v < W; ++v)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s[i] += red[v][j][lane][i];
+      const int col = (tile0 + j) * 8 + 2 * c;
       if (g < M) {
         out[(size_t)g * N + col] = f32_to_act(s[0], true);
         out[(size_t)g * N + col + 1] = f32_to_act(s[1], true);
@@ -141,10 +159,10 @@ __device__ __forceinline__ void q4mma(const u16* __restrict__ x, const uint4* __
   }
 }
 
-#define ENTRY(NAME, SEG, HI)                                                                              \
-  extern "C" __global__ void __launch_bounds__(128) NAME(const u16* x, const uint4* qm, const u32* sz, u16* out, \
-                                                          int M, int N, int K, int G) {                \
-    q4mma<SEG, HI>(x, qm, sz, out, M, N, K, G);                                                         \
+#define ENTRY(NAME, SEG, HI, NT, W)                                                                       \
+  extern "C" __global__ void __launch_bounds__(W * 32) NAME(const u16* x, const uint4* qm, const u32* sz,     \
+                                                             u16* out, int M, int N, int K, int G) {      \
+    q4mma<SEG, HI, NT, W>(x, qm, sz, out, M, N, K, G);                                                  \
   }
 """
 
@@ -167,18 +185,24 @@ def problem(n: int, k: int, group: int, device: torch.device, dtype: torch.dtype
 
 
 @functools.cache
-def _variant(seg: int, hi: bool) -> tuple[str, str]:
-    name = f"q4mma_bf16_s{seg}{'_m16' if hi else ''}"
-    return _SOURCE + f"ENTRY({name}, {seg}, {'true' if hi else 'false'})\n", name
+def _variant(seg: int, hi: bool, tiles: int = 4, warps: int = 8) -> tuple[str, str]:
+    name = f"q4mma_bf16_s{seg}_t{tiles}_w{warps}{'_m16' if hi else ''}"
+    return _SOURCE + f"ENTRY({name}, {seg}, {'true' if hi else 'false'}, {tiles}, {warps})\n", name
 
 
 def _seg(group: int) -> int:
     return min(group, 128) // 16
 
 
-def compile_problem(group: int) -> str:
-    """Compile (once) both variants for ``group``; "" or the compiler's one-line reason."""
-    return int4_cuda.compile_failure([_variant(_seg(group), False), _variant(_seg(group), True)])
+def shape(n: int, k: int) -> tuple[int, int]:
+    """(tiles of 8 rows a block takes at a time, warps a block) for an [N, K] weight."""
+    return 4, 8
+
+
+def compile_problem(group: int, n: int, k: int) -> str:
+    """Compile (once) both variants for ``group`` and this shape; "" or the compiler's one-line reason."""
+    tiles, warps = shape(n, k)
+    return int4_cuda.compile_failure([_variant(_seg(group), hi, tiles, warps) for hi in (False, True)])
 
 
 def pack(qweight: torch.Tensor) -> torch.Tensor:
@@ -218,8 +242,10 @@ def reference(x: torch.Tensor, qmma: torch.Tensor, sz: torch.Tensor, group: int)
     return x.to(torch.bfloat16).float() @ w.t()
 
 
-def matmul(x: torch.Tensor, qmma: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
-    """x [M, K] bfloat16 (CUDA, 1 <= M <= 16) @ the dequantized weight's transpose -> [M, N] bfloat16."""
+def matmul(x: torch.Tensor, qmma: torch.Tensor, sz: torch.Tensor, group: int, tiles: int | None = None,
+           warps: int | None = None) -> torch.Tensor:
+    """x [M, K] bfloat16 (CUDA, 1 <= M <= 16) @ the dequantized weight's transpose -> [M, N] bfloat16 (``tiles``,
+    ``warps``: the block's shape, default :func:`shape`'s)."""
     m, k = x.shape
     n = qmma.shape[0] * 8
     if not 1 <= m <= MAX_M or k != qmma.shape[1] * 128 or x.dtype != torch.bfloat16:
@@ -227,9 +253,12 @@ def matmul(x: torch.Tensor, qmma: torch.Tensor, sz: torch.Tensor, group: int) ->
                          f"got {tuple(x.shape)} {x.dtype}")
     x = x.contiguous()
     out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
-    source, name = _variant(_seg(group), m > 8)
-    blocks = min(n // 8, int4_cuda.sm_count(x.device.index or 0) * int4_cuda.resident_blocks(source, name, 128))
-    launch(int4_cuda.compiled(source, name), (blocks, 1, 1), (128, 1, 1), [x, qmma, sz, out, m, n, k, group])
+    dt, dw = shape(n, k)
+    tiles, warps = tiles or dt, warps or dw
+    source, name = _variant(_seg(group), m > 8, tiles, warps)
+    per_sm = int4_cuda.resident_blocks(source, name, 32 * warps)
+    blocks = min(-(-n // (8 * tiles)), int4_cuda.sm_count(x.device.index or 0) * per_sm)
+    launch(int4_cuda.compiled(source, name), (blocks, 1, 1), (32 * warps, 1, 1), [x, qmma, sz, out, m, n, k, group])
     return out
 
 
