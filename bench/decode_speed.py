@@ -123,10 +123,18 @@ def convert(model, fmt: str, device, dtype):
     return model
 
 
-# Int4Linear keeps up to three 4-bit copies (module docstring of pipeline.engines.qlinear); a decode step reads one:
-# our one-token GEMV's (qweight + scale_zero) at batch 1 where it runs, tinygemm's for 2-8 tokens
-_INT4_UNREAD = {True: ("weight_int4pack", "scales_and_zeros", "scales_t", "zeros_t"),
-                False: ("qweight", "scales_t", "zeros_t", "scale_zero")}
+# Int4Linear keeps more than one 4-bit copy on CUDA (module docstring of pipeline.engines.qlinear); a decode step
+# reads one: our one-token GEMV's (qweight + scale_zero) at batch 1, our tensor-core kernel's (qmma + scale_zero)
+# or else tinygemm's for 2-16 tokens
+_INT4_COPIES = ("weight_int4pack", "scales_and_zeros", "qweight", "scales_t", "zeros_t", "scale_zero", "qmma")
+
+
+def _int4_read(m, batch: int) -> set[str]:
+    if batch == 1:
+        return {"qweight", "scale_zero"}
+    if getattr(m, "mma_cuda", False):
+        return {"qmma", "scale_zero"}
+    return {"weight_int4pack", "scales_and_zeros"}
 
 
 def weight_bytes_per_token(model, batch: int = 1) -> int:
@@ -139,8 +147,9 @@ def weight_bytes_per_token(model, batch: int = 1) -> int:
     skip = {emb.data_ptr()}
     for m in model.modules():
         if isinstance(m, Int4Linear) and m.gemv_cuda:
-            unread = _INT4_UNREAD[batch == 1]
-            skip |= {t.data_ptr() for name, t in m.named_buffers(recurse=False) if name in unread and t is not None}
+            read = _int4_read(m, batch)
+            skip |= {t.data_ptr() for name, t in m.named_buffers(recurse=False)
+                     if name in _INT4_COPIES and name not in read and t is not None}  # fmt: skip
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.data_ptr() not in skip and t.dtype != torch.int64:

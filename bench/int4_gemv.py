@@ -65,7 +65,7 @@ def speed(shapes: dict) -> list[dict]:
         lins = [torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16) for _ in range(min(reps, 8))]
         res = {"bf16": graph_time([lambda m=m: m(x) for m in lins])}
         del lins
-        mods = []
+        mods, tiny = [], []  # ours ("auto", which keeps no tinygemm copy) and tinygemm's
         for i in range(reps):
             gen = torch.Generator(device="cuda").manual_seed(i)
             qw = QuantizedWeight(torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int32, generator=gen),
@@ -73,10 +73,12 @@ def speed(shapes: dict) -> list[dict]:
                                  torch.randint(4, 12, (n, k // 128), device="cuda", dtype=torch.int32, generator=gen),
                                  4, 128)
             mods.append(qlinear.Int4Linear(qw, device="cuda", dtype=torch.bfloat16, kernel="auto"))
+            tiny.append(qlinear.Int4Linear(qw, device="cuda", dtype=torch.bfloat16, kernel=qlinear.KERNEL_CUDA))
         if not mods[0].gemv_cuda:
             out.append(dict(shape=label, n=n, k=k, error="int4_cuda unavailable: see the log"))
             continue
-        res["tinygemm"] = graph_time([lambda m=m: m._run_packed(x) for m in mods])
+        res["tinygemm"] = graph_time([lambda m=m: m._run_packed(x) for m in tiny])
+        del tiny
         default = int4_cuda.launch_shape(n, k, sms)
         res[f"ours default"] = graph_time([lambda m=m: int4_cuda.gemv(x, m.qweight, m.scale_zero, 128) for m in mods])
         for r in ((2, *int4_cuda.ROWS) if k <= int4_cuda.WIDE_K else (2,)):

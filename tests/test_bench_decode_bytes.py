@@ -1,6 +1,6 @@
-"""bench/decode_speed.py's bandwidth bound: an INT4 linear holds several 4-bit copies (tinygemm's, the Triton
-repack our one-token GEMV shares, its scale words), and a decode step reads one of them; the bound counts that one,
-by batch size."""
+"""bench/decode_speed.py's bandwidth bound: an INT4 linear holds several 4-bit copies (tinygemm's or our
+tensor-core kernel's, the Triton repack our one-token GEMV shares, its scale words), and a decode step reads one of
+them; the bound counts that one, by batch size."""
 
 from __future__ import annotations
 
@@ -30,3 +30,12 @@ def test_the_bound_counts_the_copy_the_step_reads():
         gemv += copies["qweight"].nbytes + copies["scale_zero"].nbytes
     assert weight_bytes_per_token(model, 8) == before + tiny  # 2-8 tokens: tinygemm's copy only
     assert weight_bytes_per_token(model, 1) == before + gemv  # one token: the GEMV's copy only
+    for m in lins:  # our tensor-core kernel for 2-16 tokens in place of tinygemm's copy
+        n, k = m.out_features, m.in_features
+        for name in ("weight_int4pack", "scales_and_zeros"):
+            m._buffers.pop(name)
+        m.register_buffer("qmma", torch.zeros(n // 8, k // 128, 32, 4, dtype=torch.int32))
+        m.mma_cuda = True
+    mma = sum(m.qmma.nbytes + m.scale_zero.nbytes for m in lins)
+    assert weight_bytes_per_token(model, 8) == before + mma
+    assert weight_bytes_per_token(model, 1) == before + gemv

@@ -141,10 +141,13 @@ def test_cuda_gemv_matches_float64_and_int4linear_takes_it():
             assert ((y.double().cpu() - ref).norm() / ref.norm()).item() < 4e-3  # the output's own rounding
     qw = QuantizedWeight(q.int(), s, z.int(), 4, 128)
     lin = Int4Linear(qw, device="cuda", dtype=torch.bfloat16)
-    assert lin.gemv_cuda, lin.fallback_reason
-    x = torch.randn(1, q.shape[1], device="cuda", dtype=torch.bfloat16)
-    y, ref = lin(x).double(), lin._run_packed(x).double()
-    assert ((y - ref).norm() / ref.norm()).item() < 1e-2
+    tiny = Int4Linear(qw, device="cuda", dtype=torch.bfloat16, kernel="cuda-int4pack")  # PyTorch's int4 kernel
+    assert lin.gemv_cuda and lin.mma_cuda, lin.fallback_reason
+    assert "weight_int4pack" not in lin._buffers  # tinygemm's copy: 2-16 tokens run int4_mma
+    for m in (1, 2, 8, 16):  # one token: int4_cuda; 2-16: int4_mma
+        x = torch.randn(m, q.shape[1], device="cuda", dtype=torch.bfloat16)
+        y, ref = lin(x).double(), tiny(x).double()
+        assert ((y - ref).norm() / ref.norm()).item() < 1e-2, m
 
 
 @pytest.mark.gpu

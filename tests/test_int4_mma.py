@@ -77,3 +77,28 @@ def test_tensor_core_kernel_matches_its_reference_for_2_to_16_tokens():
             assert y.shape == (m, n) and y.dtype == torch.bfloat16
             err = ((y.float() - ref).norm() / ref.norm()).item()
             assert err < 4e-3, (n, k, group, m, err)
+
+
+@pytest.mark.gpu
+def test_int4linear_runs_2_to_16_tokens_on_the_tensor_core_kernel_and_merged_parts_match_their_own():
+    """Int4Linear on CUDA: 2-16 tokens through int4_mma (bit for bit the kernel's own output), and the serve-time
+    merged product (FusedLinear) computes each part's rows exactly as the part does, for 1-20 tokens."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from pipeline.engines.qlinear import Int4Linear
+    from pipeline.quant.primitives import QuantizedWeight
+    from pipeline.serve.fused_proj import FusedLinear
+
+    gen = torch.Generator().manual_seed(4)
+    parts = []
+    for n in (256, 64, 64):
+        q, s, z = _case(n, 512, 128, gen)
+        parts.append(Int4Linear(QuantizedWeight(q.int(), s, z.int(), 4, 128), device="cuda", dtype=torch.bfloat16))
+    assert all(p.mma_cuda for p in parts), parts[0].fallback_reason
+    x = torch.randn(8, 512, generator=gen).bfloat16().cuda()
+    assert torch.equal(parts[0](x), int4_mma.matmul(x, parts[0].qmma, parts[0].scale_zero, 128))
+    xs = [torch.randn(m, 512, generator=gen).bfloat16().cuda() for m in (2, 5, 16, 20)]
+    before = [torch.cat([p(x) for p in parts], dim=-1) for x in xs]
+    fused = FusedLinear(parts)
+    assert fused.kind == "int4" and fused.mma
+    assert all(torch.equal(fused(x), b) for x, b in zip(xs, before))

@@ -55,29 +55,44 @@ __device__ __forceinline__ void mma16816(float (&acc)[4], u32 a0, u32 a1, u32 a2
 // bfloat16 of a float32 scale, in both halves
 __device__ __forceinline__ u32 bf16x2_of(float f) { const u32 h = f32_to_act(f, true); return h | (h << 16); }
 
-// The scale and zero of row ``row``'s segment at code k: -(128 + z) and s, bfloat16 in both halves
-__device__ __forceinline__ void scale_zero(u32& ss, u32& zz, const u32* __restrict__ sz, int row, int gpr, int k,
-                                           int G) {
-  const u32 word = __ldg(sz + (size_t)row * gpr + k / G);
-  ss = bf16x2_of(__uint_as_float(word & 0xFFFFFF00u));
-  const u32 nz = f32_to_act(-(float)(128 + (int)(word & 0xFFu)), true);
-  zz = nz | (nz << 16);
+// One unit's loads for NT tiles: the lane's 16 bytes of codes and its row's scale words (8 / SEG of them), in
+// flight together (a scale word loaded where it is used kept every unit waiting on it)
+template <int NT, int SEG>
+struct Unit {
+  uint4 w[NT];
+  u32 s[NT][8 / SEG];
+};
+
+template <int NT, int SEG>
+__device__ __forceinline__ void load_unit(Unit<NT, SEG>& un, const uint4* __restrict__ qm, const u32* __restrict__ sz,
+                                          int tile0, int tiles, int units, int u, int lane, int gpr, int G) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const bool ok = tile0 + j < tiles && u < units;
+    un.w[j] = ok ? load_stream(qm + ((size_t)(tile0 + j) * units + u) * 32 + lane) : make_uint4(0u, 0u, 0u, 0u);
+    const u32* row = sz + (size_t)((tile0 + j) * 8 + (lane >> 2)) * gpr;
+#pragma unroll
+    for (int q = 0; q < 8 / SEG; ++q) un.s[j][q] = ok ? __ldg(row + ((u << 7) + q * SEG * 16) / G) : 0u;
+  }
 }
 
 // One unit (128 codes of K, 8 steps of 16) of NT tiles into acc: the A fragment loaded once a step, NT
 // instructions. SEG: steps per scale word (G / 16, at most 8).
 template <int SEG, bool HI, int NT>
-__device__ __forceinline__ void unit(float (&acc)[NT][4], const uint4 (&w)[NT], const u32* __restrict__ x0,
-                                     const u32* __restrict__ x1, bool r0, bool r1, const u32* __restrict__ sz,
-                                     int row0, int tiles_left, int gpr, int u, int G, int c) {
+__device__ __forceinline__ void unit(float (&acc)[NT][4], const Unit<NT, SEG>& un, const u32* __restrict__ x0,
+                                     const u32* __restrict__ x1, bool r0, bool r1, int u, int c) {
   u32 ss[NT], zz[NT];
 #pragma unroll
   for (int t = 0; t < 8; ++t) {
     const int k = (u << 7) + (t << 4);
-    if (t % SEG == 0) {
+    if (t % SEG == 0) {  // this segment's -(128 + z) and s, bfloat16 in both halves
 #pragma unroll
-      for (int j = 0; j < NT; ++j)
-        if (j < tiles_left) scale_zero(ss[j], zz[j], sz, row0 + 8 * j, gpr, k, G);
+      for (int j = 0; j < NT; ++j) {
+        const u32 word = un.s[j][t / SEG];
+        ss[j] = bf16x2_of(__uint_as_float(word & 0xFFFFFF00u));
+        const u32 nz = f32_to_act(-(float)(128 + (int)(word & 0xFFu)), true);
+        zz[j] = nz | (nz << 16);
+      }
     }
     const int xi = (k >> 1) + c;
     const u32 a0 = r0 ? x0[xi] : 0u, a2 = r0 ? x0[xi + 4] : 0u;
@@ -85,7 +100,7 @@ __device__ __forceinline__ void unit(float (&acc)[NT][4], const uint4 (&w)[NT], 
     const int i0 = (t & 1) * 2;
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-      const u32 wj = t < 2 ? w[j].x : t < 4 ? w[j].y : t < 6 ? w[j].z : w[j].w;
+      const u32 wj = t < 2 ? un.w[j].x : t < 4 ? un.w[j].y : t < 6 ? un.w[j].z : un.w[j].w;
       const u32 one = 0x3F803F80u;  // 1.0, 1.0
       const u32 q0 = ((wj >> (4 * i0)) & 0x000F000Fu) | 0x43004300u;
       const u32 q1 = ((wj >> (4 * i0 + 4)) & 0x000F000Fu) | 0x43004300u;
@@ -96,17 +111,9 @@ __device__ __forceinline__ void unit(float (&acc)[NT][4], const uint4 (&w)[NT], 
   }
 }
 
-template <int NT>
-__device__ __forceinline__ void load_unit(uint4 (&w)[NT], const uint4* __restrict__ qm, int tile0, int tiles,
-                                          int units, int u, int lane) {
-#pragma unroll
-  for (int j = 0; j < NT; ++j)
-    w[j] = tile0 + j < tiles && u < units ? load_stream(qm + ((size_t)(tile0 + j) * units + u) * 32 + lane)
-                                          : make_uint4(0u, 0u, 0u, 0u);
-}
-
 // Blocks of W warps take NT tiles of 8 rows at a time (persistent); the warps split K (unit u to warp u % W), each
-// keeps its next unit's loads in flight; the W partial [M, 8 NT] tiles are summed through shared memory.
+// keeping the loads of its next two units in flight (across tiles too); the W partial [M, 8 NT] tiles are summed
+// through shared memory.
 template <int SEG, bool HI, int NT, int W>
 __device__ __forceinline__ void q4mma(const u16* __restrict__ x, const uint4* __restrict__ qm,
                                       const u32* __restrict__ sz, u16* __restrict__ out, int M, int N, int K, int G) {
@@ -116,23 +123,29 @@ __device__ __forceinline__ void q4mma(const u16* __restrict__ x, const uint4* __
   const bool r0 = g < M, r1 = g + 8 < M;
   const u32* x0 = reinterpret_cast<const u32*>(x + (size_t)(r0 ? g : 0) * K);
   const u32* x1 = reinterpret_cast<const u32*>(x + (size_t)(r1 ? g + 8 : 0) * K);
-  int group = blockIdx.x;
-  uint4 w[NT];
-  load_unit<NT>(w, qm, group * NT, tiles, units, warp, lane);  // weights only: before the wait (PDL)
+  // this warp's units in each group: warp, warp + W, ...; its sequence s runs over them group after group
+  const int per = warp < units ? (units - warp + W - 1) / W : 0;
+  auto load = [&](Unit<NT, SEG>& un, int s) {
+    const int tile0 = per ? ((int)blockIdx.x + s / per * (int)gridDim.x) * NT : tiles;
+    load_unit<NT, SEG>(un, qm, sz, tile0, tiles, units, per ? warp + s % per * W : units, lane, gpr, G);
+  };
+  Unit<NT, SEG> cur, nxt;
+  load(cur, 0);  // weights and scales only: before the wait for the kernel before (PDL)
+  load(nxt, 1);
   grid_launch_next();
   grid_wait();
-  for (; group < groups; group += gridDim.x) {
+  int s = 0;
+  for (int group = blockIdx.x; group < groups; group += gridDim.x) {
     const int tile0 = group * NT;
     float acc[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-    for (int u = warp; u < units; u += W) {
-      uint4 nw[NT];
-      if (u + W < units) load_unit<NT>(nw, qm, tile0, tiles, units, u + W, lane);
-      else load_unit<NT>(nw, qm, (group + gridDim.x) * NT, tiles, units, warp, lane);  // the next group's first
-      unit<SEG, HI, NT>(acc, w, x0, x1, r0, r1, sz, tile0 * 8 + g, tiles - tile0, gpr, u, G, c);
-#pragma unroll
-      for (int j = 0; j < NT; ++j) w[j] = nw[j];
+    for (int i = 0; i < per; ++i, ++s) {
+      Unit<NT, SEG> after;
+      load(after, s + 2);
+      unit<SEG, HI, NT>(acc, cur, x0, x1, r0, r1, warp + i * W, c);
+      cur = nxt;
+      nxt = after;
     }
 #pragma unroll
     for (int j = 0; j < NT; ++j)
@@ -141,18 +154,18 @@ __device__ __forceinline__ void q4mma(const u16* __restrict__ x, const uint4* __
     __syncthreads();
     for (int j = warp; j < NT; j += W) {  // warp j writes tile j: c0, c1 row g; c2, c3 row g + 8
       if (tile0 + j >= tiles) break;
-      float s[4] = {0.f, 0.f, 0.f, 0.f};
+      float sum[4] = {0.f, 0.f, 0.f, 0.f};
       for (int v = 0; v < W; ++v)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) s[i] += red[v][j][lane][i];
+        for (int i = 0; i < 4; ++i) sum[i] += red[v][j][lane][i];
       const int col = (tile0 + j) * 8 + 2 * c;
       if (g < M) {
-        out[(size_t)g * N + col] = f32_to_act(s[0], true);
-        out[(size_t)g * N + col + 1] = f32_to_act(s[1], true);
+        out[(size_t)g * N + col] = f32_to_act(sum[0], true);
+        out[(size_t)g * N + col + 1] = f32_to_act(sum[1], true);
       }
       if (g + 8 < M) {
-        out[(size_t)(g + 8) * N + col] = f32_to_act(s[2], true);
-        out[(size_t)(g + 8) * N + col + 1] = f32_to_act(s[3], true);
+        out[(size_t)(g + 8) * N + col] = f32_to_act(sum[2], true);
+        out[(size_t)(g + 8) * N + col + 1] = f32_to_act(sum[3], true);
       }
     }
     __syncthreads();
@@ -185,7 +198,7 @@ def problem(n: int, k: int, group: int, device: torch.device, dtype: torch.dtype
 
 
 @functools.cache
-def _variant(seg: int, hi: bool, tiles: int = 4, warps: int = 8) -> tuple[str, str]:
+def _variant(seg: int, hi: bool, tiles: int = 4, warps: int = 16) -> tuple[str, str]:
     name = f"q4mma_bf16_s{seg}_t{tiles}_w{warps}{'_m16' if hi else ''}"
     return _SOURCE + f"ENTRY({name}, {seg}, {'true' if hi else 'false'}, {tiles}, {warps})\n", name
 
@@ -195,8 +208,10 @@ def _seg(group: int) -> int:
 
 
 def shape(n: int, k: int) -> tuple[int, int]:
-    """(tiles of 8 rows a block takes at a time, warps a block) for an [N, K] weight."""
-    return 4, 8
+    """(tiles of 8 rows a block takes at a time, warps a block) for an [N, K] weight: 4 and 16, the best or within
+    20% of it for the Llama-3-8B products at 2-16 tokens on the H200 (bench/RESULTS.md); the same for every shape,
+    so merged products compute each row as their parts do."""
+    return 4, 16
 
 
 def compile_problem(group: int, n: int, k: int) -> str:
@@ -205,9 +220,12 @@ def compile_problem(group: int, n: int, k: int) -> str:
     return int4_cuda.compile_failure([_variant(_seg(group), hi, tiles, warps) for hi in (False, True)])
 
 
-def pack(qweight: torch.Tensor) -> torch.Tensor:
+def pack(qweight: torch.Tensor, rows: int = 512) -> torch.Tensor:
     """``int4_triton.repack``'s qweight (int32 [N, K / 8], code ``8 i + j`` in nibble ``j`` of word ``i``) ->
-    int32 [N / 8, K / 128, 32, 4] (module docstring), on qweight's device."""
+    int32 [N / 8, K / 128, 32, 4] (module docstring), on qweight's device, ``rows`` rows at a time (the
+    rearrangement holds 64-bit codes)."""
+    if qweight.shape[0] > rows:
+        return torch.cat([pack(part, rows) for part in qweight.split(rows)])
     n, k = qweight.shape[0], qweight.shape[1] * 8
     shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
     codes = (qweight[..., None] >> shifts) & 15  # [N, K / 8, 8]

@@ -15,6 +15,9 @@ int4 kernels (the "tinygemm" ops gpt-fast and torchao use):
   Under "auto", a single token (M = 1, batch-1 decode) runs our CUDA GEMV instead (``int4_cuda``, compiled with
   NVRTC at load; tinygemm where it does not compile) over the Triton copy, so it costs only a 32-bit word per
   group: on the H200 it read 1.5-3.5 TB/s against tinygemm's 1.4-2.1 (bench/RESULTS.md, "One-token INT4 GEMV").
+  And 2-16 tokens (batched decode, short prefills) run our tensor-core kernel (``int4_mma``, its own 4-bit copy,
+  which then replaces tinygemm's): on the H200 at 8 tokens the Llama-3-8B products took 0.58-0.76x tinygemm's
+  time and 0.74-0.88x bf16 cuBLAS's (bench/RESULTS.md, "INT4 for 2-16 tokens").
 - CUDA, "cuda-triton" (explicit only): our Triton GEMV for M <= 8, dequantize + cuBLAS above.
 - the tinygemm ops: ``aten._convert_weight_to_int4pack(uint8 [N, K / 2] with column 2j in the *high* nibble,
   innerKTiles)`` and ``aten._weight_int4pack_mm(x bf16 [M, K], packed, group, scales_and_zeros bf16)``
@@ -154,13 +157,18 @@ def _choose_kernel(qw: QuantizedWeight, device: torch.device, dtype: torch.dtype
     return packed, ""
 
 
-def int4_route(rows: int, gemv: bool, dequant_above: int | None) -> str:
+def int4_route(rows: int, gemv: bool, dequant_above: int | None, mma: bool = False) -> str:
     """The kernel an INT4 product of ``rows`` tokens takes (``Int4Linear`` and the serve-time merged products
-    share it): "gemv" (one token, where our CUDA GEMV is built), "dequant-matmul" (the Triton dequantize + cuBLAS,
-    above ``dequant_above`` tokens: :data:`_GEMV_ROWS` for prefill, 0 under ``kernel="cuda-triton"``, None never),
-    else "packed" (PyTorch's int4 kernel)."""
+    share it): "gemv" (one token, where our CUDA GEMV is built), "mma" (2 to ``int4_mma.MAX_M`` tokens, where our
+    tensor-core kernel is built), "dequant-matmul" (the Triton dequantize + cuBLAS, above ``dequant_above``
+    tokens: :data:`_GEMV_ROWS` for prefill, 0 under ``kernel="cuda-triton"``, None never), else "packed"
+    (PyTorch's int4 kernel)."""
+    from pipeline.engines.int4_mma import MAX_M
+
     if gemv and rows == 1:
         return "gemv"
+    if mma and 1 <= rows <= MAX_M:
+        return "mma"
     if dequant_above is not None and rows > dequant_above:
         return "dequant-matmul"
     return "packed"
@@ -207,13 +215,15 @@ class Int4Linear(nn.Module):
                 self.kernel, reason = KERNEL_DEQUANT, f"kernel raised: {str(e).splitlines()[0]}"
                 for name in ("weight_int4pack", "scales_and_zeros"):
                     self._buffers.pop(name, None)
-        self.prefill_dequant, self.gemv_cuda = False, False
+        self.prefill_dequant, self.gemv_cuda, self.mma_cuda = False, False, False
         if self.kernel == KERNEL_CUDA and not _triton_problem(qw):
             # prefill (M > 8): dequantize into a bf16 scratch + one cuBLAS GEMM; keeps a second 4-bit copy
             self._build_triton(qw, device, torch.bfloat16)
             self.compute_dtype, self.prefill_dequant = torch.bfloat16, True
             if kernel == "auto":  # one token: our CUDA GEMV over that same copy (int4_cuda), where it compiles
                 self._build_gemv(qw, device)
+            if self.gemv_cuda:  # 2-16 tokens: our tensor-core kernel (int4_mma), in place of tinygemm's copy
+                self._build_mma(device)
         if self.kernel == KERNEL_DEQUANT:
             self._build_dequant(qw, device, dtype)
             log.debug("Int4Linear [%d, %d]: dequantize on the fly (%s)", self.out_features, self.in_features, reason)
@@ -257,6 +267,21 @@ class Int4Linear(nn.Module):
         int4_cuda.custom_op()  # registered now; forward calls it as torch.ops.quantship.int4_gemv
         self.gemv_cuda = True
 
+    def _build_mma(self, device: torch.device) -> None:
+        from pipeline.engines import int4_mma
+
+        n, k = self.out_features, self.in_features
+        why = int4_mma.problem(n, k, self.group_size, device, self.compute_dtype) or int4_mma.compile_problem(
+            self.group_size, n, k)
+        if why:
+            log.debug("Int4Linear [%d, %d]: 2-16 tokens on tinygemm (%s)", n, k, why)
+            return
+        self.register_buffer("qmma", int4_mma.pack(self.qweight))
+        for name in ("weight_int4pack", "scales_and_zeros"):  # tinygemm's copy: nothing reads it any more
+            self._buffers.pop(name, None)
+        int4_mma.custom_op()  # registered now; forward calls it as torch.ops.quantship.int4_mma
+        self.mma_cuda = True
+
     def _build_dequant(self, qw: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> None:
         """Codes two per byte (column 2j in the low nibble; one per byte above 4 bits), scales float32, zeros uint8,
         g_idx when the groups are permuted."""
@@ -294,10 +319,12 @@ class Int4Linear(nn.Module):
             y = x2.new_zeros(0, self.out_features)
         else:
             above = 0 if self.kernel == KERNEL_TRITON else _GEMV_ROWS if self.prefill_dequant else None
-            route = int4_route(x2.shape[0], self.gemv_cuda, above)
+            route = int4_route(x2.shape[0], self.gemv_cuda, above, self.mma_cuda)
             x2 = x2.to(self.compute_dtype)
             if route == "gemv":
                 y = torch.ops.quantship.int4_gemv(x2, self.qweight, self.scale_zero, self.group_size)
+            elif route == "mma":
+                y = torch.ops.quantship.int4_mma(x2, self.qmma, self.scale_zero, self.group_size)
             elif route == "dequant-matmul":
                 y = torch.ops.quantship.int4_matmul(x2.contiguous(), self.qweight, self.scales_t, self.zeros_t,
                                                     self.group_size)  # fmt: skip

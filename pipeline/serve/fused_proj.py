@@ -96,7 +96,7 @@ class FusedLinear(nn.Module):
         elif self.kind == "int4":
             first = parts[0]
             self.group_size, self.compute_dtype = first.group_size, first.compute_dtype
-            self.gemv, self.packed = _int4_paths(parts)
+            self.gemv, self.packed, self.mma = _int4_paths(parts)
             self.cpu_kernel = first.kernel == KERNEL_CPU
             self.prefill_dequant = first.prefill_dequant
             if self.gemv:
@@ -104,6 +104,9 @@ class FusedLinear(nn.Module):
                 self.scale_zero = torch.cat([p.scale_zero for p in parts])
                 _rebind(parts, "qweight", self.qweight)
                 _rebind(parts, "scale_zero", self.scale_zero)
+            if self.mma:  # int4_mma's tiles of 8 rows concatenate
+                self.qmma = torch.cat([p.qmma for p in parts])
+                _rebind(parts, "qmma", self.qmma)
             if self.packed:  # PyTorch's int4 kernel: tiles of 8 rows first, so rows concatenate; its scales
                 # ([K / G, N, 2]) concatenate along N into a new (small) tensor, the parts keep theirs
                 self.weight_int4pack = torch.cat([p.weight_int4pack for p in parts])
@@ -123,9 +126,11 @@ class FusedLinear(nn.Module):
         if self.kind == "int4":  # the parts' own routes (qlinear.int4_route) over the merged weights
             rows = x.shape[:-1].numel()
             x2 = x.reshape(rows, -1).to(self.compute_dtype)
-            route = int4_route(rows, self.gemv, _GEMV_ROWS if self.prefill_dequant else None)
+            route = int4_route(rows, self.gemv, _GEMV_ROWS if self.prefill_dequant else None, self.mma)
             if route == "gemv":
                 y = torch.ops.quantship.int4_gemv(x2, self.qweight, self.scale_zero, self.group_size)
+            elif route == "mma":
+                y = torch.ops.quantship.int4_mma(x2, self.qmma, self.scale_zero, self.group_size)
             elif route == "packed" and self.packed and rows > 0:
                 y = int4pack_mm(x2.contiguous(), self.weight_int4pack, self.group_size, self.scales_and_zeros,
                                 self.cpu_kernel)  # fmt: skip
@@ -172,14 +177,15 @@ def _kind(parts: list[nn.Module]) -> str:
 _PACK_ROWS = {"cuda": 8, "cpu": 64}
 
 
-def _int4_paths(parts: list[nn.Module]) -> tuple[bool, bool]:
+def _int4_paths(parts: list[nn.Module]) -> tuple[bool, bool, bool]:
     """Which paths of these ``Int4Linear`` parts merged weights can serve: (one token through our CUDA GEMV,
-    PyTorch's packed int4 kernel, whose packed rows concatenate in whole blocks: :data:`_PACK_ROWS`)."""
+    PyTorch's packed int4 kernel, whose packed rows concatenate in whole blocks: :data:`_PACK_ROWS`, 2-16 tokens
+    through our tensor-core kernel)."""
     gemv = all(p.gemv_cuda for p in parts)
     block = _PACK_ROWS["cpu" if parts[0].kernel == KERNEL_CPU else "cuda"]
     packed = all("weight_int4pack" in p._buffers for p in parts) and all(
         p.out_features % (8 if i == len(parts) - 1 else block) == 0 for i, p in enumerate(parts))
-    return gemv, packed
+    return gemv, packed, gemv and all(p.mma_cuda for p in parts)
 
 
 def _rebind(parts: list[nn.Module], name: str, fused: torch.Tensor, parameter: bool = False) -> None:
