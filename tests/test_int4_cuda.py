@@ -153,7 +153,8 @@ def test_cuda_gemv_matches_float64_and_int4linear_takes_it():
 @pytest.mark.gpu
 def test_fused_int4_gemv_equals_its_parts_bit_for_bit_and_shares_their_codes():
     """pipeline/serve/fused_proj: q|k|v as one GEMV gives each part's output exactly (a row's dot products do not
-    depend on the rows beside it), rows > 1 go through the parts, and the parts' codes become views of the fused."""
+    depend on the rows beside it), 2-16 tokens through the merged int4_mma tiles, more through the parts, and the
+    parts' codes become views of the fused."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     from pipeline.engines.qlinear import Int4Linear
@@ -171,10 +172,10 @@ def test_fused_int4_gemv_equals_its_parts_bit_for_bit_and_shares_their_codes():
     fused = FusedLinear(parts)
     assert fused.kind == "int4"
     assert torch.equal(fused(x), torch.cat(before[0], dim=-1)) and fused(x).shape == (1, 1, 776)
-    assert fused.gemv and fused.packed
-    assert torch.equal(fused(xs), torch.cat(before[1], dim=-1))  # 3 tokens: the merged tinygemm weight
-    x12 = torch.randn(12, 1024, generator=gen).to(torch.bfloat16).cuda()  # above 8: the parts' prefill path
-    assert torch.equal(fused(x12), torch.cat([p(x12) for p in parts], dim=-1))
+    assert fused.gemv and fused.mma and not fused.packed  # 2-16 tokens: int4_mma, whose copy replaced tinygemm's
+    assert torch.equal(fused(xs), torch.cat(before[1], dim=-1))  # 3 tokens: the merged int4_mma tiles
+    x20 = torch.randn(20, 1024, generator=gen).to(torch.bfloat16).cuda()  # above 16: the parts' prefill path
+    assert torch.equal(fused(x20), torch.cat([p(x20) for p in parts], dim=-1))
     assert all(torch.equal(p(x), b) for p, b in zip(parts, before[0]))  # the parts read the fused codes now
     ptr = fused.qweight.untyped_storage().data_ptr()
     assert all(p.qweight.untyped_storage().data_ptr() == ptr for p in parts)
