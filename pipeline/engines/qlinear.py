@@ -16,8 +16,9 @@ int4 kernels (the "tinygemm" ops gpt-fast and torchao use):
   NVRTC at load; tinygemm where it does not compile) over the Triton copy, so it costs only a 32-bit word per
   group: on the H200 it read 1.5-3.5 TB/s against tinygemm's 1.4-2.1 (bench/RESULTS.md, "One-token INT4 GEMV").
   And 2-16 tokens (batched decode, short prefills) run our tensor-core kernel (``int4_mma``, its own 4-bit copy,
-  which then replaces tinygemm's): on the H200 at 8 tokens the Llama-3-8B products took 0.58-0.76x tinygemm's
-  time and 0.74-0.88x bf16 cuBLAS's (bench/RESULTS.md, "INT4 for 2-16 tokens").
+  which then replaces tinygemm's): on the H200 the Llama-3-8B products took 0.53-0.63x tinygemm's time and
+  0.59-0.88x bf16 cuBLAS's at 8 tokens, 0.77-1.06x bf16's at 16; at 2 tokens it took 1.01-1.30x tinygemm's time
+  (0.59-0.82x bf16's), a loss kept for one 4-bit copy less (bench/RESULTS.md, "INT4 for 2-16 tokens").
 - CUDA, "cuda-triton" (explicit only): our Triton GEMV for M <= 8, dequantize + cuBLAS above.
 - the tinygemm ops: ``aten._convert_weight_to_int4pack(uint8 [N, K / 2] with column 2j in the *high* nibble,
   innerKTiles)`` and ``aten._weight_int4pack_mm(x bf16 [M, K], packed, group, scales_and_zeros bf16)``
