@@ -51,7 +51,10 @@ had issued their last loads (decode 342-335 against 355 tok/s without), a cp.asy
 memory (340-350 against 382), unconditional loads and one barrier a chunk (each slower in a sweep of the three);
 with PDL, shared-memory stages filled by Hopper bulk copies (4 chunks a block in flight: an 8B layer 57-58 us
 against 48), and, each slower in decode, two chunks loaded before the wait, fewer blocks for the small products,
-and two 448-thread blocks an SM for down.
+and two 448-thread blocks an SM for down; then Hopper bulk L2 prefetches of the next product's weights (decode
+440 against 458 tok/s), warp 0 summing a chunk's rows with shuffles (421 against 457), the norm weight loaded before
+the wait (no gain). Rows a chunk can differ by product (``gemv(rows=...)``: 2, 4 or 8; the chain's
+``fused_proj.CHAIN_ROWS``), 2 rows with two blocks an SM: no setting beat 4 everywhere beyond the noise.
 
 The CUDA C source is :mod:`pipeline.engines.int4_cuda_kernel`. The arithmetic is mirrored in tensor ops by
 :func:`reference_dot` so the CPU tests check the packing, the byte order and the fixed point; the GPU tests
