@@ -87,6 +87,16 @@ def _bench_mods(mods, x, iters: int = 200) -> float:
     return graph_time([lambda m=m: m(x) for m in mods], iters)
 
 
+def gpu_results() -> dict | None:
+    """The start of a GPU bench's JSON (the GPU, torch, Python), or None after saying there is no CUDA device."""
+    import platform
+
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to measure (this bench needs an NVIDIA GPU)")
+        return None
+    return dict(gpu=torch.cuda.get_device_name(0), torch=torch.__version__, python=platform.python_version())
+
+
 def graph_time(fns, iters: int = 200) -> float:
     """Seconds per call of ``fns`` (called in rotation) inside one CUDA graph of ``iters`` calls: launch gaps out,
     as the decode graphs see them; the median of 5 replays."""

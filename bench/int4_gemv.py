@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.decode_micro import graph_time  # noqa: E402
+from bench.decode_micro import gpu_results, graph_time  # noqa: E402
 
 SHAPES = {  # label: (N, K)
     "8b q/o": (4096, 4096), "8b k/v": (1024, 4096), "8b qkv fused": (6144, 4096), "8b gate/up": (14336, 4096),
@@ -204,10 +203,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--chain-only", action="store_true", help="only the exactness check and the layer chain")
     a = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to measure (this bench needs an NVIDIA GPU)")
+    res = gpu_results()
+    if res is None:
         return 0
-    res = dict(gpu=torch.cuda.get_device_name(0), torch=torch.__version__, python=platform.python_version())
     res["exactness"] = exactness()
     worst = max(r["rel_err"] for r in res["exactness"])
     print(f"exactness: worst relative error against float64 {worst:.2e} over {len(res['exactness'])} cases")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.decode_micro import graph_time  # noqa: E402
+from bench.decode_micro import gpu_results, graph_time  # noqa: E402
 
 SHAPES = {"q|k|v": (6144, 4096), "o": (4096, 4096), "gate|up": (28672, 4096), "down": (4096, 14336)}
 CONFIGS = ((2, 8), (2, 16), (4, 8), (4, 16))  # (tiles of 8 rows a block, warps a block)
@@ -90,10 +89,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to measure (this bench needs an NVIDIA GPU)")
+    res = gpu_results()
+    if res is None:
         return 0
-    res = dict(gpu=torch.cuda.get_device_name(0), torch=torch.__version__, python=platform.python_version())
     res["exactness"] = exactness()
     print("exactness: worst relative error against the reference "
           f"{max(r['vs_reference'] for r in res['exactness']):.2e}, against float64 "
