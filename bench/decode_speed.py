@@ -98,6 +98,8 @@ def quantized_linear(fmt: str, lin: torch.nn.Linear, device, dtype):
         cpu = qlinear.QuantizedWeight(qw.w_int.cpu(), qw.scales.cpu(), qw.zeros.cpu(), 4, 128)
         return qlinear.gptq_linear(gptq.pack(cpu), {"bits": 4, "group_size": 128}, torch.device(device), dtype)
     if fmt == "int4-gemlite":  # comparison only (pip gemlite, Apache-2.0): not a runtime path
+        from bench.decode_micro import _gemlite
+
         return _gemlite(n, k)
     if fmt == "int8":
         w = torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8)
@@ -329,8 +331,9 @@ def main(argv=None) -> int:
                     "attention as two matrix products instead of the split-K kernel, + \"-nochain\" INT4's norms, "
                     "SwiGLU and residual adds outside its one-token GEMVs, + \"-nodefer\" each layer adds its own "
                     "last residual, + \"-norope\" the rotary embedding and cache write outside INT4's q|k|v GEMV, "
-                    "+ \"-nopdl\" every kernel launched without programmatic dependent launch, + \"-rowsQOGD\" the INT4 "
-                    "chain's rows a chunk for q|k|v, o, gate|up, down (e.g. \"-rows4442\"), + \"-attn64\" decode attention in blocks of 64 positions")
+                    "+ \"-nopdl\" every kernel launched without programmatic dependent launch, + \"-rowsQOGD\" "
+                    "the INT4 chain's rows a chunk for q|k|v, o, gate|up, down (e.g. \"-rows4442\"), + \"-attn64\" "
+                    "decode attention in blocks of 64 positions")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--steps", type=int, default=64)

@@ -187,7 +187,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     device = torch.cuda.get_device_name(0)
     print(f"\n{device}, torch {torch.__version__}, Llama-3-8B shape x {args.layers} layers, random bf16 weights")
-    print(f"| implementation | method | calibration | wall s | s/layer | peak GPU GiB | peak GB |\n|---|---|---|---|---|---|---|")
+    print("| implementation | method | calibration | wall s | s/layer | peak GPU GiB | peak GB |\n|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['impl']} | {r['method']} | {r['calib']} | error: {r['error'][:80]} | | | |")

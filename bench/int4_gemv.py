@@ -79,7 +79,7 @@ def speed(shapes: dict) -> list[dict]:
         res["tinygemm"] = graph_time([lambda m=m: m._run_packed(x) for m in tiny])
         del tiny
         default = int4_cuda.launch_shape(n, k, sms)
-        res[f"ours default"] = graph_time([lambda m=m: int4_cuda.gemv(x, m.qweight, m.scale_zero, 128) for m in mods])
+        res["ours default"] = graph_time([lambda m=m: int4_cuda.gemv(x, m.qweight, m.scale_zero, 128) for m in mods])
         for r in ((2, *int4_cuda.ROWS) if k <= int4_cuda.WIDE_K else (2,)):
             for bps in (1, 2, 4, 8):
                 res[f"R{r}/b{bps}"] = graph_time([lambda m=m, r=r, b=bps: int4_cuda.gemv(

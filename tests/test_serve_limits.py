@@ -34,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def parts():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32), TINY_MODEL
 

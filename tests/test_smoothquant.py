@@ -17,7 +17,7 @@ from pipeline.quant.smoothquant import (
 )
 
 from tests.conftest import OUTLIER_WIDTH as WIDTH
-from tests.conftest import OUTLIERS, make_outlier_activations, make_weight
+from tests.conftest import make_outlier_activations, make_weight
 
 
 def mse(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -15,8 +15,8 @@ GEMV over the merged codes (``qweight`` [N, K / 8] and ``scale_zero`` [N, K / G]
 concatenate), 2-16 tokens on CUDA through our tensor-core kernel over the merged ``qmma`` (tiles of 8 rows,
 which concatenate), and on the CPU (any number of tokens), or on CUDA where that kernel is not built (up to 8),
 PyTorch's int4 kernel over the merged packed weight (its tiles start with 8 rows, so rows concatenate too; the
-[K / G, N, 2] scales are copied, a few MB); prefill on CUDA runs the parts one by one. Any other mix (block-scaled FP8, bitsandbytes, parts
-that differ in width, group or bias) is called part by part, as before.
+[K / G, N, 2] scales are copied, a few MB); prefill on CUDA runs the parts one by one. Any other mix (block-scaled
+FP8, bitsandbytes, parts that differ in width, group or bias) is called part by part, as before.
 
 :func:`decode_layer` is the decoder layer's forward for one token per slot with those products: the body of
 transformers' ``LlamaDecoderLayer``/``LlamaAttention``/``LlamaMLP`` (Mistral and Qwen2 are the same; Qwen3 adds
