@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.decode_micro import gpu_results, graph_time  # noqa: E402
 
 SHAPES = {"q|k|v": (6144, 4096), "o": (4096, 4096), "gate|up": (28672, 4096), "down": (4096, 14336)}
-CONFIGS = ((2, 8), (2, 16), (4, 8), (4, 16))  # (tiles of 8 rows a block, warps a block)
+CONFIGS = ((2, 8, 1), (2, 8, 4), (2, 16, 2), (4, 8, 1), (4, 16, 1))  # (tiles of 8 rows, warps, min blocks an SM)
 
 
 def _weight(n: int, k: int, group: int, gen: torch.Generator):
@@ -70,9 +70,10 @@ def speed(ms=(1, 2, 4, 8, 16)) -> list[dict]:
             x = torch.randn(m, k, device="cuda").bfloat16()
             res = {"bf16": graph_time([lambda t=t: t(x) for t in lins]),
                    "tinygemm": graph_time([lambda t=t: t._run_packed(x) for t in mods])}
-            for tiles, warps in CONFIGS:
-                res[f"mma t{tiles} w{warps}"] = graph_time([
-                    lambda p=p, t=tiles, w=warps: int4_mma.matmul(x, p[0], p[1], 128, t, w) for p in packs])
+            for tiles, warps, blocks in CONFIGS:
+                res[f"mma t{tiles} w{warps} b{blocks}"] = graph_time([
+                    lambda p=p, t=tiles, w=warps, b=blocks: int4_mma.matmul(x, p[0], p[1], 128, t, w, b)
+                    for p in packs])
             q4_bytes = n * k // 2 + n * (k // 128) * 4
             row = dict(shape=label, n=n, k=k, m=m)
             for name, t in res.items():

@@ -177,8 +177,8 @@ __device__ __forceinline__ void q4mma(const u16* __restrict__ x, const uint4* __
   }
 }
 
-#define ENTRY(NAME, SEG, HI, NT, W)                                                                       \
-  extern "C" __global__ void __launch_bounds__(W * 32) NAME(const u16* x, const uint4* qm, const u32* sz,     \
+#define ENTRY(NAME, SEG, HI, NT, W, MINB)                                                                 \
+  extern "C" __global__ void __launch_bounds__(W * 32, MINB) NAME(const u16* x, const uint4* qm, const u32* sz,     \
                                                              u16* out, int M, int N, int K, int G) {      \
     q4mma<SEG, HI, NT, W>(x, qm, sz, out, M, N, K, G);                                                  \
   }
@@ -203,9 +203,9 @@ def problem(n: int, k: int, group: int, device: torch.device, dtype: torch.dtype
 
 
 @functools.cache
-def _variant(seg: int, hi: bool, tiles: int = 4, warps: int = 16) -> tuple[str, str]:
-    name = f"q4mma_bf16_s{seg}_t{tiles}_w{warps}{'_m16' if hi else ''}"
-    return _SOURCE + f"ENTRY({name}, {seg}, {'true' if hi else 'false'}, {tiles}, {warps})\n", name
+def _variant(seg: int, hi: bool, tiles: int = 4, warps: int = 16, min_blocks: int = 1) -> tuple[str, str]:
+    name = f"q4mma_bf16_s{seg}_t{tiles}_w{warps}_b{min_blocks}{'_m16' if hi else ''}"
+    return _SOURCE + f"ENTRY({name}, {seg}, {'true' if hi else 'false'}, {tiles}, {warps}, {min_blocks})\n", name
 
 
 def _seg(group: int) -> int:
@@ -266,7 +266,7 @@ def reference(x: torch.Tensor, qmma: torch.Tensor, sz: torch.Tensor, group: int)
 
 
 def matmul(x: torch.Tensor, qmma: torch.Tensor, sz: torch.Tensor, group: int, tiles: int | None = None,
-           warps: int | None = None) -> torch.Tensor:
+           warps: int | None = None, min_blocks: int = 1) -> torch.Tensor:
     """x [M, K] bfloat16 (CUDA, 1 <= M <= 16) @ the dequantized weight's transpose -> [M, N] bfloat16 (``tiles``,
     ``warps``: the block's shape, default :func:`shape`'s)."""
     m, k = x.shape
@@ -278,7 +278,7 @@ def matmul(x: torch.Tensor, qmma: torch.Tensor, sz: torch.Tensor, group: int, ti
     out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
     dt, dw = shape(n, k)
     tiles, warps = tiles or dt, warps or dw
-    source, name = _variant(_seg(group), m > 8, tiles, warps)
+    source, name = _variant(_seg(group), m > 8, tiles, warps, min_blocks)
     per_sm = int4_cuda.resident_blocks(source, name, 32 * warps)
     blocks = min(-(-n // (8 * tiles)), int4_cuda.sm_count(x.device.index or 0) * per_sm)
     launch(int4_cuda.compiled(source, name), (blocks, 1, 1), (32 * warps, 1, 1), [x, qmma, sz, out, m, n, k, group])
