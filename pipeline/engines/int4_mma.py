@@ -34,15 +34,12 @@ The kernel still reads at only ~1.3 TB/s on gate|up: it wins by doing 8-16 token
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 
 from pipeline.engines import int4_cuda
 from pipeline.engines.cuda_launch import launch
 from pipeline.engines.int4_cuda_kernel import CUDA_PRELUDE
-
-log = logging.getLogger(__name__)
 
 MAX_M = 16  # tokens per call (one 16-row tensor-core tile)
 WARPS = 4
