@@ -42,7 +42,6 @@ from pipeline.engines.cuda_launch import launch
 from pipeline.engines.int4_cuda_kernel import CUDA_PRELUDE
 
 MAX_M = 16  # tokens per call (one 16-row tensor-core tile)
-WARPS = 4
 
 _SOURCE = CUDA_PRELUDE + r"""
 __device__ __forceinline__ u32 fma_bf16x2(u32 a, u32 b, u32 c) {
