@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 INT4_CHAIN = True
 DEFER_RESIDUAL = True
 ROPE_IN_QKV = True  # the chain's q|k|v GEMV also rotates q and k and writes k and v into the cache ("-norope")
-CHAIN_ROWS = {"qkv": 4, "o": 4, "gate_up": 4, "down": 4}  # rows a chunk of the chain's GEMVs ("-r8", "-r2", ...)
+CHAIN_ROWS = {"qkv": 4, "o": 4, "gate_up": 4, "down": 4}  # rows a chunk of the chain's GEMVs ("-rows4442", ...)
 
 
 class FusedLinear(nn.Module):
