@@ -28,7 +28,8 @@ the 16-row instruction). Measured on the H200 (bench/RESULTS.md, "INT4 for 2-16 
 Llama-3-8B products took 0.53-0.63x tinygemm's time and 0.59-0.88x bf16 cuBLAS's. On the way: one tile a block of
 4 warps read at 0.4-0.8 TB/s, its time doubling from 8 to 16 tokens (each warp reloaded the activations for one
 instruction); a scale word loaded where it was used stalled every unit on a global load (gate|up 54 against 47 us).
-The kernel still reads at only ~1.3 TB/s on gate|up: it wins by doing 8-16 tokens in the time of one.
+Up to 8 tokens the unit's activations are loaded before its first instruction (3-9% less time). The kernel
+still reads at only ~1.3-1.5 TB/s on gate|up: it wins by doing 8-16 tokens in the time of one.
 """
 
 from __future__ import annotations
