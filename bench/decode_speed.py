@@ -126,17 +126,10 @@ def convert(model, fmt: str, device, dtype):
 
 
 # Int4Linear keeps more than one 4-bit copy on CUDA (module docstring of pipeline.engines.qlinear); a decode step
-# reads one: our one-token GEMV's (qweight + scale_zero) at batch 1, our tensor-core kernel's (qmma + scale_zero)
-# or else tinygemm's for 2-16 tokens
+# reads the one its kernel takes (Int4Linear.route)
 _INT4_COPIES = ("weight_int4pack", "scales_and_zeros", "qweight", "scales_t", "zeros_t", "scale_zero", "qmma")
-
-
-def _int4_read(m, batch: int) -> set[str]:
-    if batch == 1:
-        return {"qweight", "scale_zero"}
-    if getattr(m, "mma_cuda", False):
-        return {"qmma", "scale_zero"}
-    return {"weight_int4pack", "scales_and_zeros"}
+_INT4_READS = {"gemv": {"qweight", "scale_zero"}, "mma": {"qmma", "scale_zero"},
+               "packed": {"weight_int4pack", "scales_and_zeros"}, "dequant-matmul": {"qweight", "scales_t", "zeros_t"}}
 
 
 def weight_bytes_per_token(model, batch: int = 1) -> int:
@@ -149,7 +142,7 @@ def weight_bytes_per_token(model, batch: int = 1) -> int:
     skip = {emb.data_ptr()}
     for m in model.modules():
         if isinstance(m, Int4Linear) and m.gemv_cuda:
-            read = _int4_read(m, batch)
+            read = _INT4_READS[m.route(batch)]
             skip |= {t.data_ptr() for name, t in m.named_buffers(recurse=False)
                      if name in _INT4_COPIES and name not in read and t is not None}  # fmt: skip
     total = 0

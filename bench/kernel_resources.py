@@ -91,11 +91,12 @@ def gemv_variants(arch: int) -> list[dict]:
                 rows.append(dict(kernel=name, k=k, threads=int4_cuda.threads_per_block(k), **use))
     from pipeline.engines import int4_mma
 
-    for seg, hi, tiles, warps in ((2, False, 2, 8), (4, False, 2, 8), (8, False, 2, 8), (8, True, 4, 8),
-                                  (8, False, 2, 16), (8, False, 4, 8), (8, True, 4, 16)):
-        source, name = int4_mma._variant(seg, hi, tiles, warps)  # the tensor-core product of 2-16 tokens
-        use = _ptxas_usage(ptxas, _nvrtc_ptx(lib, source, arch), arch)
-        rows.append(dict(kernel=name, k=None, threads=32 * warps, **use))
+    tiles, warps = int4_mma.shape(0, 0)  # the block shape Int4Linear launches (the same for every width)
+    for seg in (2, 4, 8):  # the tensor-core product of 2-16 tokens: groups of 32, 64, 128+; up to 8 and 16 tokens
+        for hi in (False, True):
+            source, name = int4_mma._variant(seg, hi, tiles, warps)
+            use = _ptxas_usage(ptxas, _nvrtc_ptx(lib, source, arch), arch)
+            rows.append(dict(kernel=name, k=None, threads=32 * warps, **use))
     return rows
 
 

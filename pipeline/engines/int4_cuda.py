@@ -165,7 +165,6 @@ def compile_problem(dtype: torch.dtype, k: int, norm: bool = False, epilogue: st
 @functools.cache
 def _variant(dtype: torch.dtype, k: int, rows: int, norm: bool, epilogue: str) -> tuple[str, str]:
     """(source, kernel name) of one entry: the template instantiated for this dtype, width, rows and fusion."""
-
     bf16 = dtype == torch.bfloat16
     wide = k > WIDE_K
     threads = threads_per_block(k)

@@ -311,6 +311,11 @@ class Int4Linear(nn.Module):
         g = codes.reshape(self.out_features, -1, self.group_size).float()
         return ((g - self.zeros.unsqueeze(-1).float()) * self.scales.unsqueeze(-1)).reshape(self.out_features, -1)
 
+    def route(self, rows: int) -> str:
+        """The kernel a product of ``rows`` (> 0) tokens takes on the packed paths (:func:`int4_route`)."""
+        above = 0 if self.kernel == KERNEL_TRITON else _GEMV_ROWS if self.prefill_dequant else None
+        return int4_route(rows, self.gemv_cuda, above, self.mma_cuda)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
@@ -319,8 +324,7 @@ class Int4Linear(nn.Module):
         elif x2.shape[0] == 0:
             y = x2.new_zeros(0, self.out_features)
         else:
-            above = 0 if self.kernel == KERNEL_TRITON else _GEMV_ROWS if self.prefill_dequant else None
-            route = int4_route(x2.shape[0], self.gemv_cuda, above, self.mma_cuda)
+            route = self.route(x2.shape[0])
             x2 = x2.to(self.compute_dtype)
             if route == "gemv":
                 y = torch.ops.quantship.int4_gemv(x2, self.qweight, self.scale_zero, self.group_size)
