@@ -326,7 +326,8 @@ def main(argv=None) -> int:
                     "last residual, + \"-norope\" the rotary embedding and cache write outside INT4's q|k|v GEMV, "
                     "+ \"-nopdl\" every kernel launched without programmatic dependent launch, + \"-rowsQOGD\" "
                     "the INT4 chain's rows a chunk for q|k|v, o, gate|up, down (e.g. \"-rows4442\"), + \"-attn64\" "
-                    "decode attention in blocks of 64 positions")
+                    "decode attention in blocks of 64 positions, + \"-ahead1\" / \"-ahead2\" every INT4 GEMV "
+                    "block one / two chunks of weights ahead (by default down's, K > 8192, two, the others one)")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--steps", type=int, default=64)
@@ -369,6 +370,7 @@ def main(argv=None) -> int:
 
         micro_prefill(out)
         _save(a.out)
+    deep = None  # int4_cuda.AHEAD2_ABOVE_K as imported ("-ahead1", "-ahead2" change it)
     for fmt in formats:
         model = convert(build_model(a.shape, a.device, dtype), fmt, a.device, dtype)
         nbytes = {b: weight_bytes_per_token(model, b) for b in batches}
@@ -397,6 +399,11 @@ def main(argv=None) -> int:
                     fused_proj.DEFER_RESIDUAL = "nodefer" not in flags
                     fused_proj.ROPE_IN_QKV = "norope" not in flags
                     cuda_launch.PDL = "nopdl" not in flags
+                    from pipeline.engines import int4_cuda
+
+                    deep = int4_cuda.AHEAD2_ABOVE_K if deep is None else deep  # the default, kept
+                    depth = {"ahead1": int4_cuda.MAX_K, "ahead2": 0}
+                    int4_cuda.AHEAD2_ABOVE_K = next((v for f, v in depth.items() if f in flags), deep)
                     shape = next((f[4:] for f in flags if f.startswith("rows") and len(f) == 8), "4444")
                     fused_proj.CHAIN_ROWS = dict(zip(("qkv", "o", "gate_up", "down"), map(int, shape)))
                     r = server_speed(model, a.device, batch, base, a.prompt, a.steps, a.max_len,

@@ -110,7 +110,8 @@ def layer_chain(layers: int = 8) -> dict:
     """A graph of Llama-3-8B layers' four one-token products as the decode chain runs them (norm + q|k|v, o +
     residual, norm + gate|up + SwiGLU, down + residual), each reading the one before, over ``layers`` layers'
     weights in rotation (no L2 reuse): plain launches, programmatic dependent launch (``cuda_launch.PDL``), and
-    with PDL 2 and 8 rows a chunk; each product alone over the layers; and a graph of 200 dependent 64-row
+    with PDL every block one or two chunks ahead (``int4_cuda.ahead``; by default down's two, the others' one);
+    each product alone over the layers; and a graph of 200 dependent 64-row
     products (nearly nothing but launch latency). Microseconds a layer / a product."""
     from pipeline.engines import cuda_launch, int4_cuda
 
@@ -153,11 +154,14 @@ def layer_chain(layers: int = 8) -> dict:
     def tiny_step():
         small["h"] = int4_cuda.gemv(small["h"], *tiny)
 
-    configs = {"plain": (False, 4), "pdl": (True, 4), "pdl rows 2": (True, 2), "pdl rows 8": (True, 8)}
+    deep = int4_cuda.AHEAD2_ABOVE_K
+    configs = {"plain": (False, 4, deep), "pdl": (True, 4, deep), "pdl one ahead": (True, 4, int4_cuda.MAX_K),
+               "pdl two ahead": (True, 4, 0)}
     out = {}
     for _ in range(2):
-        for key, (pdl, rows) in configs.items():
+        for key, (pdl, rows, above) in configs.items():
             cuda_launch.PDL = pdl
+            int4_cuda.AHEAD2_ABOVE_K = above
             cfg.update(rows=rows)
             out.setdefault(f"layer {key}", []).append(
                 1e6 * graph_time([lambda i=i: step(i) for i in range(layers)], iters=64))
@@ -165,7 +169,7 @@ def layer_chain(layers: int = 8) -> dict:
                 out.setdefault(f"{name} alone {key}", []).append(1e6 * graph_time(alone(j), iters=64))
             if rows == 4:
                 out.setdefault(f"64-row product {key}", []).append(1e6 * graph_time([tiny_step]))
-    cuda_launch.PDL = True
+    cuda_launch.PDL, int4_cuda.AHEAD2_ABOVE_K = True, deep
     res = {name: min(v) for name, v in out.items()}
     for k, v in res.items():
         print(f"layer chain: {k:32s} {v:6.1f} us  ({' / '.join(f'{t:.1f}' for t in out[k])})", flush=True)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.decode_micro import gpu_results, graph_time  # noqa: E402
 
 SHAPES = {"q|k|v": (6144, 4096), "o": (4096, 4096), "gate|up": (28672, 4096), "down": (4096, 14336)}
-CONFIGS = ((2, 16, 2), (4, 8, 1), (4, 16, 1))  # (tiles of 8 rows, warps, min blocks an SM)
+CONFIGS = ((2, 16, 1), (2, 16, 2), (4, 8, 1), (4, 16, 1))  # (tiles of 8 rows, warps, min blocks an SM)
 
 
 def _weight(n: int, k: int, group: int, gen: torch.Generator):
@@ -50,7 +50,7 @@ def exactness() -> list[dict]:
     return rows
 
 
-def speed(ms=(1, 2, 4, 8, 16)) -> list[dict]:
+def speed(ms=(1, 2, 4, 8, 16), group: int = 128) -> list[dict]:
     from pipeline.engines import int4_mma
     from pipeline.engines.qlinear import KERNEL_CUDA, Int4Linear
     from pipeline.quant.primitives import QuantizedWeight
@@ -62,8 +62,8 @@ def speed(ms=(1, 2, 4, 8, 16)) -> list[dict]:
         lins = [torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16) for _ in range(min(reps, 8))]
         mods, packs = [], []
         for _ in range(reps):
-            q, s, z, qm, sz = _weight(n, k, 128, gen)
-            mods.append(Int4Linear(QuantizedWeight(q.int(), s, z.int(), 4, 128), device="cuda", dtype=torch.bfloat16,
+            q, s, z, qm, sz = _weight(n, k, group, gen)
+            mods.append(Int4Linear(QuantizedWeight(q.int(), s, z.int(), 4, group), device="cuda", dtype=torch.bfloat16,
                                    kernel=KERNEL_CUDA))  # tinygemm's
             packs.append((qm, sz))
         for m in ms:
@@ -72,14 +72,14 @@ def speed(ms=(1, 2, 4, 8, 16)) -> list[dict]:
                    "tinygemm": graph_time([lambda t=t: t._run_packed(x) for t in mods])}
             for tiles, warps, blocks in CONFIGS:
                 res[f"mma t{tiles} w{warps} b{blocks}"] = graph_time([
-                    lambda p=p, t=tiles, w=warps, b=blocks: int4_mma.matmul(x, p[0], p[1], 128, t, w, b)
+                    lambda p=p, t=tiles, w=warps, b=blocks: int4_mma.matmul(x, p[0], p[1], group, t, w, b)
                     for p in packs])
-            q4_bytes = n * k // 2 + n * (k // 128) * 4
-            row = dict(shape=label, n=n, k=k, m=m)
+            q4_bytes = n * k // 2 + n * (k // group) * 4
+            row = dict(shape=label, n=n, k=k, m=m, group=group)
             for name, t in res.items():
                 row[name] = dict(us=t * 1e6, gb_s=(n * k * 2 if name == "bf16" else q4_bytes) / t / 1e9)
             out.append(row)
-            print(f"{label:8s} M={m:2d}  " + "  ".join(f"{nm} {v['us']:6.1f}"
+            print(f"{label:8s} g{group} M={m:2d}  " + "  ".join(f"{nm} {v['us']:6.1f}"
                                                       for nm, v in row.items() if isinstance(v, dict)), flush=True)
         del lins, mods, packs
         torch.cuda.empty_cache()
@@ -89,6 +89,8 @@ def speed(ms=(1, 2, 4, 8, 16)) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--groups", default="128", help="comma list of group sizes to time (e.g. 32,64,128)")
+    ap.add_argument("--tokens", default="1,2,4,8,16", help="comma list of token counts to time")
     a = ap.parse_args(argv)
     res = gpu_results()
     if res is None:
@@ -99,7 +101,8 @@ def main(argv=None) -> int:
           f"{max(r['vs_float64'] for r in res['exactness']):.2e}", flush=True)
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
-    res["speed"] = speed()
+    tokens = tuple(int(m) for m in a.tokens.split(","))
+    res["speed"] = [row for g in a.groups.split(",") for row in speed(tokens, int(g))]
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
     return 0

@@ -85,8 +85,10 @@ def gemv_variants(arch: int) -> list[dict]:
     rows = []
     for k in (4096, 14336, 28672):
         for norm, epilogue in ((False, ""), (False, "residual"), (True, ""), (True, "swiglu"), (True, "rope")):
-            for r in (2,) if k > int4_cuda.WIDE_K else int4_cuda.ROWS:
-                source, name = int4_cuda._variant(torch.bfloat16, k, r, norm, epilogue)
+            for r, depth in ((r, d) for r in ((2,) if k > int4_cuda.WIDE_K else int4_cuda.ROWS) for d in (1, 2)):
+                if depth == 2 and int4_cuda.ahead(k, r) == 1:
+                    continue
+                source, name = int4_cuda._variant(torch.bfloat16, k, r, norm, epilogue, depth)
                 use = _ptxas_usage(ptxas, _nvrtc_ptx(lib, source, arch), arch)
                 rows.append(dict(kernel=name, k=k, threads=int4_cuda.threads_per_block(k), **use))
     from pipeline.engines import int4_mma

@@ -81,6 +81,19 @@ def test_launch_shape_picks_a_compiled_variant_and_never_more_blocks_than_chunks
     assert int4_cuda.launch_shape(40, 4096, 132, blocks_per_sm=8) == (4, 10)
 
 
+def test_two_chunks_ahead_only_where_a_block_is_alone_on_its_sm_and_at_four_rows():
+    """``int4_cuda.ahead``: down's width (one block of 448 threads an SM) keeps two chunks of weights in flight, at
+    4 rows a chunk only (the third buffer spills at 2 and 8); its variant is named and bounded for it."""
+    assert int4_cuda.ahead(14336, 4) == 2 and int4_cuda.ahead(11008, 4) == 2
+    assert int4_cuda.ahead(4096, 4) == 1 and int4_cuda.ahead(14336, 8) == 1 and int4_cuda.ahead(14336, 2) == 1
+    assert int4_cuda.ahead(28672, 2) == 1  # the 1024-thread variant
+    source, name = int4_cuda._variant(torch.bfloat16, 14336, 4, False, "residual", 2)
+    assert name == "q4gemv_bf16_r4_t448_a2_residual"
+    assert source.rstrip().endswith(f"ENTRY({name}, __maxnreg__(104), 4, false, 1, true, 2)")  # rows, norm, EPI,
+    source, name = int4_cuda._variant(torch.bfloat16, 14336, 4, True, "swiglu", 1)  # ...bf16, depth
+    assert source.rstrip().endswith(f"ENTRY({name}, __launch_bounds__(448, 1), 4, true, 2, true, 1)")
+
+
 def _repeat_kv_sdpa(q, k, v, mask, groups):
     k2 = k.repeat_interleave(groups, dim=1)
     v2 = v.repeat_interleave(groups, dim=1)
@@ -296,6 +309,29 @@ def test_rotary_epilogue_writes_q_and_the_cache_as_the_reference():
         plain = int4_cuda.gemv(x + add, qweight, sz, 128, rows, norm_weight=nw, eps=1e-5)
         want_q, want_k, _ = int4_cuda.rope_reference(plain, cos, sin, hq * hd, hd)
         assert torch.equal(got, want_q) and torch.equal(kc[0, :, 5], want_k)
+
+
+@pytest.mark.gpu
+def test_two_chunks_ahead_equals_one_ahead_bit_for_bit(monkeypatch):
+    """The depth of the weight pipeline (``int4_cuda.ahead``) changes when loads are issued, not the arithmetic:
+    with blocks walking 3-5 chunks each (ragged last chunk), every epilogue gives the same bits at depth 1 and 2."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    gen = torch.Generator().manual_seed(31)
+    blocks = int4_cuda.sm_count(0)
+    for k in (4096, 14336):
+        n = 4 * (4 * blocks) + 6  # over 4 chunks a block, the last chunk ragged (SwiGLU: gate rows 2n / 4 + 3/2)
+        q, s, z, _ = _case(n, k, 128, torch.bfloat16, gen)
+        qweight, sz = int4_triton.repack(q, s, z, "cuda")["qweight"], int4_cuda.pack_scale_zero(s, z).cuda()
+        x = torch.randn(1, k, generator=gen).to(torch.bfloat16).cuda()
+        nw = (torch.rand(k, generator=gen) + 0.5).to(torch.bfloat16).cuda()
+        res = torch.randn(1, n, generator=gen).to(torch.bfloat16).cuda()
+        fusions = ({}, dict(residual=res), dict(norm_weight=nw, eps=1e-5, swiglu=True))
+        got = {}
+        for above in (int4_cuda.MAX_K, 0):  # every width one ahead, then every width two
+            monkeypatch.setattr(int4_cuda, "AHEAD2_ABOVE_K", above)
+            got[above] = [int4_cuda.gemv(x, qweight, sz, 128, rows=4, blocks_per_sm=1, **kw) for kw in fusions]
+        assert all(torch.equal(a, b) for a, b in zip(got[int4_cuda.MAX_K], got[0])), k
 
 
 @pytest.mark.gpu

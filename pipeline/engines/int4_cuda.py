@@ -78,6 +78,13 @@ log = logging.getLogger(__name__)
 MAX_K = 32 * 1024  # one block of 1024 threads x 32 columns
 WIDE_K = 16 * 1024  # above: the 1024-thread variant, 2 rows a chunk (64 registers a thread)
 ROWS = (2, 4, 8)  # rows per chunk up to WIDE_K that gemv(rows=...) takes (4 by default: chunk_rows)
+# Above this K (one block of more than 256 threads an SM: 8B's down) a block keeps two chunks of weights in flight
+# while it computes one (:func:`ahead`); below, the SM's several blocks keep enough in flight between them.
+AHEAD2_ABOVE_K = 8192
+# Registers a thread of those: 104 (no spills for sm_90) leaves room beside one 448-thread block for a block of the
+# next kernel (128 threads at 96), which programmatic dependent launch starts early; uncapped (120) it did not fit,
+# and the layer chain was slower even though down alone was faster.
+AHEAD2_REGISTERS = 104
 
 
 def pack_scale_zero(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -159,23 +166,32 @@ EPILOGUES = {"": 0, "residual": 1, "swiglu": 2, "rope": 3}  # what the kernel wr
 def compile_problem(dtype: torch.dtype, k: int, norm: bool = False, epilogue: str = "") -> str:
     """Compile (once) the variant :func:`gemv` launches for ``dtype``, ``k`` and the fusion; "" or the compiler's
     one-line reason. Other row counts (``gemv(rows=...)``) compile at their first use."""
-    return compile_failure([_variant(dtype, k, chunk_rows(k), norm, epilogue)])
+    return compile_failure([_variant(dtype, k, chunk_rows(k), norm, epilogue, ahead(k, chunk_rows(k)))])
+
+
+def ahead(k: int, rows: int) -> int:
+    """Chunks of weights a block has in flight beyond the one it computes: 2 for K above ``AHEAD2_ABOVE_K`` at 4
+    rows a chunk (sm_90: 118-125 registers, no spills; at 2 and 8 rows the third buffer spills)."""
+    return 2 if AHEAD2_ABOVE_K < k <= WIDE_K and rows == 4 else 1
 
 
 @functools.cache
-def _variant(dtype: torch.dtype, k: int, rows: int, norm: bool, epilogue: str) -> tuple[str, str]:
-    """(source, kernel name) of one entry: the template instantiated for this dtype, width, rows and fusion."""
+def _variant(dtype: torch.dtype, k: int, rows: int, norm: bool, epilogue: str, depth: int = 1) -> tuple[str, str]:
+    """(source, kernel name) of one entry: the template instantiated for this dtype, width, rows, fusion and
+    ``depth`` (:func:`ahead`)."""
     bf16 = dtype == torch.bfloat16
     wide = k > WIDE_K
     threads = threads_per_block(k)
     name = (f"q4gemv_{'bf16' if bf16 else 'f16'}_{'wide' if wide else f'r{rows}'}_t{threads}"
-            f"{'_norm' if norm else ''}{'_' + epilogue if epilogue else ''}")
+            f"{'_a2' if depth == 2 else ''}{'_norm' if norm else ''}{'_' + epilogue if epilogue else ''}")
     # registers capped so that MIN_THREADS_PER_SM of them fit (ptxas for sm_90: the rotary variant took 104 and
     # 4 blocks of 128 threads an SM under a 512-thread bound, 96 and 5 under this one; bench/kernel_resources.py)
     per_sm = {2: MIN_THREADS_PER_SM_R2, 4: MIN_THREADS_PER_SM}.get(rows, MIN_THREADS_PER_SM_R8)
-    bound = f"{threads}, {max(1, per_sm // threads)}" if not wide else "1024, 1"
-    entry = (f"ENTRY({name}, ({bound}), {2 if wide else rows}, {'true' if norm else 'false'}, "
-             f"{EPILOGUES[epilogue]}, {'true' if bf16 else 'false'})\n")
+    bound = f"__launch_bounds__({threads}, {max(1, per_sm // threads)})" if not wide else "__launch_bounds__(1024, 1)"
+    if depth == 2:  # a third buffer of weights (uncapped 119-127 registers), see AHEAD2_REGISTERS
+        bound = f"__maxnreg__({AHEAD2_REGISTERS})"
+    entry = (f"ENTRY({name}, {bound}, {2 if wide else rows}, {'true' if norm else 'false'}, "
+             f"{EPILOGUES[epilogue]}, {'true' if bf16 else 'false'}, {depth})\n")
     return _SOURCE + entry, name
 
 
@@ -249,7 +265,8 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group: int, r
     extra += [vector_for_kernel(add), add_out, 1] if add is not None else [x, x, 0]
     if add_out is not None and not (add_out.is_contiguous() and add_out.data_ptr() % 16 == 0 and add_out.numel() == k):
         raise ValueError("add_out must be a contiguous, 16-byte aligned [1, K] tensor")
-    variant = _variant(x.dtype, k, chunk_rows(k, rows), norm_weight is not None, epilogue)
+    r = chunk_rows(k, rows)
+    variant = _variant(x.dtype, k, r, norm_weight is not None, epilogue, ahead(k, r))
     if blocks_per_sm is None:  # as many blocks as fit on the GPU at once (a prologue is paid once per block)
         blocks_per_sm = resident_blocks(*variant, threads_per_block(k))
     _, blocks = launch_shape(n, k, sm_count(x.device.index or 0), rows, blocks_per_sm)

@@ -128,6 +128,91 @@ __device__ __forceinline__ void load_act32(float (&xv)[32], const u16* __restric
   }
 }
 
+// One chunk's products, reductions and epilogue, from its weights ``w``/``s`` and epilogue inputs ``side`` (loaded
+// by the caller, ahead of time); ``it``: the block's chunk count so far (the norm's factor is read at the first).
+template <int R, bool NORM, int EPI>
+__device__ __forceinline__ void chunk_body(const uint4 (&w)[R], const u32 (&s)[R], const float (&side)[2],
+                                           int chunk, int it, const u32 (&xh)[8], const u32 (&xl)[8], float xscale,
+                                           int xsum, bool finite, float& norm, float* red, const float* ssum,
+                                           u16* __restrict__ out, const Rope& rope, int N, int K, float eps,
+                                           bool bf16, long long position) {
+  constexpr bool PAIRS = EPI == 2;
+  constexpr int MAP = EPI == 2 ? 1 : EPI == 3 ? 2 : 0;
+  constexpr int OUT = PAIRS ? R / 2 : R;
+  const int t = threadIdx.x, lane = t & 31, warp = t >> 5, nwarps = blockDim.x >> 5;
+  const int nout = PAIRS ? N >> 1 : N;
+  const int o = chunk * OUT + t;  // this thread's output, for t < OUT
+  const int row = EPI == 3 && t < R ? chunk_row<R, MAP>(chunk, t, N, rope.hd) : -1;
+  float* const part = red;
+  float v[R];
+#pragma unroll
+  for (int u = 0; u < R; ++u) {
+    const u32 words[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
+    int hi = 0;
+    u32 lo = 0u;
+#pragma unroll
+    for (int wj = 0; wj < 4; ++wj) {
+      const u32 ev = words[wj] & 0x0F0F0F0Fu, od = (words[wj] >> 4) & 0x0F0F0F0Fu;
+      hi = dp4a_us(ev, (int)xh[wj * 2], hi);
+      hi = dp4a_us(od, (int)xh[wj * 2 + 1], hi);
+      lo = dp4a_uu(ev, xl[wj * 2], lo);
+      lo = dp4a_uu(od, xl[wj * 2 + 1], lo);
+    }
+    const int zero = (int)(s[u] & 0xFFu);
+    const float scale = __uint_as_float(s[u] & 0xFFFFFF00u);
+    v[u] = s[u] ? scale * xscale * (float)(hi * 256 + (int)lo - zero * xsum) : 0.f;
+    if (!finite) v[u] = __int_as_float(0x7fc00000);
+  }
+  const int row_of_lane = warp_sum_rows<R>(v, lane);
+  if ((lane & (32 / R - 1)) == 0) part[warp * R + row_of_lane] = v[0];
+  __syncthreads();
+  if (NORM && it == 0) {
+    float total = 0.f;
+    for (int i = 0; i < nwarps; ++i) total += ssum[i];
+    norm = rsqrtf(total / (float)K + eps);
+  }
+  float mine = 0.f, other = 0.f;  // the totals of row t and of its partner (rotary: t ^ R/2; SwiGLU: t + R/2)
+  if (t < R) {  // (warp 0 summing them with shuffles, 2 loads a lane: no faster in the chain, slower in decode)
+    for (int i = 0; i < nwarps; ++i) mine += part[i * R + t];
+    if (EPI == 3 || PAIRS)
+      for (int i = 0; i < nwarps; ++i) other += part[i * R + (EPI == 3 ? t ^ (R / 2) : (t + R / 2) % R)];
+  }
+  if (EPI == 3 && row >= 0) {  // output t, its rotary partner t ^ R/2 (the same row of the other half)
+    if (NORM) {
+      mine *= norm;
+      other *= norm;
+    }
+    const float a = round_act(mine, bf16), b = round_act(other, bf16);
+    const int d = row % rope.hd, kvrows = (N - rope.qrows) >> 1;
+    if (row < rope.qrows + kvrows) {  // q or k: rotated (side: this row's cos and sin)
+      const float v = __fadd_rn(__fmul_rn(a, side[0]), __fmul_rn(t < R / 2 ? -b : b, side[1]));
+      if (row < rope.qrows) {
+        out[row] = f32_to_act(v, bf16);
+      } else {
+        const int kr = row - rope.qrows;
+        rope.kc[(size_t)(kr / rope.hd) * rope.hstride + (size_t)position * rope.hd + d] = f32_to_act(v, bf16);
+      }
+    } else {
+      const int vr = row - rope.qrows - kvrows;
+      rope.vc[(size_t)(vr / rope.hd) * rope.hstride + (size_t)position * rope.hd + d] = f32_to_act(a, bf16);
+    }
+  }
+  if (EPI != 3 && t < OUT && o < nout) {
+    float sum = mine, up = other;
+    if (NORM) {
+      sum *= norm;
+      up *= norm;
+    }
+    if (EPI == 2) {
+      const float gate = round_act(sum, bf16);
+      out[o] = f32_to_act(round_act(gate / (1.f + expf(-gate)), bf16) * round_act(up, bf16), bf16);
+    } else {
+      out[o] = EPI == 1 ? f32_to_act(side[0] + round_act(sum, bf16), bf16) : f32_to_act(sum, bf16);
+    }
+  }
+  __syncthreads();  // (one barrier a chunk with red double-buffered measured slower: 20.2 against 18.7 us)
+}
+
 // NORM: x is a residual stream and the input is RMSNorm(x) * nw: the product runs over nw * x and is scaled by
 // rsqrt(mean(x^2) + eps) at the end (float32 sum of squares, reduced beside the products, so no block-wide wait
 // before them). EPI 0: out = the product. EPI 1: out = res + (the product, rounded), rounded, as the eager add.
@@ -137,7 +222,7 @@ __device__ __forceinline__ void load_act32(float (&xv)[32], const u16* __restric
 // activation dtype and rotated (rotate_half's pairs, in float32, rounded once, as the compiled step's kernel does);
 // q goes to ``out`` (QROWS outputs), k and v to this token's position (*pos) of ``kc``/``vc`` ([heads, positions,
 // HD] with heads HSTRIDE apart).
-template <int R, bool NORM, int EPI>
+template <int R, bool NORM, int EPI, int AHEAD>
 __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __restrict__ nw,
                                        const u16* __restrict__ res, const uint4* __restrict__ qw,
                                        const u32* __restrict__ sz, u16* __restrict__ out,
@@ -147,19 +232,21 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
   constexpr int OUT = PAIRS ? R / 2 : R;  // outputs per chunk
   __shared__ float red[32 * R];
   __shared__ float ssum[32];
-  const int kt = K >> 5, t = threadIdx.x, lane = t & 31, warp = t >> 5, nwarps = blockDim.x >> 5;
+  const int kt = K >> 5, t = threadIdx.x, lane = t & 31, warp = t >> 5;
   const bool active = t < kt;
   const int nout = PAIRS ? N >> 1 : N;
   const int gpr = K / G, g = (t * 32) / G, chunks = (nout + OUT - 1) / OUT;
   int chunk = blockIdx.x;
-  uint4 w[R];
-  u32 s[R];
+  uint4 w[R], w2[R];  // w2: AHEAD 2's second buffer (the block's next chunk, loaded right after the wait)
+  u32 s[R], s2[R];
   load_chunk<R, MAP>(w, s, qw, sz, chunk, N, kt, gpr, g, t, active, rope.hd);  // in flight during the prologue
   // Programmatic dependent launch (pipeline.engines.cuda_launch): the next kernel may be launched now (its blocks
   // start where ours leave room, and issue their own weight loads); the weights above are all this kernel reads
   // before the kernel before it has completed.
   grid_launch_next();
   grid_wait();
+  if (AHEAD == 2 && chunk + (int)gridDim.x < chunks)
+    load_chunk<R, MAP>(w2, s2, qw, sz, chunk + gridDim.x, N, kt, gpr, g, t, active, rope.hd);
   // The epilogue's own inputs (the residual, the rotary cos/sin) are loaded a chunk ahead too: loaded in the chunk
   // they serve, they arrived after the arithmetic, and the block waited for them at every chunk (8B down with the
   // residual on the H200: 18.5 us, a chunk ahead 15.7, plain 13.5).
@@ -237,10 +324,41 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
   }
 
   float norm = 1.f;  // NORM: rsqrt(mean(x^2) + eps), from the first chunk's barrier on
+  if (AHEAD == 2) {
+    // Three buffers of weights in rotation, the loop unrolled by three so that no register moves between them: a
+    // chunk is computed while the next two are in flight. (Rotating them with moves, as AHEAD 1 does, made every
+    // iteration wait for the load it had just issued: no faster than one ahead on the H200.)
+    const int step = gridDim.x;
+    uint4 w3[R];
+    u32 s3[R];
+    float side2[2] = {0.f, 0.f}, side3[2] = {0.f, 0.f};
+    if (chunk + step < chunks) load_side<R, MAP, EPI>(side2, res, rope, chunk + step, N, nout, OUT, t, bf16);
+    for (int it = 0;;) {
+      if (chunk + 2 * step < chunks) {
+        load_chunk<R, MAP>(w3, s3, qw, sz, chunk + 2 * step, N, kt, gpr, g, t, active, rope.hd);
+        load_side<R, MAP, EPI>(side3, res, rope, chunk + 2 * step, N, nout, OUT, t, bf16);
+      }
+      chunk_body<R, NORM, EPI>(w, s, side, chunk, it++, xh, xl, xscale, xsum, finite, norm, red, ssum, out, rope,
+                               N, K, eps, bf16, position);
+      if ((chunk += step) >= chunks) break;
+      if (chunk + 2 * step < chunks) {
+        load_chunk<R, MAP>(w, s, qw, sz, chunk + 2 * step, N, kt, gpr, g, t, active, rope.hd);
+        load_side<R, MAP, EPI>(side, res, rope, chunk + 2 * step, N, nout, OUT, t, bf16);
+      }
+      chunk_body<R, NORM, EPI>(w2, s2, side2, chunk, it++, xh, xl, xscale, xsum, finite, norm, red, ssum, out,
+                               rope, N, K, eps, bf16, position);
+      if ((chunk += step) >= chunks) break;
+      if (chunk + 2 * step < chunks) {
+        load_chunk<R, MAP>(w2, s2, qw, sz, chunk + 2 * step, N, kt, gpr, g, t, active, rope.hd);
+        load_side<R, MAP, EPI>(side2, res, rope, chunk + 2 * step, N, nout, OUT, t, bf16);
+      }
+      chunk_body<R, NORM, EPI>(w3, s3, side3, chunk, it++, xh, xl, xscale, xsum, finite, norm, red, ssum, out,
+                               rope, N, K, eps, bf16, position);
+      if ((chunk += step) >= chunks) break;
+    }
+    return;
+  }
   for (int it = 0; chunk < chunks; chunk += gridDim.x, ++it) {
-    const int o = chunk * OUT + t;  // this thread's output, for t < OUT
-    const int row = EPI == 3 && t < R ? chunk_row<R, MAP>(chunk, t, N, rope.hd) : -1;
-    float* const part = red;
     uint4 wn[R];
     u32 sn[R];
     float side_next[2] = {0.f, 0.f};
@@ -249,73 +367,8 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
       load_chunk<R, MAP>(wn, sn, qw, sz, next, N, kt, gpr, g, t, active, rope.hd);
       load_side<R, MAP, EPI>(side_next, res, rope, next, N, nout, OUT, t, bf16);
     }
-    float v[R];
-#pragma unroll
-    for (int u = 0; u < R; ++u) {
-      const u32 words[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
-      int hi = 0;
-      u32 lo = 0u;
-#pragma unroll
-      for (int wj = 0; wj < 4; ++wj) {
-        const u32 ev = words[wj] & 0x0F0F0F0Fu, od = (words[wj] >> 4) & 0x0F0F0F0Fu;
-        hi = dp4a_us(ev, (int)xh[wj * 2], hi);
-        hi = dp4a_us(od, (int)xh[wj * 2 + 1], hi);
-        lo = dp4a_uu(ev, xl[wj * 2], lo);
-        lo = dp4a_uu(od, xl[wj * 2 + 1], lo);
-      }
-      const int zero = (int)(s[u] & 0xFFu);
-      const float scale = __uint_as_float(s[u] & 0xFFFFFF00u);
-      v[u] = s[u] ? scale * xscale * (float)(hi * 256 + (int)lo - zero * xsum) : 0.f;
-      if (!finite) v[u] = __int_as_float(0x7fc00000);
-    }
-    const int row_of_lane = warp_sum_rows<R>(v, lane);
-    if ((lane & (32 / R - 1)) == 0) part[warp * R + row_of_lane] = v[0];
-    __syncthreads();
-    if (NORM && it == 0) {
-      float total = 0.f;
-      for (int i = 0; i < nwarps; ++i) total += ssum[i];
-      norm = rsqrtf(total / (float)K + eps);
-    }
-    float mine = 0.f, other = 0.f;  // the totals of row t and of its partner (rotary: t ^ R/2; SwiGLU: t + R/2)
-    if (t < R) {  // (warp 0 summing them with shuffles, 2 loads a lane: no faster in the chain, slower in decode)
-      for (int i = 0; i < nwarps; ++i) mine += part[i * R + t];
-      if (EPI == 3 || PAIRS)
-        for (int i = 0; i < nwarps; ++i) other += part[i * R + (EPI == 3 ? t ^ (R / 2) : (t + R / 2) % R)];
-    }
-    if (EPI == 3 && row >= 0) {  // output t, its rotary partner t ^ R/2 (the same row of the other half)
-      if (NORM) {
-        mine *= norm;
-        other *= norm;
-      }
-      const float a = round_act(mine, bf16), b = round_act(other, bf16);
-      const int d = row % rope.hd, kvrows = (N - rope.qrows) >> 1;
-      if (row < rope.qrows + kvrows) {  // q or k: rotated (side: this row's cos and sin)
-        const float v = __fadd_rn(__fmul_rn(a, side[0]), __fmul_rn(t < R / 2 ? -b : b, side[1]));
-        if (row < rope.qrows) {
-          out[row] = f32_to_act(v, bf16);
-        } else {
-          const int kr = row - rope.qrows;
-          rope.kc[(size_t)(kr / rope.hd) * rope.hstride + (size_t)position * rope.hd + d] = f32_to_act(v, bf16);
-        }
-      } else {
-        const int vr = row - rope.qrows - kvrows;
-        rope.vc[(size_t)(vr / rope.hd) * rope.hstride + (size_t)position * rope.hd + d] = f32_to_act(a, bf16);
-      }
-    }
-    if (EPI != 3 && t < OUT && o < nout) {
-      float sum = mine, up = other;
-      if (NORM) {
-        sum *= norm;
-        up *= norm;
-      }
-      if (EPI == 2) {
-        const float gate = round_act(sum, bf16);
-        out[o] = f32_to_act(round_act(gate / (1.f + expf(-gate)), bf16) * round_act(up, bf16), bf16);
-      } else {
-        out[o] = EPI == 1 ? f32_to_act(side[0] + round_act(sum, bf16), bf16) : f32_to_act(sum, bf16);
-      }
-    }
-    __syncthreads();  // (one barrier a chunk with red double-buffered measured slower: 20.2 against 18.7 us)
+    chunk_body<R, NORM, EPI>(w, s, side, chunk, it, xh, xl, xscale, xsum, finite, norm, red, ssum, out, rope, N, K,
+                             eps, bf16, position);
     if (next < chunks) {
 #pragma unroll
       for (int u = 0; u < R; ++u) { w[u] = wn[u]; s[u] = sn[u]; }
@@ -325,13 +378,14 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
   }
 }
 
-// entries: q4gemv_<bf16|f16>_<r4|r8|wide>[_norm][_res|_swiglu] (see _variant); each compiles only its own
-#define ENTRY(NAME, BOUND, R, NORM, EPI, BF16)                                                           \
-  extern "C" __global__ void __launch_bounds__ BOUND                                                   \
+// entries: q4gemv_<bf16|f16>_<r2|r4|r8|wide>_t<threads>[_a2][_norm][_<epilogue>] (see _variant); each compiles only
+// its own
+#define ENTRY(NAME, ATTR, R, NORM, EPI, BF16, AHEAD)                                                     \
+  extern "C" __global__ void ATTR                                                                      \
   NAME(const u16* x, const u16* nw, const u16* res, const uint4* qw, const u32* sz, u16* out, int N,     \
        int K, int G, double eps, const u16* sn, const long long* pos, u16* kc, u16* vc, int qrows, int hd,  \
        int hstride, const u16* add, u16* hout, int has_add) {                                          \
     const Rope rope = {sn, pos, kc, vc, qrows, hd, hstride, has_add ? add : nullptr, hout};            \
-    q4gemv<R, NORM, EPI>(x, nw, res, qw, sz, out, N, K, G, (float)eps, BF16, rope);                    \
+    q4gemv<R, NORM, EPI, AHEAD>(x, nw, res, qw, sz, out, N, K, G, (float)eps, BF16, rope);            \
   }
 """
