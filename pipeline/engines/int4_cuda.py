@@ -15,7 +15,11 @@ exactly (15 mantissa bits remain), so ``(q - z) * s`` is the checkpoint's own ar
 
 The kernel: thread ``t`` owns the 32 columns ``32 t .. 32 t + 31`` (so one block spans K, up to 32 768); blocks
 are persistent (as many per SM as fit, by the driver's occupancy query) and walk chunks of ``R`` rows (4), the
-next chunk's 16-byte weight loads issued before the current chunk is computed (register double-buffering). The
+next chunk's 16-byte weight loads issued before the current chunk is computed (register double-buffering). Where a
+block is alone on its SM (K above ``AHEAD2_ABOVE_K``: 8B's down, 448 threads) it keeps two chunks in flight, in
+three register buffers with the loop unrolled by three: rotated with register moves instead, every iteration waited
+for the load it had just issued and gained nothing. On the H200 down alone took 12.8-12.9 against 14.0-14.2 us, but
+the layer chain (47.2 against 46.9 us) and decode (448.5 against 439.1 tok/s) moved within their noise. The
 products are integer:
 
 - the thread's 32 activations become 16-bit fixed point with one power-of-two scale (largest magnitude mapped
@@ -53,7 +57,8 @@ with PDL, shared-memory stages filled by Hopper bulk copies (4 chunks a block in
 against 48), and, each slower in decode, two chunks loaded before the wait, fewer blocks for the small products,
 and two 448-thread blocks an SM for down; then Hopper bulk L2 prefetches of the next product's weights (decode
 440 against 458 tok/s), warp 0 summing a chunk's rows with shuffles (421 against 457), the norm weight loaded before
-the wait (no gain). Rows a chunk can differ by product (``gemv(rows=...)``: 2, 4 or 8; the chain's
+the wait (no gain), two chunks ahead for every width (4 blocks of 128 threads an SM: layer chain 49.4 against
+46.9 us). Rows a chunk can differ by product (``gemv(rows=...)``: 2, 4 or 8; the chain's
 ``fused_proj.CHAIN_ROWS``), 2 rows with two blocks an SM: no setting beat 4 everywhere beyond the noise.
 
 The CUDA C source is :mod:`pipeline.engines.int4_cuda_kernel`. The arithmetic is mirrored in tensor ops by

@@ -30,6 +30,11 @@ Llama-3-8B products took 0.53-0.63x tinygemm's time and 0.59-0.88x bf16 cuBLAS's
 instruction); a scale word loaded where it was used stalled every unit on a global load (gate|up 54 against 47 us).
 Up to 8 tokens the unit's activations are loaded before its first instruction (3-9% less time). The kernel
 still reads at only ~1.3-1.5 TB/s on gate|up: it wins by doing 8-16 tokens in the time of one.
+
+Smaller groups are its weak spot (H200, ``bench/int4_mma.py --groups 32,64,128``): gate|up at 8 tokens took 76.8
+us with groups of 32 and 53.2 with 64, against 44.8 with 128, where the scale words add only 9% and 3% more bytes.
+At 32 this shape spills 216 bytes a thread, and no shape without spills was faster (2 tiles x 16 warps 87.6, 4 x 8
+94.3), so a group-32 checkpoint runs 2-16 tokens slower than bf16 cuBLAS (56.9): not fixed yet.
 """
 
 from __future__ import annotations
