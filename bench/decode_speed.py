@@ -327,7 +327,8 @@ def main(argv=None) -> int:
                     "+ \"-nopdl\" every kernel launched without programmatic dependent launch, + \"-rowsQOGD\" "
                     "the INT4 chain's rows a chunk for q|k|v, o, gate|up, down (e.g. \"-rows4442\"), + \"-attn64\" "
                     "decode attention in blocks of 64 positions, + \"-ahead1\" / \"-ahead2\" every INT4 GEMV "
-                    "block one / two chunks of weights ahead (by default down's, K > 8192, two, the others one)")
+                    "block one / two chunks of weights ahead (by default down's, K > 8192, two, the others one), "
+                    "+ \"-noattn\" no decode attention at all (a diagnostic: wrong tokens, the time of the rest)")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--steps", type=int, default=64)
@@ -391,7 +392,8 @@ def main(argv=None) -> int:
                     from pipeline.serve import decode_attention, fused_proj
 
                     base, *flags = mode.split("-")
-                    decode_attention.KERNEL = "matmul" if "matmulattn" in flags else "auto"
+                    decode_attention.KERNEL = ("matmul" if "matmulattn" in flags else "skip" if "noattn" in flags
+                                               else "auto")
                     from pipeline.serve import decode_attention_triton as dat
 
                     dat.BLOCK_L, dat.PARTIAL_WARPS = (64, 4) if "attn64" in flags else (128, 8)

@@ -19,8 +19,8 @@ next chunk's 16-byte weight loads issued before the current chunk is computed (r
 block is alone on its SM (K above ``AHEAD2_ABOVE_K``: 8B's down, 448 threads) it keeps two chunks in flight, in
 three register buffers with the loop unrolled by three: rotated with register moves instead, every iteration waited
 for the load it had just issued and gained nothing. On the H200 down alone took 12.8-12.9 against 14.0-14.2 us, but
-the layer chain (47.2 against 46.9 us) and decode (448.5 against 439.1 tok/s) moved within their noise. The
-products are integer:
+the layer chain (47.2 against 46.9 us) and decode (448.5 against 439.1 tok/s in one call, 436.4 against 449.6 in
+the next) moved within their noise. The products are integer:
 
 - the thread's 32 activations become 16-bit fixed point with one power-of-two scale (largest magnitude mapped
   below 2^14), split into a signed high byte and an unsigned low byte and packed four to a register in the

@@ -30,6 +30,7 @@ from pipeline.serve import decode_attention_triton
 
 NAME = "quantship_decode_gqa"
 KERNEL = "auto"  # "auto": the Triton split-K kernel where eligible (CUDA, bool mask); "matmul": the two products
+# ("skip", bench/decode_speed.py's "-noattn" only: no attention at all, a wrong result, to time what remains)
 _PREVIOUS: dict[int, str] = {}  # id(config) -> the attention implementation it had before install
 
 
@@ -41,6 +42,8 @@ def decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     mask_ok = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1)
     plain = q_len == 1 and mask_ok and not dropout and kwargs.get("softcap") is None
     scale = d**-0.5 if scaling is None else scaling
+    if plain and KERNEL == "skip":  # the bench's diagnostic ("-noattn"): q passed through, to time the rest
+        return query.transpose(1, 2).contiguous(), None
     if plain and KERNEL == "auto" and decode_attention_triton.eligible(query, key, attention_mask):
         q = query.reshape(b, key.shape[1], heads // key.shape[1], d)
         out = torch.ops.quantship.decode_attention(q, key, value, attention_mask, scale)  # skips masked blocks
