@@ -173,11 +173,11 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def decode_speed(model, device, batch, mode, prompt, steps) -> dict:
+def decode_speed(model, device, batch, mode, prompt, steps, max_len=None) -> dict:
     from pipeline.serve.cuda_graphs import GraphedDecoder
 
     t0 = time.perf_counter()
-    dec = GraphedDecoder(model, max_batch=batch, max_len=prompt + steps + 8, buckets=[batch],
+    dec = GraphedDecoder(model, max_batch=batch, max_len=max_len or prompt + steps + 8, buckets=[batch],
                          graphs=mode != "eager" and device == "cuda", compile_layers=mode == "graphs+compile")
     g = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
@@ -255,6 +255,12 @@ class _TimedStep:
 
     def __init__(self, inner):
         self.inner, self.calls = inner, []
+        if hasattr(inner, "launch_next"):  # the scheduler's overlapped steps are launched there, not by __call__
+            self.launch_next = self._launch_next
+
+    def _launch_next(self, n):
+        self.calls.append((time.perf_counter(), n))
+        return self.inner.launch_next(n)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -328,7 +334,8 @@ def main(argv=None) -> int:
                     "the INT4 chain's rows a chunk for q|k|v, o, gate|up, down (e.g. \"-rows4442\"), + \"-attn64\" "
                     "decode attention in blocks of 64 positions, + \"-ahead1\" / \"-ahead2\" every INT4 GEMV "
                     "block one / two chunks of weights ahead (by default down's, K > 8192, two, the others one), "
-                    "+ \"-noattn\" no decode attention at all (a diagnostic: wrong tokens, the time of the rest)")
+                    "+ \"-noattn\" no decode attention at all (a diagnostic: wrong tokens, the time of the rest), + "
+                    "\"-nooverlap\" the scheduler reads each step's tokens before it launches the next")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--steps", type=int, default=64)
@@ -336,8 +343,8 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-prefill", action="store_true")
     ap.add_argument("--micro-formats", default="int4-tinygemm,int4-triton,int8,fp8")
     ap.add_argument("--server", action="store_true", help="time through the server's scheduler (docstring)")
-    ap.add_argument("--max-len", type=int, default=None, help="--server: the static cache's positions per slot "
-                    "(default P + T + 8; the server itself uses 4096)")
+    ap.add_argument("--max-len", type=int, default=None, help="the static cache's positions per slot (default P + "
+                    "T + 8; the server itself uses 4096)")
     ap.add_argument("--repeat", type=int, default=1, help="rows per (format, batch, mode), modes interleaved; "
                     "the last table gives their medians")
     ap.add_argument("--profile", action="store_true", help="also a per-kernel GPU time profile of each format")
@@ -397,6 +404,9 @@ def main(argv=None) -> int:
                     from pipeline.serve import decode_attention_triton as dat
 
                     dat.BLOCK_L, dat.PARTIAL_WARPS = (64, 4) if "attn64" in flags else (128, 8)
+                    from pipeline.serve import batching
+
+                    batching.OVERLAP = "nooverlap" not in flags
                     fused_proj.INT4_CHAIN = "nochain" not in flags
                     fused_proj.DEFER_RESIDUAL = "nodefer" not in flags
                     fused_proj.ROPE_IN_QKV = "norope" not in flags
@@ -411,7 +421,7 @@ def main(argv=None) -> int:
                     r = server_speed(model, a.device, batch, base, a.prompt, a.steps, a.max_len,
                                      fuse="nofuse" not in flags)
                 else:
-                    r = decode_speed(model, a.device, batch, mode, a.prompt, a.steps)
+                    r = decode_speed(model, a.device, batch, mode, a.prompt, a.steps, a.max_len)
             except Exception as e:  # noqa: BLE001 - one failed row must not lose the others
                 r = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
             r.update(format=fmt, batch=batch, mode=mode, weight_bytes=nbytes[batch], repeat=rep)

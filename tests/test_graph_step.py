@@ -124,6 +124,7 @@ def check_equal_through_scheduler(model, tokenizer, tie: float = 0.0, **graphed)
             else:
                 assert all(agrees(r, ids, tie) for r, ids in zip(ref, got)), (got, ref_ids)
         assert step.took == 2 * len(PROMPTS)  # every sequence's prefill went into a slot once
+        assert eng.scheduler.overlapped > 0  # steps launched before the host read the tokens of the one before
         assert any(src != list(range(len(src))) for src in spy.moves)  # a sequence left from below others
         assert wait_for(lambda: eng.scheduler.state is None) and step.slots == {}
         return step, runs
@@ -137,6 +138,43 @@ def check_equal_through_scheduler(model, tokenizer, tie: float = 0.0, **graphed)
 def test_graphed_step_decodes_exactly_the_default_steps_ids(parts):
     step, _ = check_equal_through_scheduler(*parts, decode="graphs", decode_max_len=256)
     assert not step.graphs_enabled and step.max_len == 256  # the CPU: static cache, no capture
+
+
+def test_overlapped_steps_end_replies_exactly_where_reading_each_step_first_does(parts, monkeypatch):
+    """The scheduler launches the next graphed step before it reads this one's tokens (batching.OVERLAP): a reply
+    that ends on a stop string, on max_tokens or in a batch that others join and leave mid-way must come out as
+    with each step's tokens read before the next launch (its extra row computed, never shown)."""
+    from pipeline.serve import batching
+
+    ref_eng = GenerationEngine(*parts, decode="eager")  # the stop string: a piece of the unstopped reply
+    try:
+        full = ref_eng.run(ref_eng.encode_text(PROMPTS[0]), SamplingParams(max_tokens=24, temperature=0.0)).text
+    finally:
+        ref_eng.shutdown()
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    cases = [(0, SamplingParams(max_tokens=24, temperature=0.0, stops=[stop])),
+             (1, SamplingParams(max_tokens=9, temperature=0.0)), (3, SamplingParams(max_tokens=17, temperature=0.0))]
+
+    def run_all(overlap: bool):
+        monkeypatch.setattr(batching, "OVERLAP", overlap)
+        eng = GenerationEngine(*parts, decode="graphs", decode_max_len=256, max_batch_size=4)
+        try:
+            out: dict[int, object] = {}
+            threads = [threading.Thread(target=lambda i=i, p=p: out.__setitem__(i, eng.run(
+                eng.encode_text(PROMPTS[i]), p))) for i, p in cases]  # fmt: skip
+            for t in threads:
+                t.start()
+                time.sleep(0.05)  # staggered: each joins a batch already decoding
+            for t in threads:
+                t.join(120)
+            return [(r.text, r.token_ids, r.finish_reason) for r in (out[i] for i, _ in cases)], eng.scheduler
+        finally:
+            eng.shutdown()
+
+    plain, sched_plain = run_all(False)
+    overlapped, sched = run_all(True)
+    assert overlapped == plain and sched_plain.overlapped == 0 and sched.overlapped > 0
+    assert plain[0][2] == "stop" and stop not in plain[0][0] and plain[1][2] == "length" and len(plain[1][1]) == 9
 
 
 def test_cancel_frees_the_slot(parts):

@@ -55,6 +55,10 @@ from pipeline.serve.detokenize import IncrementalText, unsettled_tail
 
 log = logging.getLogger(__name__)
 
+# Launch the next decode step before reading this one's tokens, where the step can (Scheduler._read_ahead).
+# bench/decode_speed.py's "-nooverlap" turns it off to measure what it is worth.
+OVERLAP = True
+
 
 # ------------------------------------------------------------------------------------- pure tensor functions
 
@@ -192,6 +196,8 @@ class Scheduler:
         self._queued, self._queued_tokens = 0, 0  # sequences / reserved tokens submitted, not yet admitted
         self._stop = threading.Event()
         self.steps, self.regroups = 0, 0  # decode steps; batch caches built (one per membership change)
+        self._ahead: list[Sequence] | None = None  # the rows of the launched step whose tokens are not read yet
+        self.overlapped = 0  # steps launched before the tokens of the step before them were read (launch_next)
         self._cache_kw = cache_kwarg(model)
 
     # -- public
@@ -265,7 +271,7 @@ class Scheduler:
                 for seq in self.active:
                     seq.sink("error", e)
                     seq.cache = []
-                self.active, self.state = [], None
+                self.active, self.state, self._ahead = [], None, None
                 if hasattr(self.step, "reset"):  # a step that owns its cache forgets the failed batch
                     self.step.reset()
         stopping = RuntimeError("The server is shutting down; the request was not finished.")
@@ -276,7 +282,7 @@ class Scheduler:
             if seq is not None and not seq.cancelled.is_set():
                 seq.sink("error", stopping)
                 seq.cancel()
-        self.active, self._held, self.state = [], None, None
+        self.active, self._held, self.state, self._ahead = [], None, None, None
         if hasattr(self.step, "reset"):
             self.step.reset()
 
@@ -368,6 +374,8 @@ class Scheduler:
         return self.state
 
     def _decode_step(self) -> None:
+        if self._ahead is not None:
+            return self._read_ahead()
         state = self._regroup()
         batch = state.seqs
         device = self.model.device
@@ -376,9 +384,12 @@ class Scheduler:
         if getattr(self.step, "uses_attention_mask", True):  # a static-cache step masks by position itself
             state.attention_mask = left_pad_mask([n + 1 for n in state.lengths], state.past + 1).to(device)
         logits = self.step(self.model, state)
-        state.past += 1
-        state.lengths = [n + 1 for n in state.lengths]
-        self.steps += 1
+        self._count_step(state)
+        if OVERLAP and getattr(self.step, "launch_next", None) is not None and all(
+            s.params.temperature <= 0 and s.logprobs is None for s in batch
+        ):  # greedy rows, no logits needed on the host: read their tokens after the next step is launched
+            self._ahead = batch
+            return
         # Every row's greedy token with one device sync (argmax of bf16 logits = of their float32); a step that
         # computes them itself (the graphed step, inside its graph) saves the argmax kernel
         own = getattr(self.step, "greedy_tokens", None)
@@ -387,7 +398,38 @@ class Scheduler:
             if not seq.cancelled.is_set():
                 self._advance(seq, logits[b], greedy[b])
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor, greedy: int | None = None) -> None:
+    def _count_step(self, state: BatchState) -> None:
+        state.past += 1
+        state.lengths = [n + 1 for n in state.lengths]
+        self.steps += 1
+
+    def _read_ahead(self) -> None:
+        """Read the greedy tokens of the launched step (rows ``self._ahead``) and advance its sequences. While the
+        batch is unchanged (no joiner, none finished or cancelled, room left in the cache) the next step is
+        launched first, fed by those tokens on the device (``step.launch_next``), so the GPU runs it while the
+        host advances the sequences (detokenizing, stop strings, streaming): the host's time between steps no
+        longer leaves the GPU idle. A sequence that finishes on these tokens had its row of the next step
+        computed for nothing; the step after that one is a plain one over the new batch."""
+        batch, self._ahead = self._ahead, None
+        state = self.state
+        chain = (
+            state is not None and len(self.active) == len(batch) and all(a is b for a, b in zip(self.active, batch))
+            and not any(s.cancelled.is_set() for s in batch)
+            and max(state.lengths) < getattr(self.step, "max_len", float("inf"))
+        )  # fmt: skip
+        if chain:
+            read = self.step.launch_next(len(batch))
+            self._count_step(state)
+            self.overlapped += 1
+            tokens = read()
+            self._ahead = batch
+        else:
+            tokens = self.step.greedy_tokens(len(batch)).tolist()
+        for b, seq in enumerate(batch):
+            if not seq.cancelled.is_set():
+                self._advance(seq, None, tokens[b])
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor | None, greedy: int | None = None) -> None:
         """Pick the next token from ``logits`` [vocab] (``greedy``: its argmax, when already known), report it,
         and finish the sequence when it ends."""
         from pipeline.serve.generate import first_stop, sample_next_token
@@ -455,6 +497,7 @@ class Scheduler:
         self.active = keep
         if not keep:
             self.state = None  # the batch's cache goes with its last sequence
+            self._ahead = None  # a launched step of finished sequences only: nothing to read
 
     @staticmethod
     def _send_logprobs(seq: Sequence) -> None:

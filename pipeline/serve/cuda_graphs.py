@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -144,6 +145,7 @@ class GraphedDecoder:
         self.pos = torch.zeros(max_batch, device=self.device, dtype=torch.long)  # next write position per slot
         self.tokens = torch.zeros(max_batch, 1, device=self.device, dtype=torch.long)
         self.greedy = torch.zeros(max_batch, device=self.device, dtype=torch.long)  # argmax of the last step's rows
+        self._host_greedy: torch.Tensor | None = None  # step_greedy's pinned copy of them (CUDA)
         self.rows = torch.arange(max_batch, device=self.device)
         self.keys = torch.arange(max_len, device=self.device)
         self.graphs_enabled = self.device.type == "cuda" if graphs is None else graphs
@@ -216,17 +218,52 @@ class GraphedDecoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token for each of slots ``0 .. n-1`` -> their next-token logits [n, vocab]; positions advance."""
         n = tokens.numel()
+        bucket = self._bucket(n)
+        self.tokens[:n, 0] = tokens.reshape(-1).to(self.device)
+        return self._run(n, bucket)[:n].clone()
+
+    @torch.inference_mode()
+    def step_greedy(self, n: int) -> Callable[[], list[int]]:
+        """The next step of slots ``0 .. n-1`` fed by the last step's greedy tokens on the device (no host round
+        trip), and a function that returns those tokens as ints. On CUDA their copy to (pinned) host memory is
+        queued before the new step, so the function waits for the copy alone while the new step runs; call it
+        before the next ``step_greedy`` (one host buffer)."""
+        bucket = self._bucket(n)
+        done = None
+        if self.device.type == "cuda":
+            if self._host_greedy is None:
+                self._host_greedy = torch.empty(self.max_batch, dtype=torch.long, pin_memory=True)
+            host = self._host_greedy[:n]
+            host.copy_(self.greedy[:n], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host = self.greedy[:n].clone()
+        self.tokens[:n, 0] = self.greedy[:n]
+        self._run(n, bucket)
+
+        def read() -> list[int]:
+            if done is not None:
+                done.synchronize()
+            return host.tolist()
+
+        return read
+
+    def _bucket(self, n: int) -> int:
         bucket = next((b for b in self.buckets if b >= n), None)
         if bucket is None or n == 0:
             raise StageError(f"step takes 1..{self.max_batch} tokens, got {n}. Raise max_batch or split the batch.")
-        self.tokens[:n, 0] = tokens.reshape(-1).to(self.device)
+        return bucket
+
+    def _run(self, n: int, bucket: int) -> torch.Tensor:
+        """The step over ``self.tokens[:n]``: the bucket's graph replayed (captured at first use), or eager."""
         if not self.graphs_enabled:
-            return self._decode(n).clone()
+            return self._decode(n)
         if bucket not in self._graphs:
             self._capture(bucket)
         graph, out = self._graphs[bucket]
         graph.replay()
-        return out[:n].clone()
+        return out
 
     def greedy_tokens(self, n: int) -> torch.Tensor:
         """The argmax of the last ``step``'s rows ``0 .. n-1`` (computed inside the step: no argmax kernel of its

@@ -35,7 +35,7 @@ needs a C compiler and minutes per shape).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -109,6 +109,12 @@ class GraphedStep:
             )
         self.dec.pos[:n].copy_(state.position_ids[:, 0])
         return self.dec.step(state.input_ids[:, 0])
+
+    def launch_next(self, n: int) -> Callable[[], list[int]]:
+        """The next step of the same ``n`` rows, fed by the last step's greedy tokens on the device (positions
+        advance in the graph); returns the function that gives those tokens, waiting for their copy to the host
+        but not for the new step (``GraphedDecoder.step_greedy``): the scheduler advances the sequences meanwhile."""
+        return self.dec.step_greedy(n)
 
     def greedy_tokens(self, n: int) -> torch.Tensor:
         """The argmax of the last call's ``n`` rows, computed inside the step (``GraphedDecoder.greedy_tokens``)."""
