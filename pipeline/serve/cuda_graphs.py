@@ -30,6 +30,8 @@ instead of calling ``prefill``, and uses ``compact`` for the moves):
   slot's cache rows ``0 .. len-1``);
 - every step: keep the running sequences in slots ``0 .. n-1`` (``dec.move_slot(src, dst)`` compacts after a
   sequence leaves), then ``logits = dec.step(next_tokens[:n])`` replays the graph of the smallest bucket >= n;
+  or, for greedy rows, ``read = dec.step_greedy(n)`` replays it fed by the last step's greedy tokens on the device
+  and ``read()`` gives those tokens once they reach the host, without waiting for the new step;
 - a finished or disconnected sequence: ``dec.release(slot)``; the scheduler must cap a sequence at
   ``max_len`` positions (``dec.max_len``).
 
