@@ -333,28 +333,21 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
     u32 s3[R];
     float side2[2] = {0.f, 0.f}, side3[2] = {0.f, 0.f};
     if (chunk + step < chunks) load_side<R, MAP, EPI>(side2, res, rope, chunk + step, N, nout, OUT, t, bf16);
-    for (int it = 0;;) {
+    int it = 0;
+    // computes the chunk in ``cw`` while loading the one two ahead into ``nw`` (freed by the chunk before); false
+    // at the block's last chunk
+    auto phase = [&](const uint4 (&cw)[R], const u32 (&cs)[R], const float (&cside)[2], uint4 (&nw)[R],
+                     u32 (&ns)[R], float (&nside)[2]) -> bool {
       if (chunk + 2 * step < chunks) {
-        load_chunk<R, MAP>(w3, s3, qw, sz, chunk + 2 * step, N, kt, gpr, g, t, active, rope.hd);
-        load_side<R, MAP, EPI>(side3, res, rope, chunk + 2 * step, N, nout, OUT, t, bf16);
+        load_chunk<R, MAP>(nw, ns, qw, sz, chunk + 2 * step, N, kt, gpr, g, t, active, rope.hd);
+        load_side<R, MAP, EPI>(nside, res, rope, chunk + 2 * step, N, nout, OUT, t, bf16);
       }
-      chunk_body<R, NORM, EPI>(w, s, side, chunk, it++, xh, xl, xscale, xsum, finite, norm, red, ssum, out, rope,
+      chunk_body<R, NORM, EPI>(cw, cs, cside, chunk, it++, xh, xl, xscale, xsum, finite, norm, red, ssum, out, rope,
                                N, K, eps, bf16, position);
-      if ((chunk += step) >= chunks) break;
-      if (chunk + 2 * step < chunks) {
-        load_chunk<R, MAP>(w, s, qw, sz, chunk + 2 * step, N, kt, gpr, g, t, active, rope.hd);
-        load_side<R, MAP, EPI>(side, res, rope, chunk + 2 * step, N, nout, OUT, t, bf16);
-      }
-      chunk_body<R, NORM, EPI>(w2, s2, side2, chunk, it++, xh, xl, xscale, xsum, finite, norm, red, ssum, out,
-                               rope, N, K, eps, bf16, position);
-      if ((chunk += step) >= chunks) break;
-      if (chunk + 2 * step < chunks) {
-        load_chunk<R, MAP>(w2, s2, qw, sz, chunk + 2 * step, N, kt, gpr, g, t, active, rope.hd);
-        load_side<R, MAP, EPI>(side2, res, rope, chunk + 2 * step, N, nout, OUT, t, bf16);
-      }
-      chunk_body<R, NORM, EPI>(w3, s3, side3, chunk, it++, xh, xl, xscale, xsum, finite, norm, red, ssum, out,
-                               rope, N, K, eps, bf16, position);
-      if ((chunk += step) >= chunks) break;
+      return (chunk += step) < chunks;
+    };
+    while (phase(w, s, side, w3, s3, side3) && phase(w2, s2, side2, w, s, side) &&
+           phase(w3, s3, side3, w2, s2, side2)) {
     }
     return;
   }
