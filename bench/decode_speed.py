@@ -258,9 +258,9 @@ class _TimedStep:
         if hasattr(inner, "launch_next"):  # the scheduler's overlapped steps are launched there, not by __call__
             self.launch_next = self._launch_next
 
-    def _launch_next(self, n):
+    def _launch_next(self, n, tokens=None):
         self.calls.append((time.perf_counter(), n))
-        return self.inner.launch_next(n)
+        return self.inner.launch_next(n, tokens)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)

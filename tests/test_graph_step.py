@@ -142,8 +142,9 @@ def test_graphed_step_decodes_exactly_the_default_steps_ids(parts):
 
 def test_overlapped_steps_end_replies_exactly_where_reading_each_step_first_does(parts, monkeypatch):
     """The scheduler launches the next graphed step before it reads this one's tokens (batching.OVERLAP): a reply
-    that ends on a stop string, on max_tokens or in a batch that others join and leave mid-way must come out as
-    with each step's tokens read before the next launch (its extra row computed, never shown)."""
+    that ends on a stop string, on max_tokens, a seeded sampled one, or one in a batch that others join and leave
+    mid-way must come out as with each step's tokens read before the next launch (its extra row computed, never
+    shown; a sampled row drawn on the device with the request's generator, as the host path draws it)."""
     from pipeline.serve import batching
 
     ref_eng = GenerationEngine(*parts, decode="eager")  # the stop string: a piece of the unstopped reply
@@ -153,11 +154,13 @@ def test_overlapped_steps_end_replies_exactly_where_reading_each_step_first_does
         ref_eng.shutdown()
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     cases = [(0, SamplingParams(max_tokens=24, temperature=0.0, stops=[stop])),
-             (1, SamplingParams(max_tokens=9, temperature=0.0)), (3, SamplingParams(max_tokens=17, temperature=0.0))]
+             (1, SamplingParams(max_tokens=9, temperature=0.0)), (3, SamplingParams(max_tokens=17, temperature=0.0)),
+             (2, SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, seed=7)),  # drawn on the device
+             (4, SamplingParams(max_tokens=15, temperature=1.3, seed=11))]
 
     def run_all(overlap: bool):
         monkeypatch.setattr(batching, "OVERLAP", overlap)
-        eng = GenerationEngine(*parts, decode="graphs", decode_max_len=256, max_batch_size=4)
+        eng = GenerationEngine(*parts, decode="graphs", decode_max_len=256, max_batch_size=8)
         try:
             out: dict[int, object] = {}
             threads = [threading.Thread(target=lambda i=i, p=p: out.__setitem__(i, eng.run(

@@ -23,10 +23,11 @@ Sampling per sequence uses its own ``torch.Generator`` seeded from the request's
 (:func:`pipeline.serve.generate.sample_next_token`), so a reply depends on the seed only, never on its batch.
 Each step takes the batch's greedy tokens with one device sync, and a reply's text grows by decoding a short
 window of ids per token (:mod:`pipeline.serve.detokenize`), not the whole reply again. With a step that can feed
-itself (``launch_next``: the graphed step) and greedy rows without log-probs, the next step is launched from the
-device's tokens before the host reads them (:meth:`Scheduler._read_ahead`), so the host's work of a step overlaps
-the GPU's next one (H200, Llama-3-8B shape, batch 1: INT4 494 against 416 tok/s, bf16 212 against 197;
-bench/RESULTS.md). A sequence that ends on those tokens had one extra row computed, never shown. Results go to the
+itself (``launch_next``: the graphed step) and rows without log-probs, each row's token is chosen on the device
+(the step's greedy one, or drawn with the request's generator) and the next step is launched from them before the
+host reads them (:meth:`Scheduler._read_ahead`), so the host's work of a step overlaps the GPU's next one (H200,
+Llama-3-8B shape, greedy, batch 1: INT4 494 against 416 tok/s, bf16 212 against 197; bench/RESULTS.md). A
+sequence that ends on those tokens had one extra row computed, never shown. Results go to the
 sequence's ``sink(event, payload)`` callback from the scheduler thread: ``("token", delta)``
 with text safe to show (a possible stop-string prefix or an incomplete UTF-8 character is held back);
 ``("logprobs", [TokenLogprob])`` for the tokens chosen since the last one, just before the delta they made (and
@@ -200,7 +201,8 @@ class Scheduler:
         self._queued, self._queued_tokens = 0, 0  # sequences / reserved tokens submitted, not yet admitted
         self._stop = threading.Event()
         self.steps, self.regroups = 0, 0  # decode steps; batch caches built (one per membership change)
-        self._ahead: list[Sequence] | None = None  # the rows of the launched step whose tokens are not read yet
+        self._ahead: tuple[list[Sequence], torch.Tensor] | None = None  # a launched step's rows and logits
+        # whose tokens are not read yet
         self.overlapped = 0  # steps launched before the tokens of the step before them were read (launch_next)
         self._cache_kw = cache_kwarg(model)
 
@@ -389,10 +391,8 @@ class Scheduler:
             state.attention_mask = left_pad_mask([n + 1 for n in state.lengths], state.past + 1).to(device)
         logits = self.step(self.model, state)
         self._count_step(state)
-        if OVERLAP and getattr(self.step, "launch_next", None) is not None and all(
-            s.params.temperature <= 0 and s.logprobs is None for s in batch
-        ):  # greedy rows, no logits needed on the host: read their tokens after the next step is launched
-            self._ahead = batch
+        if OVERLAP and getattr(self.step, "launch_next", None) is not None and all(s.logprobs is None for s in batch):
+            self._ahead = (batch, logits)  # no log-probs to read on the host: tokens are read after the next launch
             return
         # Every row's greedy token with one device sync (argmax of bf16 logits = of their float32); a step that
         # computes them itself (the graphed step, inside its graph) saves the argmax kernel
@@ -408,38 +408,57 @@ class Scheduler:
         self.steps += 1
 
     def _read_ahead(self) -> None:
-        """Read the greedy tokens of the launched step (rows ``self._ahead``) and advance its sequences. While the
-        batch is unchanged (no joiner, none finished or cancelled, room left in the cache) the next step is
-        launched first, fed by those tokens on the device (``step.launch_next``), so the GPU runs it while the
-        host advances the sequences (detokenizing, stop strings, streaming): the host's time between steps no
-        longer leaves the GPU idle. A sequence that finishes on these tokens had its row of the next step
-        computed for nothing; the step after that one is a plain one over the new batch."""
-        batch, self._ahead = self._ahead, None
+        """Choose the tokens of the launched step (``self._ahead``: its rows and logits) on the device, read them
+        and advance its sequences. While the batch is unchanged (no joiner, none finished or cancelled, room left
+        in the cache) the next step is launched first, fed by those tokens on the device (``step.launch_next``),
+        so the GPU runs it while the host advances the sequences (detokenizing, stop strings, streaming): the
+        host's time between steps no longer leaves the GPU idle. A sequence that finishes on these tokens had its
+        row of the next step computed for nothing; the step after that one is a plain one over the new batch."""
+        (batch, logits), self._ahead = self._ahead, None
         state = self.state
         chain = (
             state is not None and len(self.active) == len(batch) and all(a is b for a, b in zip(self.active, batch))
             and not any(s.cancelled.is_set() for s in batch)
             and max(state.lengths) < getattr(self.step, "max_len", float("inf"))
         )  # fmt: skip
+        chosen = self._choose(batch, logits)
         if chain:
-            read = self.step.launch_next(len(batch))
+            read = self.step.launch_next(len(batch), chosen)
             self._count_step(state)
             self.overlapped += 1
             tokens = read()
-            self._ahead = batch
+            self._ahead = (batch, self.step.last_logits(len(batch)))
         else:
-            tokens = self.step.greedy_tokens(len(batch)).tolist()
+            tokens = chosen.tolist()
         for b, seq in enumerate(batch):
             if not seq.cancelled.is_set():
-                self._advance(seq, None, tokens[b])
+                self._advance(seq, None, chosen=tokens[b])
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor | None, greedy: int | None = None) -> None:
-        """Pick the next token from ``logits`` [vocab] (``greedy``: its argmax, when already known), report it,
-        and finish the sequence when it ends."""
+    def _choose(self, batch: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """Each row's next token, on the device: the step's greedy one, or drawn from ``logits`` with the
+        sequence's own generator exactly as :meth:`_advance` draws it (so a seeded reply is the same either way)."""
+        from pipeline.serve.generate import sample_next_token
+
+        chosen = self.step.greedy_tokens(len(batch))
+        sampled = [(b, s) for b, s in enumerate(batch) if s.params.temperature > 0 and not s.cancelled.is_set()]
+        if sampled:
+            chosen = chosen.clone()
+            for b, seq in sampled:
+                p = seq.params
+                chosen[b] = sample_next_token(logits[b][None].float(), p.temperature, p.top_p,
+                                              _generator(seq, logits))[0]  # fmt: skip
+        return chosen
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor | None, greedy: int | None = None, *,
+                 chosen: int | None = None) -> None:  # fmt: skip
+        """Pick the next token from ``logits`` [vocab] (``greedy``: its argmax, when already known; ``chosen``:
+        the token itself, already picked), report it, and finish the sequence when it ends."""
         from pipeline.serve.generate import first_stop, sample_next_token
 
         p = seq.params
-        if p.temperature <= 0:
+        if chosen is not None:
+            token = chosen
+        elif p.temperature <= 0:
             token = int(logits.argmax()) if greedy is None else greedy
         else:
             token = int(sample_next_token(logits[None].float(), p.temperature, p.top_p, _generator(seq, logits))[0])

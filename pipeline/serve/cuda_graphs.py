@@ -30,8 +30,8 @@ instead of calling ``prefill``, and uses ``compact`` for the moves):
   slot's cache rows ``0 .. len-1``);
 - every step: keep the running sequences in slots ``0 .. n-1`` (``dec.move_slot(src, dst)`` compacts after a
   sequence leaves), then ``logits = dec.step(next_tokens[:n])`` replays the graph of the smallest bucket >= n;
-  or, for greedy rows, ``read = dec.step_greedy(n)`` replays it fed by the last step's greedy tokens on the device
-  and ``read()`` gives those tokens once they reach the host, without waiting for the new step;
+  or ``read = dec.step_from(n, tokens)`` replays it fed by tokens chosen on the device (by default the last step's
+  greedy ones) and ``read()`` gives those tokens once they reach the host, without waiting for the new step;
 - a finished or disconnected sequence: ``dec.release(slot)``; the scheduler must cap a sequence at
   ``max_len`` positions (``dec.max_len``).
 
@@ -147,7 +147,8 @@ class GraphedDecoder:
         self.pos = torch.zeros(max_batch, device=self.device, dtype=torch.long)  # next write position per slot
         self.tokens = torch.zeros(max_batch, 1, device=self.device, dtype=torch.long)
         self.greedy = torch.zeros(max_batch, device=self.device, dtype=torch.long)  # argmax of the last step's rows
-        self._host_greedy: torch.Tensor | None = None  # step_greedy's pinned copy of them (CUDA)
+        self._host_tokens: torch.Tensor | None = None  # step_from's pinned copy of its input tokens (CUDA)
+        self._last_logits: torch.Tensor | None = None  # the last step's logits (last_logits)
         self.rows = torch.arange(max_batch, device=self.device)
         self.keys = torch.arange(max_len, device=self.device)
         self.graphs_enabled = self.device.type == "cuda" if graphs is None else graphs
@@ -225,23 +226,24 @@ class GraphedDecoder:
         return self._run(n, bucket)[:n].clone()
 
     @torch.inference_mode()
-    def step_greedy(self, n: int) -> Callable[[], list[int]]:
-        """The next step of slots ``0 .. n-1`` fed by the last step's greedy tokens on the device (no host round
-        trip), and a function that returns those tokens as ints. On CUDA their copy to (pinned) host memory is
-        queued before the new step, so the function waits for the copy alone while the new step runs; call it
-        before the next ``step_greedy`` (one host buffer)."""
+    def step_from(self, n: int, tokens: torch.Tensor | None = None) -> Callable[[], list[int]]:
+        """The next step of slots ``0 .. n-1`` fed by ``tokens`` [n] on the device (default: the last step's greedy
+        tokens), no host round trip, and a function that returns those tokens as ints. On CUDA their copy to
+        (pinned) host memory is queued before the new step, so the function waits for the copy alone while the new
+        step runs; call it before the next ``step_from`` (one host buffer)."""
         bucket = self._bucket(n)
+        src = self.greedy[:n] if tokens is None else tokens.reshape(-1)
         done = None
         if self.device.type == "cuda":
-            if self._host_greedy is None:
-                self._host_greedy = torch.empty(self.max_batch, dtype=torch.long, pin_memory=True)
-            host = self._host_greedy[:n]
-            host.copy_(self.greedy[:n], non_blocking=True)
+            if self._host_tokens is None:
+                self._host_tokens = torch.empty(self.max_batch, dtype=torch.long, pin_memory=True)
+            host = self._host_tokens[:n]
+            host.copy_(src, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
         else:
-            host = self.greedy[:n].clone()
-        self.tokens[:n, 0] = self.greedy[:n]
+            host = src.clone()
+        self.tokens[:n, 0] = src
         self._run(n, bucket)
 
         def read() -> list[int]:
@@ -250,6 +252,10 @@ class GraphedDecoder:
             return host.tolist()
 
         return read
+
+    def last_logits(self, n: int) -> torch.Tensor:
+        """The logits [n, vocab] of the last step (a view of the graph's output: valid until the next step)."""
+        return self._last_logits[:n]
 
     def _bucket(self, n: int) -> int:
         bucket = next((b for b in self.buckets if b >= n), None)
@@ -260,11 +266,13 @@ class GraphedDecoder:
     def _run(self, n: int, bucket: int) -> torch.Tensor:
         """The step over ``self.tokens[:n]``: the bucket's graph replayed (captured at first use), or eager."""
         if not self.graphs_enabled:
-            return self._decode(n)
+            self._last_logits = self._decode(n)
+            return self._last_logits
         if bucket not in self._graphs:
             self._capture(bucket)
         graph, out = self._graphs[bucket]
         graph.replay()
+        self._last_logits = out
         return out
 
     def greedy_tokens(self, n: int) -> torch.Tensor:

@@ -110,11 +110,16 @@ class GraphedStep:
         self.dec.pos[:n].copy_(state.position_ids[:, 0])
         return self.dec.step(state.input_ids[:, 0])
 
-    def launch_next(self, n: int) -> Callable[[], list[int]]:
-        """The next step of the same ``n`` rows, fed by the last step's greedy tokens on the device (positions
-        advance in the graph); returns the function that gives those tokens, waiting for their copy to the host
-        but not for the new step (``GraphedDecoder.step_greedy``): the scheduler advances the sequences meanwhile."""
-        return self.dec.step_greedy(n)
+    def launch_next(self, n: int, tokens: torch.Tensor | None = None) -> Callable[[], list[int]]:
+        """The next step of the same ``n`` rows, fed by ``tokens`` [n] chosen on the device (default: the last
+        step's greedy ones; positions advance in the graph); returns the function that gives those tokens, waiting
+        for their copy to the host but not for the new step (``GraphedDecoder.step_from``): the scheduler advances
+        the sequences meanwhile."""
+        return self.dec.step_from(n, tokens)
+
+    def last_logits(self, n: int) -> torch.Tensor:
+        """The last step's logits [n, vocab] (valid until the next step)."""
+        return self.dec.last_logits(n)
 
     def greedy_tokens(self, n: int) -> torch.Tensor:
         """The argmax of the last call's ``n`` rows, computed inside the step (``GraphedDecoder.greedy_tokens``)."""
