@@ -5,6 +5,7 @@ are out as the decode graphs see them. CUDA only.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -95,6 +96,13 @@ def gpu_results() -> dict | None:
         print("no CUDA device: nothing to measure (this bench needs an NVIDIA GPU)")
         return None
     return dict(gpu=torch.cuda.get_device_name(0), torch=torch.__version__, python=platform.python_version())
+
+
+def save_json(path: str | None, res: dict) -> None:
+    """Write a GPU bench's results so far to ``path`` (if given): benches save after each part, so a call that
+    runs out of time keeps what it measured."""
+    if path:
+        Path(path).write_text(json.dumps(res, indent=1))
 
 
 def graph_time(fns, iters: int = 200) -> float:

@@ -258,7 +258,7 @@ class _TimedStep:
         if hasattr(inner, "launch_next"):  # the scheduler's overlapped steps are launched there, not by __call__
             self.launch_next = self._launch_next
 
-    def _launch_next(self, n, tokens=None):
+    def _launch_next(self, n, tokens):
         self.calls.append((time.perf_counter(), n))
         return self.inner.launch_next(n, tokens)
 
@@ -378,7 +378,9 @@ def main(argv=None) -> int:
 
         micro_prefill(out)
         _save(a.out)
-    deep = None  # int4_cuda.AHEAD2_ABOVE_K as imported ("-ahead1", "-ahead2" change it)
+    from pipeline.engines import int4_cuda
+
+    deep = int4_cuda.AHEAD2_ABOVE_K  # the default ("-ahead1", "-ahead2" change it for their rows)
     for fmt in formats:
         model = convert(build_model(a.shape, a.device, dtype), fmt, a.device, dtype)
         nbytes = {b: weight_bytes_per_token(model, b) for b in batches}
@@ -411,9 +413,6 @@ def main(argv=None) -> int:
                     fused_proj.DEFER_RESIDUAL = "nodefer" not in flags
                     fused_proj.ROPE_IN_QKV = "norope" not in flags
                     cuda_launch.PDL = "nopdl" not in flags
-                    from pipeline.engines import int4_cuda
-
-                    deep = int4_cuda.AHEAD2_ABOVE_K if deep is None else deep  # the default, kept
                     depth = {"ahead1": int4_cuda.MAX_K, "ahead2": 0}
                     int4_cuda.AHEAD2_ABOVE_K = next((v for f, v in depth.items() if f in flags), deep)
                     shape = next((f[4:] for f in flags if f.startswith("rows") and len(f) == 8), "4444")

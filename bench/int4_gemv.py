@@ -12,7 +12,6 @@ for ours; tinygemm's packed codes + its bf16 scale/zero pairs).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.decode_micro import gpu_results, graph_time  # noqa: E402
+from bench.decode_micro import gpu_results, graph_time, save_json  # noqa: E402
 
 SHAPES = {  # label: (N, K)
     "8b q/o": (4096, 4096), "8b k/v": (1024, 4096), "8b qkv fused": (6144, 4096), "8b gate/up": (14336, 4096),
@@ -214,16 +213,13 @@ def main(argv=None) -> int:
     worst = max(r["rel_err"] for r in res["exactness"])
     print(f"exactness: worst relative error against float64 {worst:.2e} over {len(res['exactness'])} cases")
     res["layer_chain"] = layer_chain()
-    if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=1))
+    save_json(a.out, res)
     if a.chain_only:
         return 0
     res["speed"] = speed({s: SHAPES[s] for s in a.shapes.split(",")})
-    if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=1))
+    save_json(a.out, res)
     res["speed_int8"] = speed_int8({s: SHAPES[s] for s in a.shapes.split(",")})
-    if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=1))
+    save_json(a.out, res)
     return 0
 
 

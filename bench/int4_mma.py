@@ -8,7 +8,6 @@ inside CUDA graphs rotating over enough weights to defeat L2 (``decode_micro.gra
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.decode_micro import gpu_results, graph_time  # noqa: E402
+from bench.decode_micro import gpu_results, graph_time, save_json  # noqa: E402
 
 SHAPES = {"q|k|v": (6144, 4096), "o": (4096, 4096), "gate|up": (28672, 4096), "down": (4096, 14336)}
 CONFIGS = ((2, 16, 1), (2, 16, 2), (4, 8, 1), (4, 16, 1))  # (tiles of 8 rows, warps, min blocks an SM)
@@ -99,12 +98,10 @@ def main(argv=None) -> int:
     print("exactness: worst relative error against the reference "
           f"{max(r['vs_reference'] for r in res['exactness']):.2e}, against float64 "
           f"{max(r['vs_float64'] for r in res['exactness']):.2e}", flush=True)
-    if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=1))
+    save_json(a.out, res)
     tokens = tuple(int(m) for m in a.tokens.split(","))
     res["speed"] = [row for g in a.groups.split(",") for row in speed(tokens, int(g))]
-    if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=1))
+    save_json(a.out, res)
     return 0
 
 

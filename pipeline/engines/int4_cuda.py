@@ -176,7 +176,7 @@ def compile_problem(dtype: torch.dtype, k: int, norm: bool = False, epilogue: st
 
 def ahead(k: int, rows: int) -> int:
     """Chunks of weights a block has in flight beyond the one it computes: 2 for K above ``AHEAD2_ABOVE_K`` at 4
-    rows a chunk (sm_90: 118-125 registers, no spills; at 2 and 8 rows the third buffer spills)."""
+    rows a chunk (sm_90: no spills at ``AHEAD2_REGISTERS``; at 2 and 8 rows the third buffer spills)."""
     return 2 if AHEAD2_ABOVE_K < k <= WIDE_K and rows == 4 else 1
 
 

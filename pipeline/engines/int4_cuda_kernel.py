@@ -334,13 +334,13 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
     float side2[2] = {0.f, 0.f}, side3[2] = {0.f, 0.f};
     if (chunk + step < chunks) load_side<R, MAP, EPI>(side2, res, rope, chunk + step, N, nout, OUT, t, bf16);
     int it = 0;
-    // computes the chunk in ``cw`` while loading the one two ahead into ``nw`` (freed by the chunk before); false
+    // computes the chunk in ``cw`` while loading the one two ahead into ``lw`` (freed by the chunk before); false
     // at the block's last chunk
-    auto phase = [&](const uint4 (&cw)[R], const u32 (&cs)[R], const float (&cside)[2], uint4 (&nw)[R],
-                     u32 (&ns)[R], float (&nside)[2]) -> bool {
+    auto phase = [&](const uint4 (&cw)[R], const u32 (&cs)[R], const float (&cside)[2], uint4 (&lw)[R],
+                     u32 (&ls)[R], float (&lside)[2]) -> bool {
       if (chunk + 2 * step < chunks) {
-        load_chunk<R, MAP>(nw, ns, qw, sz, chunk + 2 * step, N, kt, gpr, g, t, active, rope.hd);
-        load_side<R, MAP, EPI>(nside, res, rope, chunk + 2 * step, N, nout, OUT, t, bf16);
+        load_chunk<R, MAP>(lw, ls, qw, sz, chunk + 2 * step, N, kt, gpr, g, t, active, rope.hd);
+        load_side<R, MAP, EPI>(lside, res, rope, chunk + 2 * step, N, nout, OUT, t, bf16);
       }
       chunk_body<R, NORM, EPI>(cw, cs, cside, chunk, it++, xh, xl, xscale, xsum, finite, norm, red, ssum, out, rope,
                                N, K, eps, bf16, position);

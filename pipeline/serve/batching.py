@@ -167,6 +167,15 @@ def _generator(seq: Sequence, logits: torch.Tensor) -> torch.Generator:
     return seq.generator
 
 
+def _draw(seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
+    """``seq``'s next token drawn from its ``logits`` [vocab] with its own generator, on their device (a 0-d
+    tensor: no host sync)."""
+    from pipeline.serve.generate import sample_next_token
+
+    p = seq.params
+    return sample_next_token(logits[None].float(), p.temperature, p.top_p, _generator(seq, logits))[0]
+
+
 # ------------------------------------------------------------------------------------- scheduler
 
 
@@ -423,11 +432,11 @@ class Scheduler:
         )  # fmt: skip
         chosen = self._choose(batch, logits)
         if chain:
-            read = self.step.launch_next(len(batch), chosen)
+            read, next_logits = self.step.launch_next(len(batch), chosen)
             self._count_step(state)
             self.overlapped += 1
             tokens = read()
-            self._ahead = (batch, self.step.last_logits(len(batch)))
+            self._ahead = (batch, next_logits)
         else:
             tokens = chosen.tolist()
         for b, seq in enumerate(batch):
@@ -436,24 +445,21 @@ class Scheduler:
 
     def _choose(self, batch: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         """Each row's next token, on the device: the step's greedy one, or drawn from ``logits`` with the
-        sequence's own generator exactly as :meth:`_advance` draws it (so a seeded reply is the same either way)."""
-        from pipeline.serve.generate import sample_next_token
-
+        sequence's own generator by :func:`_draw`, as :meth:`_advance` draws it (a seeded reply is the same
+        either way)."""
         chosen = self.step.greedy_tokens(len(batch))
         sampled = [(b, s) for b, s in enumerate(batch) if s.params.temperature > 0 and not s.cancelled.is_set()]
         if sampled:
             chosen = chosen.clone()
             for b, seq in sampled:
-                p = seq.params
-                chosen[b] = sample_next_token(logits[b][None].float(), p.temperature, p.top_p,
-                                              _generator(seq, logits))[0]  # fmt: skip
+                chosen[b] = _draw(seq, logits[b])
         return chosen
 
     def _advance(self, seq: Sequence, logits: torch.Tensor | None, greedy: int | None = None, *,
                  chosen: int | None = None) -> None:  # fmt: skip
         """Pick the next token from ``logits`` [vocab] (``greedy``: its argmax, when already known; ``chosen``:
         the token itself, already picked), report it, and finish the sequence when it ends."""
-        from pipeline.serve.generate import first_stop, sample_next_token
+        from pipeline.serve.generate import first_stop
 
         p = seq.params
         if chosen is not None:
@@ -461,7 +467,7 @@ class Scheduler:
         elif p.temperature <= 0:
             token = int(logits.argmax()) if greedy is None else greedy
         else:
-            token = int(sample_next_token(logits[None].float(), p.temperature, p.top_p, _generator(seq, logits))[0])
+            token = int(_draw(seq, logits))
         seq.ids.append(token)
         if seq.first_token_s is None:
             seq.first_token_s = time.perf_counter() - seq.submitted

@@ -30,8 +30,8 @@ instead of calling ``prefill``, and uses ``compact`` for the moves):
   slot's cache rows ``0 .. len-1``);
 - every step: keep the running sequences in slots ``0 .. n-1`` (``dec.move_slot(src, dst)`` compacts after a
   sequence leaves), then ``logits = dec.step(next_tokens[:n])`` replays the graph of the smallest bucket >= n;
-  or ``read = dec.step_from(n, tokens)`` replays it fed by tokens chosen on the device (by default the last step's
-  greedy ones) and ``read()`` gives those tokens once they reach the host, without waiting for the new step;
+  or ``read, logits = dec.step_from(n, tokens)`` replays it fed by tokens chosen on the device, and ``read()``
+  gives those tokens once they reach the host, without waiting for the new step;
 - a finished or disconnected sequence: ``dec.release(slot)``; the scheduler must cap a sequence at
   ``max_len`` positions (``dec.max_len``).
 
@@ -148,7 +148,6 @@ class GraphedDecoder:
         self.tokens = torch.zeros(max_batch, 1, device=self.device, dtype=torch.long)
         self.greedy = torch.zeros(max_batch, device=self.device, dtype=torch.long)  # argmax of the last step's rows
         self._host_tokens: torch.Tensor | None = None  # step_from's pinned copy of its input tokens (CUDA)
-        self._last_logits: torch.Tensor | None = None  # the last step's logits (last_logits)
         self.rows = torch.arange(max_batch, device=self.device)
         self.keys = torch.arange(max_len, device=self.device)
         self.graphs_enabled = self.device.type == "cuda" if graphs is None else graphs
@@ -226,13 +225,14 @@ class GraphedDecoder:
         return self._run(n, bucket)[:n].clone()
 
     @torch.inference_mode()
-    def step_from(self, n: int, tokens: torch.Tensor | None = None) -> Callable[[], list[int]]:
-        """The next step of slots ``0 .. n-1`` fed by ``tokens`` [n] on the device (default: the last step's greedy
-        tokens), no host round trip, and a function that returns those tokens as ints. On CUDA their copy to
-        (pinned) host memory is queued before the new step, so the function waits for the copy alone while the new
-        step runs; call it before the next ``step_from`` (one host buffer)."""
+    def step_from(self, n: int, tokens: torch.Tensor) -> tuple[Callable[[], list[int]], torch.Tensor]:
+        """The next step of slots ``0 .. n-1`` fed by ``tokens`` [n] on the device (no host round trip): a function
+        that returns those tokens as ints, and the step's logits [n, vocab] (with graphs, a view of the graph's
+        output: valid until the next step). On CUDA the tokens' copy to (pinned) host memory is queued before the
+        new step, so the function waits for the copy alone while the new step runs; call it before the next
+        ``step_from`` (one host buffer)."""
         bucket = self._bucket(n)
-        src = self.greedy[:n] if tokens is None else tokens.reshape(-1)
+        src = tokens.reshape(-1)
         done = None
         if self.device.type == "cuda":
             if self._host_tokens is None:
@@ -244,18 +244,14 @@ class GraphedDecoder:
         else:
             host = src.clone()
         self.tokens[:n, 0] = src
-        self._run(n, bucket)
+        logits = self._run(n, bucket)[:n]
 
         def read() -> list[int]:
             if done is not None:
                 done.synchronize()
             return host.tolist()
 
-        return read
-
-    def last_logits(self, n: int) -> torch.Tensor:
-        """The logits [n, vocab] of the last step (a view of the graph's output: valid until the next step)."""
-        return self._last_logits[:n]
+        return read, logits
 
     def _bucket(self, n: int) -> int:
         bucket = next((b for b in self.buckets if b >= n), None)
@@ -266,13 +262,11 @@ class GraphedDecoder:
     def _run(self, n: int, bucket: int) -> torch.Tensor:
         """The step over ``self.tokens[:n]``: the bucket's graph replayed (captured at first use), or eager."""
         if not self.graphs_enabled:
-            self._last_logits = self._decode(n)
-            return self._last_logits
+            return self._decode(n)
         if bucket not in self._graphs:
             self._capture(bucket)
         graph, out = self._graphs[bucket]
         graph.replay()
-        self._last_logits = out
         return out
 
     def greedy_tokens(self, n: int) -> torch.Tensor:

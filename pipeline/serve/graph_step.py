@@ -110,16 +110,12 @@ class GraphedStep:
         self.dec.pos[:n].copy_(state.position_ids[:, 0])
         return self.dec.step(state.input_ids[:, 0])
 
-    def launch_next(self, n: int, tokens: torch.Tensor | None = None) -> Callable[[], list[int]]:
-        """The next step of the same ``n`` rows, fed by ``tokens`` [n] chosen on the device (default: the last
-        step's greedy ones; positions advance in the graph); returns the function that gives those tokens, waiting
-        for their copy to the host but not for the new step (``GraphedDecoder.step_from``): the scheduler advances
-        the sequences meanwhile."""
+    def launch_next(self, n: int, tokens: torch.Tensor) -> tuple[Callable[[], list[int]], torch.Tensor]:
+        """The next step of the same ``n`` rows, fed by ``tokens`` [n] chosen on the device (positions advance in
+        the graph): the function that gives those tokens, waiting for their copy to the host but not for the new
+        step, and the new step's logits, valid until the step after it (``GraphedDecoder.step_from``); the
+        scheduler advances the sequences meanwhile."""
         return self.dec.step_from(n, tokens)
-
-    def last_logits(self, n: int) -> torch.Tensor:
-        """The last step's logits [n, vocab] (valid until the next step)."""
-        return self.dec.last_logits(n)
 
     def greedy_tokens(self, n: int) -> torch.Tensor:
         """The argmax of the last call's ``n`` rows, computed inside the step (``GraphedDecoder.greedy_tokens``)."""
