@@ -49,6 +49,7 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "llama3-8b": (4096, 14336, 32, 32, 8, 128256),
 }
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GROUP = 128  # the INT4 formats' group size (--group)
 RESULTS: dict = {}
 
 
@@ -83,20 +84,20 @@ def quantized_linear(fmt: str, lin: torch.nn.Linear, device, dtype):
 
     n, k = lin.weight.shape
     if fmt.startswith("int4"):
-        qw = _random_qweight(n, k, device)
+        qw = _random_qweight(n, k, device, GROUP)
         if fmt in ("int4", "int4-tinygemm", "int4-triton"):  # codes straight in: packing 7B codes on the host is slow
             kernel = {"int4": "auto", "int4-tinygemm": qlinear.KERNEL_CUDA, "int4-triton": qlinear.KERNEL_TRITON}[fmt]
             return qlinear.Int4Linear(qw, device=device, dtype=dtype, kernel=kernel)
         if fmt == "int4-awq":
             from pipeline.formats import awq_gemm
 
-            cpu = qlinear.QuantizedWeight(qw.w_int.cpu(), qw.scales.cpu(), qw.zeros.cpu(), 4, 128)
-            return qlinear.awq_linear(awq_gemm.pack(cpu), {"bits": 4, "group_size": 128, "version": "gemm"},
+            cpu = qlinear.QuantizedWeight(qw.w_int.cpu(), qw.scales.cpu(), qw.zeros.cpu(), 4, GROUP)
+            return qlinear.awq_linear(awq_gemm.pack(cpu), {"bits": 4, "group_size": GROUP, "version": "gemm"},
                                       torch.device(device), dtype)
         from pipeline.formats import gptq
 
-        cpu = qlinear.QuantizedWeight(qw.w_int.cpu(), qw.scales.cpu(), qw.zeros.cpu(), 4, 128)
-        return qlinear.gptq_linear(gptq.pack(cpu), {"bits": 4, "group_size": 128}, torch.device(device), dtype)
+        cpu = qlinear.QuantizedWeight(qw.w_int.cpu(), qw.scales.cpu(), qw.zeros.cpu(), 4, GROUP)
+        return qlinear.gptq_linear(gptq.pack(cpu), {"bits": 4, "group_size": GROUP}, torch.device(device), dtype)
     if fmt == "int4-gemlite":  # comparison only (pip gemlite, Apache-2.0): not a runtime path
         from bench.decode_micro import _gemlite
 
@@ -323,6 +324,7 @@ def server_speed(model, device, batch, mode, prompt, steps, max_len=None, fuse=T
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    ap.add_argument("--group", type=int, default=128, help="group size of the INT4 formats' random codes")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--formats", default=None, help="comma list (default: all for the device)")
     ap.add_argument("--modes", default=None, help="comma list of eager,graphs,graphs+compile; with --server, a "
@@ -335,7 +337,8 @@ def main(argv=None) -> int:
                     "decode attention in blocks of 64 positions, + \"-ahead1\" / \"-ahead2\" every INT4 GEMV "
                     "block one / two chunks of weights ahead (by default down's, K > 8192, two, the others one), "
                     "+ \"-noattn\" no decode attention at all (a diagnostic: wrong tokens, the time of the rest), + "
-                    "\"-nooverlap\" the scheduler reads each step's tokens before it launches the next")
+                    "\"-nooverlap\" the scheduler reads each step's tokens before it launches the next, + "
+                    "\"-latemask\" decode attention reads its mask after the PDL wait")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--steps", type=int, default=64)
@@ -350,6 +353,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="also a per-kernel GPU time profile of each format")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    global GROUP
+    GROUP = a.group
     cuda = a.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     formats = (a.formats or ("ref,int4,int4-triton,int8,fp8" if cuda else
@@ -358,7 +363,7 @@ def main(argv=None) -> int:
     batches = [int(b) for b in a.batches.split(",")]
     out = RESULTS
     out.update(shape=a.shape, dims=SHAPES[a.shape], device=a.device, torch=torch.__version__, python=platform.python_version(),
-               prompt=a.prompt, steps=a.steps, server=a.server, max_len=a.max_len, rows=[])
+               prompt=a.prompt, steps=a.steps, server=a.server, max_len=a.max_len, group=a.group, rows=[])
     import transformers
 
     out["transformers"] = transformers.__version__
@@ -406,6 +411,7 @@ def main(argv=None) -> int:
                     from pipeline.serve import decode_attention_triton as dat
 
                     dat.BLOCK_L, dat.PARTIAL_WARPS = (64, 4) if "attn64" in flags else (128, 8)
+                    dat.MASK_EARLY = "latemask" not in flags
                     from pipeline.serve import batching
 
                     batching.OVERLAP = "nooverlap" not in flags

@@ -67,8 +67,9 @@ def speed(ms=(1, 2, 4, 8, 16), group: int = 128) -> list[dict]:
             packs.append((qm, sz))
         for m in ms:
             x = torch.randn(m, k, device="cuda").bfloat16()
-            res = {"bf16": graph_time([lambda t=t: t(x) for t in lins]),
-                   "tinygemm": graph_time([lambda t=t: t._run_packed(x) for t in mods])}
+            res = {"bf16": graph_time([lambda t=t: t(x) for t in lins])}
+            if getattr(mods[0], "weight_int4pack", None) is not None:  # tinygemm takes groups of 32 and up
+                res["tinygemm"] = graph_time([lambda t=t: t._run_packed(x) for t in mods])
             for tiles, warps, blocks in CONFIGS:
                 res[f"mma t{tiles} w{warps} b{blocks}"] = graph_time([
                     lambda p=p, t=tiles, w=warps, b=blocks: int4_mma.matmul(x, p[0], p[1], group, t, w, b)

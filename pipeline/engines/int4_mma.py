@@ -62,12 +62,20 @@ __device__ __forceinline__ void mma16816(float (&acc)[4], u32 a0, u32 a1, u32 a2
 // bfloat16 of a float32 scale, in both halves
 __device__ __forceinline__ u32 bf16x2_of(float f) { const u32 h = f32_to_act(f, true); return h | (h << 16); }
 
-// One unit's loads for NT tiles: the lane's 16 bytes of codes and its row's scale words (8 / SEG of them), in
-// flight together (a scale word loaded where it is used kept every unit waiting on it)
+// One unit's loads for NT tiles: the lane's 16 bytes of codes and its share of its row's 8 / SEG scale words, in
+// flight together (a scale word loaded where it is used kept every unit waiting on it). The 4 lanes of a row
+// split the words (lane c holds words c, c + 4 of the unit, modulo their count) and pass them round with shuffles
+// where a step needs one: each lane holding all of them (4 words a tile at groups of 32, in three buffers) made
+// the group-32 kernel spill and take 1.6-1.8x its group-128 time.
+template <int SEG>
+struct Words {
+  static constexpr int N = 8 / SEG;  // scale words in a unit
+  static constexpr int LANE = N > 4 ? N / 4 : 1;  // held by each lane
+};
 template <int NT, int SEG>
 struct Unit {
   uint4 w[NT];
-  u32 s[NT][8 / SEG];
+  u32 s[NT][Words<SEG>::LANE];
 };
 
 template <int NT, int SEG>
@@ -79,7 +87,10 @@ __device__ __forceinline__ void load_unit(Unit<NT, SEG>& un, const uint4* __rest
     un.w[j] = ok ? load_stream(qm + ((size_t)(tile0 + j) * units + u) * 32 + lane) : make_uint4(0u, 0u, 0u, 0u);
     const u32* row = sz + (size_t)((tile0 + j) * 8 + (lane >> 2)) * gpr;
 #pragma unroll
-    for (int q = 0; q < 8 / SEG; ++q) un.s[j][q] = ok ? __ldg(row + ((u << 7) + q * SEG * 16) / G) : 0u;
+    for (int e = 0; e < Words<SEG>::LANE; ++e) {
+      const int q = ((lane & 3) + 4 * e) % Words<SEG>::N;
+      un.s[j][e] = ok ? __ldg(row + ((u << 7) + q * SEG * 16) / G) : 0u;
+    }
   }
 }
 
@@ -87,10 +98,11 @@ __device__ __forceinline__ void load_unit(Unit<NT, SEG>& un, const uint4* __rest
 // instructions. SEG: steps per scale word (G / 16, at most 8).
 template <int SEG, bool HI, int NT>
 __device__ __forceinline__ void unit(float (&acc)[NT][4], const Unit<NT, SEG>& un, const u32* __restrict__ x0,
-                                     const u32* __restrict__ x1, bool r0, bool r1, int u, int c) {
+                                     const u32* __restrict__ x1, bool r0, bool r1, int u, int lane) {
+  const int c = lane & 3;
   // Up to 8 tokens the unit's A fragments are loaded before its first instruction (H200, 8 tokens: 3-8% less time;
-  // at 16 tokens, twice the registers, mixed); group 32 (SEG 2) would spill
-  constexpr bool HOIST_A = !HI && SEG >= 4;
+  // at 16 tokens, twice the registers, mixed); every group size, since the scale words are shared out
+  constexpr bool HOIST_A = !HI;
   u32 ss[NT], zz[NT];
   u32 A[8][4];
   if (HOIST_A) {
@@ -109,7 +121,9 @@ __device__ __forceinline__ void unit(float (&acc)[NT][4], const Unit<NT, SEG>& u
     if (t % SEG == 0) {  // this segment's -(128 + z) and s, bfloat16 in both halves
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        const u32 word = un.s[j][t / SEG];
+        const int q = t / SEG;  // the step's word: held by lane q % 4 of this row, as its element q / 4
+        const u32 word = Words<SEG>::N == 1 ? un.s[j][0]
+                                            : __shfl_sync(0xffffffffu, un.s[j][q / 4], (lane & ~3) | (q % 4));
         ss[j] = bf16x2_of(__uint_as_float(word & 0xFFFFFF00u));
         const u32 nz = f32_to_act(-(float)(128 + (int)(word & 0xFFu)), true);
         zz[j] = nz | (nz << 16);
@@ -164,7 +178,7 @@ __device__ __forceinline__ void q4mma(const u16* __restrict__ x, const uint4* __
     for (int i = 0; i < per; ++i, ++s) {
       Unit<NT, SEG> after;
       load(after, s + 2);
-      unit<SEG, HI, NT>(acc, cur, x0, x1, r0, r1, warp + i * W, c);
+      unit<SEG, HI, NT>(acc, cur, x0, x1, r0, r1, warp + i * W, lane);
       cur = nxt;
       nxt = after;
     }
