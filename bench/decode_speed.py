@@ -337,8 +337,7 @@ def main(argv=None) -> int:
                     "decode attention in blocks of 64 positions, + \"-ahead1\" / \"-ahead2\" every INT4 GEMV "
                     "block one / two chunks of weights ahead (by default down's, K > 8192, two, the others one), "
                     "+ \"-noattn\" no decode attention at all (a diagnostic: wrong tokens, the time of the rest), + "
-                    "\"-nooverlap\" the scheduler reads each step's tokens before it launches the next, + "
-                    "\"-latemask\" decode attention reads its mask after the PDL wait")
+                    "\"-nooverlap\" the scheduler reads each step's tokens before it launches the next")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--steps", type=int, default=64)
@@ -411,7 +410,6 @@ def main(argv=None) -> int:
                     from pipeline.serve import decode_attention_triton as dat
 
                     dat.BLOCK_L, dat.PARTIAL_WARPS = (64, 4) if "attn64" in flags else (128, 8)
-                    dat.MASK_EARLY = "latemask" not in flags
                     from pipeline.serve import batching
 
                     batching.OVERLAP = "nooverlap" not in flags

@@ -38,7 +38,6 @@ from pipeline.engines import cuda_launch
 # a short sequence took ~6 us a layer on the H200; 128 positions with 8 warps use 181 registers and no stack.
 BLOCK_L = 128
 PARTIAL_WARPS = 8
-MASK_EARLY = True  # the partial kernel reads the mask before its PDL wait (bench "-latemask": after it)
 
 
 @functools.cache
@@ -81,8 +80,10 @@ def _kernels(interpret: bool):
     @triton.jit
     def _partial(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, HKV, G, L, S, scale,
                  sq_b, sq_h, sq_g, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b,
-                 D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
-                 MASK_EARLY: tl.constexpr):  # fmt: skip
+                 D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+        if PDL:  # launched early (programmatic dependent launch): let the next go, wait for q and the cache write
+            gdc_launch_dependents()
+            gdc_wait()
         bh = tl.program_id(0)
         s = tl.program_id(1)
         b = bh // HKV
@@ -90,13 +91,7 @@ def _kernels(interpret: bool):
         offs_l = s * BLOCK + tl.arange(0, BLOCK)
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, D)
-        if MASK_EARLY:  # before the wait: the mask is no PDL kernel's output (module docstring)
-            live = tl.load(mask_ptr + b * sm_b + offs_l, mask=offs_l < L, other=0) != 0
-        if PDL:  # launched early (programmatic dependent launch): let the next go, wait for q and the cache write
-            gdc_launch_dependents()
-            gdc_wait()
-        if not MASK_EARLY:
-            live = tl.load(mask_ptr + b * sm_b + offs_l, mask=offs_l < L, other=0) != 0
+        live = tl.load(mask_ptr + b * sm_b + offs_l, mask=offs_l < L, other=0) != 0
         part = (bh * S + s) * BLOCK_G + offs_g
         if tl.sum(live.to(tl.int32), axis=0) == 0:  # only the maximum: _combine reads nothing else of it
             tl.store(m_ptr + part, tl.full([BLOCK_G], float("-inf"), tl.float32))
@@ -165,8 +160,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     partial[(b * hkv, splits)](q, k, v, keep, m, sums, acc, hkv, g, length, splits, scale,
                                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                                v.stride(0), v.stride(1), v.stride(2), keep.stride(0),
-                               D=d, BLOCK_G=block_g, BLOCK=BLOCK_L, num_warps=PARTIAL_WARPS, MASK_EARLY=MASK_EARLY,
-                               **pdl)  # fmt: skip
+                               D=d, BLOCK_G=block_g, BLOCK=BLOCK_L, num_warps=PARTIAL_WARPS, **pdl)  # fmt: skip
     combine[(b * hkv, g)](m, sums, acc, out, splits, out.stride(1), out.stride(2),
                           D=d, BLOCK_G=block_g, BLOCK_S=max(16, 1 << (splits - 1).bit_length()), **pdl)  # fmt: skip
     return out
