@@ -94,7 +94,7 @@ def gemv_variants(arch: int) -> list[dict]:
     from pipeline.engines import int4_mma
 
     tiles, warps = int4_mma.shape(0, 0)  # the block shape Int4Linear launches (the same for every width)
-    for seg in (2, 4, 8):  # the tensor-core product of 2-16 tokens: groups of 32, 64, 128+; up to 8 and 16 tokens
+    for seg in (1, 2, 4, 8):  # the tensor-core product of 2-16 tokens: groups of 16, 32, 64, 128+; 8 and 16 tokens
         for hi in (False, True):
             source, name = int4_mma._variant(seg, hi, tiles, warps)
             use = _ptxas_usage(ptxas, _nvrtc_ptx(lib, source, arch), arch)

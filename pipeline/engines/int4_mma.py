@@ -31,10 +31,12 @@ instruction); a scale word loaded where it was used stalled every unit on a glob
 Up to 8 tokens the unit's activations are loaded before its first instruction (3-9% less time). The kernel
 still reads at only ~1.3-1.5 TB/s on gate|up: it wins by doing 8-16 tokens in the time of one.
 
-Smaller groups are its weak spot (H200, ``bench/int4_mma.py --groups 32,64,128``): gate|up at 8 tokens took 76.8
-us with groups of 32 and 53.2 with 64, against 44.8 with 128, where the scale words add only 9% and 3% more bytes.
-At 32 this shape spills 216 bytes a thread, and no shape without spills was faster (2 tiles x 16 warps 87.6, 4 x 8
-94.3), so a group-32 checkpoint runs 2-16 tokens slower than bf16 cuBLAS (56.9): not fixed yet.
+Smaller groups: a unit has 8 / SEG scale words a row (SEG = G / 16, at most 8), and the 4 lanes of a row share
+them out, each passing its word with a shuffle to the steps that need it. When every lane held all of its row's
+words (three buffers of 4 tiles), groups of 32 spilled 216 bytes a thread and took 1.6-1.8x the group-128 time,
+slower than bf16 at 2-16 tokens. Shared out, nothing spills at groups of 16-128 up to 8 tokens, at most 8 bytes
+a thread at 16 (``bench/kernel_resources.py``), and the activations are hoisted at every group (H200, ``bench/int4_mma.py --groups 16,32,64,128``). gate|up at 8
+tokens: 53.1 us with groups of 32 (76.8 before), 50.0 with 64 (53.2), 45.6 with 128, 68.3 with 16; bf16 cuBLAS 55.3.
 """
 
 from __future__ import annotations
