@@ -1,0 +1,214 @@
+"""A one-token FP8 W8A8 GEMV in CUDA C for ``Fp8Linear``'s decode on NVIDIA GPUs with FP8 conversions (sm_89+),
+compiled with NVRTC at load like ``int4_cuda`` and ``int8_cuda``, whose launch shapes it shares.
+
+Why: ``torch._scaled_mm`` quantizes the token in separate kernels and runs an FP8 GEMM sized for many rows, so a
+per-channel FP8 model decoded one sequence at 0.94x bf16 on the H200 (bench/RESULTS.md, "INT8 and FP8 at the
+server's cache length"): its weights are half of bf16's bytes and it was slower. No installed library has an FP8
+GEMV for one token (vLLM's and TensorRT-LLM's live in their own builds).
+
+What it computes is ``Fp8Linear``'s scaled-mm path for one token: ``quantize_activations_per_token`` (the row's
+absolute maximum by a block reduction, ``scale = max / 448`` by true division and clamped below at
+``MIN_ACT_SCALE``, then ``x / scale`` clamped to +-448 and rounded to e4m3, nearest even, with PTX's
+``cvt.rn.satfinite.e4m3x2.f32``), then ``scale * w_scale[n] * sum_k x_fp8[k] w_fp8[n, k]`` rounded once to the
+activation dtype. Each product of two e4m3 values is exact in float32 (8 significant bits), so the only
+roundings are float32's in the sum and the output's: tighter than FP8 tensor cores, whose accumulator keeps fewer
+bits, so results agree with ``_scaled_mm`` to the output's rounding, not bit for bit (the GPU test bounds both
+against float64). Thread ``t`` owns the 32 columns ``32 t .. 32 t + 31``: its 32 activations are quantized once
+and kept as floats, each row's 32 weight bytes are two 16-byte loads turned into floats with ``cvt.rn.f16x2.e4m3x2``
+(exact), and the float32 sums are reduced with warp shuffles, then over the block's warps. Blocks are persistent
+and keep the next chunk's loads in flight, as in ``int4_cuda``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from pipeline.engines.cuda_launch import launch
+from pipeline.engines.int4_cuda import (
+    WIDE_K,
+    compile_failure,
+    compiled,
+    device_problem,
+    launch_shape,
+    sm_count,
+    threads_per_block,
+    vector_for_kernel,
+)
+from pipeline.engines.int4_cuda_kernel import CUDA_PRELUDE
+from pipeline.quant.fp8 import FP8_MAX, MIN_ACT_SCALE
+
+_SOURCE = CUDA_PRELUDE + r"""
+// Two floats to two e4m3 codes (round to nearest even, saturating at +-448): lo in the low byte
+__device__ __forceinline__ unsigned short e4m3x2_of(float lo, float hi) {
+  unsigned short d; asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(d) : "f"(hi), "f"(lo)); return d;
+}
+// Two e4m3 codes (low byte first) to two floats, exactly (through float16, which holds every e4m3 value)
+__device__ __forceinline__ float2 floats_of_e4m3x2(unsigned short v) {
+  u32 h2; asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(v));
+  float lo, hi;
+  asm("{ .reg .b16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }"
+      : "=f"(lo), "=f"(hi) : "r"(h2));
+  return make_float2(lo, hi);
+}
+// 16 weights (one 16-byte load, column order) times 16 activations, added to acc
+__device__ __forceinline__ float dot16(uint4 w, const float* x, float acc) {
+  const u32 words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 a = floats_of_e4m3x2((unsigned short)(words[i] & 0xFFFFu));
+    const float2 b = floats_of_e4m3x2((unsigned short)(words[i] >> 16));
+    acc = fmaf(a.x, x[4 * i], acc);
+    acc = fmaf(a.y, x[4 * i + 1], acc);
+    acc = fmaf(b.x, x[4 * i + 2], acc);
+    acc = fmaf(b.y, x[4 * i + 3], acc);
+  }
+  return acc;
+}
+
+template <int R>
+__device__ __forceinline__ void load_chunk(uint4 (&w)[R][2], const uint4* __restrict__ qw, int chunk, int N, int kt,
+                                           int t, bool active) {
+#pragma unroll
+  for (int u = 0; u < R; ++u) {
+    const int n = chunk * R + u;
+    const bool ok = active && n < N;
+    w[u][0] = ok ? load_stream(qw + ((size_t)n * kt + t) * 2) : make_uint4(0u, 0u, 0u, 0u);
+    w[u][1] = ok ? load_stream(qw + ((size_t)n * kt + t) * 2 + 1) : make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
+template <int R>
+__device__ __forceinline__ void f8gemv(const uint4* __restrict__ x, const uint4* __restrict__ qw,
+                                       const float* __restrict__ wscale, u16* __restrict__ out, int N, int K,
+                                       float fp8_max, float min_scale, bool bf16) {
+  __shared__ float red[32 * R];
+  __shared__ float wmax[32];
+  const int kt = K >> 5, t = threadIdx.x, lane = t & 31, warp = t >> 5, nwarps = blockDim.x >> 5;
+  const bool active = t < kt;
+  const int chunks = (N + R - 1) / R;
+  int chunk = blockIdx.x;
+  uint4 w[R][2];
+  load_chunk<R>(w, qw, chunk, N, kt, t, active);
+  grid_launch_next();  // programmatic dependent launch (pipeline.engines.cuda_launch): only weights read above
+  grid_wait();
+  // the token's activations: 32 per thread, their absolute maximum over the row (block reduction), then e4m3 as
+  // quantize_activations_per_token does it, kept as the floats they stand for
+  float xv[32];
+  float m = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint4 v = active ? x[t * 4 + i] : make_uint4(0u, 0u, 0u, 0u);
+    const u32 parts[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      xv[i * 8 + p * 2] = act_to_f32((u16)(parts[p] & 0xFFFFu), bf16);
+      xv[i * 8 + p * 2 + 1] = act_to_f32((u16)(parts[p] >> 16), bf16);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 32; ++j) m = fmaxf(m, fabsf(xv[j]));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (lane == 0) wmax[warp] = m;
+  __syncthreads();
+  m = 0.f;
+  for (int i = 0; i < nwarps; ++i) m = fmaxf(m, wmax[i]);
+  const float a = fmaxf(__fdiv_rn(m, fp8_max), min_scale);
+#pragma unroll
+  for (int j = 0; j < 32; j += 2) {
+    const float lo = fminf(fmaxf(__fdiv_rn(xv[j], a), -fp8_max), fp8_max);
+    const float hi = fminf(fmaxf(__fdiv_rn(xv[j + 1], a), -fp8_max), fp8_max);
+    const float2 q = floats_of_e4m3x2(e4m3x2_of(lo, hi));
+    xv[j] = q.x;
+    xv[j + 1] = q.y;
+  }
+  for (; chunk < chunks; chunk += gridDim.x) {
+    uint4 wn[R][2];
+    const int next = chunk + gridDim.x;
+    if (next < chunks) load_chunk<R>(wn, qw, next, N, kt, t, active);
+#pragma unroll
+    for (int u = 0; u < R; ++u) {
+      float acc = dot16(w[u][1], xv + 16, dot16(w[u][0], xv, 0.f));
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+      if (lane == 0) red[warp * R + u] = acc;
+    }
+    __syncthreads();
+    if (t < R && chunk * R + t < N) {
+      float sum = 0.f;
+      for (int i = 0; i < nwarps; ++i) sum += red[i * R + t];
+      out[chunk * R + t] = f32_to_act(sum * a * wscale[chunk * R + t], bf16);
+    }
+    __syncthreads();
+    if (next < chunks) {
+#pragma unroll
+      for (int u = 0; u < R; ++u) { w[u][0] = wn[u][0]; w[u][1] = wn[u][1]; }
+    }
+  }
+}
+
+#define ENTRY(NAME, BOUND, R, BF16)                                                                       \
+  extern "C" __global__ void __launch_bounds__(BOUND)                                                   \
+  NAME(const uint4* x, const uint4* qw, const float* wscale, u16* out, int N, int K, double fmax,        \
+       double smin) {                                                                                    \
+    f8gemv<R>(x, qw, wscale, out, N, K, (float)fmax, (float)smin, BF16);                                \
+  }
+ENTRY(f8gemv_bf16_r4, 512, 4, true)
+ENTRY(f8gemv_bf16_wide, 1024, 2, true)
+ENTRY(f8gemv_f16_r4, 512, 4, false)
+ENTRY(f8gemv_f16_wide, 1024, 2, false)
+"""
+
+
+def problem(n: int, k: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Why the kernel cannot run an [N, K] per-channel e4m3 weight on ``dtype`` activations, or ""."""
+    why = device_problem(k, device, dtype)
+    if not why and torch.cuda.get_device_capability(device.index or 0) < (8, 9):
+        return "a GPU before sm_89 (no FP8 conversions)"
+    return why
+
+
+def _name(dtype: torch.dtype, k: int) -> str:
+    return f"f8gemv_{'bf16' if dtype == torch.bfloat16 else 'f16'}_{'wide' if k > WIDE_K else 'r4'}"
+
+
+def compile_problem(k: int) -> str:
+    """Compile (once) the variants for ``k``; "" or the compiler's one-line reason (the caller keeps _scaled_mm)."""
+    return compile_failure([(_SOURCE, _name(dtype, k)) for dtype in (torch.bfloat16, torch.float16)])
+
+
+def gemv(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """x [1, K] bf16/fp16 -> [1, N] in x's dtype: ``quantize_activations_per_token(x)``, then ``x_scale * w_scale *
+    (x_fp8 @ w_fp8.T)`` (module docstring), in one kernel. ``w_scale``: float32, one per row."""
+    n, k = w_fp8.shape
+    x = vector_for_kernel(x)
+    out = torch.empty(1, n, device=x.device, dtype=x.dtype)
+    _, blocks = launch_shape(n, k, sm_count(x.device.index or 0), rows=4)  # 2 rows a chunk above WIDE_K
+    launch(compiled(_SOURCE, _name(x.dtype, k)), (blocks, 1, 1), (threads_per_block(k), 1, 1),
+           [x, w_fp8, w_scale, out, n, k, FP8_MAX, MIN_ACT_SCALE])
+    return out
+
+
+def reference(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """What :func:`gemv` stands for, in float64 over the same quantized activations: [1, N] float64."""
+    from pipeline.quant.fp8 import quantize_activations_per_token
+
+    x_fp8, x_scale = quantize_activations_per_token(x.reshape(1, -1))
+    return (x_fp8.double() @ w_fp8.double().t()) * x_scale.double() * w_scale.double().reshape(1, -1)
+
+
+@functools.cache
+def custom_op():
+    """``torch.ops.quantship.fp8_gemv``: the launch as one opaque op for ``torch.compile`` and graph capture."""
+
+    @torch.library.custom_op("quantship::fp8_gemv", mutates_args=())
+    def op(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+        return gemv(x, w_fp8, w_scale)
+
+    @op.register_fake
+    def _(x, w_fp8, w_scale):
+        return x.new_empty(1, w_fp8.shape[0])
+
+    return op
