@@ -36,10 +36,10 @@ from pipeline.engines.int4_cuda import (
     threads_per_block,
     vector_for_kernel,
 )
-from pipeline.engines.int4_cuda_kernel import CUDA_PRELUDE
+from pipeline.engines.int8_cuda import BYTE_GEMV_PRELUDE
 from pipeline.quant.fp8 import FP8_MAX, MIN_ACT_SCALE
 
-_SOURCE = CUDA_PRELUDE + r"""
+_SOURCE = BYTE_GEMV_PRELUDE + r"""
 // Two floats to two e4m3 codes (round to nearest even, saturating at +-448): lo in the low byte
 __device__ __forceinline__ unsigned short e4m3x2_of(float lo, float hi) {
   unsigned short d; asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(d) : "f"(hi), "f"(lo)); return d;
@@ -67,17 +67,6 @@ __device__ __forceinline__ float dot16(uint4 w, const float* x, float acc) {
   return acc;
 }
 
-template <int R>
-__device__ __forceinline__ void load_chunk(uint4 (&w)[R][2], const uint4* __restrict__ qw, int chunk, int N, int kt,
-                                           int t, bool active) {
-#pragma unroll
-  for (int u = 0; u < R; ++u) {
-    const int n = chunk * R + u;
-    const bool ok = active && n < N;
-    w[u][0] = ok ? load_stream(qw + ((size_t)n * kt + t) * 2) : make_uint4(0u, 0u, 0u, 0u);
-    w[u][1] = ok ? load_stream(qw + ((size_t)n * kt + t) * 2 + 1) : make_uint4(0u, 0u, 0u, 0u);
-  }
-}
 
 template <int R>
 __device__ __forceinline__ void f8gemv(const uint4* __restrict__ x, const uint4* __restrict__ qw,
@@ -85,10 +74,9 @@ __device__ __forceinline__ void f8gemv(const uint4* __restrict__ x, const uint4*
                                        float fp8_max, float min_scale, bool bf16) {
   __shared__ float red[32 * R];
   __shared__ float wmax[32];
-  const int kt = K >> 5, t = threadIdx.x, lane = t & 31, warp = t >> 5, nwarps = blockDim.x >> 5;
+  const int kt = K >> 5, t = threadIdx.x;
   const bool active = t < kt;
-  const int chunks = (N + R - 1) / R;
-  int chunk = blockIdx.x;
+  const int chunk = blockIdx.x;
   uint4 w[R][2];
   load_chunk<R>(w, qw, chunk, N, kt, t, active);
   grid_launch_next();  // programmatic dependent launch (pipeline.engines.cuda_launch): only weights read above
@@ -96,25 +84,7 @@ __device__ __forceinline__ void f8gemv(const uint4* __restrict__ x, const uint4*
   // the token's activations: 32 per thread, their absolute maximum over the row (block reduction), then e4m3 as
   // quantize_activations_per_token does it, kept as the floats they stand for
   float xv[32];
-  float m = 0.f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint4 v = active ? x[t * 4 + i] : make_uint4(0u, 0u, 0u, 0u);
-    const u32 parts[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int p = 0; p < 4; ++p) {
-      xv[i * 8 + p * 2] = act_to_f32((u16)(parts[p] & 0xFFFFu), bf16);
-      xv[i * 8 + p * 2 + 1] = act_to_f32((u16)(parts[p] >> 16), bf16);
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < 32; ++j) m = fmaxf(m, fabsf(xv[j]));
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  if (lane == 0) wmax[warp] = m;
-  __syncthreads();
-  m = 0.f;
-  for (int i = 0; i < nwarps; ++i) m = fmaxf(m, wmax[i]);
+  const float m = token_absmax(xv, x, t, active, bf16, wmax);
   const float a = fmaxf(__fdiv_rn(m, fp8_max), min_scale);
 #pragma unroll
   for (int j = 0; j < 32; j += 2) {
@@ -124,29 +94,9 @@ __device__ __forceinline__ void f8gemv(const uint4* __restrict__ x, const uint4*
     xv[j] = q.x;
     xv[j + 1] = q.y;
   }
-  for (; chunk < chunks; chunk += gridDim.x) {
-    uint4 wn[R][2];
-    const int next = chunk + gridDim.x;
-    if (next < chunks) load_chunk<R>(wn, qw, next, N, kt, t, active);
-#pragma unroll
-    for (int u = 0; u < R; ++u) {
-      float acc = dot16(w[u][1], xv + 16, dot16(w[u][0], xv, 0.f));
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-      if (lane == 0) red[warp * R + u] = acc;
-    }
-    __syncthreads();
-    if (t < R && chunk * R + t < N) {
-      float sum = 0.f;
-      for (int i = 0; i < nwarps; ++i) sum += red[i * R + t];
-      out[chunk * R + t] = f32_to_act(sum * a * wscale[chunk * R + t], bf16);
-    }
-    __syncthreads();
-    if (next < chunks) {
-#pragma unroll
-      for (int u = 0; u < R; ++u) { w[u][0] = wn[u][0]; w[u][1] = wn[u][1]; }
-    }
-  }
+  byte_rows<R>(w, qw, chunk, N, kt, t, active, red,
+               [&](const uint4 (&wr)[2]) { return dot16(wr[1], xv + 16, dot16(wr[0], xv, 0.f)); },
+               [&](int n, float sum) { out[n] = f32_to_act(sum * a * wscale[n], bf16); });
 }
 
 #define ENTRY(NAME, BOUND, R, BF16)                                                                       \

@@ -33,16 +33,10 @@ from pipeline.engines.int4_cuda import (
 from pipeline.engines.cuda_launch import launch
 from pipeline.engines.int4_cuda_kernel import CUDA_PRELUDE
 
-_SOURCE = CUDA_PRELUDE + r"""
-__device__ __forceinline__ int dp4a_ss(u32 a, u32 b, int c) {
-  int d; asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
-}
-__device__ __forceinline__ int dot16(uint4 w, uint4 x, int acc) {
-  acc = dp4a_ss(w.x, x.x, acc); acc = dp4a_ss(w.y, x.y, acc);
-  acc = dp4a_ss(w.z, x.z, acc); acc = dp4a_ss(w.w, x.w, acc);
-  return acc;
-}
-
+# What the one-byte one-token GEMVs share (this module's and ``fp8_cuda``'s): a chunk's rows as two 16-byte loads
+# a thread (32 weights), and the token: thread t's 32 activations as floats and the row's absolute maximum (a warp
+# reduction, then over the block's warps through ``wmax``).
+BYTE_GEMV_PRELUDE = CUDA_PRELUDE + r"""
 template <int R>
 __device__ __forceinline__ void load_chunk(uint4 (&w)[R][2], const uint4* __restrict__ qw, int chunk, int N, int kt,
                                            int t, bool active) {
@@ -54,33 +48,9 @@ __device__ __forceinline__ void load_chunk(uint4 (&w)[R][2], const uint4* __rest
     w[u][1] = ok ? load_stream(qw + ((size_t)n * kt + t) * 2 + 1) : make_uint4(0u, 0u, 0u, 0u);
   }
 }
-
-__device__ __forceinline__ u32 quant4(float a, float b, float c, float d, float scale) {
-  // quantize_per_token_int8: clamp(round_half_even(x / scale), -128, 127), four to a word
-  const int qa = (int)fminf(fmaxf(rintf(__fdiv_rn(a, scale)), -128.f), 127.f);
-  const int qb = (int)fminf(fmaxf(rintf(__fdiv_rn(b, scale)), -128.f), 127.f);
-  const int qc = (int)fminf(fmaxf(rintf(__fdiv_rn(c, scale)), -128.f), 127.f);
-  const int qd = (int)fminf(fmaxf(rintf(__fdiv_rn(d, scale)), -128.f), 127.f);
-  return pack4(qa, qb, qc, qd);
-}
-
-template <int R>
-__device__ __forceinline__ void q8gemv(const uint4* __restrict__ x, const uint4* __restrict__ qw,
-                                       const float* __restrict__ wscale, float* __restrict__ out, int N, int K,
-                                       bool bf16) {
-  __shared__ int red[32 * R];
-  __shared__ float wmax[32];
-  const int kt = K >> 5, t = threadIdx.x, lane = t & 31, warp = t >> 5, nwarps = blockDim.x >> 5;
-  const bool active = t < kt;
-  const int chunks = (N + R - 1) / R;
-  int chunk = blockIdx.x;
-  uint4 w[R][2];
-  load_chunk<R>(w, qw, chunk, N, kt, t, active);
-  grid_launch_next();  // programmatic dependent launch (pipeline.engines.cuda_launch): only weights read above
-  grid_wait();
-  // the token's activations: 32 per thread, their absolute maximum over the whole row (block reduction), then
-  // int8 exactly as quantize_per_token_int8 does it
-  float xv[32];
+__device__ __forceinline__ float token_absmax(float (&xv)[32], const uint4* __restrict__ x, int t, bool active,
+                                              bool bf16, float* wmax) {
+  const int lane = t & 31, warp = t >> 5, nwarps = blockDim.x >> 5;
   float m = 0.f;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -100,28 +70,32 @@ __device__ __forceinline__ void q8gemv(const uint4* __restrict__ x, const uint4*
   __syncthreads();
   m = 0.f;
   for (int i = 0; i < nwarps; ++i) m = fmaxf(m, wmax[i]);
-  const float a = __fdiv_rn(fmaxf(m, 1e-7f), 127.f);
-  uint4 xa, xb;
-  xa.x = quant4(xv[0], xv[1], xv[2], xv[3], a); xa.y = quant4(xv[4], xv[5], xv[6], xv[7], a);
-  xa.z = quant4(xv[8], xv[9], xv[10], xv[11], a); xa.w = quant4(xv[12], xv[13], xv[14], xv[15], a);
-  xb.x = quant4(xv[16], xv[17], xv[18], xv[19], a); xb.y = quant4(xv[20], xv[21], xv[22], xv[23], a);
-  xb.z = quant4(xv[24], xv[25], xv[26], xv[27], a); xb.w = quant4(xv[28], xv[29], xv[30], xv[31], a);
+  return m;
+}
+// The persistent blocks' walk over chunks of R rows from ``chunk`` on, the next chunk's loads in flight while
+// this one is computed (``w`` holds the first, loaded before the PDL wait): ``dot(w[u])`` is the thread's part of
+// row u's sum (T: int or float), added up over the warp with shuffles and over the block's warps through ``red``;
+// ``store(n, sum)`` writes row n.
+template <int R, typename T, typename Dot, typename Store>
+__device__ __forceinline__ void byte_rows(uint4 (&w)[R][2], const uint4* __restrict__ qw, int chunk, int N,
+                                          int kt, int t, bool active, T* red, Dot dot, Store store) {
+  const int lane = t & 31, warp = t >> 5, nwarps = blockDim.x >> 5, chunks = (N + R - 1) / R;
   for (; chunk < chunks; chunk += gridDim.x) {
     uint4 wn[R][2];
     const int next = chunk + gridDim.x;
     if (next < chunks) load_chunk<R>(wn, qw, next, N, kt, t, active);
 #pragma unroll
     for (int u = 0; u < R; ++u) {
-      int acc = dot16(w[u][1], xb, dot16(w[u][0], xa, 0));
+      T acc = dot(w[u]);
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
       if (lane == 0) red[warp * R + u] = acc;
     }
     __syncthreads();
     if (t < R && chunk * R + t < N) {
-      int sum = 0;
+      T sum = 0;
       for (int i = 0; i < nwarps; ++i) sum += red[i * R + t];
-      out[chunk * R + t] = (float)sum * a * wscale[chunk * R + t];
+      store(chunk * R + t, sum);
     }
     __syncthreads();
     if (next < chunks) {
@@ -129,6 +103,55 @@ __device__ __forceinline__ void q8gemv(const uint4* __restrict__ x, const uint4*
       for (int u = 0; u < R; ++u) { w[u][0] = wn[u][0]; w[u][1] = wn[u][1]; }
     }
   }
+}
+"""
+
+_SOURCE = BYTE_GEMV_PRELUDE + r"""
+__device__ __forceinline__ int dp4a_ss(u32 a, u32 b, int c) {
+  int d; asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
+}
+__device__ __forceinline__ int dot16(uint4 w, uint4 x, int acc) {
+  acc = dp4a_ss(w.x, x.x, acc); acc = dp4a_ss(w.y, x.y, acc);
+  acc = dp4a_ss(w.z, x.z, acc); acc = dp4a_ss(w.w, x.w, acc);
+  return acc;
+}
+
+
+__device__ __forceinline__ u32 quant4(float a, float b, float c, float d, float scale) {
+  // quantize_per_token_int8: clamp(round_half_even(x / scale), -128, 127), four to a word
+  const int qa = (int)fminf(fmaxf(rintf(__fdiv_rn(a, scale)), -128.f), 127.f);
+  const int qb = (int)fminf(fmaxf(rintf(__fdiv_rn(b, scale)), -128.f), 127.f);
+  const int qc = (int)fminf(fmaxf(rintf(__fdiv_rn(c, scale)), -128.f), 127.f);
+  const int qd = (int)fminf(fmaxf(rintf(__fdiv_rn(d, scale)), -128.f), 127.f);
+  return pack4(qa, qb, qc, qd);
+}
+
+template <int R>
+__device__ __forceinline__ void q8gemv(const uint4* __restrict__ x, const uint4* __restrict__ qw,
+                                       const float* __restrict__ wscale, float* __restrict__ out, int N, int K,
+                                       bool bf16) {
+  __shared__ int red[32 * R];
+  __shared__ float wmax[32];
+  const int kt = K >> 5, t = threadIdx.x;
+  const bool active = t < kt;
+  const int chunk = blockIdx.x;
+  uint4 w[R][2];
+  load_chunk<R>(w, qw, chunk, N, kt, t, active);
+  grid_launch_next();  // programmatic dependent launch (pipeline.engines.cuda_launch): only weights read above
+  grid_wait();
+  // the token's activations: 32 per thread, their absolute maximum over the whole row (block reduction), then
+  // int8 exactly as quantize_per_token_int8 does it
+  float xv[32];
+  const float m = token_absmax(xv, x, t, active, bf16, wmax);
+  const float a = __fdiv_rn(fmaxf(m, 1e-7f), 127.f);
+  uint4 xa, xb;
+  xa.x = quant4(xv[0], xv[1], xv[2], xv[3], a); xa.y = quant4(xv[4], xv[5], xv[6], xv[7], a);
+  xa.z = quant4(xv[8], xv[9], xv[10], xv[11], a); xa.w = quant4(xv[12], xv[13], xv[14], xv[15], a);
+  xb.x = quant4(xv[16], xv[17], xv[18], xv[19], a); xb.y = quant4(xv[20], xv[21], xv[22], xv[23], a);
+  xb.z = quant4(xv[24], xv[25], xv[26], xv[27], a); xb.w = quant4(xv[28], xv[29], xv[30], xv[31], a);
+  byte_rows<R>(w, qw, chunk, N, kt, t, active, red,
+               [&](const uint4 (&wr)[2]) { return dot16(wr[1], xb, dot16(wr[0], xa, 0)); },
+               [&](int n, int sum) { out[n] = (float)sum * a * wscale[n]; });
 }
 
 #define ENTRY(NAME, BOUND, R, BF16)                                                                       \
