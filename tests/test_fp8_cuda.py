@@ -16,6 +16,18 @@ def test_problems_are_named():
     assert "K = 4100" in fp8_cuda.problem(64, 4100, torch.device("cuda"))
 
 
+def test_block_widths_the_kernel_cannot_group_are_named_and_the_reference_is_the_dequantize_path():
+    from pipeline.engines.fp8_linear import Fp8Linear
+
+    assert "blocks of 96 columns" in fp8_cuda.problem(64, 4096, torch.device("cuda"), block=(128, 96))
+    assert "blocks of 2048 columns" in fp8_cuda.problem(64, 4096, torch.device("cuda"), block=(128, 2048))
+    w_fp8, scale = q.quantize_fp8_block(torch.randn(200, 384), q.BLOCK)  # partial blocks in both directions
+    x = torch.randn(1, 384) * 5
+    lin = Fp8Linear(w_fp8, scale, q.BLOCK, kernel="dequantize")  # float32: fq(x) @ (w * s).T
+    ref = fp8_cuda.reference(x, w_fp8, scale, q.BLOCK)
+    assert torch.allclose(lin(x).double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
 def test_a_linear_built_on_the_cpu_keeps_its_path():
     from pipeline.engines.fp8_linear import Fp8Linear
 
@@ -61,8 +73,8 @@ def test_one_token_gemv_is_the_float64_product_of_the_same_codes_and_fp8linear_t
             lin = Fp8Linear(w_fp8, scale, bias=bias, device="cuda", dtype=dtype)
             assert lin.gemv_cuda, (n, k)
             x = (torch.randn(2, k, generator=gen) * 8).to(dtype).cuda()
-            y = fp8_cuda.gemv(x[:1], lin.weight, lin.scale_flat)
-            ref = fp8_cuda.reference(x[:1], lin.weight, lin.scale_flat)
+            y = fp8_cuda.gemv(x[:1], lin.weight, lin.gemv_scale)
+            ref = fp8_cuda.reference(x[:1], lin.weight, lin.gemv_scale)
             # float32 sums of exact products, then one rounding to the output dtype
             tol = 2**-8 * ref.abs() + 1e-4 * float(ref.abs().max())
             assert y.dtype == dtype and bool(((y.double() - ref).abs() <= tol).all()), (n, k, dtype)
@@ -70,3 +82,34 @@ def test_one_token_gemv_is_the_float64_product_of_the_same_codes_and_fp8linear_t
             assert torch.equal(one, (y + lin.bias.to(dtype)))
             two = lin(x)  # two tokens: _scaled_mm, FP8 tensor cores: the same codes, a shorter accumulator
             assert torch.allclose(one.float(), two[:1].float(), rtol=2**-6, atol=2**-6 * float(two.abs().max()))
+
+
+@pytest.mark.gpu
+def test_block_scaled_weights_quantize_the_token_per_group_and_fp8linear_takes_the_kernel():
+    """128x128 blocks: one-hot rows give each activation's code times its 128-column group's scale, bit for bit
+    (groups of very different magnitudes, a partial last group); random weights are the float64 product of the same
+    codes and scales; Fp8Linear takes the kernel for one token and agrees with its dequantize path for two."""
+    _need_fp8_gpu()
+    from pipeline.engines.fp8_linear import Fp8Linear
+
+    gen = torch.Generator().manual_seed(7)
+    for n, k, dtype in [(1024, 4096, torch.bfloat16), (512, 4064, torch.float16), (1024, 28672, torch.bfloat16)]:
+        cols = torch.arange(n) * (k // n)
+        w = torch.zeros(n, k, device="cuda")
+        w[torch.arange(n), cols] = 1.0
+        ones = torch.ones(-(-n // 128), -(-k // 128), device="cuda")
+        spread = torch.logspace(-3, 2, -(-k // 128)).repeat_interleave(128)[:k]  # group maxima 1e-3 .. 1e2
+        x = (torch.randn(1, k, generator=gen) * spread).to(dtype).cuda()
+        y = fp8_cuda.gemv(x, w.to(torch.float8_e4m3fn), ones, q.BLOCK)
+        xq = q.dequantize_activations(*q.quantize_activations_per_token(x, 128), 128)
+        assert torch.equal(y, xq[:, cols].to(dtype)), (n, k, dtype)
+        w_fp8, scale = q.quantize_fp8_block(torch.randn(n, k, generator=gen), q.BLOCK)
+        lin = Fp8Linear(w_fp8, scale, q.BLOCK, device="cuda", dtype=dtype)
+        assert lin.gemv_cuda and lin.kernel == "dequantize"
+        xs = (torch.randn(2, k, generator=gen) * 4).to(dtype).cuda()
+        one = lin(xs[:1])
+        ref = fp8_cuda.reference(xs[:1], lin.weight, lin.weight_scale, q.BLOCK)
+        tol = 2**-8 * ref.abs() + 1e-4 * float(ref.abs().max())
+        assert bool(((one.double() - ref).abs() <= tol).all()), (n, k, dtype)
+        two = lin(xs)
+        assert torch.allclose(one.float(), two[:1].float(), rtol=2**-6, atol=2**-6 * float(two.abs().max()))

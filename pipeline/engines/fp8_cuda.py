@@ -20,8 +20,14 @@ and keep the next chunk's loads in flight, as in ``int4_cuda`` (the loop is ``in
 ptxas for sm_90: 124 registers and no spills up to K = 16384; the 1024-thread variant above it is held to 64
 registers and spills 92 bytes a thread (measured on Llama-3-8B widths only, which stay below it).
 
+Block scales (``gemv(block=...)``, 128x128 as DeepSeek-V3's and TurboMind's FP8): the token is quantized per
+group of the block's columns (the group's lanes share their maximum with shuffles), and each thread scales its
+columns' sum by the group's two scales before the reduction; a row's scale is read where it is used (an L1 hit
+after the first).
+
 Measured on the H200 (bench/RESULTS.md, seventh session): Llama-3-8B per-channel FP8 at batch 1 280.2 tok/s
-against bf16's 217.7 (1.29x; 0.94x through ``_scaled_mm``).
+against bf16's 217.7 (1.29x; 0.94x through ``_scaled_mm``). One token (``bench/fp8_gemv.py``): gate|up 32.0 us per
+channel, 40.1 in blocks, against bf16 cuBLAS 56.6, ``_scaled_mm`` 68.0 and the blocks' dequantize + matmul 1213.
 """
 
 from __future__ import annotations
@@ -73,10 +79,13 @@ __device__ __forceinline__ float dot16(uint4 w, const float* x, float acc) {
 }
 
 
-template <int R>
+// BLK: 128x128-style block scales (``wscale`` [ceil(N / BO), GPR], BI columns a group, BI / 32 a power of two up
+// to 32 lanes): the token is quantized per BI-column group (the group's lanes share their maximum with shuffles),
+// and each thread scales its 32 columns' sum by its group's two scales before the reduction.
+template <int R, bool BLK>
 __device__ __forceinline__ void f8gemv(const uint4* __restrict__ x, const uint4* __restrict__ qw,
                                        const float* __restrict__ wscale, u16* __restrict__ out, int N, int K,
-                                       float fp8_max, float min_scale, bool bf16) {
+                                       float fp8_max, float min_scale, bool bf16, int bo, int bi, int gpr) {
   __shared__ float red[32 * R];
   __shared__ float wmax[32];
   const int kt = K >> 5, t = threadIdx.x;
@@ -89,8 +98,15 @@ __device__ __forceinline__ void f8gemv(const uint4* __restrict__ x, const uint4*
   // the token's activations: 32 per thread, their absolute maximum over the row (block reduction), then e4m3 as
   // quantize_activations_per_token does it, kept as the floats they stand for
   float xv[32];
-  const float m = token_absmax(xv, x, t, active, bf16, wmax);
+  float m = token_absmax(xv, x, t, active, bf16, wmax);
+  if (BLK) {  // the maximum of this thread's group of BI columns instead
+    m = 0.f;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) m = fmaxf(m, fabsf(xv[j]));
+    for (int o = 1; o < (bi >> 5); o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  }
   const float a = fmaxf(__fdiv_rn(m, fp8_max), min_scale);
+  const int g = (t << 5) / bi;  // BLK: this thread's column group
 #pragma unroll
   for (int j = 0; j < 32; j += 2) {
     const float lo = fminf(fmaxf(__fdiv_rn(xv[j], a), -fp8_max), fp8_max);
@@ -100,58 +116,73 @@ __device__ __forceinline__ void f8gemv(const uint4* __restrict__ x, const uint4*
     xv[j + 1] = q.y;
   }
   byte_rows<R>(w, qw, chunk, N, kt, t, active, red,
-               [&](const uint4 (&wr)[2]) { return dot16(wr[1], xv + 16, dot16(wr[0], xv, 0.f)); },
-               [&](int n, float sum) { out[n] = f32_to_act(sum * a * wscale[n], bf16); });
+               [&](const uint4 (&wr)[2], int n) {
+                 const float d = dot16(wr[1], xv + 16, dot16(wr[0], xv, 0.f));
+                 return BLK && n < N && active ? d * a * __ldg(wscale + (size_t)(n / bo) * gpr + g) : d;
+               },
+               [&](int n, float sum) { out[n] = f32_to_act(BLK ? sum : sum * a * wscale[n], bf16); });
 }
 
-#define ENTRY(NAME, BOUND, R, BF16)                                                                       \
+#define ENTRY(NAME, BOUND, R, BF16, BLK)                                                                  \
   extern "C" __global__ void __launch_bounds__(BOUND)                                                   \
   NAME(const uint4* x, const uint4* qw, const float* wscale, u16* out, int N, int K, double fmax,        \
-       double smin) {                                                                                    \
-    f8gemv<R>(x, qw, wscale, out, N, K, (float)fmax, (float)smin, BF16);                                \
+       double smin, int bo, int bi, int gpr) {                                                           \
+    f8gemv<R, BLK>(x, qw, wscale, out, N, K, (float)fmax, (float)smin, BF16, bo, bi, gpr);             \
   }
-ENTRY(f8gemv_bf16_r4, 512, 4, true)
-ENTRY(f8gemv_bf16_wide, 1024, 2, true)
-ENTRY(f8gemv_f16_r4, 512, 4, false)
-ENTRY(f8gemv_f16_wide, 1024, 2, false)
 """
+_VARIANTS = {(dt, wide, blk): f"f8gemv_{dt}_{'wide' if wide else 'r4'}{'_blk' if blk else ''}"
+             for dt in ("bf16", "f16") for wide in (False, True) for blk in (False, True)}
+_SOURCE += "".join(f"ENTRY({name}, {1024 if wide else 512}, {2 if wide else 4}, {'true' if dt == 'bf16' else 'false'}, "
+                   f"{'true' if blk else 'false'})\n" for (dt, wide, blk), name in _VARIANTS.items())
 
 
-def problem(n: int, k: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
-    """Why the kernel cannot run an [N, K] per-channel e4m3 weight on ``dtype`` activations, or ""."""
+def problem(n: int, k: int, device: torch.device, dtype: torch.dtype = torch.bfloat16,
+            block: tuple[int, int] | None = None) -> str:
+    """Why the kernel cannot run an [N, K] e4m3 weight (per channel, or in ``block`` (rows, columns) blocks) on
+    ``dtype`` activations, or ""."""
+    if block is not None and (block[1] % 32 or block[1] > 1024 or (block[1] // 32) & (block[1] // 32 - 1)):
+        return f"blocks of {block[1]} columns (needs 32 times a power of two, at most 1024)"
     why = device_problem(k, device, dtype)
     if not why and torch.cuda.get_device_capability(device.index or 0) < (8, 9):
         return "a GPU before sm_89 (no FP8 conversions)"
     return why
 
 
-def _name(dtype: torch.dtype, k: int) -> str:
-    return f"f8gemv_{'bf16' if dtype == torch.bfloat16 else 'f16'}_{'wide' if k > WIDE_K else 'r4'}"
+def _name(dtype: torch.dtype, k: int, block: bool = False) -> str:
+    return _VARIANTS[("bf16" if dtype == torch.bfloat16 else "f16", k > WIDE_K, block)]
 
 
-def compile_problem(k: int) -> str:
-    """Compile (once) the variants for ``k``; "" or the compiler's one-line reason (the caller keeps _scaled_mm)."""
-    return compile_failure([(_SOURCE, _name(dtype, k)) for dtype in (torch.bfloat16, torch.float16)])
+def compile_problem(k: int, block: bool = False) -> str:
+    """Compile (once) the variants for ``k``; "" or the compiler's one-line reason (the caller keeps its path)."""
+    return compile_failure([(_SOURCE, _name(dtype, k, block)) for dtype in (torch.bfloat16, torch.float16)])
 
 
-def gemv(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+def gemv(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
+         block: tuple[int, int] | None = None) -> torch.Tensor:
     """x [1, K] bf16/fp16 -> [1, N] in x's dtype: ``quantize_activations_per_token(x)``, then ``x_scale * w_scale *
-    (x_fp8 @ w_fp8.T)`` (module docstring), in one kernel. ``w_scale``: float32, one per row."""
+    (x_fp8 @ w_fp8.T)`` (module docstring), in one kernel. ``w_scale``: float32, one per row; with ``block`` (rows,
+    columns) the [ceil(N / rows), ceil(K / columns)] block scales, and the token quantized per group of ``columns``
+    (``quantize_activations_per_token(x, columns)``, the engines' 1 x 128 groups)."""
     n, k = w_fp8.shape
     x = vector_for_kernel(x)
     out = torch.empty(1, n, device=x.device, dtype=x.dtype)
     _, blocks = launch_shape(n, k, sm_count(x.device.index or 0), rows=4)  # 2 rows a chunk above WIDE_K
-    launch(compiled(_SOURCE, _name(x.dtype, k)), (blocks, 1, 1), (threads_per_block(k), 1, 1),
-           [x, w_fp8, w_scale, out, n, k, FP8_MAX, MIN_ACT_SCALE])
+    bo, bi = block or (1, k)
+    launch(compiled(_SOURCE, _name(x.dtype, k, block is not None)), (blocks, 1, 1), (threads_per_block(k), 1, 1),
+           [x, w_fp8, w_scale.contiguous(), out, n, k, FP8_MAX, MIN_ACT_SCALE, bo, bi, -(-k // bi)])
     return out
 
 
-def reference(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+def reference(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
+              block: tuple[int, int] | None = None) -> torch.Tensor:
     """What :func:`gemv` stands for, in float64 over the same quantized activations: [1, N] float64."""
-    from pipeline.quant.fp8 import quantize_activations_per_token
+    from pipeline.quant.fp8 import dequantize_activations, dequantize_fp8, quantize_activations_per_token
 
-    x_fp8, x_scale = quantize_activations_per_token(x.reshape(1, -1))
-    return (x_fp8.double() @ w_fp8.double().t()) * x_scale.double() * w_scale.double().reshape(1, -1)
+    if block is None:
+        x_fp8, x_scale = quantize_activations_per_token(x.reshape(1, -1))
+        return (x_fp8.double() @ w_fp8.double().t()) * x_scale.double() * w_scale.double().reshape(1, -1)
+    xq = dequantize_activations(*quantize_activations_per_token(x.reshape(1, -1).float(), block[1]), block[1])
+    return xq.double() @ dequantize_fp8(w_fp8, w_scale, block).double().t()
 
 
 @functools.cache
@@ -159,11 +190,12 @@ def custom_op():
     """``torch.ops.quantship.fp8_gemv``: the launch as one opaque op for ``torch.compile`` and graph capture."""
 
     @torch.library.custom_op("quantship::fp8_gemv", mutates_args=())
-    def op(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-        return gemv(x, w_fp8, w_scale)
+    def op(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, block_rows: int = 0,
+           block_cols: int = 0) -> torch.Tensor:  # fmt: skip
+        return gemv(x, w_fp8, w_scale, (block_rows, block_cols) if block_rows else None)
 
     @op.register_fake
-    def _(x, w_fp8, w_scale):
+    def _(x, w_fp8, w_scale, block_rows=0, block_cols=0):
         return x.new_empty(1, w_fp8.shape[0])
 
     return op

@@ -15,9 +15,10 @@ Two paths, chosen per module (``Fp8Linear.kernel``) and logged:
   (``torch.nn.functional.scaled_mm`` with ``ScalingType.BlockWise1x128`` / ``BlockWise128x128``) is not used,
   because it could not be checked on the torch 2.11 of the GPU machine from here.
 The weight stays one byte per element in memory on both paths. One bfloat16/float16 token on CUDA (batch-1
-decode) of a per-channel weight runs ``fp8_cuda``'s GEMV instead (unless ``kernel="dequantize"`` was asked for):
-the same activation quantizer and scales in one kernel, float32 sums (``Fp8Linear.gemv_cuda``; decided at build,
-where it compiles). On the H200 it took a per-channel FP8 Llama-3-8B from 0.94x to 1.29x bf16 at batch 1.
+decode) runs ``fp8_cuda``'s GEMV instead (unless ``kernel="dequantize"`` was asked for), per channel or in blocks:
+the same activation quantizer (per token, or per token and 128-column group) and scales in one kernel, float32
+sums (``Fp8Linear.gemv_cuda``; decided at build, where it compiles). On the H200 it took a per-channel FP8
+Llama-3-8B from 0.94x to 1.29x bf16 at batch 1.
 """
 
 from __future__ import annotations
@@ -94,9 +95,9 @@ class Fp8Linear(nn.Module):
                 self.kernel, reason = KERNEL_DEQUANT, f"scaled_mm raised: {str(e).splitlines()[0]}"
                 self._buffers.pop("scale_row", None)
         self.fallback_reason = reason
-        # one token: our GEMV for per-channel weights with dynamic activations, unless the dequantize path was asked
-        # for (any N: it also takes the widths scaled_mm refuses)
-        self.gemv_cuda = (kernel != KERNEL_DEQUANT and self.block is None and act_quant and device.type == "cuda"
+        # one token: our GEMV with dynamic activations, unless the dequantize path was asked for (per channel at
+        # any width, scaled_mm's refusals included, or in blocks)
+        self.gemv_cuda = (kernel != KERNEL_DEQUANT and act_quant and device.type == "cuda"
                           and self._gemv_compiles(device))  # fmt: skip
         log.debug("Fp8Linear [%d, %d] %s: %s%s", self.out_features, self.in_features,
                   "block" if self.block else "channel", self.kernel, f" ({reason})" if reason else "")
@@ -106,14 +107,15 @@ class Fp8Linear(nn.Module):
         graphs see a constant)."""
         from pipeline.engines import fp8_cuda
 
-        why = fp8_cuda.problem(self.out_features, self.in_features, device) or fp8_cuda.compile_problem(
-            self.in_features)
+        why = fp8_cuda.problem(self.out_features, self.in_features, device, block=self.block) or (
+            fp8_cuda.compile_problem(self.in_features, self.block is not None))
         if why:
             log.debug("Fp8Linear [%d, %d]: one token through scaled_mm (%s)", self.out_features, self.in_features,
                       why)
             return False
         fp8_cuda.custom_op()  # registered now; forward calls it as torch.ops.quantship.fp8_gemv
-        self.register_buffer("scale_flat", self.weight_scale.reshape(-1).contiguous(), persistent=False)
+        scale = self.weight_scale if self.block else self.weight_scale.reshape(-1)  # the kernel's layout
+        self.register_buffer("gemv_scale", scale.contiguous(), persistent=False)
         return True
 
     def _scaled_mm(self, x2: torch.Tensor) -> torch.Tensor:
@@ -131,7 +133,7 @@ class Fp8Linear(nn.Module):
         if x2.shape[0] == 0:
             y = x2.new_zeros(0, self.out_features)
         elif self.gemv_cuda and x2.shape[0] == 1 and x2.dtype in (torch.bfloat16, torch.float16):
-            y = torch.ops.quantship.fp8_gemv(x2, self.weight, self.scale_flat)  # the same quantizer, one kernel
+            y = torch.ops.quantship.fp8_gemv(x2, self.weight, self.gemv_scale, *(self.block or (0, 0)))  # one kernel
         elif self.kernel == KERNEL_SCALED_MM:
             y = self._scaled_mm(x2).to(x.dtype)
         else:

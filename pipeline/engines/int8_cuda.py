@@ -73,9 +73,9 @@ __device__ __forceinline__ float token_absmax(float (&xv)[32], const uint4* __re
   return m;
 }
 // The persistent blocks' walk over chunks of R rows from ``chunk`` on, the next chunk's loads in flight while
-// this one is computed (``w`` holds the first, loaded before the PDL wait): ``dot(w[u])`` is the thread's part of
-// row u's sum (T: int or float), added up over the warp with shuffles and over the block's warps through ``red``;
-// ``store(n, sum)`` writes row n.
+// this one is computed (``w`` holds the first, loaded before the PDL wait): ``dot(w[u], n)`` is the thread's part
+// of row n's sum (T: int or float), added up over the warp with shuffles and over the block's warps through
+// ``red``; ``store(n, sum)`` writes row n.
 template <int R, typename T, typename Dot, typename Store>
 __device__ __forceinline__ void byte_rows(uint4 (&w)[R][2], const uint4* __restrict__ qw, int chunk, int N,
                                           int kt, int t, bool active, T* red, Dot dot, Store store) {
@@ -86,7 +86,7 @@ __device__ __forceinline__ void byte_rows(uint4 (&w)[R][2], const uint4* __restr
     if (next < chunks) load_chunk<R>(wn, qw, next, N, kt, t, active);
 #pragma unroll
     for (int u = 0; u < R; ++u) {
-      T acc = dot(w[u]);
+      T acc = dot(w[u], chunk * R + u);
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
       if (lane == 0) red[warp * R + u] = acc;
@@ -150,7 +150,7 @@ __device__ __forceinline__ void q8gemv(const uint4* __restrict__ x, const uint4*
   xb.x = quant4(xv[16], xv[17], xv[18], xv[19], a); xb.y = quant4(xv[20], xv[21], xv[22], xv[23], a);
   xb.z = quant4(xv[24], xv[25], xv[26], xv[27], a); xb.w = quant4(xv[28], xv[29], xv[30], xv[31], a);
   byte_rows<R>(w, qw, chunk, N, kt, t, active, red,
-               [&](const uint4 (&wr)[2]) { return dot16(wr[1], xb, dot16(wr[0], xa, 0)); },
+               [&](const uint4 (&wr)[2], int) { return dot16(wr[1], xb, dot16(wr[0], xa, 0)); },
                [&](int n, int sum) { out[n] = (float)sum * a * wscale[n]; });
 }
 
