@@ -18,7 +18,8 @@ and kept as floats, each row's 32 weight bytes are two 16-byte loads turned into
 (exact), and the float32 sums are reduced with warp shuffles, then over the block's warps. Blocks are persistent
 and keep the next chunk's loads in flight, as in ``int4_cuda`` (the loop is ``int8_cuda``'s ``byte_rows``).
 ptxas for sm_90: 124 registers and no spills up to K = 16384; the 1024-thread variant above it is held to 64
-registers and spills 92 bytes a thread (measured on Llama-3-8B widths only, which stay below it).
+registers and spills 92 bytes a thread (timed on Llama-3-8B widths only, which stay below it; the GPU tests run
+it at K = 28672).
 
 Block scales (``gemv(block=...)``, 128x128 as DeepSeek-V3's and TurboMind's FP8): the token is quantized per
 group of the block's columns (the group's lanes share their maximum with shuffles), and each thread scales its
