@@ -88,18 +88,14 @@ __device__ __forceinline__ void f8gemv(const uint4* __restrict__ x, const uint4*
                                        const float* __restrict__ wscale, u16* __restrict__ out, int N, int K,
                                        float fp8_max, float min_scale, bool bf16, int bo, int bi, int gpr) {
   __shared__ float red[32 * R];
-  __shared__ float wmax[32];
   const int kt = K >> 5, t = threadIdx.x;
   const bool active = t < kt;
-  const int chunk = blockIdx.x;
   uint4 w[R][2];
-  load_chunk<R>(w, qw, chunk, N, kt, t, active);
-  grid_launch_next();  // programmatic dependent launch (pipeline.engines.cuda_launch): only weights read above
-  grid_wait();
+  first_chunk<R>(w, qw, N, kt, t, active);
   // the token's activations: 32 per thread, their absolute maximum over the row (block reduction), then e4m3 as
   // quantize_activations_per_token does it, kept as the floats they stand for
   float xv[32];
-  float m = token_absmax(xv, x, t, active, bf16, wmax);
+  float m = token_absmax(xv, x, t, active, bf16);
   if (BLK) {  // the maximum of this thread's group of BI columns instead
     m = 0.f;
 #pragma unroll
@@ -116,7 +112,7 @@ __device__ __forceinline__ void f8gemv(const uint4* __restrict__ x, const uint4*
     xv[j] = q.x;
     xv[j + 1] = q.y;
   }
-  byte_rows<R>(w, qw, chunk, N, kt, t, active, red,
+  byte_rows<R>(w, qw, blockIdx.x, N, kt, t, active, red,
                [&](const uint4 (&wr)[2], int n) {
                  const float d = dot16(wr[1], xv + 16, dot16(wr[0], xv, 0.f));
                  return BLK && n < N && active ? d * a * __ldg(wscale + (size_t)(n / bo) * gpr + g) : d;

@@ -34,8 +34,9 @@ from pipeline.engines.cuda_launch import launch
 from pipeline.engines.int4_cuda_kernel import CUDA_PRELUDE
 
 # What the one-byte one-token GEMVs share (this module's and ``fp8_cuda``'s): a chunk's rows as two 16-byte loads
-# a thread (32 weights), and the token: thread t's 32 activations as floats and the row's absolute maximum (a warp
-# reduction, then over the block's warps through ``wmax``).
+# a thread (32 weights), the first of them loaded before the PDL wait (``first_chunk``), and the token: thread t's 32
+# activations as floats and the row's absolute maximum (a warp reduction, then over the block's warps through shared
+# memory).
 BYTE_GEMV_PRELUDE = CUDA_PRELUDE + r"""
 template <int R>
 __device__ __forceinline__ void load_chunk(uint4 (&w)[R][2], const uint4* __restrict__ qw, int chunk, int N, int kt,
@@ -48,8 +49,18 @@ __device__ __forceinline__ void load_chunk(uint4 (&w)[R][2], const uint4* __rest
     w[u][1] = ok ? load_stream(qw + ((size_t)n * kt + t) * 2 + 1) : make_uint4(0u, 0u, 0u, 0u);
   }
 }
+// The block's first chunk of weights (all it reads before the PDL wait, pipeline.engines.cuda_launch), then the
+// trigger for the next kernel and the wait for the one before
+template <int R>
+__device__ __forceinline__ void first_chunk(uint4 (&w)[R][2], const uint4* __restrict__ qw, int N, int kt, int t,
+                                            bool active) {
+  load_chunk<R>(w, qw, blockIdx.x, N, kt, t, active);
+  grid_launch_next();
+  grid_wait();
+}
 __device__ __forceinline__ float token_absmax(float (&xv)[32], const uint4* __restrict__ x, int t, bool active,
-                                              bool bf16, float* wmax) {
+                                              bool bf16) {
+  __shared__ float wmax[32];
   const int lane = t & 31, warp = t >> 5, nwarps = blockDim.x >> 5;
   float m = 0.f;
 #pragma unroll
@@ -116,7 +127,6 @@ __device__ __forceinline__ int dot16(uint4 w, uint4 x, int acc) {
   return acc;
 }
 
-
 __device__ __forceinline__ u32 quant4(float a, float b, float c, float d, float scale) {
   // quantize_per_token_int8: clamp(round_half_even(x / scale), -128, 127), four to a word
   const int qa = (int)fminf(fmaxf(rintf(__fdiv_rn(a, scale)), -128.f), 127.f);
@@ -131,25 +141,21 @@ __device__ __forceinline__ void q8gemv(const uint4* __restrict__ x, const uint4*
                                        const float* __restrict__ wscale, float* __restrict__ out, int N, int K,
                                        bool bf16) {
   __shared__ int red[32 * R];
-  __shared__ float wmax[32];
   const int kt = K >> 5, t = threadIdx.x;
   const bool active = t < kt;
-  const int chunk = blockIdx.x;
   uint4 w[R][2];
-  load_chunk<R>(w, qw, chunk, N, kt, t, active);
-  grid_launch_next();  // programmatic dependent launch (pipeline.engines.cuda_launch): only weights read above
-  grid_wait();
+  first_chunk<R>(w, qw, N, kt, t, active);
   // the token's activations: 32 per thread, their absolute maximum over the whole row (block reduction), then
   // int8 exactly as quantize_per_token_int8 does it
   float xv[32];
-  const float m = token_absmax(xv, x, t, active, bf16, wmax);
+  const float m = token_absmax(xv, x, t, active, bf16);
   const float a = __fdiv_rn(fmaxf(m, 1e-7f), 127.f);
   uint4 xa, xb;
   xa.x = quant4(xv[0], xv[1], xv[2], xv[3], a); xa.y = quant4(xv[4], xv[5], xv[6], xv[7], a);
   xa.z = quant4(xv[8], xv[9], xv[10], xv[11], a); xa.w = quant4(xv[12], xv[13], xv[14], xv[15], a);
   xb.x = quant4(xv[16], xv[17], xv[18], xv[19], a); xb.y = quant4(xv[20], xv[21], xv[22], xv[23], a);
   xb.z = quant4(xv[24], xv[25], xv[26], xv[27], a); xb.w = quant4(xv[28], xv[29], xv[30], xv[31], a);
-  byte_rows<R>(w, qw, chunk, N, kt, t, active, red,
+  byte_rows<R>(w, qw, blockIdx.x, N, kt, t, active, red,
                [&](const uint4 (&wr)[2], int) { return dot16(wr[1], xb, dot16(wr[0], xa, 0)); },
                [&](int n, int sum) { out[n] = (float)sum * a * wscale[n]; });
 }
