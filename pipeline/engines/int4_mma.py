@@ -35,8 +35,9 @@ Smaller groups: a unit has 8 / SEG scale words a row (SEG = G / 16, at most 8), 
 them out, each passing its word with a shuffle to the steps that need it. When every lane held all of its row's
 words (three buffers of 4 tiles), groups of 32 spilled 216 bytes a thread and took 1.6-1.8x the group-128 time,
 slower than bf16 at 2-16 tokens. Shared out, nothing spills at groups of 16-128 up to 8 tokens, at most 8 bytes
-a thread at 16 (``bench/kernel_resources.py``), and the activations are hoisted at every group (H200, ``bench/int4_mma.py --groups 16,32,64,128``). gate|up at 8
-tokens: 53.1 us with groups of 32 (76.8 before), 50.0 with 64 (53.2), 45.6 with 128, 68.3 with 16; bf16 cuBLAS 55.3.
+a thread at 16 (``bench/kernel_resources.py``), and the activations are hoisted at every group. H200,
+``bench/int4_mma.py --groups 16,32,64,128``, gate|up at 8 tokens: 53.1 us with groups of 32 (76.8 before), 50.0
+with 64 (53.2), 45.6 with 128, 68.3 with 16; bf16 cuBLAS 55.3.
 """
 
 from __future__ import annotations
