@@ -12,11 +12,12 @@ What fuses: plain ``nn.Linear`` parts (any dtype; one ``F.linear``), ``Int8Linea
 per-row scales concatenate, the activation quantizer is per token, so every output is the part's own), per-channel
 ``Fp8Linear`` (the same, through one ``torch._scaled_mm``, or one token through ``fp8_cuda``'s GEMV), and
 ``Int4Linear`` parts: one token through our CUDA GEMV over the merged codes (``qweight`` [N, K / 8] and
-``scale_zero`` [N, K / G] are row-major in N, so rows concatenate), 2-16 tokens on CUDA through our tensor-core kernel over the merged ``qmma`` (tiles of 8 rows,
-which concatenate), and on the CPU (any number of tokens), or on CUDA where that kernel is not built (up to 8),
-PyTorch's int4 kernel over the merged packed weight (its tiles start with 8 rows, so rows concatenate too; the
-[K / G, N, 2] scales are copied, a few MB); prefill on CUDA runs the parts one by one. Any other mix (block-scaled
-FP8, bitsandbytes, parts that differ in width, group or bias) is called part by part, as before.
+``scale_zero`` [N, K / G] are row-major in N, so rows concatenate), 2-16 tokens on CUDA through our tensor-core
+kernel over the merged ``qmma`` (tiles of 8 rows, which concatenate), and on the CPU (any number of tokens), or on
+CUDA where that kernel is not built (up to 8), PyTorch's int4 kernel over the merged packed weight (its tiles start
+with 8 rows, so rows concatenate too; the [K / G, N, 2] scales are copied, a few MB); prefill on CUDA runs the
+parts one by one. Any other mix (block-scaled FP8, bitsandbytes, parts that differ in width, group or bias) is
+called part by part, as before.
 
 :func:`decode_layer` is the decoder layer's forward for one token per slot with those products: the body of
 transformers' ``LlamaDecoderLayer``/``LlamaAttention``/``LlamaMLP`` (Mistral and Qwen2 are the same; Qwen3 adds
