@@ -118,7 +118,11 @@ def _peak_extra(fn, *args) -> int:
 
 def test_factor_needs_one_new_matrix_beside_the_consumed_hessian(monkeypatch):
     """The caller's H (held by the caller, as GPTQMethod's call does) plus one [n, n] buffer: the former path
-    needed the factor, cholesky_inverse's working copy and a second factor on top."""
+    needed the factor, cholesky_inverse's working copy and a second factor on top.
+
+    The former path's peak is not asserted: it measured 3.0 matrices here and 2.0 on a CI machine (where LAPACK's
+    own buffers sit in RSS differently), so the check that the measurement sees fresh matrices at all is three
+    clones, which any allocator must back with new pages."""
     monkeypatch.setattr(gptq, "_CHUNK_ROWS", 128)
     monkeypatch.setattr(gptq, "_TRI_BLOCK", 256)
     n = 3072
@@ -127,8 +131,10 @@ def test_factor_needs_one_new_matrix_beside_the_consumed_hessian(monkeypatch):
     work = H.clone()
     extra_new = _peak_extra(lambda: gptq._inverse_hessian_cholesky(work, 0.01))
     extra_old = _peak_extra(lambda: former_factor(H, 0.01))
-    assert extra_new < 1.6 * matrix, extra_new / matrix  # 1 matrix + row-block temporaries and allocator slack
-    assert extra_old > 2.5 * matrix, extra_old / matrix  # the measurement sees what it is meant to see
+    extra_three = _peak_extra(lambda: [H.clone() for _ in range(3)])
+    # 1 matrix + row-block temporaries and allocator slack
+    assert extra_new < 1.6 * matrix, (extra_new / matrix, "former path:", extra_old / matrix)
+    assert extra_three > 2.5 * matrix, extra_three / matrix  # the measurement sees what it is meant to see
 
 
 def test_gptq_codes_with_the_new_factor_agree_with_the_former(monkeypatch):
