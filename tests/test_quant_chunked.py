@@ -433,7 +433,8 @@ def test_fake_quantize_in_place_equals_the_out_of_place_chain(dtype, sym, clip):
 
 def test_weight_magnitude_in_place_equals_the_out_of_place_form():
     g = torch.Generator().manual_seed(9)
-    ws = [(torch.randn(40, 256, generator=g) * 0.05).to(torch.bfloat16), torch.randn(24, 256, generator=g).to(torch.bfloat16)]
+    ws = [(torch.randn(40, 256, generator=g) * 0.05).to(torch.bfloat16),
+          torch.randn(24, 256, generator=g).to(torch.bfloat16)]
     w = torch.cat([wi.float() for wi in ws], dim=0)  # the former computation
     grouped = w.abs().reshape(64, 4, 64)
     former = (grouped / (grouped.amax(dim=-1, keepdim=True) + 1e-6)).reshape(64, 256).mean(dim=0)
