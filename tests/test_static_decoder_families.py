@@ -119,7 +119,7 @@ def test_parts_that_accelerate_offloads_are_not_merged():
     assert FusedLinear([torch.nn.Linear(16, 8), torch.nn.Linear(12, 4)]).kind == "separate"  # other inputs
 
 
-def test_per_channel_fp8_parts_merge_and_block_scaled_ones_do_not():
+def test_per_channel_fp8_parts_merge_and_mismatched_block_parts_do_not():
     from pipeline.engines.fp8_linear import Fp8Linear
     from pipeline.quant.fp8 import quantize_fp8_block, quantize_fp8_per_channel
     from pipeline.serve.fused_proj import FusedLinear
@@ -139,7 +139,34 @@ def test_per_channel_fp8_parts_merge_and_block_scaled_ones_do_not():
     torch.testing.assert_close(fused(x), before, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat([p(x) for p in parts], dim=-1), before, rtol=0, atol=0)  # parts: views
     assert parts[1].weight.untyped_storage().data_ptr() == fused.fp8.weight.untyped_storage().data_ptr()
-    assert FusedLinear([fp8(128, (128, 128)), fp8(128, (128, 128))]).kind == "separate"
+    # a partial row of blocks before the last part: its scale rows would cover another part's rows
+    assert FusedLinear([fp8(96, (128, 128)), fp8(128, (128, 128))]).kind == "separate"
+    assert FusedLinear([fp8(128, (128, 128)), fp8(64)]).kind == "separate"  # blocks and per channel
+
+
+@pytest.mark.parametrize("sizes", [(256, 128, 128), (128, 128, 80)])
+def test_block_scaled_fp8_parts_merge_where_their_rows_of_blocks_are_whole(sizes):
+    """q|k|v and gate|up of the FP8 checkpoints that ship 128x128 blocks: the rows of block scales concatenate (the
+    last part may end in a partial row of blocks), the activations' 1 x 128 groups are the same for every part, so
+    the merged product gives each part's outputs; the parts read views of the merged weight and scales."""
+    from pipeline.engines.fp8_linear import Fp8Linear
+    from pipeline.quant.fp8 import quantize_fp8_block
+    from pipeline.serve.fused_proj import FusedLinear
+
+    torch.manual_seed(6)
+    parts = []
+    for n in sizes:
+        q, s = quantize_fp8_block(torch.randn(n, 320) * torch.rand(n, 1) * 4, (128, 128))  # a partial column block
+        parts.append(Fp8Linear(q, s, block=(128, 128)))
+    x = torch.randn(3, 320) * torch.linspace(0.01, 10, 320)  # 1 x 128 groups of very different magnitudes
+    before = torch.cat([p(x) for p in parts], dim=-1)
+    fused = FusedLinear(parts)
+    assert fused.kind == "fp8" and fused.fp8.block == (128, 128)
+    assert fused.fp8.weight_scale.shape == (sum(-(-n // 128) for n in sizes), 3)
+    torch.testing.assert_close(fused(x), before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([p(x) for p in parts], dim=-1), before, rtol=0, atol=0)  # parts: views
+    assert all(p.weight_scale.untyped_storage().data_ptr() == fused.fp8.weight_scale.untyped_storage().data_ptr()
+               for p in parts)
 
 
 def test_int4_parts_on_the_cpu_kernel_merge_their_packed_weights_exactly():

@@ -9,15 +9,18 @@ the loader built, and costs no memory: the fused module owns the concatenated we
 weights become row views of it (prefill and evaluation still call ``q_proj`` ... through transformers' forward).
 
 What fuses: plain ``nn.Linear`` parts (any dtype; one ``F.linear``), ``Int8Linear`` (W8A8: int8 rows and their
-per-row scales concatenate, the activation quantizer is per token, so every output is the part's own), per-channel
-``Fp8Linear`` (the same, through one ``torch._scaled_mm``, or one token through ``fp8_cuda``'s GEMV), and
+per-row scales concatenate, the activation quantizer is per token, so every output is the part's own),
+``Fp8Linear`` per channel (the same, through one ``torch._scaled_mm``, or one token through ``fp8_cuda``'s GEMV)
+or in 128x128 blocks where every part but the last has whole rows of blocks (q|k|v and gate|up of the FP8
+checkpoints that ship blocks: the rows of block scales concatenate, and the activations' 1 x 128 groups do not
+depend on N; the dequantize path, or one token through ``fp8_cuda``'s block GEMV), and
 ``Int4Linear`` parts: one token through our CUDA GEMV over the merged codes (``qweight`` [N, K / 8] and
 ``scale_zero`` [N, K / G] are row-major in N, so rows concatenate), 2-16 tokens on CUDA through our tensor-core
 kernel over the merged ``qmma`` (tiles of 8 rows, which concatenate), and on the CPU (any number of tokens), or on
 CUDA where that kernel is not built (up to 8), PyTorch's int4 kernel over the merged packed weight (its tiles start
 with 8 rows, so rows concatenate too; the [K / G, N, 2] scales are copied, a few MB); prefill on CUDA runs the
-parts one by one. Any other mix (block-scaled FP8, bitsandbytes, parts that differ in width, group or bias) is
-called part by part, as before.
+parts one by one. Any other mix (block-scaled FP8 parts with a partial row of blocks before the last,
+bitsandbytes, parts that differ in width, group or bias) is called part by part, as before.
 
 :func:`decode_layer` is the decoder layer's forward for one token per slot with those products: the body of
 transformers' ``LlamaDecoderLayer``/``LlamaAttention``/``LlamaMLP`` (Mistral and Qwen2 are the same; Qwen3 adds
@@ -81,20 +84,22 @@ class FusedLinear(nn.Module):
             for name in ("weight", "scale", "bias"):
                 if getattr(self.int8, name) is not None:
                     _rebind(parts, name, getattr(self.int8, name))
-        elif self.kind == "fp8":  # per-channel FP8: rows and their scales concatenate, activations per token
+        elif self.kind == "fp8":  # FP8: rows and their scales (per row, or per row of blocks) concatenate
             from pipeline.engines.fp8_linear import Fp8Linear
 
             first = parts[0]
             bias = torch.cat([p.bias for p in parts]) if first.bias is not None else None
             self.fp8 = Fp8Linear(torch.cat([p.weight for p in parts]), torch.cat([p.weight_scale for p in parts]),
-                                 bias=bias, device=first.weight.device, dtype=first.compute_dtype,
+                                 block=first.block, bias=bias, device=first.weight.device, dtype=first.compute_dtype,
                                  kernel=first.kernel, act_quant=first.act_quant)  # fmt: skip
             for name in ("weight", "weight_scale", "bias"):
                 if getattr(self.fp8, name) is not None:
                     _rebind(parts, name, getattr(self.fp8, name))
-            for p in parts:
+            for p in parts:  # the parts' derived scale buffers: views of their merged scales too
                 if "scale_row" in p._buffers:
                     p._buffers["scale_row"] = p.weight_scale.reshape(1, -1)
+                if "gemv_scale" in p._buffers:
+                    p._buffers["gemv_scale"] = p.weight_scale if p.block else p.weight_scale.reshape(-1)
         elif self.kind == "int4":
             first = parts[0]
             self.group_size, self.compute_dtype = first.group_size, first.compute_dtype
@@ -168,8 +173,9 @@ def _kind(parts: list[nn.Module]) -> str:
         return "int4"
     if all(type(p) is Int8Linear for p in parts) and len({p.weight.device for p in parts}) == 1:
         return "int8"
-    if all(type(p) is Fp8Linear and p.block is None for p in parts) and same("kernel", "act_quant", "compute_dtype"):
-        return "fp8"
+    if all(type(p) is Fp8Linear for p in parts) and same("kernel", "act_quant", "compute_dtype", "block") and (
+            parts[0].block is None or all(p.out_features % parts[0].block[0] == 0 for p in parts[:-1])):
+        return "fp8"  # block scales concatenate where every part but the last fills whole rows of blocks
     return "separate"
 
 
