@@ -184,6 +184,9 @@ def main() -> None:
                     help="Also run a batching=False engine (batched anyway through the API: see the comment).")
     ap.add_argument("--decode-repeats", type=int, default=5,
                     help="Alternated single-sequence decodes (scheduler vs model.generate, no HTTP; 0: skip).")
+    ap.add_argument("--no-batch-prefill", action="store_true",
+                    help="Prefill every prompt alone (what the scheduler did before batching prompts that arrive "
+                         "together).")
     ap.add_argument("--json", type=Path, default=None, help="Write the figures here.")
     args = ap.parse_args()
     if not 1 <= args.requests <= 512 or not 1 <= args.clients <= 64:
@@ -193,6 +196,9 @@ def main() -> None:
     from pipeline.stages.serve import stop_engine
     from pipeline.serve.generate import GenerationEngine
 
+    from pipeline.serve import batching as batching_module
+
+    batching_module.BATCH_PREFILL = not args.no_batch_prefill
     runs: dict[str, dict] = {}
     app, server = _serve(args.model, None)
     engine = app.state.engine
@@ -230,7 +236,8 @@ def main() -> None:
     conc = runs[f"concurrent x{args.clients}"]["tokens_per_s"] or 0
     result = {
         "bench": "serve_load", "model": str(args.model), "max_tokens": args.max_tokens,
-        "engine_batching": batching, "machine": platform.processor() or platform.machine(),
+        "engine_batching": batching, "batch_prefill": batching_module.BATCH_PREFILL,
+        "machine": platform.processor() or platform.machine(),
         "cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "git": _git_state(), "runs": runs,
         "speedup_concurrent_vs_sequential": round(conc / seq, 2) if seq else None,

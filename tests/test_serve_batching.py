@@ -207,3 +207,59 @@ def test_shutdown_fails_waiting_and_running_requests(engine):
         t.join(20)
     assert len(errors) == 2 and "shutting down" in str(errors[0])
     del started
+
+
+# ------------------------------------------------------------------------------------- batched prefill
+
+
+def _seq(n_prompt: int, prompt_logprobs: bool = False):
+    from pipeline.serve.batching import Sequence
+
+    return Sequence(list(range(1, n_prompt + 1)), SamplingParams(max_tokens=1, prompt_logprobs=prompt_logprobs),
+                    lambda event, payload: None)  # fmt: skip
+
+
+def test_prefill_groups_take_similar_lengths_together_and_the_rest_alone(monkeypatch):
+    from pipeline.serve import batching
+
+    monkeypatch.setattr(batching, "PREFILL_BATCH_TOKENS", 64)
+    a, b, c, d, e, f = _seq(10), _seq(9), _seq(30), _seq(8), _seq(12, prompt_logprobs=True), _seq(11)
+    groups = batching.prefill_groups([a, b, c, d, e, f], lambda s: not s.params.prompt_logprobs)
+    # 8, 9, 10, 11 together (44 padded tokens, 6 pads); 30 would make 150 with 120 pads: apart; log-probs: alone
+    assert groups == [[a, b, d, f], [c], [e]]
+    assert batching.prefill_groups([a, b], lambda s: False) == [[a], [b]]
+    many = [_seq(10) for _ in range(8)]  # 80 padded tokens over the cap of 64: two groups
+    assert [len(g) for g in batching.prefill_groups(many, lambda s: True)] == [6, 2]
+
+
+def test_prompts_admitted_together_are_prefilled_in_one_forward_with_the_tokens_they_get_alone(engine):
+    """Sequences waiting when the scheduler starts are admitted at once: one left-padded forward prefills the
+    prompts of similar lengths, and every greedy reply is the one the prompt gets alone."""
+    from pipeline.serve.batching import Scheduler, Sequence
+
+    prompts = [engine.encode_text(p) for p in ("def add(a, b):", "import os\nimport sys", "class Stack:")]
+    alone = [greedy(engine, p, 24).token_ids for p in ("def add(a, b):", "import os\nimport sys", "class Stack:")]
+    sched = Scheduler(engine.model, engine.decode, engine.eos_token_ids)
+    done: dict[int, list[int]] = {}
+    finished = threading.Event()
+
+    def sink(i):
+        def on(event, payload):
+            if event == "done":
+                done[i] = payload.token_ids
+                if len(done) == len(prompts):
+                    finished.set()
+            elif event == "error":
+                raise AssertionError(payload)
+        return on
+
+    seqs = [Sequence(p, SamplingParams(max_tokens=24, temperature=0.0), sink(i)) for i, p in enumerate(prompts)]
+    for s in seqs[:-1]:
+        sched.waiting.put(s)  # queued before the thread starts: the first admission takes them all
+    sched.submit(seqs[-1])
+    try:
+        assert finished.wait(60)
+    finally:
+        sched.shutdown()
+    assert sched.prefill_batches == 1
+    assert [done[i] for i in range(len(prompts))] == alone
