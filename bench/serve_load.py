@@ -207,8 +207,13 @@ def main() -> None:
         drive(server.url, 2, 4, 4, stream=False)  # warm-up (first forward passes, thread pools)
         plan = [("sequential", 1, False), (f"concurrent x{args.clients}", args.clients, False),
                 (f"streaming x{args.clients}", args.clients, True), ("sequential stream", 1, True)]
+        sched = getattr(engine, "scheduler", None)
         for name, clients, stream in plan:
+            counts = (getattr(sched, "steps", 0), getattr(sched, "prefill_batches", 0))
             runs[name] = drive(server.url, clients, args.requests, args.max_tokens, stream)
+            if sched is not None:  # decode steps, and forwards that prefilled several prompts, during the run
+                runs[name].update(decode_steps=sched.steps - counts[0],
+                                  batched_prefills=getattr(sched, "prefill_batches", 0) - counts[1])
             print(f"{name}: {runs[name]['tokens_per_s']} tok/s", file=sys.stderr)
     finally:
         server.stop()

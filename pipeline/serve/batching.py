@@ -5,8 +5,9 @@ sequences while the batch has room (``max_batch_size`` sequences, ``max_batch_to
 sequence reserving prompt + ``max_tokens``), (2) prefills the newcomers and samples their first tokens:
 prompts of similar lengths that arrived together in one left-padded forward (:func:`prefill_groups`; each keeps
 its own columns of that ``DynamicCache``), a prompt asking for prompt log-probs or a model with sliding-window
-layers alone; on the shipped tiny model this took 8 concurrent clients from 2.80-2.89x to 3.53-3.93x the
-sequential throughput (bench/RESULTS.md), (3) decodes every active sequence together: one forward of
+layers alone (shipped tiny model, 2-core CPU, four interleaved pairs of ``bench/serve_load.py`` runs: 8
+concurrent clients 643-739 against 628-687 tok/s prefilling each prompt alone, first streamed token p50 58-72
+against 69-93 ms; bench/RESULTS.md), (3) decodes every active sequence together: one forward of
 ``[batch, 1]`` tokens over the batch's left-padded cache (:mod:`pipeline.serve.batch_cache`), a 2-D attention
 mask hiding the pads and per-row ``position_ids`` equal to each sequence's own length, so a row sees exactly the
 keys and positions it would see alone. The batch's cache lives from step to step; it is rebuilt only when a
