@@ -147,9 +147,13 @@ def create_app(
 
     # -- generation plumbing
 
-    def submit(jobs: list[tuple[list[int], SamplingParams]]) -> tuple[asyncio.Queue, list[Any]]:
+    def submit(jobs: list[tuple[list[int], SamplingParams]], stream: bool) -> tuple[asyncio.Queue, list[Any]]:
         """Queue every choice on the batch, or none: past the queue caps the request is a 429. The check and the
-        submissions run on the event loop with no await between them, so no other request slips in."""
+        submissions run on the event loop with no await between them, so no other request slips in. Without
+        ``stream`` only the end of each choice (``done``/``error``) wakes the event loop: every token of every
+        sequence of the batch was a wake-up of the loop, taking the interpreter lock from the scheduler (shipped
+        tiny model, 2-core CPU, 8 clients, five interleaved pairs: 759-887 against 627-752 tok/s).
+        Coalescing the streamed events to one wake-up a step measured no different (546-568 against 507-609)."""
         check = getattr(engine, "check_capacity", None)
         if check is not None:
             try:
@@ -161,7 +165,10 @@ def create_app(
         q: asyncio.Queue = asyncio.Queue()
         seqs = []
         for i, (prompt, params) in enumerate(jobs):
-            sink = lambda ev, payload, i=i: loop.call_soon_threadsafe(q.put_nowait, (i, ev, payload))  # noqa: E731
+            def sink(ev: str, payload: Any, i: int = i) -> None:
+                if stream or ev in ("done", "error"):
+                    loop.call_soon_threadsafe(q.put_nowait, (i, ev, payload))
+
             seqs.append(engine.submit(prompt, params, sink))
         return q, seqs
 
@@ -279,7 +286,7 @@ def create_app(
         max_tokens = engine.check_budget(prompt, body.completion_budget(), "messages")
         k = (body.top_logprobs or 0) if body.logprobs else None
         n = body.n or 1
-        q, seqs = submit([(prompt, _params(body, max_tokens, i, k, False)) for i in range(n)])
+        q, seqs = submit([(prompt, _params(body, max_tokens, i, k, False)) for i in range(n)], bool(body.stream))
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         metrics.prompt_tokens.inc(len(prompt))
         if body.stream:
@@ -350,7 +357,7 @@ def create_app(
         n, echo, k = body.n or 1, bool(body.echo), body.logprobs
         jobs = [(p, _params(body, m, j, k, echo and k is not None)) for p, m in zip(prompts, budgets) for j in range(n)]
         texts = [engine.decode(p) if echo or k is not None else "" for p in prompts]  # echoed / for text_offset
-        q, seqs = submit(jobs)
+        q, seqs = submit(jobs, bool(body.stream))
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         prompt_tokens = sum(len(p) for p in prompts)
         metrics.prompt_tokens.inc(prompt_tokens)
