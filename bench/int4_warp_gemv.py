@@ -12,7 +12,7 @@ products and float expression), so outputs differ only in the order of the float
 
 Status: written in the eighth session, when the session's device time was already spent: **not yet run on a
 GPU**, so nothing in bench/RESULTS.md comes from it. Checked here only so far: every variant compiles for sm_90
-without spills (NVRTC + ptxas, 72-128 registers), and a Python transliteration of its loop visits every (row,
+without spills (NVRTC + ptxas, 71-128 registers), and a Python transliteration of its loop visits every (row,
 unit) once and writes every row once. It takes K a multiple of 1024 (whole 32-unit passes of a warp; 8B's widths
 are): a product version needs a tail for widths like 11008.
 
@@ -65,37 +65,18 @@ __device__ __forceinline__ void q4warp(const u16* __restrict__ x, const u16* __r
     if (b < total) load(w[b], s[b], b);
   grid_launch_next();
   grid_wait();
-  for (int u = threadIdx.x; u < KT; u += blockDim.x) {  // the token as fixed point (int4_cuda_kernel's q4gemv)
+  for (int u = threadIdx.x; u < KT; u += blockDim.x) {  // the token as fixed point, as q4gemv does it
     float xv[32];
     load_act32(xv, x + u * 32, BF16);
-    float m = 0.f;
-#pragma unroll
-    for (int j = 0; j < 32; ++j) m = fmaxf(m, fabsf(xv[j]));
-    const bool finite = m <= 3.402823466e38f;
-    int e = 0;
-    if (m > 0.f && finite) { frexpf(m, &e); }
-    const int sh = min(100, 14 - e);
-    const float up = ldexpf(1.f, sh);
-    int xi[32], xsum = 0;
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      xi[j] = finite ? __float2int_rn(xv[j] * up) : 0;
-      xsum += xi[j];
-    }
     u32 xh[8], xl[8];
-#pragma unroll
-    for (int wj = 0; wj < 4; ++wj) {
-      const int b = wj * 8;
-      xh[wj * 2] = pack4(xi[b] >> 8, xi[b + 2] >> 8, xi[b + 4] >> 8, xi[b + 6] >> 8);
-      xh[wj * 2 + 1] = pack4(xi[b + 1] >> 8, xi[b + 3] >> 8, xi[b + 5] >> 8, xi[b + 7] >> 8);
-      xl[wj * 2] = pack4(xi[b], xi[b + 2], xi[b + 4], xi[b + 6]);
-      xl[wj * 2 + 1] = pack4(xi[b + 1], xi[b + 3], xi[b + 5], xi[b + 7]);
-    }
+    float xscale = 0.f;
+    int xsum = 0;
+    const bool finite = to_fixed32(xv, xh, xl, xscale, xsum);
     sx[0][u] = make_uint4(xh[0], xh[1], xh[2], xh[3]);
     sx[1][u] = make_uint4(xh[4], xh[5], xh[6], xh[7]);
     sx[2][u] = make_uint4(xl[0], xl[1], xl[2], xl[3]);
     sx[3][u] = make_uint4(xl[4], xl[5], xl[6], xl[7]);
-    sxs[u] = finite ? ldexpf(1.f, -sh) : __int_as_float(0x7fc00000);
+    sxs[u] = finite ? xscale : __int_as_float(0x7fc00000);
     sxsum[u] = xsum;
   }
   __syncthreads();
@@ -122,21 +103,7 @@ __device__ __forceinline__ void q4warp(const u16* __restrict__ x, const u16* __r
       const int xsum = sxsum[u];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const u32 words[4] = {w[b][r].x, w[b][r].y, w[b][r].z, w[b][r].w};
-        int hi = 0;
-        u32 lo = 0u;
-#pragma unroll
-        for (int wj = 0; wj < 4; ++wj) {
-          const u32 ev = words[wj] & 0x0F0F0F0Fu, od = (words[wj] >> 4) & 0x0F0F0F0Fu;
-          hi = dp4a_us(ev, (int)xh[wj * 2], hi);
-          hi = dp4a_us(od, (int)xh[wj * 2 + 1], hi);
-          lo = dp4a_uu(ev, xl[wj * 2], lo);
-          lo = dp4a_uu(od, xl[wj * 2 + 1], lo);
-        }
-        const u32 sw = s[b][r];
-        const int zero = (int)(sw & 0xFFu);
-        const float scale = __uint_as_float(sw & 0xFFFFFF00u);
-        acc[r] += sw ? scale * xscale * (float)(hi * 256 + (int)lo - zero * xsum) : 0.f;
+        acc[r] += unit_dot(w[b][r], s[b][r], xh, xl, xscale, xsum);
       }
       if (i == IT - 1) {
         const int row = g * R + warp_sum_rows<R>(acc, lane);

@@ -93,6 +93,59 @@ __device__ __forceinline__ int warp_sum_rows(float (&v)[R], int lane) {
 
 __device__ __forceinline__ float round_act(float f, bool bf16) { return act_to_f32(f32_to_act(f, bf16), bf16); }
 
+// 32 activations as 16-bit fixed point with one power-of-two scale (the largest magnitude mapped below 2^14),
+// split in a signed high and an unsigned low byte, packed four to a word in the codes' order: ``xh``/``xl``
+// [word j][even 0 / odd 1]; ``xscale`` = 2^-shift, ``xsum`` the fixed-point values' sum. False (all zero) for inf
+// or NaN among them.
+__device__ __forceinline__ bool to_fixed32(const float (&xv)[32], u32 (&xh)[8], u32 (&xl)[8], float& xscale,
+                                           int& xsum) {
+  float m = 0.f;
+#pragma unroll
+  for (int j = 0; j < 32; ++j) m = fmaxf(m, fabsf(xv[j]));
+  const bool finite = m <= 3.402823466e38f;  // false for inf and NaN
+  int e = 0;
+  if (m > 0.f && finite) { frexpf(m, &e); }
+  const int sh = min(100, 14 - e);  // |x| * 2^sh < 2^14 (magnitudes below 2^-86 flush towards 0)
+  const float up = ldexpf(1.f, sh);
+  xscale = ldexpf(1.f, -sh);
+  int xi[32];
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+    xi[j] = finite ? __float2int_rn(xv[j] * up) : 0;
+    xsum += xi[j];
+  }
+#pragma unroll
+  for (int wj = 0; wj < 4; ++wj) {
+    const int b = wj * 8;
+    xh[wj * 2] = pack4(xi[b] >> 8, xi[b + 2] >> 8, xi[b + 4] >> 8, xi[b + 6] >> 8);
+    xh[wj * 2 + 1] = pack4(xi[b + 1] >> 8, xi[b + 3] >> 8, xi[b + 5] >> 8, xi[b + 7] >> 8);
+    xl[wj * 2] = pack4(xi[b], xi[b + 2], xi[b + 4], xi[b + 6]);
+    xl[wj * 2 + 1] = pack4(xi[b + 1], xi[b + 3], xi[b + 5], xi[b + 7]);
+  }
+  return finite;
+}
+
+// One row's 32 codes ``w`` (a 16-byte unit) with its group's scale word ``s`` against the token's fixed point:
+// the even and odd codes of a word as bytes (one shift, two masks), four dp4a against the high and low bytes,
+// then s * 2^-shift * (sum q x - z sum x); 0 for a padded row (s == 0).
+__device__ __forceinline__ float unit_dot(const uint4& w, u32 s, const u32 (&xh)[8], const u32 (&xl)[8],
+                                          float xscale, int xsum) {
+  const u32 words[4] = {w.x, w.y, w.z, w.w};
+  int hi = 0;
+  u32 lo = 0u;
+#pragma unroll
+  for (int wj = 0; wj < 4; ++wj) {
+    const u32 ev = words[wj] & 0x0F0F0F0Fu, od = (words[wj] >> 4) & 0x0F0F0F0Fu;
+    hi = dp4a_us(ev, (int)xh[wj * 2], hi);
+    hi = dp4a_us(od, (int)xh[wj * 2 + 1], hi);
+    lo = dp4a_uu(ev, xl[wj * 2], lo);
+    lo = dp4a_uu(od, xl[wj * 2 + 1], lo);
+  }
+  const int zero = (int)(s & 0xFFu);
+  const float scale = __uint_as_float(s & 0xFFFFFF00u);
+  return s ? scale * xscale * (float)(hi * 256 + (int)lo - zero * xsum) : 0.f;
+}
+
 // The rotary epilogue's inputs, and NORM's optional ``add`` (x + add is normed; block 0 writes it to ``hout``)
 struct Rope {
   const u16* sin; const long long* pos; u16* kc; u16* vc; int qrows, hd, hstride; const u16* add; u16* hout;
@@ -147,20 +200,7 @@ __device__ __forceinline__ void chunk_body(const uint4 (&w)[R], const u32 (&s)[R
   float v[R];
 #pragma unroll
   for (int u = 0; u < R; ++u) {
-    const u32 words[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
-    int hi = 0;
-    u32 lo = 0u;
-#pragma unroll
-    for (int wj = 0; wj < 4; ++wj) {
-      const u32 ev = words[wj] & 0x0F0F0F0Fu, od = (words[wj] >> 4) & 0x0F0F0F0Fu;
-      hi = dp4a_us(ev, (int)xh[wj * 2], hi);
-      hi = dp4a_us(od, (int)xh[wj * 2 + 1], hi);
-      lo = dp4a_uu(ev, xl[wj * 2], lo);
-      lo = dp4a_uu(od, xl[wj * 2 + 1], lo);
-    }
-    const int zero = (int)(s[u] & 0xFFu);
-    const float scale = __uint_as_float(s[u] & 0xFFFFFF00u);
-    v[u] = s[u] ? scale * xscale * (float)(hi * 256 + (int)lo - zero * xsum) : 0.f;
+    v[u] = unit_dot(w[u], s[u], xh, xl, xscale, xsum);
     if (!finite) v[u] = __int_as_float(0x7fc00000);
   }
   const int row_of_lane = warp_sum_rows<R>(v, lane);
@@ -297,31 +337,7 @@ __device__ __forceinline__ void q4gemv(const u16* __restrict__ x, const u16* __r
   bool finite = true;
 #pragma unroll
   for (int i = 0; i < 8; ++i) { xh[i] = 0u; xl[i] = 0u; }
-  if (active) {
-    float m = 0.f;
-#pragma unroll
-    for (int j = 0; j < 32; ++j) m = fmaxf(m, fabsf(xv[j]));
-    finite = m <= 3.402823466e38f;  // false for inf and NaN
-    int e = 0;
-    if (m > 0.f && finite) { frexpf(m, &e); }
-    const int sh = min(100, 14 - e);  // |x| * 2^sh < 2^14 (magnitudes below 2^-86 flush towards 0)
-    const float up = ldexpf(1.f, sh);
-    xscale = ldexpf(1.f, -sh);
-    int xi[32];
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      xi[j] = finite ? __float2int_rn(xv[j] * up) : 0;
-      xsum += xi[j];
-    }
-#pragma unroll
-    for (int wj = 0; wj < 4; ++wj) {
-      const int b = wj * 8;
-      xh[wj * 2] = pack4(xi[b] >> 8, xi[b + 2] >> 8, xi[b + 4] >> 8, xi[b + 6] >> 8);
-      xh[wj * 2 + 1] = pack4(xi[b + 1] >> 8, xi[b + 3] >> 8, xi[b + 5] >> 8, xi[b + 7] >> 8);
-      xl[wj * 2] = pack4(xi[b], xi[b + 2], xi[b + 4], xi[b + 6]);
-      xl[wj * 2 + 1] = pack4(xi[b + 1], xi[b + 3], xi[b + 5], xi[b + 7]);
-    }
-  }
+  if (active) finite = to_fixed32(xv, xh, xl, xscale, xsum);
 
   float norm = 1.f;  // NORM: rsqrt(mean(x^2) + eps), from the first chunk's barrier on
   if (AHEAD == 2) {
