@@ -196,3 +196,41 @@ def test_int4_parts_on_the_cpu_kernel_merge_their_packed_weights_exactly():
     fused = FusedLinear(short)
     assert fused.kind == "separate"
     assert torch.equal(fused(xs[1]), torch.cat([p(xs[1]) for p in short], dim=-1))
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_a_left_padded_prefill_gives_each_prompt_its_own_logits_and_cache(family):
+    """The scheduler's batched prefill (prompts that arrive together, ``Scheduler._prefill_batch``) for each
+    family the server serves: every row's last logits and its cache columns (the pads cut off) equal the prompt's
+    own forward, up to float32 rounding (the padded rows' products run in another shape)."""
+    from transformers import DynamicCache
+
+    from pipeline.serve.batching import SamplingParams, Scheduler, Sequence
+
+    model = _model(family)
+    sched = Scheduler(model, lambda ids: "", [])
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (9, 6, 8)]
+    seqs = [Sequence(p, SamplingParams(max_tokens=4), lambda event, payload: None) for p in prompts]
+    assert all(sched._prefill_together(s) for s in seqs)
+    with torch.inference_mode():
+        cache, logits = sched._prefill_batch(seqs)
+        for b, p in enumerate(prompts):
+            own = DynamicCache(config=model.config)
+            ref = model(input_ids=torch.tensor([p]), use_cache=True, **{sched._cache_kw: own}).logits[0, -1]
+            torch.testing.assert_close(logits[b], ref.float(), rtol=1e-4, atol=1e-4)
+            pad = 9 - len(p)
+            for mine, theirs in zip(cache.layers, own.layers):
+                torch.testing.assert_close(mine.keys[b : b + 1, :, pad:], theirs.keys, rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(mine.values[b : b + 1, :, pad:], theirs.values, rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_with_sliding_window_layers_prefills_each_prompt_alone():
+    """A sliding-window cache layer keeps a window, not the padded columns a row would be cut from."""
+    import transformers
+
+    from pipeline.serve.batching import SamplingParams, Scheduler, Sequence
+
+    config = transformers.MistralConfig(**SMALL, sliding_window=16)
+    sched = Scheduler(transformers.MistralForCausalLM(config).eval(), lambda ids: "", [])
+    assert not sched._prefill_together(Sequence([1, 2, 3], SamplingParams(max_tokens=1), lambda e, p: None))
