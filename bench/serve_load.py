@@ -14,8 +14,9 @@ port) on a model folder or compile artifact (default: the shipped tiny model) an
   under a lock), a second server with that engine under the same ``--clients`` load.
 
 Each run sends ``--requests`` requests (default 32; bounded), greedy, ``max_tokens`` ``--max-tokens`` (default
-32), prompts from a fixed list. Tokens are the ``usage.completion_tokens`` the server reports (a streamed
-request asks for them with ``stream_options.include_usage``). Throughput = completion tokens / wall time of the
+32), prompts from a fixed list; ``--rounds`` repeats the whole plan and reports a ratio per round and their
+median. Tokens are the ``usage.completion_tokens`` the server reports (a streamed request asks for them with
+``stream_options.include_usage``). Throughput = completion tokens / wall time of the
 run. The machine may be shared: each run also records the process's CPU seconds (server and client threads
 together; tokens per CPU-second does not depend on how much of the CPU others took) and the 1-minute load
 average before and after. Prints a table and, with ``--json OUT``, writes the figures.
@@ -184,13 +185,15 @@ def main() -> None:
                     help="Also run a batching=False engine (batched anyway through the API: see the comment).")
     ap.add_argument("--decode-repeats", type=int, default=5,
                     help="Alternated single-sequence decodes (scheduler vs model.generate, no HTTP; 0: skip).")
+    ap.add_argument("--rounds", type=int, default=1, help="Run the whole plan this many times (1..10): a ratio "
+                    "per round, each concurrent run beside its own sequential one, and their median.")
     ap.add_argument("--no-batch-prefill", action="store_true",
                     help="Prefill every prompt alone (what the scheduler did before batching prompts that arrive "
                          "together).")
     ap.add_argument("--json", type=Path, default=None, help="Write the figures here.")
     args = ap.parse_args()
-    if not 1 <= args.requests <= 512 or not 1 <= args.clients <= 64:
-        ap.error("--requests must be 1..512 and --clients 1..64")
+    if not 1 <= args.requests <= 512 or not 1 <= args.clients <= 64 or not 1 <= args.rounds <= 10:
+        ap.error("--requests must be 1..512, --clients 1..64 and --rounds 1..10")
     import torch
 
     from pipeline.stages.serve import stop_engine
@@ -200,6 +203,7 @@ def main() -> None:
 
     batching_module.BATCH_PREFILL = not args.no_batch_prefill
     runs: dict[str, dict] = {}
+    rounds: list[dict[str, dict]] = []
     app, server = _serve(args.model, None)
     engine = app.state.engine
     batching = bool(getattr(engine, "batching", False))
@@ -208,13 +212,17 @@ def main() -> None:
         plan = [("sequential", 1, False), (f"concurrent x{args.clients}", args.clients, False),
                 (f"streaming x{args.clients}", args.clients, True), ("sequential stream", 1, True)]
         sched = getattr(engine, "scheduler", None)
-        for name, clients, stream in plan:
-            counts = (getattr(sched, "steps", 0), getattr(sched, "prefill_batches", 0))
-            runs[name] = drive(server.url, clients, args.requests, args.max_tokens, stream)
-            if sched is not None:  # decode steps, and forwards that prefilled several prompts, during the run
-                runs[name].update(decode_steps=sched.steps - counts[0],
-                                  batched_prefills=getattr(sched, "prefill_batches", 0) - counts[1])
-            print(f"{name}: {runs[name]['tokens_per_s']} tok/s", file=sys.stderr)
+        for _ in range(args.rounds):  # the whole plan again: a sequential run sits next to each concurrent one
+            this: dict[str, dict] = {}
+            for name, clients, stream in plan:
+                counts = (getattr(sched, "steps", 0), getattr(sched, "prefill_batches", 0))
+                this[name] = drive(server.url, clients, args.requests, args.max_tokens, stream)
+                if sched is not None:  # decode steps, and forwards that prefilled several prompts, during the run
+                    this[name].update(decode_steps=sched.steps - counts[0],
+                                      batched_prefills=getattr(sched, "prefill_batches", 0) - counts[1])
+                print(f"{name}: {this[name]['tokens_per_s']} tok/s", file=sys.stderr)
+            rounds.append(this)
+        runs.update(rounds[0])
     finally:
         server.stop()
     try:
@@ -239,6 +247,9 @@ def main() -> None:
 
     seq = runs["sequential"]["tokens_per_s"] or 0
     conc = runs[f"concurrent x{args.clients}"]["tokens_per_s"] or 0
+    key = f"concurrent x{args.clients}"
+    per_round = [round((r[key]["tokens_per_s"] or 0) / r["sequential"]["tokens_per_s"], 2)
+                 for r in rounds if r["sequential"]["tokens_per_s"]]  # fmt: skip
     result = {
         "bench": "serve_load", "model": str(args.model), "max_tokens": args.max_tokens,
         "engine_batching": batching, "batch_prefill": batching_module.BATCH_PREFILL,
@@ -246,6 +257,8 @@ def main() -> None:
         "cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "git": _git_state(), "runs": runs,
         "speedup_concurrent_vs_sequential": round(conc / seq, 2) if seq else None,
+        "speedup_per_round": per_round, "speedup_median": round(statistics.median(per_round), 2) if per_round else None,
+        "rounds": rounds[1:],  # the first round is "runs"
         "engine_single_sequence": decode,
     }
     print(table(result))
@@ -279,6 +292,9 @@ def table(result: dict) -> str:
                      f"{f(r['latency_p95_s'])} | {r['loadavg_1min'][0]:.1f}→{r['loadavg_1min'][1]:.1f} |")
     lines.append(f"\nconcurrent / sequential throughput: **{result['speedup_concurrent_vs_sequential']}×** "
                  f"(engine batching: {result['engine_batching']})")
+    if len(result.get("speedup_per_round") or []) > 1:
+        lines.append(f"per round: {' / '.join(f'{x}×' for x in result['speedup_per_round'])}, median "
+                     f"**{result['speedup_median']}×**")
     d = result.get("engine_single_sequence")
     if d:
         lines.append(f"one sequence, no HTTP, {d['max_tokens']} tokens, median of {d['repeats']}: scheduler "
