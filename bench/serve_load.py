@@ -257,7 +257,8 @@ def main() -> None:
         "cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "git": _git_state(), "runs": runs,
         "speedup_concurrent_vs_sequential": round(conc / seq, 2) if seq else None,
-        "speedup_per_round": per_round, "speedup_median": round(statistics.median(per_round), 2) if per_round else None,
+        "speedup_per_round": per_round,
+        "speedup_median": round(statistics.median(per_round), 2) if per_round else None,
         "rounds": rounds[1:],  # the first round is "runs"
         "engine_single_sequence": decode,
     }
