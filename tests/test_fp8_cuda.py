@@ -113,3 +113,25 @@ def test_block_scaled_weights_quantize_the_token_per_group_and_fp8linear_takes_t
         assert bool(((one.double() - ref).abs() <= tol).all()), (n, k, dtype)
         two = lin(xs)
         assert torch.allclose(one.float(), two[:1].float(), rtol=2**-6, atol=2**-6 * float(two.abs().max()))
+
+
+@pytest.mark.gpu
+def test_merged_block_scaled_parts_give_each_part_its_own_outputs_on_the_gpu():
+    """fused_proj merges block-scaled q|k|v (whole rows of blocks but the last part's) into one product: one token
+    through the merged block GEMV gives every part the outputs of its own GEMV (each row's sum reads the same
+    codes, scales and token groups), and two tokens agree with the parts' dequantize path."""
+    _need_fp8_gpu()
+    from pipeline.engines.fp8_linear import Fp8Linear
+    from pipeline.serve.fused_proj import FusedLinear
+
+    gen = torch.Generator().manual_seed(9)
+    parts = []
+    for n in (1024, 256, 200):  # the last part ends in a partial row of blocks
+        w_fp8, scale = q.quantize_fp8_block(torch.randn(n, 4096, generator=gen), q.BLOCK)
+        parts.append(Fp8Linear(w_fp8, scale, q.BLOCK, device="cuda", dtype=torch.bfloat16))
+    xs = (torch.randn(2, 4096, generator=gen) * 4).to(torch.bfloat16).cuda()
+    before = [torch.cat([p(x) for p in parts], dim=-1) for x in (xs[:1], xs)]
+    fused = FusedLinear(parts)
+    assert fused.kind == "fp8" and fused.fp8.gemv_cuda
+    assert torch.equal(fused(xs[:1]), before[0])
+    torch.testing.assert_close(fused(xs), before[1], rtol=1e-2, atol=1e-2 * float(before[1].abs().max()))

@@ -285,6 +285,55 @@ def test_compact_moves_slots_in_any_order(parts):
     assert all(torch.equal(k[0], b[1]) for k, b in zip(dec.k, before)) and dec.pos[0] == 2
 
 
+def queued_together(engine) -> list[list[int]]:
+    """Every prompt queued before the scheduler thread starts, so its first admission takes them all (one
+    batched prefill for those of similar lengths); their greedy ids."""
+    from pipeline.serve.batching import Sequence
+
+    done: dict[int, object] = {}
+    finished = threading.Event()
+
+    def sink(i):
+        def on(event, payload):
+            if event in ("done", "error"):
+                done[i] = payload
+                if len(done) == len(PROMPTS):
+                    finished.set()
+        return on
+
+    seqs = [Sequence(engine.encode_text(p), SamplingParams(max_tokens=LENGTHS[i], temperature=0.0), sink(i))
+            for i, p in enumerate(PROMPTS)]  # fmt: skip
+    for seq in seqs[:-1]:
+        engine.scheduler.waiting.put(seq)
+    engine.scheduler.submit(seqs[-1])
+    assert finished.wait(120)
+    assert not any(isinstance(d, Exception) for d in done.values()), done
+    return [done[i].token_ids for i in range(len(PROMPTS))]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])  # fmt: skip
+def test_prompts_prefilled_together_join_the_static_cache_as_they_would_alone(device):
+    """The scheduler's batched prefill hands each sequence its own columns of the padded prefill cache; the
+    static-cache step copies them into its slots: the greedy ids are those of each prompt run alone through
+    the eager step (on CUDA with graphs on, a flip allowed only at a near-tie)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model, tok = load(device)
+    plain = GenerationEngine(model, tok, decode="eager")
+    try:
+        ref = alone(plain, logprobs=2)
+    finally:
+        plain.shutdown()
+    eng = GenerationEngine(model, tok, max_batch_size=8, decode="graphs", decode_max_len=256)
+    try:
+        got = queued_together(eng)
+        assert eng.scheduler.prefill_batches >= 1
+    finally:
+        eng.shutdown()
+    tie = 0.0 if device == "cpu" else 1e-3
+    assert all(agrees(r, ids, tie) for r, ids in zip(ref, got)), (got, [r.token_ids for r in ref])
+
+
 # ------------------------------------------------------------------------------------- GPU: CUDA graphs
 
 
