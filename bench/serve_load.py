@@ -199,9 +199,9 @@ def main() -> None:
     from pipeline.stages.serve import stop_engine
     from pipeline.serve.generate import GenerationEngine
 
-    from pipeline.serve import batching as batching_module
+    from pipeline.serve import prefill
 
-    batching_module.BATCH_PREFILL = not args.no_batch_prefill
+    prefill.BATCH_PREFILL = not args.no_batch_prefill
     runs: dict[str, dict] = {}
     rounds: list[dict[str, dict]] = []
     app, server = _serve(args.model, None)
@@ -252,7 +252,7 @@ def main() -> None:
                  for r in rounds if r["sequential"]["tokens_per_s"]]  # fmt: skip
     result = {
         "bench": "serve_load", "model": str(args.model), "max_tokens": args.max_tokens,
-        "engine_batching": batching, "batch_prefill": batching_module.BATCH_PREFILL,
+        "engine_batching": batching, "batch_prefill": prefill.BATCH_PREFILL,
         "machine": platform.processor() or platform.machine(),
         "cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "git": _git_state(), "runs": runs,

@@ -220,16 +220,16 @@ def _seq(n_prompt: int, prompt_logprobs: bool = False):
 
 
 def test_prefill_groups_take_similar_lengths_together_and_the_rest_alone(monkeypatch):
-    from pipeline.serve import batching
+    from pipeline.serve import prefill
 
-    monkeypatch.setattr(batching, "PREFILL_BATCH_TOKENS", 64)
+    monkeypatch.setattr(prefill, "PREFILL_BATCH_TOKENS", 64)
     a, b, c, d, e, f = _seq(10), _seq(9), _seq(30), _seq(8), _seq(12, prompt_logprobs=True), _seq(11)
-    groups = batching.prefill_groups([a, b, c, d, e, f], lambda s: not s.params.prompt_logprobs)
+    groups = prefill.prefill_groups([a, b, c, d, e, f], lambda s: not s.params.prompt_logprobs)
     # 8, 9, 10, 11 together (44 padded tokens, 6 pads); 30 would make 150 with 120 pads: apart; log-probs: alone
     assert groups == [[a, b, d, f], [c], [e]]
-    assert batching.prefill_groups([a, b], lambda s: False) == [[a], [b]]
+    assert prefill.prefill_groups([a, b], lambda s: False) == [[a], [b]]
     many = [_seq(10) for _ in range(8)]  # 80 padded tokens over the cap of 64: two groups
-    assert [len(g) for g in batching.prefill_groups(many, lambda s: True)] == [6, 2]
+    assert [len(g) for g in prefill.prefill_groups(many, lambda s: True)] == [6, 2]
 
 
 def test_prompts_admitted_together_are_prefilled_in_one_forward_with_the_tokens_they_get_alone(engine):

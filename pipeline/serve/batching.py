@@ -3,11 +3,9 @@
 Requests are :class:`Sequence` objects put on a queue. Each step of the scheduler loop (1) admits waiting
 sequences while the batch has room (``max_batch_size`` sequences, ``max_batch_tokens`` reserved tokens, a
 sequence reserving prompt + ``max_tokens``), (2) prefills the newcomers and samples their first tokens:
-prompts of similar lengths that arrived together in one left-padded forward (:func:`prefill_groups`; each keeps
-its own columns of that ``DynamicCache``), a prompt asking for prompt log-probs or a model with sliding-window
-layers alone (shipped tiny model, 2-core CPU, four interleaved pairs of ``bench/serve_load.py`` runs: 8
-concurrent clients 643-739 against 628-687 tok/s prefilling each prompt alone, first streamed token p50 58-72
-against 69-93 ms; bench/RESULTS.md), (3) decodes every active sequence together: one forward of
+prompts of similar lengths that arrived together in one left-padded forward (:mod:`pipeline.serve.prefill`;
+each keeps its own columns of that ``DynamicCache``), a prompt asking for prompt log-probs or a model with
+sliding-window layers alone, (3) decodes every active sequence together: one forward of
 ``[batch, 1]`` tokens over the batch's left-padded cache (:mod:`pipeline.serve.batch_cache`), a 2-D attention
 mask hiding the pads and per-row ``position_ids`` equal to each sequence's own length, so a row sees exactly the
 keys and positions it would see alone. The batch's cache lives from step to step; it is rebuilt only when a
@@ -60,6 +58,7 @@ from pipeline.serve.batch_cache import (  # noqa: F401  (pad_left, left_pad_mask
     pad_left,
     regroup,
 )
+from pipeline.serve import prefill
 from pipeline.serve.detokenize import IncrementalText, unsettled_tail
 
 log = logging.getLogger(__name__)
@@ -178,36 +177,6 @@ def _draw(seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
 
     p = seq.params
     return sample_next_token(logits[None].float(), p.temperature, p.top_p, _generator(seq, logits))[0]
-
-
-# Prefill prompts that arrive together in one forward (Scheduler._prefill_all); bench/serve_load.py's
-# "--no-batch-prefill" turns it off to measure what it is worth.
-BATCH_PREFILL = True
-# Prompts prefilled in one forward: at most this many tokens with the pads, and pads at most a quarter of them
-# (prompts of similar lengths; a long prompt among short ones is prefilled apart).
-PREFILL_BATCH_TOKENS = 8192
-PREFILL_MAX_PAD = 0.25
-
-
-def prefill_groups(seqs: list[Sequence], together: Callable[[Sequence], bool]) -> list[list[Sequence]]:
-    """The newcomers in prefill groups, in admission order within each: those ``together`` accepts, sorted by
-    prompt length, in runs whose padded size stays within ``PREFILL_BATCH_TOKENS`` and whose pads within
-    ``PREFILL_MAX_PAD`` of it; every other sequence alone."""
-    alone = [[s] for s in seqs if not together(s)]
-    groups: list[list[Sequence]] = []
-    run: list[Sequence] = []
-    for s in sorted((s for s in seqs if together(s)), key=lambda s: len(s.prompt)):
-        cand = run + [s]
-        padded = len(cand) * len(s.prompt)  # the longest so far is this one
-        pads = padded - sum(len(c.prompt) for c in cand)
-        if run and (padded > PREFILL_BATCH_TOKENS or pads > PREFILL_MAX_PAD * padded):
-            groups.append(run)
-            cand = [s]
-        run = cand
-    if run:
-        groups.append(run)
-    order = {id(s): i for i, s in enumerate(seqs)}
-    return sorted([sorted(g, key=lambda s: order[id(s)]) for g in groups] + alone, key=lambda g: order[id(g[0])])
 
 
 # ------------------------------------------------------------------------------------- scheduler
@@ -367,9 +336,9 @@ class Scheduler:
 
     def _prefill_all(self, newcomers: list[Sequence]) -> None:
         """Prefill the newcomers: prompts of similar lengths without prompt log-probs together, in one left-padded
-        forward (:func:`prefill_groups`), the others alone; a group whose forward fails is prefilled again one by
-        one, so a bad prompt fails alone while the running batch goes on."""
-        groups = prefill_groups(newcomers, self._prefill_together)
+        forward (:mod:`pipeline.serve.prefill`), the others alone; a group whose forward fails is prefilled again
+        one by one, so a bad prompt fails alone while the running batch goes on."""
+        groups = prefill.prefill_groups(newcomers, self._prefill_together)
         for group in groups:
             if len(group) > 1:
                 try:
@@ -394,41 +363,23 @@ class Scheduler:
             seq.cancel()
 
     def _prefill_together(self, seq: Sequence) -> bool:
-        """``seq`` may share a padded prefill: no prompt log-probs (they read every position's logits) and a
-        model whose cache layers are all full attention (a sliding-window layer keeps a window, not the padded
-        columns the rows are cut from)."""
-        if seq.params.prompt_logprobs or not BATCH_PREFILL:
+        """``seq`` may share a padded prefill (:mod:`pipeline.serve.prefill`): no prompt log-probs, and a model
+        whose cache layers are all full attention."""
+        if seq.params.prompt_logprobs or not prefill.BATCH_PREFILL:
             return False
         if self._full_attention is None:
-            from transformers import DynamicCache
-
-            layers = DynamicCache(config=self.model.config).layers
-            self._full_attention = bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+            self._full_attention = prefill.full_attention_cache(self.model.config)
         return self._full_attention
 
     def _prefill_batch(self, seqs: list[Sequence]) -> tuple[Any, torch.Tensor]:
-        """One forward over the prompts of ``seqs``, left-padded (a 2-D mask hides the pads, each row's positions
-        start at 0 at its first real token, as in the decode step): (its cache, each row's last logits)."""
-        from transformers import DynamicCache
-
-        device = self.model.device
-        lengths = torch.tensor([len(s.prompt) for s in seqs])
-        width = int(lengths.max())
-        ids = torch.tensor([[0] * (width - len(s.prompt)) + list(s.prompt) for s in seqs], dtype=torch.long)
-        positions = (torch.arange(width)[None, :] - (width - lengths)[:, None]).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids.to(device), attention_mask=left_pad_mask(lengths.tolist(), width).to(device),
-                         position_ids=positions.to(device), use_cache=True, logits_to_keep=1,
-                         **{self._cache_kw: cache})  # fmt: skip
+        """One left-padded forward over the prompts of ``seqs``: (its cache, each row's last logits)."""
+        out = prefill.padded_prefill(self.model, self._cache_kw, [s.prompt for s in seqs])
         self.prefill_batches += 1
-        return cache, out.logits[:, -1].float()
+        return out
 
     def _join_prefilled(self, seq: Sequence, cache: Any, row: int, logits: torch.Tensor) -> None:
-        """``seq`` takes its own columns of a batched prefill's cache (views, copied when the batch regroups) and
-        its first token from ``logits`` (its last position's)."""
-        pad = cache.layers[0].keys.shape[2] - len(seq.prompt)
-        seq.cache = [(layer.keys[row : row + 1, :, pad:], layer.values[row : row + 1, :, pad:])
-                     for layer in cache.layers]
+        """``seq`` takes its own columns of a batched prefill's cache and its first token from ``logits``."""
+        seq.cache = prefill.row_cache(cache, row, len(seq.prompt))
         self.active.append(seq)
         if seq.params.max_tokens > 0:
             self._advance(seq, logits)
