@@ -234,3 +234,6 @@ def test_a_model_with_sliding_window_layers_prefills_each_prompt_alone():
     config = transformers.MistralConfig(**SMALL, sliding_window=16)
     sched = Scheduler(transformers.MistralForCausalLM(config).eval(), lambda ids: "", [])
     assert not sched._prefill_together(Sequence([1, 2, 3], SamplingParams(max_tokens=1), lambda e, p: None))
+    from pipeline.serve.prefill import full_attention_cache
+
+    assert full_attention_cache(_model("llama").config) and not full_attention_cache(object())  # no cache: alone

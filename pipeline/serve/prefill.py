@@ -56,10 +56,14 @@ def prefill_groups(seqs: Seq[S], together: Callable[[S], bool]) -> list[list[S]]
 
 
 def full_attention_cache(config: Any) -> bool:
-    """Every layer of the model's ``DynamicCache`` keeps all its columns (no sliding-window layer)."""
+    """Every layer of the model's ``DynamicCache`` keeps all its columns (no sliding-window layer); False where
+    transformers cannot build that cache from the config (such a model's prompts are prefilled alone)."""
     from transformers import DynamicCache
 
-    layers = DynamicCache(config=config).layers
+    try:
+        layers = DynamicCache(config=config).layers
+    except Exception:  # noqa: BLE001  (an unusual config: the one-prompt path, which builds its own cache, stays)
+        return False
     return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
 
 
