@@ -1,6 +1,7 @@
 """Per-linear kernel times for ``decode_speed.py --micro`` / ``--micro-prefill`` and ``int4_gemv.py``: each kernel
 called in rotation over enough weights to defeat L2 inside one CUDA graph (:func:`graph_time`), so launch gaps
-are out as the decode graphs see them. CUDA only.
+are out as the decode graphs see them; and what the GPU benches share (:func:`random_int4`, :func:`int4_layer`).
+CUDA only.
 """
 
 from __future__ import annotations
@@ -124,3 +125,30 @@ def graph_time(fns, iters: int = 200) -> float:
         e.synchronize()
         times.append(s.elapsed_time(e) / 1e3 / iters)
     return sorted(times)[2]
+
+
+def random_int4(n: int, k: int, gen: torch.Generator, group: int = 128, zero: int | None = 8):
+    """A random [N, K] INT4 weight for timing, as ``int4_cuda.gemv`` takes it: (codes int32 [N, K / 8], scale
+    words (scales in [1e-3, 3e-3), zero point ``zero``, or drawn per group from 0..15 where None), group), drawn
+    from ``gen`` (CUDA)."""
+    from pipeline.engines import int4_cuda
+
+    q = torch.randint(-2**31, 2**31 - 1, (n, k // 8), device="cuda", dtype=torch.int32, generator=gen)
+    s = torch.rand(n, k // group, device="cuda", generator=gen) * 2e-3 + 1e-3
+    z = (torch.full_like(s, zero, dtype=torch.int32) if zero is not None
+         else torch.randint(0, 16, s.shape, device="cuda", dtype=torch.int32, generator=gen))  # fmt: skip
+    return q, int4_cuda.pack_scale_zero(s, z), group
+
+
+def int4_layer(h: torch.Tensor, ws, norm_weight: torch.Tensor, rows=(None, None, None, None), down=None):
+    """One Llama layer's four one-token INT4 products as the decode chain fuses them (norm + q|k|v, o + residual,
+    norm + gate|up + SwiGLU, down + residual), each reading the one before: ``ws`` their :func:`random_int4`
+    weights, ``rows`` rows a chunk of each (None: the default), ``down(m, weight, residual)`` a stand-in for the
+    last product. Returns the layer's output."""
+    from pipeline.engines import int4_cuda
+
+    d = h.shape[-1]
+    a = int4_cuda.gemv(h, *ws[0], rows[0], norm_weight=norm_weight, eps=1e-5)[:, :d]
+    h = int4_cuda.gemv(a, *ws[1], rows[1], residual=h)
+    m = int4_cuda.gemv(h, *ws[2], rows[2], norm_weight=norm_weight, eps=1e-5, swiglu=True)
+    return down(m, ws[3], h) if down is not None else int4_cuda.gemv(m, *ws[3], rows[3], residual=h)

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.decode_micro import gpu_results, graph_time, save_json  # noqa: E402
+from bench.decode_micro import gpu_results, graph_time, int4_layer, random_int4, save_json  # noqa: E402
 
 SHAPES = {  # label: (N, K)
     "8b q/o": (4096, 4096), "8b k/v": (1024, 4096), "8b qkv fused": (6144, 4096), "8b gate/up": (14336, 4096),
@@ -117,10 +117,7 @@ def layer_chain(layers: int = 8) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def weight(n, k):
-        q = torch.randint(-2**31, 2**31 - 1, (n, k // 8), device="cuda", dtype=torch.int32, generator=gen)
-        group = min(128, k)
-        s = torch.rand(n, k // group, device="cuda", generator=gen) * 2e-3 + 1e-3
-        return q, int4_cuda.pack_scale_zero(s, torch.full_like(s, 8, dtype=torch.int32)), group
+        return random_int4(n, k, gen, min(128, k))
 
     d, f = 4096, 14336
     ws = [(weight(6144, d), weight(d, d), weight(2 * f, d), weight(d, f)) for _ in range(layers)]
@@ -129,12 +126,7 @@ def layer_chain(layers: int = 8) -> dict:
     cfg = {"rows": 4}
 
     def layer(i, h):
-        w = ws[i]
-        r = cfg["rows"]
-        a = int4_cuda.gemv(h, *w[0], r, norm_weight=nw, eps=1e-5)[:, :d]
-        h = int4_cuda.gemv(a, *w[1], r, residual=h)
-        m = int4_cuda.gemv(h, *w[2], r, norm_weight=nw, eps=1e-5, swiglu=True)
-        return int4_cuda.gemv(m, *w[3], r, residual=h)
+        return int4_layer(h, ws[i], nw, (cfg["rows"],) * 4)
 
     state = {"h": x}
 

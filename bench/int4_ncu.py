@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv=None) -> int:
-    from pipeline.engines import int4_cuda
+    from bench.decode_micro import int4_layer, random_int4
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="4444")
@@ -29,21 +29,12 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     rows = [int(c) for c in a.rows]
     gen = torch.Generator(device="cuda").manual_seed(0)
-
-    def weight(n, k):
-        q = torch.randint(-2**31, 2**31 - 1, (n, k // 8), device="cuda", dtype=torch.int32, generator=gen)
-        s = torch.rand(n, k // 128, device="cuda", generator=gen) * 2e-3 + 1e-3
-        return q, int4_cuda.pack_scale_zero(s, torch.full_like(s, 8, dtype=torch.int32)), 128
-
     d, f = 4096, 14336
-    qkv, o, gate_up, down = weight(6144, d), weight(d, d), weight(2 * f, d), weight(d, f)
+    ws = [random_int4(n, k, gen) for n, k in ((6144, d), (d, d), (2 * f, d), (d, f))]
     nw = torch.rand(d, device="cuda").bfloat16() + 0.5
     h = torch.randn(1, d, device="cuda").bfloat16()
     for _ in range(a.repeat + 1):  # the first round compiles; ncu's --launch-skip 4 passes it
-        x = int4_cuda.gemv(h, *qkv, rows[0], norm_weight=nw, eps=1e-5)[:, :d]
-        y = int4_cuda.gemv(x, *o, rows[1], residual=h)
-        m = int4_cuda.gemv(y, *gate_up, rows[2], norm_weight=nw, eps=1e-5, swiglu=True)
-        h = int4_cuda.gemv(m, *down, rows[3], residual=y)
+        h = int4_layer(h, ws, nw, rows)
     torch.cuda.synchronize()
     print("ran", a.repeat + 1, "layers, rows", a.rows, "finite:", bool(torch.isfinite(h).all()))
     return 0

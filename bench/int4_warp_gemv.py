@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.decode_micro import gpu_results, graph_time, save_json  # noqa: E402
+from bench.decode_micro import gpu_results, graph_time, int4_layer, random_int4, save_json  # noqa: E402
 
 WARP_SOURCE = r"""
 template <int R, int KT, int AH, int EPI, bool BF16>
@@ -151,16 +151,9 @@ def warp_gemv(x, qweight, sz, group, rows, ahead, residual=None, warps=8, blocks
 
 
 def weights(n: int, k: int, count: int, seed: int = 0):
-    from pipeline.engines import int4_cuda
-
+    """``count`` random weights (zero points drawn per group, so the products' zero term is exercised)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    out = []
-    for _ in range(count):
-        q = torch.randint(-2**31, 2**31 - 1, (n, k // 8), device="cuda", dtype=torch.int32, generator=gen)
-        s = torch.rand(n, k // 128, device="cuda", generator=gen) * 2e-3 + 1e-3
-        z = torch.randint(0, 16, (n, k // 128), device="cuda", dtype=torch.int32, generator=gen)
-        out.append((q, int4_cuda.pack_scale_zero(s, z)))
-    return out
+    return [random_int4(n, k, gen, zero=None) for _ in range(count)]
 
 
 VARIANTS = [(1, 3), (1, 6), (2, 3), (2, 5), (4, 2), (4, 3)]  # (rows a warp, units ahead)
@@ -177,21 +170,21 @@ def speed() -> list[dict]:
         ws = weights(n, k, count)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         r = torch.randn(1, n, device="cuda", dtype=torch.bfloat16) if resid else None
-        kept = int4_cuda.gemv(x, *ws[0], 128, residual=r)
+        kept = int4_cuda.gemv(x, *ws[0], residual=r)
         row = dict(shape=label, n=n, k=k, residual=resid)
         nbytes = n * k // 2 + n * (k // 128) * 4
         lins = [torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
         t = graph_time([lambda m=m: m(x) for m in lins])
         row["bf16"] = dict(us=t * 1e6, gb_s=n * k * 2 / t / 1e9)
         del lins
-        t = graph_time([lambda w=w: int4_cuda.gemv(x, *w, 128, residual=r) for w in ws])
+        t = graph_time([lambda w=w: int4_cuda.gemv(x, *w, residual=r) for w in ws])
         row["kept"] = dict(us=t * 1e6, gb_s=nbytes / t / 1e9)
         for rows, ahead in VARIANTS:
             for warps, blocks in ((8, 2), (4, 4)):
                 key = f"R{rows} AH{ahead} W{warps}"
                 try:
-                    y = warp_gemv(x, *ws[0], 128, rows, ahead, r, warps, blocks)
-                    t = graph_time([lambda w=w: warp_gemv(x, *w, 128, rows, ahead, r, warps, blocks) for w in ws])
+                    y = warp_gemv(x, *ws[0], rows, ahead, r, warps, blocks)
+                    t = graph_time([lambda w=w: warp_gemv(x, *w, rows, ahead, r, warps, blocks) for w in ws])
                 except Exception as e:  # a variant that does not compile or launch: say so, go on
                     row[key] = dict(error=str(e).splitlines()[0][:200])
                     continue
@@ -208,24 +201,18 @@ def speed() -> list[dict]:
 def chain(best: tuple[int, int, int], layers: int = 8) -> dict:
     """The layer chain of bench/int4_gemv.py (norm + q|k|v, o + residual, norm + gate|up + SwiGLU, down +
     residual, each reading the one before) with the kept down and with ``best`` (rows, ahead, warps)."""
-    from pipeline.engines import int4_cuda
-
     d, f = 4096, 14336
     shapes = ((6144, d), (d, d), (2 * f, d), (d, f))
-    ws = [[weights(n, k, 1, seed=10 * i + j)[0] + (128,) for j, (n, k) in enumerate(shapes)] for i in range(layers)]
+    ws = [[weights(n, k, 1, seed=10 * i + j)[0] for j, (n, k) in enumerate(shapes)] for i in range(layers)]
     nw = torch.rand(d, device="cuda").bfloat16() + 0.5
     state = {"h": torch.randn(1, d, device="cuda").bfloat16()}
     rows, ahead, warps = best
 
-    def layer(i, warp_down):
-        w, h = ws[i], state["h"]
-        a = int4_cuda.gemv(h, *w[0], norm_weight=nw, eps=1e-5)[:, :d]
-        h = int4_cuda.gemv(a, *w[1], residual=h)
-        m = int4_cuda.gemv(h, *w[2], norm_weight=nw, eps=1e-5, swiglu=True)
-        if warp_down:
-            state["h"] = warp_gemv(m, *w[3], rows, ahead, h, warps, 16 // warps)
-        else:
-            state["h"] = int4_cuda.gemv(m, *w[3], residual=h)
+    def warp_down(m, w, residual):
+        return warp_gemv(m, *w, rows, ahead, residual, warps, 16 // warps)
+
+    def layer(i, swap):
+        state["h"] = int4_layer(state["h"], ws[i], nw, down=warp_down if swap else None)
 
     out = {}
     for _ in range(3):
