@@ -114,9 +114,20 @@ class Fp8Linear(nn.Module):
                       why)
             return False
         fp8_cuda.custom_op()  # registered now; forward calls it as torch.ops.quantship.fp8_gemv
-        scale = self.weight_scale if self.block else self.weight_scale.reshape(-1)  # the kernel's layout
-        self.register_buffer("gemv_scale", scale.contiguous(), persistent=False)
+        self.register_buffer("gemv_scale", self._gemv_layout().contiguous(), persistent=False)
         return True
+
+    def _gemv_layout(self) -> torch.Tensor:
+        """``weight_scale`` as ``fp8_cuda``'s GEMV reads it: the block scales, or one per row."""
+        return self.weight_scale if self.block else self.weight_scale.reshape(-1)
+
+    def rebind_scale_views(self) -> None:
+        """Point the buffers derived from ``weight_scale`` (``scale_row`` for ``_scaled_mm``, ``gemv_scale`` for
+        the one-token GEMV) at it again, after it was replaced (``fused_proj`` makes it a view of merged scales)."""
+        if "scale_row" in self._buffers:
+            self._buffers["scale_row"] = self.weight_scale.reshape(1, -1)
+        if "gemv_scale" in self._buffers:
+            self._buffers["gemv_scale"] = self._gemv_layout()
 
     def _scaled_mm(self, x2: torch.Tensor) -> torch.Tensor:
         x_fp8, x_scale = quantize_activations_per_token(x2)

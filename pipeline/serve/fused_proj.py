@@ -96,10 +96,7 @@ class FusedLinear(nn.Module):
                 if getattr(self.fp8, name) is not None:
                     _rebind(parts, name, getattr(self.fp8, name))
             for p in parts:  # the parts' derived scale buffers: views of their merged scales too
-                if "scale_row" in p._buffers:
-                    p._buffers["scale_row"] = p.weight_scale.reshape(1, -1)
-                if "gemv_scale" in p._buffers:
-                    p._buffers["gemv_scale"] = p.weight_scale if p.block else p.weight_scale.reshape(-1)
+                p.rebind_scale_views()
         elif self.kind == "int4":
             first = parts[0]
             self.group_size, self.compute_dtype = first.group_size, first.compute_dtype

@@ -38,10 +38,11 @@ def prefill_groups(seqs: Seq[S], together: Callable[[S], bool]) -> list[list[S]]
     """``seqs`` in prefill groups, in admission order within each: those ``together`` accepts, sorted by prompt
     length, in runs whose padded size stays within ``PREFILL_BATCH_TOKENS`` and whose pads within
     ``PREFILL_MAX_PAD`` of it; every other one alone. Groups come in the order of their first member."""
-    alone = [[s] for s in seqs if not together(s)]
+    joins = [together(s) for s in seqs]
+    alone = [[s] for s, j in zip(seqs, joins) if not j]
     groups: list[list[S]] = []
     run: list[S] = []
-    for s in sorted((s for s in seqs if together(s)), key=lambda s: len(s.prompt)):
+    for s in sorted((s for s, j in zip(seqs, joins) if j), key=lambda s: len(s.prompt)):
         cand = run + [s]
         padded = len(cand) * len(s.prompt)  # the longest so far is this one
         pads = padded - sum(len(c.prompt) for c in cand)
